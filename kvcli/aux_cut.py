@@ -1,0 +1,105 @@
+"""Cut an auxiliary model from a base GGUF by keeping some of its layers (gguf-py).
+
+The kept blocks are renumbered 0..k-1; the token embedding, tokenizer, output norm and LM
+head stay, so the auxiliary also runs alone. For Gemma 3 the per-layer attention type is
+written as a bool array (``sliding_window_pattern``): without it llama.cpp would derive the
+pattern from the new layer index, which is wrong for a strided layer set (DESIGN.md 4).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from kvcli.errors import KvcliError
+from kvcli.model_info import SUPPORTED_ARCHS, read_model_info
+
+_BLOCK = re.compile(r"^blk\.(\d+)\.(.*)$")
+
+
+def prefix_layers(n_keep: int) -> list[int]:
+    return list(range(n_keep))
+
+
+def parse_layers(spec: str, n_layer: int) -> list[int]:
+    """'0-4' or '0,4,8' -> sorted layer indices, checked against ``n_layer``."""
+    layers: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = (int(x) for x in part.split("-", 1))
+            layers.update(range(lo, hi + 1))
+        else:
+            layers.add(int(part))
+    out = sorted(layers)
+    if not out or out[0] < 0 or out[-1] >= n_layer:
+        raise KvcliError(f"layers {spec!r} must lie in 0..{n_layer - 1}")
+    return out
+
+
+def write_atomically(path: Path, write) -> Path:
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def cut_auxiliary(base_path: str | Path, out_path: str | Path, layers: list[int]) -> Path:
+    """Write a GGUF holding only ``layers`` of the base (renumbered), atomically."""
+    import gguf
+
+    info = read_model_info(base_path)
+    if info.arch not in SUPPORTED_ARCHS:
+        raise KvcliError(f"cannot cut an auxiliary from architecture {info.arch!r}")
+    if not layers or layers[-1] >= info.n_layer or layers != sorted(set(layers)):
+        raise KvcliError(f"layers {layers} are not an increasing subset of 0..{info.n_layer - 1}")
+    new_index = {old: new for new, old in enumerate(layers)}
+    arch = info.arch
+    reader = gguf.GGUFReader(info.path)
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(tmp, arch)
+        for field in reader.fields.values():
+            if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
+                continue
+            if field.name in (f"{arch}.block_count", f"{arch}.attention.sliding_window_pattern"):
+                continue
+            vtype = field.types[0]
+            sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            value = field.contents()
+            if isinstance(value, list) and len(value) == info.n_layer and field.name.startswith(arch):
+                value = [value[i] for i in layers]  # per-layer arrays (head counts, ...)
+            writer.add_key_value(field.name, value, vtype, sub_type=sub_type)
+        writer.add_uint32(f"{arch}.block_count", len(layers))
+        if info.n_swa > 0:
+            writer.add_array(f"{arch}.attention.sliding_window_pattern",
+                             [bool(info.is_swa[i]) for i in layers])
+        kept = []
+        for tensor in reader.tensors:
+            m = _BLOCK.match(tensor.name)
+            if m and int(m.group(1)) not in new_index:
+                continue
+            name = f"blk.{new_index[int(m.group(1))]}.{m.group(2)}" if m else tensor.name
+            kept.append((name, tensor))
+            writer.add_tensor_info(name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
+                                   tensor.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _, tensor in kept:
+            writer.write_tensor_data(tensor.data)
+        writer.close()
+
+    return write_atomically(Path(out_path), write)

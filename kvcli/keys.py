@@ -1,0 +1,34 @@
+"""Every GGUF metadata key kvcli writes, in one place, namespaced under ``kvcli.``.
+
+Standard keys come from ``gguf.Keys``; these are kvcli's own (predictor files).
+"""
+
+PREDICTOR_TYPE = "kvcli-predictor"  # general.type of a kvcli predictor file
+FORMAT_VERSION = 1
+
+PREFIX = "kvcli.predictor"
+VERSION = f"{PREFIX}.version"
+BASE_FINGERPRINT = f"{PREFIX}.base.fingerprint"
+AUX_FINGERPRINT = f"{PREFIX}.aux.fingerprint"
+BASE_N_LAYER = f"{PREFIX}.base.block_count"
+AUX_N_LAYER = f"{PREFIX}.aux.block_count"
+COPIED_LAYERS = f"{PREFIX}.copied_layers"  # base layer i <- aux layer i, exactly
+PREDICTED_LAYERS = f"{PREFIX}.predicted_layers"  # base layers the matrices predict
+FEATURE_LAYERS = f"{PREFIX}.feature_layers"  # aux layers whose K, V form the features
+FEATURE_KINDS = f"{PREFIX}.feature_kinds"
+KEY_SPACE = f"{PREFIX}.key_space"
+K_WIDTHS = f"{PREFIX}.k_widths"  # per predicted layer
+V_WIDTHS = f"{PREFIX}.v_widths"
+ALPHAS = f"{PREFIX}.ridge.alphas"  # chosen penalty per predicted layer: K then V
+HELDOUT_REL_ERROR = f"{PREFIX}.ridge.heldout_rel_error"
+CALIBRATION_TOKENS = f"{PREFIX}.calibration.tokens"
+CALIBRATION_SOURCE = f"{PREFIX}.calibration.source"
+
+# tensor names
+WEIGHT = "kvp.weight"  # (n_features, n_targets)
+BIAS = "kvp.bias"  # (n_targets,)
+
+# feature kinds and key spaces
+FEATURE_AUX_K = "aux_k_pre_rope"
+FEATURE_AUX_V = "aux_v"
+KEY_SPACE_PRE_ROPE = "post_norm_pre_rope"  # as llama.cpp caches them, less RoPE

@@ -1,0 +1,228 @@
+"""Thin owners of llama.cpp's native handles (model, context, batch) over llama_cpp's C API.
+
+This is kvcli's only model loader. It sets ``use_extra_bufts = False``: a default source
+build of llama-cpp-python 0.3.36 enables ggml's AMX kernels, which segfault on the first
+decode on some CPUs (DESIGN.md section 2); without extra buffer types no AMX buffer is used.
+``llama_cpp`` is imported lazily so that ``kvcli --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kvcli.errors import ContextError, ModelFileError
+from kvcli.model_info import check_gguf_file
+
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7,
+            "bf16": 30, "iq4_nl": 20}
+_LOG_CALLBACK = None
+_VERBOSE = False
+
+
+def set_verbose(verbose: bool) -> None:
+    """Let llama.cpp's own log through to stderr (it is silenced by default)."""
+    global _VERBOSE
+    _VERBOSE = verbose
+
+
+def _lib():
+    import llama_cpp
+
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is None:
+        @llama_cpp.llama_log_callback
+        def _log(level, text, user_data):  # noqa: ARG001
+            if _VERBOSE:
+                os.write(2, text)
+
+        _LOG_CALLBACK = _log
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+    return llama_cpp
+
+
+def default_threads() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+class Model:
+    """A loaded llama.cpp model; ``close()`` frees it (safe to call twice)."""
+
+    def __init__(self, path: str | Path, *, what: str = "model"):
+        lib = _lib()
+        self.path = check_gguf_file(path, what)
+        params = lib.llama_model_default_params()
+        params.use_extra_bufts = False  # see module docstring: avoids the AMX crash
+        params.n_gpu_layers = 0
+        handle = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        if not handle:
+            raise ModelFileError(f"llama.cpp could not load the {what} file "
+                                 f"(run with --debug to see why): {self.path}")
+        self._lib = lib
+        self.handle = handle
+        self.vocab = lib.llama_model_get_vocab(handle)
+        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        self.bos = lib.llama_vocab_bos(self.vocab)
+        self.add_bos = bool(lib.llama_vocab_get_add_bos(self.vocab))
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (ctypes.c_int32 * n_max)()
+        n = self._lib.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, True)
+        if n < 0:
+            buf = (ctypes.c_int32 * -n)()
+            n = self._lib.llama_tokenize(self.vocab, data, len(data), buf, -n, add_special, True)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._lib.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self) -> None:
+        if self.handle:
+            self._lib.llama_model_free(self.handle)
+            self.handle = None
+
+
+@dataclass(frozen=True)
+class ContextSettings:
+    """The settings that change speed or the state layout, named as llama-bench names them."""
+
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_threads: int = 0  # 0: default_threads()
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: bool = False  # off: the re-injected cache is then exact to the bit
+
+    def resolved_threads(self) -> int:
+        return self.n_threads or default_threads()
+
+
+class Context:
+    """A llama.cpp context with one sequence (seq 0) and a reusable batch."""
+
+    def __init__(self, model: Model, settings: ContextSettings):
+        lib = model._lib
+        for name in (settings.type_k, settings.type_v):
+            if name not in KV_TYPES:
+                raise ContextError(f"unknown KV cache type {name!r} (one of {', '.join(KV_TYPES)})")
+        params = lib.llama_context_default_params()
+        params.n_ctx = settings.n_ctx
+        params.n_batch = settings.n_batch
+        params.n_ubatch = settings.n_ubatch
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = settings.resolved_threads()
+        params.flash_attn_type = 1 if settings.flash_attn else 0
+        params.type_k = KV_TYPES[settings.type_k]
+        params.type_v = KV_TYPES[settings.type_v]
+        params.swa_full = True  # every position stays in the sliding cache (needed to predict)
+        params.no_perf = True
+        handle = lib.llama_init_from_model(model.handle, params)
+        if not handle:
+            raise ContextError("llama.cpp could not create a context (run with --debug to see why)")
+        self._lib = lib
+        self.model = model
+        self.settings = settings
+        self.handle = handle
+        self.n_ctx = lib.llama_n_ctx(handle)
+        self.memory = lib.llama_get_memory(handle)
+        self._batch = lib.llama_batch_init(settings.n_batch, 0, 1)
+        self.n_past = 0
+
+    def clear(self) -> None:
+        self._lib.llama_memory_clear(self.memory, True)
+        self.n_past = 0
+
+    def decode(self, tokens: list[int] | np.ndarray, *, start: int | None = None,
+               logits_last: bool = False) -> None:
+        """Decode ``tokens`` at positions start.. (default: after what is cached) in seq 0.
+
+        Only the last token's logits are computed, and only when ``logits_last``.
+        """
+        tokens = np.asarray(tokens, dtype=np.int32)
+        start = self.n_past if start is None else start
+        if start + len(tokens) > self.n_ctx:
+            raise ContextError(f"{start + len(tokens)} tokens do not fit the context of "
+                               f"{self.n_ctx}; use a shorter prompt or a larger --ctx")
+        b = self._batch
+        n_batch = self.settings.n_batch
+        for lo in range(0, len(tokens), n_batch):
+            chunk = tokens[lo : lo + n_batch]
+            n = len(chunk)
+            np.ctypeslib.as_array(b.token, shape=(n,))[:] = chunk
+            np.ctypeslib.as_array(b.pos, shape=(n,))[:] = np.arange(start + lo, start + lo + n)
+            np.ctypeslib.as_array(b.n_seq_id, shape=(n,))[:] = 1
+            for i in range(n):
+                b.seq_id[i][0] = 0
+            want = np.zeros(n, dtype=np.int8)
+            if logits_last and lo + n == len(tokens):
+                want[-1] = 1
+            np.ctypeslib.as_array(b.logits, shape=(n,))[:] = want
+            b.n_tokens = n
+            rc = self._lib.llama_decode(self.handle, b)
+            if rc != 0:
+                raise ContextError(f"llama_decode failed with code {rc} at position {start + lo}")
+        self.n_past = start + len(tokens)
+
+    def last_logits(self) -> np.ndarray:
+        ptr = self._lib.llama_get_logits_ith(self.handle, -1)
+        if not ptr:
+            raise ContextError("no logits available: the last decode requested none")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
+    def get_state(self, seq_id: int = 0) -> bytes:
+        """``llama_state_seq_get_data``; seq_id -1 reads every cell of every sequence."""
+        size = self._lib.llama_state_seq_get_size(self.handle, seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        n = self._lib.llama_state_seq_get_data(self.handle, buf, size, seq_id)
+        if n != size:
+            raise ContextError(f"llama_state_seq_get_data wrote {n} of {size} bytes")
+        return bytes(buf)
+
+    def set_state(self, data: bytes, seq_id: int = 0, *, n_past: int | None = None) -> None:
+        """``llama_state_seq_set_data`` into ``seq_id``; it clears that sequence first."""
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        n = self._lib.llama_state_seq_set_data(self.handle, buf, len(data), seq_id)
+        if n == 0:
+            raise ContextError("llama.cpp refused the sequence state (layout, types or size do "
+                               "not match this context; run with --debug to see why)")
+        if n_past is not None:
+            self.n_past = n_past
+        else:
+            self.n_past = int(self._lib.llama_memory_seq_pos_max(self.memory, seq_id)) + 1
+
+    def shift(self, delta: int, *, p0: int = 0, p1: int = -1) -> None:
+        """Add ``delta`` to the positions in [p0, p1) of seq 0 (applied on the next decode)."""
+        self._lib.llama_memory_seq_add(self.memory, 0, p0, p1, delta)
+
+    def close(self) -> None:
+        if self.handle:
+            self._lib.llama_batch_free(self._batch)
+            self._lib.llama_free(self.handle)
+            self.handle = None
+
+
+def system_info() -> str:
+    return _lib().llama_print_system_info().decode(errors="replace").strip()
+
+
+def llama_cpp_version() -> str:
+    return _lib().__version__
