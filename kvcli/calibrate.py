@@ -1,0 +1,129 @@
+"""Fit a predictor from the real caches of the base and the auxiliary over calibration text.
+
+Per calibration prompt both models prefill it; their states are read (seq -1, every cell)
+and parsed; the auxiliary's un-roped feature keys and values are the inputs, the base's
+un-roped keys and values of every predicted layer the targets. Rows go into ridge sufficient
+statistics (one prompt in five held out, for choosing the penalty); position 0 (BOS) is left
+out, since it is copied exactly at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvcli.corpus import token_chunks
+from kvcli.errors import IncompatibleError, KvcliError
+from kvcli.kv_layout import layers_by_index
+from kvcli.model_info import ModelInfo, read_model_info
+from kvcli.predictor import Predictor, build_features
+from kvcli.ridge import RidgeStats, fit_ridge
+from kvcli.rope import unrotate
+from kvcli.runtime import Context, ContextSettings, Model
+from kvcli.state_codec import parse_seq_state
+
+HELDOUT_EVERY = 5
+
+
+@dataclass(frozen=True)
+class CalibrationPlan:
+    copied_layers: list[int]
+    predicted_layers: list[int]
+    feature_layers: list[int]
+
+
+def default_plan(base: ModelInfo, aux: ModelInfo, *, n_feature_layers: int = 2,
+                 prefix: bool = True) -> CalibrationPlan:
+    """A prefix auxiliary's layers are copied; the rest of the base is predicted from the
+    auxiliary's last ``n_feature_layers`` layers."""
+    copied = list(range(aux.n_layer)) if prefix else []
+    predicted = [il for il in range(base.n_layer) if il not in copied]
+    n_feat = max(1, min(n_feature_layers, aux.n_layer))
+    return CalibrationPlan(copied, predicted, list(range(aux.n_layer - n_feat, aux.n_layer)))
+
+
+def _unroped_kv(layers, info: ModelInfo, which: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    out = {}
+    for il in which:
+        cells = layers[il]
+        out[il] = (unrotate(cells.k, cells.positions, info.rope[il]), np.asarray(cells.v, np.float32))
+    return out
+
+
+def calibrate(base_path, aux_path, *, n_tokens: int = 20480, chunk_tokens: int = 512,
+              n_feature_layers: int = 2, settings: ContextSettings | None = None,
+              progress: Callable[[int, int], None] | None = None) -> Predictor:
+    """Fit a ridge predictor on >= ``n_tokens`` tokens of the offline corpus."""
+    base_info = read_model_info(base_path, "base model")
+    aux_info = read_model_info(aux_path, "auxiliary")
+    if base_info.tokenizer_digest != aux_info.tokenizer_digest:
+        raise IncompatibleError("the auxiliary's tokenizer differs from the base's")
+    plan = default_plan(base_info, aux_info, n_feature_layers=n_feature_layers)
+    for il in plan.copied_layers:
+        if (base_info.n_embd_k(il), base_info.is_swa[il]) != (aux_info.n_embd_k(il), aux_info.is_swa[il]):
+            raise IncompatibleError(f"auxiliary layer {il} is not a copy of base layer {il}")
+    settings = settings or ContextSettings()
+    settings = ContextSettings(**{**settings.__dict__, "n_ctx": chunk_tokens})
+    n_chunks = -(-n_tokens // (chunk_tokens - 1))
+
+    widths = [(base_info.n_embd_k(il), base_info.n_embd_v(il)) for il in plan.predicted_layers]
+    n_features = sum(aux_info.n_embd_k(il) + aux_info.n_embd_v(il) for il in plan.feature_layers)
+    n_targets = sum(k + v for k, v in widths)
+    fit, heldout = RidgeStats(n_features, n_targets), RidgeStats(n_features, n_targets)
+
+    models, contexts = [], []
+    try:
+        for path, what in ((base_info.path, "base model"), (aux_info.path, "auxiliary")):
+            models.append(Model(path, what=what))
+            contexts.append(Context(models[-1], settings))
+        base_ctx, aux_ctx = contexts
+        model = models[0]
+        chunks = list(token_chunks("calibration", lambda s: model.tokenize(s, add_special=False),
+                                   chunk_tokens=chunk_tokens, n_chunks=n_chunks, bos=model.bos))
+        if len(chunks) < n_chunks:
+            raise KvcliError(f"the calibration corpus gave {len(chunks)} prompts of "
+                             f"{chunk_tokens} tokens, {n_chunks} needed")
+        for i, (_, tokens) in enumerate(chunks):
+            x, y = _chunk_rows(base_ctx, aux_ctx, tokens, base_info, aux_info, plan)
+            (heldout if i % HELDOUT_EVERY == HELDOUT_EVERY - 1 else fit).add(x, y)
+            if progress:
+                progress(i + 1, len(chunks))
+    finally:
+        for ctx in contexts:
+            ctx.close()
+        for m in models:
+            m.close()
+
+    at, groups = 0, []
+    for kw, vw in widths:
+        groups += [slice(at, at + kw), slice(at + kw, at + kw + vw)]
+        at += kw + vw
+    result = fit_ridge(fit, heldout, groups)
+    return Predictor(
+        base_fingerprint=base_info.fingerprint, aux_fingerprint=aux_info.fingerprint,
+        base_n_layer=base_info.n_layer, aux_n_layer=aux_info.n_layer,
+        copied_layers=plan.copied_layers, predicted_layers=plan.predicted_layers,
+        feature_layers=plan.feature_layers,
+        k_widths=[k for k, _ in widths], v_widths=[v for _, v in widths],
+        weight=result.weight, bias=result.bias, alphas=result.alphas,
+        heldout_rel_error=result.heldout_rel_error,
+        calibration_tokens=fit.n_rows + heldout.n_rows,
+        calibration_source=f"python-stdlib-sources:{len(chunks)}x{chunk_tokens}",
+    )
+
+
+def _chunk_rows(base_ctx: Context, aux_ctx: Context, tokens: list[int], base_info: ModelInfo,
+                aux_info: ModelInfo, plan: CalibrationPlan) -> tuple[np.ndarray, np.ndarray]:
+    rows = {}
+    for ctx, info, which in ((base_ctx, base_info, plan.predicted_layers),
+                             (aux_ctx, aux_info, plan.feature_layers)):
+        ctx.clear()
+        ctx.decode(tokens)
+        layers = layers_by_index(parse_seq_state(ctx.get_state(-1)), info)
+        rows[info is base_info] = _unroped_kv(layers, info, which)
+    x = build_features(rows[False], plan.feature_layers)[1:]
+    y = np.concatenate([np.concatenate(rows[True][il], axis=1) for il in plan.predicted_layers],
+                       axis=1)[1:]
+    return x, y

@@ -1,0 +1,67 @@
+"""Text available offline on any machine with Python: the standard library's own sources.
+
+Files are split by a hash of their relative path into a calibration part and a held-out
+part, so that the predictor is never judged on the text it was fit on.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+HELDOUT_EVERY = 5  # one file in five is held out
+SKIP_DIRS = {"test", "tests", "site-packages", "idle_test", "__pycache__", "lib2to3", "turtledemo"}
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def corpus_files(part: str, root: Path | None = None) -> list[Path]:
+    """Sorted .py files of the calibration (``"calibration"``) or held-out part."""
+    if part not in ("calibration", "heldout"):
+        raise ValueError(f"unknown corpus part {part!r}")
+    root = root or stdlib_root()
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if SKIP_DIRS.intersection(rel.parts[:-1]):
+            continue
+        heldout = zlib.crc32(str(rel).encode()) % HELDOUT_EVERY == 0
+        if heldout == (part == "heldout"):
+            files.append(path)
+    return files
+
+
+def corpus_texts(part: str, root: Path | None = None) -> Iterator[tuple[str, str]]:
+    """(relative name, text) of each readable file of ``part``, in a fixed order."""
+    root = root or stdlib_root()
+    for path in corpus_files(part, root):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if len(text) > 2000:
+            yield str(path.relative_to(root)), text
+
+
+def token_chunks(part: str, tokenize: Callable[[str], list[int]], *, chunk_tokens: int,
+                 n_chunks: int, bos: int | None, root: Path | None = None
+                 ) -> Iterator[tuple[str, list[int]]]:
+    """Up to ``n_chunks`` prompts of exactly ``chunk_tokens`` tokens (BOS first, if given).
+
+    Each comes from the start of one file, so chunks are distinct text.
+    """
+    body = chunk_tokens - (1 if bos is not None else 0)
+    made = 0
+    for name, text in corpus_texts(part, root):
+        if made >= n_chunks:
+            return
+        # tokenizing a whole large file is slow; a prefix of ~8 chars per token is plenty
+        tokens = tokenize(text[: body * 8])
+        if len(tokens) < body:
+            continue
+        yield name, ([bos] if bos is not None else []) + tokens[:body]
+        made += 1

@@ -1,0 +1,234 @@
+"""The engine: prefill a prompt by one of four modes, then let the base generate.
+
+- ``base``: the base decodes the whole prompt (the reference).
+- ``kvp``: the auxiliary decodes t[0..N-2-W] without logits; its state is read (seq -1,
+  every cell), the base's cache is predicted and written into the base context; the base
+  decodes the last W+1 prompt tokens itself (W = ``tail``) and generates every later token.
+- ``truncate``: the base decodes BOS + only the last M prompt tokens.
+- ``aux``: the auxiliary alone prefills and generates.
+
+TTFT is measured from having the prompt tokens to having the first sampled token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kvcli.errors import ContextError, IncompatibleError, KvcliError
+from kvcli.kv_layout import CacheLayout, layers_by_index
+from kvcli.model_info import read_model_info
+from kvcli.predict_state import BosCell, needed_positions, predicted_state
+from kvcli.predictor import load_predictor
+from kvcli.runtime import Context, ContextSettings, Model
+from kvcli.sampling import Sampler
+from kvcli.state_codec import parse_seq_state, write_seq_state
+
+MODES = ("base", "kvp", "truncate", "aux")
+
+
+@dataclass
+class Timings:
+    aux_prefill_ms: float = 0.0
+    state_get_ms: float = 0.0
+    predict_ms: float = 0.0
+    state_set_ms: float = 0.0
+    base_decode_ms: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class Generation:
+    mode: str
+    n_prompt: int
+    ttft_ms: float
+    timings: Timings
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    gen_ms: float = 0.0
+    first_logits: np.ndarray | None = None
+
+
+class _Clock:
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        ms, self.t = (now - self.t) * 1e3, now
+        return ms
+
+
+class Engine:
+    """Owns the base (and, for kvp/aux, the auxiliary) models and contexts."""
+
+    def __init__(self, base_path: str | Path, *, aux_path: str | Path | None = None,
+                 predictor_path: str | Path | None = None,
+                 settings: ContextSettings = ContextSettings()):
+        self.base_info = read_model_info(base_path, "base model")
+        self.aux_info = read_model_info(aux_path, "auxiliary") if aux_path else None
+        self.predictor = None
+        if self.aux_info is not None:
+            if self.aux_info.tokenizer_digest != self.base_info.tokenizer_digest:
+                raise IncompatibleError(
+                    f"the auxiliary's tokenizer differs from the base's ({self.aux_info.path.name}"
+                    f" vs {self.base_info.path.name}); an auxiliary must share the base's vocabulary")
+            if predictor_path:
+                self.predictor = load_predictor(predictor_path)
+                self.predictor.check_models(self.base_info, self.aux_info)
+        self.settings = settings
+        self._models: list[Model] = []
+        self._contexts: list[Context] = []
+        try:
+            self.base = self._open(self.base_info.path, "base model")
+            self.aux = self._open(self.aux_info.path, "auxiliary") if self.aux_info else None
+        except BaseException:
+            self.close()
+            raise
+        self._layout: CacheLayout | None = None
+        self._bos: BosCell | None = None
+
+    def _open(self, path: Path, what: str) -> Context:
+        model = Model(path, what=what)
+        self._models.append(model)
+        ctx = Context(model, self.settings)
+        self._contexts.append(ctx)
+        return ctx
+
+    @property
+    def model(self) -> Model:
+        return self.base.model
+
+    def close(self) -> None:
+        for ctx in self._contexts:
+            ctx.close()
+        for model in self._models:
+            model.close()
+        self._contexts, self._models = [], []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.model.tokenize(text)
+
+    # -- prefill -------------------------------------------------------------------------
+
+    def _base_layout(self) -> tuple[CacheLayout, BosCell]:
+        """Probe the base context's own state layout and its BOS cell once."""
+        if self._layout is None:
+            self.base.clear()
+            self.base.decode([self.model.bos])
+            state = parse_seq_state(self.base.get_state(0))
+            layers = layers_by_index(state, self.base_info)
+            self._layout = CacheLayout.probe(state, self.base_info)
+            self._bos = BosCell(k={il: c.k[0].copy() for il, c in layers.items()},
+                                v={il: c.v[0].copy() for il, c in layers.items()})
+            self.base.clear()
+        return self._layout, self._bos
+
+    def _check_fits(self, n: int) -> None:
+        if n > self.base.n_ctx:
+            raise ContextError(f"the prompt has {n} tokens but the context holds {self.base.n_ctx};"
+                               " use a shorter prompt or a larger --ctx")
+        if n < 1:
+            raise KvcliError("the prompt is empty")
+
+    def prefill(self, tokens: list[int], *, mode: str = "kvp", tail: int = 0,
+                keep: int | None = None) -> tuple[Context, np.ndarray, Timings]:
+        """Prefill by ``mode``; returns the context that continues, the last logits, timings."""
+        if mode not in MODES:
+            raise KvcliError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
+        self._check_fits(len(tokens))
+        t = Timings()
+        if mode == "base":
+            return self.base, self._plain(self.base, tokens, t), t
+        if mode == "truncate":
+            kept = list(tokens)
+            if keep is not None and 0 < keep < len(tokens):
+                kept = kept[-keep:]
+                if tokens[0] == self.model.bos:
+                    kept.insert(0, tokens[0])  # the model expects its BOS at position 0
+            return self.base, self._plain(self.base, kept, t), t
+        if self.aux is None:
+            raise KvcliError(f"mode {mode} needs an auxiliary model (use a bundle)")
+        if mode == "aux":
+            clock = _Clock()
+            self.aux.clear()
+            self.aux.decode(tokens, logits_last=True)
+            t.aux_prefill_ms = clock.lap()
+            return self.aux, self.aux.last_logits(), t
+        return self.base, self._kvp(tokens, tail, t), t
+
+    def _plain(self, ctx: Context, tokens: list[int], t: Timings) -> np.ndarray:
+        clock = _Clock()
+        ctx.clear()
+        ctx.decode(tokens, logits_last=True)
+        logits = ctx.last_logits()
+        t.base_decode_ms = clock.lap()
+        return logits
+
+    def _kvp(self, tokens: list[int], tail: int, t: Timings) -> np.ndarray:
+        if self.predictor is None:
+            raise KvcliError("mode kvp needs a predictor (use a bundle)")
+        n_pred = len(tokens) - 1 - max(0, tail)
+        if n_pred < 1:
+            return self._plain(self.base, tokens, t)
+        layout, bos = self._base_layout()
+        clock = _Clock()
+        self.aux.clear()
+        self.aux.decode(tokens[:n_pred])
+        t.aux_prefill_ms = clock.lap()
+        raw = self.aux.get_state(-1)
+        t.state_get_ms = clock.lap()
+        aux_layers = layers_by_index(parse_seq_state(raw), self.aux_info)
+        group_positions = needed_positions(self.base_info, n_pred, first_query=n_pred)
+        state = predicted_state(
+            layout, aux_layers=aux_layers, aux=self.aux_info, base=self.base_info,
+            predictor=self.predictor, group_positions=group_positions,
+            bos=bos if tokens[0] == self.model.bos else None)
+        data = write_seq_state(state)
+        t.predict_ms = clock.lap()
+        self.base.set_state(data, 0, n_past=n_pred)
+        t.state_set_ms = clock.lap()
+        self.base.decode(tokens[n_pred:], start=n_pred, logits_last=True)
+        logits = self.base.last_logits()
+        t.base_decode_ms = clock.lap()
+        return logits
+
+    # -- generation ----------------------------------------------------------------------
+
+    def generate(self, tokens: list[int], *, mode: str = "kvp", n_predict: int = 64,
+                 tail: int = 0, keep: int | None = None, sampler: Sampler | None = None,
+                 on_token=None) -> Generation:
+        """Prefill, then generate up to ``n_predict`` tokens (stops at end of generation)."""
+        sampler = sampler or Sampler()
+        start = time.perf_counter()
+        ctx, logits, timings = self.prefill(tokens, mode=mode, tail=tail, keep=keep)
+        first_logits = logits
+        token = sampler.sample(logits)
+        ttft_ms = (time.perf_counter() - start) * 1e3
+        out: list[int] = []
+        gen_start = time.perf_counter()
+        while True:
+            if ctx.model.is_eog(token):
+                break
+            out.append(token)
+            if on_token is not None:
+                on_token(token)
+            if len(out) >= n_predict or ctx.n_past + 1 > ctx.n_ctx:
+                break
+            ctx.decode([token], logits_last=True)
+            token = sampler.sample(ctx.last_logits())
+        return Generation(mode=mode, n_prompt=len(tokens), ttft_ms=ttft_ms, timings=timings,
+                          tokens=out, text=ctx.model.detokenize(out),
+                          gen_ms=(time.perf_counter() - gen_start) * 1e3,
+                          first_logits=first_logits)

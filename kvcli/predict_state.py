@@ -1,0 +1,86 @@
+"""From the auxiliary's parsed state to the base's predicted state: pure numpy, no llama.cpp.
+
+Copied layers take the auxiliary's cached rows as they are (same RoPE). Predicted layers:
+un-RoPE the auxiliary's feature keys, predict pre-RoPE keys and values, RoPE the keys with
+the base layer's own parameters. A sliding-window layer gets only the cells that the base's
+later tokens can still see. The BOS cell, the same for every prompt, is copied exactly from
+the base's own cache when the prompt starts with BOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvcli.errors import IncompatibleError
+from kvcli.kv_layout import CacheLayout, LayerCells
+from kvcli.model_info import ModelInfo
+from kvcli.predictor import Predictor, build_features
+from kvcli.rope import rotate, unrotate
+
+
+@dataclass
+class BosCell:
+    """The base's own K, V at position 0 for the BOS token, per layer."""
+
+    k: dict[int, np.ndarray]
+    v: dict[int, np.ndarray]
+
+
+def needed_positions(info: ModelInfo, n_cells: int, first_query: int) -> list[np.ndarray]:
+    """Per cache group of ``info``: positions 0..n_cells-1 that queries at >= first_query see."""
+    out = []
+    for group in info.cache_layer_groups:
+        lo = 0
+        if group and info.n_swa > 0 and all(info.is_swa[il] for il in group):
+            lo = max(0, first_query - info.n_swa + 1)  # llama.cpp masks p1 - p0 >= n_swa
+        out.append(np.arange(lo, n_cells, dtype=np.int32))
+    return out
+
+
+def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: ModelInfo,
+                    predictor: Predictor, group_positions: list[np.ndarray],
+                    bos: BosCell | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """K (post-RoPE) and V rows per base layer, for the positions of its cache group."""
+    n_cells = max((len(p) and int(p[-1]) + 1) for p in group_positions)
+    layer_positions = {}
+    for group, positions in zip(base.cache_layer_groups, group_positions):
+        for il in group:
+            layer_positions[il] = positions
+    for il in predictor.feature_layers + predictor.copied_layers:
+        cells = aux_layers.get(il)
+        if cells is None or len(cells.positions) < n_cells or (
+                n_cells and int(cells.positions[n_cells - 1]) != n_cells - 1):
+            raise IncompatibleError(f"auxiliary layer {il} does not hold positions 0..{n_cells - 1}")
+
+    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for il in predictor.copied_layers:
+        rows = layer_positions[il]
+        out[il] = (aux_layers[il].k[rows], aux_layers[il].v[rows])
+
+    aux_kv = {}
+    for il in predictor.feature_layers:
+        cells = aux_layers[il]
+        positions = cells.positions[:n_cells]
+        aux_kv[il] = (unrotate(cells.k[:n_cells], positions, aux.rope[il]), cells.v[:n_cells])
+    features = build_features(aux_kv, predictor.feature_layers)
+    predicted = predictor.predict(
+        features, {il: layer_positions[il] for il in predictor.predicted_layers})
+    for il, (k, v) in predicted.items():
+        rows = layer_positions[il]
+        out[il] = (rotate(k, rows, base.rope[il]), v)
+
+    if bos is not None:
+        for il, (k, v) in out.items():
+            rows = layer_positions[il]
+            if len(rows) and rows[0] == 0 and il not in predictor.copied_layers:
+                k[0], v[0] = bos.k[il], bos.v[il]
+    return out
+
+
+def predicted_state(layout: CacheLayout, **kwargs):
+    """``predict_base_kv`` then pack the rows in ``layout`` (seq 0)."""
+    group_positions = kwargs["group_positions"]
+    kv = predict_base_kv(**kwargs)
+    return layout.build_state(group_positions, kv)
