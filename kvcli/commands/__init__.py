@@ -1,0 +1,1 @@
+"""One module per command: parse flags, call the library, render the result."""

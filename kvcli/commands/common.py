@@ -1,0 +1,30 @@
+"""What several commands share: opening an engine from --bundle / --model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvcli.bundle import default_bundle, load_bundle
+from kvcli.engine import Engine
+from kvcli.errors import KvcliError
+from kvcli.runtime import ContextSettings
+
+
+def open_engine(*, bundle: Path | None, model: Path | None, mode: str,
+                settings: ContextSettings) -> Engine:
+    """An engine for ``mode``: --model alone serves base/truncate; otherwise a bundle."""
+    if model is not None:
+        if bundle is not None:
+            raise KvcliError("give either --bundle or --model, not both")
+        if mode in ("kvp", "aux"):
+            raise KvcliError(f"mode {mode} needs an auxiliary and a predictor: use --bundle "
+                             "(or leave both out for the embedded default)")
+        return Engine(model, settings=settings)
+    if bundle is not None:
+        b = load_bundle(bundle)
+    else:
+        from kvcli import ui
+
+        with ui.progress_reporter() as report:
+            b = default_bundle(progress=report)
+    return Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=settings)

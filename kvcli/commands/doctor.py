@@ -1,0 +1,43 @@
+"""kvcli doctor: can kvcli be trusted with this model and this llama.cpp build?"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kvcli.cli import JsonOpt, ThreadsOpt
+
+HELP = """Check kvcli's KV path on this machine's llama.cpp and a model (default: the embedded
+one): (a) parse then write of a real sequence state gives the same bytes; (b) the base's own
+cache, parsed, un-roped, re-roped and written back, gives logits identical to the bit (flash
+attention off); (c) numpy RoPE matches llama.cpp's own position shift. Exits non-zero when a
+check fails."""
+
+
+def command(
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF model to check.")] = None,
+    prompts: Annotated[int, typer.Option("--prompts", help="Prompts for the exactness check.")] = 20,
+    threads: ThreadsOpt = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    from kvcli.bundle import embedded_model_path
+    from kvcli.doctor import run_doctor
+    from kvcli.runtime import llama_cpp_version
+
+    path = model or embedded_model_path()
+    results = run_doctor(path, n_prompts=prompts, threads=threads)
+    ok = all(r.ok for r in results)
+    if json_out:
+        typer.echo(json.dumps({"model": str(path), "llama_cpp_python": llama_cpp_version(),
+                               "ok": ok, "checks": [r.as_dict() for r in results]}))
+    else:
+        from kvcli import ui
+
+        rows = [[r.name, "[green]ok[/green]" if r.ok else "[red]FAIL[/red]", r.detail] for r in results]
+        ui.out.print(ui.table(f"kvcli doctor: {path.name} (llama-cpp-python {llama_cpp_version()})",
+                              ["check", "result", "detail"], rows))
+    if not ok:
+        raise typer.Exit(1)
