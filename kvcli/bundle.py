@@ -73,6 +73,21 @@ def load_bundle(folder: str | Path) -> Bundle:
     return Bundle(folder=folder, **paths)
 
 
+def write_manifest(folder: Path, *, base: Path, aux: Path, predictor: Path) -> Path:
+    """Write ``folder/manifest.json`` naming the three files (relative paths: inside folder)."""
+    entries = {}
+    for role, path in (("base", base), ("aux", aux), ("predictor", predictor)):
+        full = path if path.is_absolute() else folder / path
+        entry = {"path": str(path), "size": full.stat().st_size}
+        if role != "predictor":
+            entry["fingerprint"] = read_model_info(full, role).fingerprint
+        entries[role] = entry
+    manifest = {"format": BUNDLE_FORMAT, "version": 1, "kvcli": __version__, **entries}
+    out = folder / MANIFEST
+    out.write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
 def build_bundle(base_path: str | Path, folder: str | Path, *,
                  n_aux_layers: int = DEFAULT_AUX_LAYERS,
                  n_tokens: int = DEFAULT_CALIBRATION_TOKENS,
@@ -96,16 +111,8 @@ def build_bundle(base_path: str | Path, folder: str | Path, *,
         pred = calibrate(base_info.path, aux, n_tokens=n_tokens,
                          progress=(lambda i, n: progress("calibrate", i, n)) if progress else None)
         save_predictor(pred, tmp / "predictor.gguf")
-        aux_info = read_model_info(aux, "auxiliary")
-        manifest = {
-            "format": BUNDLE_FORMAT, "version": 1, "kvcli": __version__,
-            "base": {"path": str(base_info.path), "fingerprint": base_info.fingerprint},
-            "aux": {"path": "aux.gguf", "fingerprint": aux_info.fingerprint,
-                    "layers": prefix_layers(n_aux_layers)},
-            "predictor": {"path": "predictor.gguf", "calibration_tokens": pred.calibration_tokens,
-                          "heldout_rel_error": [round(e, 4) for e in pred.heldout_rel_error]},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(tmp, base=base_info.path, aux=Path("aux.gguf"),
+                       predictor=Path("predictor.gguf"))
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

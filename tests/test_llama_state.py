@@ -1,0 +1,75 @@
+"""Facts about llama.cpp's sequence state that kvcli rests on, checked on real contexts."""
+
+import numpy as np
+import pytest
+from conftest import random_prompt
+
+from kvcli.errors import StateFormatError
+from kvcli.kv_layout import layers_by_index
+from kvcli.model_info import read_model_info
+from kvcli.runtime import Context, ContextSettings, Model
+from kvcli.state_codec import parse_seq_state, write_seq_state
+
+
+def decoded(path, n_tokens, **settings):
+    model = Model(path)
+    ctx = Context(model, ContextSettings(n_ctx=512, **settings))
+    ctx.decode(random_prompt(n_tokens, model.n_vocab, model.bos, low=3))
+    return model, ctx
+
+
+@pytest.mark.parametrize("flash_attn,type_kv", [(False, "f16"), (True, "f16"), (False, "f32")])
+def test_real_state_round_trips_byte_for_byte(tiny_llama, flash_attn, type_kv):
+    model, ctx = decoded(tiny_llama, 40, flash_attn=flash_attn, type_k=type_kv, type_v=type_kv)
+    raw = ctx.get_state(0)
+    state = parse_seq_state(raw, n_blobs=1)
+    assert write_seq_state(state) == raw
+    stream = state.blobs[0].streams[0]
+    assert stream.v_trans == (not flash_attn)  # flash attention stores V untransposed
+    assert stream.layers[0].k.dtype == (np.float16 if type_kv == "f16" else np.float32)
+    ctx.close(), model.close()
+
+
+def test_iswa_state_has_two_blobs_with_different_cells(tiny_gemma3):
+    info = read_model_info(tiny_gemma3)
+    model, ctx = decoded(tiny_gemma3, 40)
+    for seq_id, n_swa_cells in ((0, info.n_swa), (-1, 40)):
+        raw = ctx.get_state(seq_id)
+        state = parse_seq_state(raw, n_blobs=2)
+        assert write_seq_state(state) == raw
+        full, swa = (b.streams[0] for b in state.blobs)
+        assert full.n_cells == 40 and swa.n_cells == n_swa_cells  # seq -1: every cell
+        assert len(full.layers) + len(swa.layers) == info.n_layer
+    layers = layers_by_index(parse_seq_state(ctx.get_state(-1)), info)
+    assert sorted(layers) == list(range(info.n_layer))
+    ctx.close(), model.close()
+
+
+def test_quantized_key_cache_is_refused_with_its_name(tiny_llama):
+    model, ctx = decoded(tiny_llama, 8, type_k="q8_0")
+    with pytest.raises(StateFormatError, match="q8_0"):
+        parse_seq_state(ctx.get_state(0))
+    ctx.close(), model.close()
+
+
+def test_set_state_refuses_a_mismatched_layout(tiny_llama):
+    from kvcli.errors import ContextError
+
+    model, ctx = decoded(tiny_llama, 8, flash_attn=True)  # v_trans 0
+    raw = ctx.get_state(0)
+    other = Context(model, ContextSettings(n_ctx=512, flash_attn=False))  # v_trans 1
+    with pytest.raises(ContextError, match="refused"):
+        other.set_state(raw)
+    other.close(), ctx.close(), model.close()
+
+
+def test_embedded_model_decodes_through_kvcli_loader(gemma_path):
+    """The default source build segfaults here in AMX kernels unless the loader avoids them."""
+    model = Model(gemma_path)
+    ctx = Context(model, ContextSettings(n_ctx=1024))
+    tokens = model.tokenize("Monday, Tuesday, Wednesday,")
+    ctx.decode(tokens, logits_last=True)
+    logits = ctx.last_logits()
+    assert logits.shape == (model.n_vocab,) and np.isfinite(logits).all()
+    assert model.detokenize([int(np.argmax(logits))]).strip() == "Thursday"
+    ctx.close(), model.close()
