@@ -61,9 +61,9 @@ def _run_batch(engine: Engine, batch: Path, defaults: dict) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             raise KvcliError(f"{batch}:{lineno}: expected a JSON object with a 'prompt'") from None
         opts = {**defaults, **{k: item[k] for k in ("mode", "n_predict", "tail", "keep") if k in item}}
+        sampler = Sampler(temperature=opts.pop("temp", 0.0))
         try:
-            gen = engine.generate(engine.tokenize(prompt), **opts,
-                                  sampler=Sampler(temperature=opts.pop("temp", 0.0)))
+            gen = engine.generate(engine.tokenize(prompt), sampler=sampler, **opts)
             record = result_json(gen, id=item.get("id"))
         except KvcliError as exc:
             record = {"id": item.get("id"), "error": str(exc)}

@@ -1,0 +1,104 @@
+"""The command line: one-line errors with a non-zero exit, JSON output, the batch mode."""
+
+import json
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+from kvcli.bundle import write_manifest
+from kvcli.predictor import save_predictor
+from test_predictor import small_predictor
+
+
+def kvcli(*args, input=None):
+    return subprocess.run([sys.executable, "-m", "kvcli.cli", *map(str, args)], input=input,
+                          capture_output=True, text=True, timeout=600)
+
+
+def assert_one_line_error(res, pattern):
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("Error: ") and pattern in lines[-1], res.stderr
+
+
+def test_missing_non_gguf_and_truncated_files(tmp_path, tiny_llama):
+    assert_one_line_error(kvcli("generate", "hi", "--mode", "base", "--model", tmp_path / "no.gguf"),
+                          "not found")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"hello world, not a model")
+    assert_one_line_error(kvcli("generate", "hi", "--mode", "base", "--model", junk), "not a GGUF")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_llama.read_bytes()[: tiny_llama.stat().st_size // 2])
+    assert_one_line_error(kvcli("generate", "hi", "--mode", "base", "--model", cut), "truncated")
+
+
+def test_unsupported_architecture(tmp_path):
+    path = tmp_path / "mamba.gguf"
+    w = gguf.GGUFWriter(path, "mamba")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    assert_one_line_error(kvcli("generate", "hi", "--mode", "base", "--model", path),
+                          "architecture 'mamba' is not supported")
+
+
+def test_prompt_longer_than_the_context(tiny_llama):
+    assert_one_line_error(kvcli("generate", "the cat " * 200, "--mode", "base", "--model",
+                                tiny_llama, "--ctx", "64"), "context holds 64")
+
+
+def tiny_kvcli_bundle(folder, base, aux, predictor):
+    folder.mkdir(exist_ok=True)
+    write_manifest(folder, base=base, aux=aux, predictor=predictor)
+    return folder
+
+
+def test_predictor_for_other_models_and_mismatched_tokenizer(tmp_path, tiny_llama):
+    from tiny_gguf import write_tiny_llama
+
+    aux = write_tiny_llama(tmp_path / "aux.gguf", n_layer=1)
+    pred = save_predictor(small_predictor(), tmp_path / "pred.gguf")
+    bundle = tiny_kvcli_bundle(tmp_path / "b1", tiny_llama, aux, pred)
+    assert_one_line_error(kvcli("generate", "the cat", "--bundle", bundle), "fit for base")
+    other = write_tiny_llama(tmp_path / "other.gguf", n_layer=1, vocab="other")
+    bundle = tiny_kvcli_bundle(tmp_path / "b2", tiny_llama, other, pred)
+    assert_one_line_error(kvcli("generate", "the cat", "--bundle", bundle), "tokenizer differs")
+
+
+def test_quantized_kv_type_is_refused_for_kvp(tiny_llama):
+    assert_one_line_error(kvcli("generate", "the cat", "--cache-type-k", "q8_0"), "quantized")
+
+
+def test_json_and_batch_on_the_embedded_bundle(gemma_bundle, tmp_path):
+    res = kvcli("generate", "def fibonacci(n):", "-n", "8", "--json", "--bundle", gemma_bundle.folder)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["mode"] == "kvp" and out["n_prompt"] > 1 and out["ttft_ms"] > 0
+    assert set(out["breakdown"]) == {"aux_prefill_ms", "state_get_ms", "predict_ms",
+                                     "state_set_ms", "base_decode_ms"}
+    assert len(out["tokens"]) == out["n_gen"] <= 8 and isinstance(out["text"], str)
+
+    batch = tmp_path / "prompts.jsonl"
+    batch.write_text('{"id": "a", "prompt": "Monday, Tuesday,"}\n'
+                     '{"id": 7, "prompt": "1, 2, 3,", "mode": "base"}\n')
+    res = kvcli("generate", "--batch", batch, "-n", "3", "--bundle", gemma_bundle.folder)
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [(r["id"], r["mode"]) for r in rows] == [("a", "kvp"), (7, "base")]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["doctor", "--help"]])
+def test_help(args):
+    res = kvcli(*args)
+    assert res.returncode == 0 and "Usage" in res.stdout
+
+
+def test_doctor_json_on_a_tiny_model(tiny_gemma3):
+    res = kvcli("doctor", "--model", tiny_gemma3, "--prompts", "3", "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["ok"] and [c["ok"] for c in report["checks"]] == [True, True, True]

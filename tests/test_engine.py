@@ -1,0 +1,99 @@
+"""The kvp path on real llama.cpp: exact when nothing is predicted, runs end to end."""
+
+import numpy as np
+import pytest
+from conftest import random_prompt
+
+from kvcli.aux_cut import cut_auxiliary
+from kvcli.calibrate import calibrate
+from kvcli.engine import Engine
+from kvcli.errors import ContextError, IncompatibleError
+from kvcli.model_info import read_model_info
+from kvcli.predictor import Predictor, save_predictor
+from kvcli.runtime import Context, ContextSettings
+
+SETTINGS = ContextSettings(n_ctx=256)
+
+
+def copy_everything_predictor(base, aux) -> Predictor:
+    """A 'predictor' that copies every base layer from an auxiliary that is the whole base."""
+    b, a = read_model_info(base), read_model_info(aux)
+    return Predictor(b.fingerprint, a.fingerprint, b.n_layer, a.n_layer,
+                     copied_layers=list(range(b.n_layer)), predicted_layers=[],
+                     feature_layers=[a.n_layer - 1], k_widths=[], v_widths=[],
+                     weight=np.zeros((2 * a.n_embd_k(0), 0), np.float32),
+                     bias=np.zeros(0, np.float32), alphas=[], heldout_rel_error=[])
+
+
+def split_reference(ctx: Context, tokens, n_first) -> np.ndarray:
+    ctx.clear()
+    ctx.decode(tokens[:n_first])
+    ctx.decode(tokens[n_first:], logits_last=True)
+    return ctx.last_logits()
+
+
+@pytest.mark.parametrize("tail", [0, 5])
+@pytest.mark.parametrize("fixture", ["tiny_gemma3", "tiny_llama"])
+def test_kvp_fed_the_true_cache_is_exact(fixture, tail, request, tmp_path):
+    """Every layer copied: the predicted state (sliding cells cut to the window, BOS cell,
+    layout) must give the base's own logits to the bit."""
+    base = request.getfixturevalue(fixture)
+    n_layer = read_model_info(base).n_layer
+    aux = cut_auxiliary(base, tmp_path / "aux.gguf", list(range(n_layer)))
+    with Engine(base, aux_path=aux, settings=SETTINGS) as eng:
+        eng.predictor = copy_everything_predictor(base, aux)
+        tokens = random_prompt(100, eng.model.n_vocab, eng.model.bos, low=3)
+        _, logits, t = eng.prefill(tokens, mode="kvp", tail=tail)
+        assert t.aux_prefill_ms > 0 and t.predict_ms > 0
+        want = split_reference(eng.base, tokens, len(tokens) - 1 - tail)
+        np.testing.assert_array_equal(logits, want)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_gemma3, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tinybundle")
+    aux = cut_auxiliary(tiny_gemma3, folder / "aux.gguf", [0, 1])
+    pred = calibrate(tiny_gemma3, aux, n_tokens=600, chunk_tokens=64)
+    return aux, save_predictor(pred, folder / "predictor.gguf"), pred
+
+
+def test_calibrated_predictor_shapes_and_heldout_error(tiny_gemma3, tiny_bundle):
+    _, _, pred = tiny_bundle
+    assert pred.copied_layers == [0, 1] and pred.predicted_layers == [2, 3]
+    assert pred.calibration_tokens >= 600
+    assert len(pred.heldout_rel_error) == 4 and all(0 < e < 1 for e in pred.heldout_rel_error)
+
+
+def test_all_modes_generate_on_tiny_gemma3(tiny_gemma3, tiny_bundle):
+    aux, pred_path, _ = tiny_bundle
+    with Engine(tiny_gemma3, aux_path=aux, predictor_path=pred_path, settings=SETTINGS) as eng:
+        tokens = random_prompt(80, eng.model.n_vocab, eng.model.bos, low=3)
+        for mode in ("base", "kvp", "truncate", "aux"):
+            gen = eng.generate(tokens, mode=mode, n_predict=5, keep=20)
+            assert gen.n_prompt == 80 and gen.ttft_ms > 0 and len(gen.tokens) <= 5
+        with pytest.raises(ContextError, match="context holds 256"):
+            eng.generate(tokens * 4, mode="kvp")
+
+
+def test_auxiliary_with_another_tokenizer_is_refused(tmp_path):
+    from tiny_gguf import write_tiny_llama
+
+    base = write_tiny_llama(tmp_path / "base.gguf")
+    other = write_tiny_llama(tmp_path / "other.gguf", vocab="other", n_layer=1)
+    with pytest.raises(IncompatibleError, match="tokenizer"):
+        Engine(base, aux_path=other, settings=SETTINGS)
+
+
+def test_embedded_model_kvp_past_the_sliding_window(gemma_bundle):
+    with Engine(gemma_bundle.base, aux_path=gemma_bundle.aux, predictor_path=gemma_bundle.predictor,
+                settings=ContextSettings(n_ctx=1024)) as eng:
+        text = " ".join(f"Item {i} is stored in box {i * 7 % 97}." for i in range(120))
+        tokens = eng.tokenize(text)[:700]
+        assert len(tokens) == 700
+        base = eng.generate(tokens, mode="base", n_predict=4)
+        kvp = eng.generate(tokens, mode="kvp", n_predict=4)
+        t = kvp.timings
+        assert min(t.aux_prefill_ms, t.state_get_ms, t.predict_ms, t.state_set_ms,
+                   t.base_decode_ms) > 0
+        assert len(kvp.tokens) == 4 and len(base.tokens) == 4
+        assert max(eng.predictor.heldout_rel_error) < 1.0
