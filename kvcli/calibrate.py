@@ -52,10 +52,26 @@ def _unroped_kv(layers, info: ModelInfo, which: list[int]) -> dict[int, tuple[np
     return out
 
 
-def calibrate(base_path, aux_path, *, n_tokens: int = 20480, chunk_tokens: int = 512,
-              n_feature_layers: int = 2, settings: ContextSettings | None = None,
-              progress: Callable[[int, int], None] | None = None) -> Predictor:
-    """Fit a ridge predictor on >= ``n_tokens`` tokens of the offline corpus."""
+@dataclass
+class CalibrationData:
+    """Ridge statistics of one calibration run, ready to fit (possibly several ways)."""
+
+    base: ModelInfo
+    aux: ModelInfo
+    plan: CalibrationPlan
+    fit: RidgeStats
+    heldout: RidgeStats
+    source: str
+
+    @property
+    def widths(self) -> list[tuple[int, int]]:
+        return [(self.base.n_embd_k(il), self.base.n_embd_v(il)) for il in self.plan.predicted_layers]
+
+
+def collect(base_path, aux_path, *, n_tokens: int = 20480, chunk_tokens: int = 512,
+            n_feature_layers: int = 2, settings: ContextSettings | None = None,
+            progress: Callable[[int, int], None] | None = None) -> CalibrationData:
+    """Prefill >= ``n_tokens`` tokens of the offline corpus through both models."""
     base_info = read_model_info(base_path, "base model")
     aux_info = read_model_info(aux_path, "auxiliary")
     if base_info.tokenizer_digest != aux_info.tokenizer_digest:
@@ -67,10 +83,8 @@ def calibrate(base_path, aux_path, *, n_tokens: int = 20480, chunk_tokens: int =
     settings = settings or ContextSettings()
     settings = ContextSettings(**{**settings.__dict__, "n_ctx": chunk_tokens})
     n_chunks = -(-n_tokens // (chunk_tokens - 1))
-
-    widths = [(base_info.n_embd_k(il), base_info.n_embd_v(il)) for il in plan.predicted_layers]
     n_features = sum(aux_info.n_embd_k(il) + aux_info.n_embd_v(il) for il in plan.feature_layers)
-    n_targets = sum(k + v for k, v in widths)
+    n_targets = sum(base_info.n_embd_k(il) + base_info.n_embd_v(il) for il in plan.predicted_layers)
     fit, heldout = RidgeStats(n_features, n_targets), RidgeStats(n_features, n_targets)
 
     models, contexts = [], []
@@ -95,23 +109,33 @@ def calibrate(base_path, aux_path, *, n_tokens: int = 20480, chunk_tokens: int =
             ctx.close()
         for m in models:
             m.close()
+    return CalibrationData(base_info, aux_info, plan, fit, heldout,
+                           f"python-stdlib-sources:{len(chunks)}x{chunk_tokens}")
 
+
+def fit_predictor(data: CalibrationData) -> Predictor:
+    """Ridge per predicted layer, keys and values apart, penalties chosen on held-out rows."""
     at, groups = 0, []
-    for kw, vw in widths:
+    for kw, vw in data.widths:
         groups += [slice(at, at + kw), slice(at + kw, at + kw + vw)]
         at += kw + vw
-    result = fit_ridge(fit, heldout, groups)
+    result = fit_ridge(data.fit, data.heldout, groups)
     return Predictor(
-        base_fingerprint=base_info.fingerprint, aux_fingerprint=aux_info.fingerprint,
-        base_n_layer=base_info.n_layer, aux_n_layer=aux_info.n_layer,
-        copied_layers=plan.copied_layers, predicted_layers=plan.predicted_layers,
-        feature_layers=plan.feature_layers,
-        k_widths=[k for k, _ in widths], v_widths=[v for _, v in widths],
+        base_fingerprint=data.base.fingerprint, aux_fingerprint=data.aux.fingerprint,
+        base_n_layer=data.base.n_layer, aux_n_layer=data.aux.n_layer,
+        copied_layers=data.plan.copied_layers, predicted_layers=data.plan.predicted_layers,
+        feature_layers=data.plan.feature_layers,
+        k_widths=[k for k, _ in data.widths], v_widths=[v for _, v in data.widths],
         weight=result.weight, bias=result.bias, alphas=result.alphas,
         heldout_rel_error=result.heldout_rel_error,
-        calibration_tokens=fit.n_rows + heldout.n_rows,
-        calibration_source=f"python-stdlib-sources:{len(chunks)}x{chunk_tokens}",
+        calibration_tokens=data.fit.n_rows + data.heldout.n_rows, calibration_source=data.source,
     )
+
+
+def calibrate(base_path, aux_path, *, progress: Callable[[int, int], None] | None = None,
+              **collect_options) -> Predictor:
+    """Collect calibration statistics and fit a predictor (see ``collect``, ``fit_predictor``)."""
+    return fit_predictor(collect(base_path, aux_path, progress=progress, **collect_options))
 
 
 def _chunk_rows(base_ctx: Context, aux_ctx: Context, tokens: list[int], base_info: ModelInfo,

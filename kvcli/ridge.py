@@ -96,3 +96,4 @@ def fit_ridge(fit: RidgeStats, heldout: RidgeStats, groups: list[slice],
             if a == alpha:
                 weight[:, g], bias[g] = w[:, g], b[g]
     return RidgeFit(weight=weight, bias=bias, alphas=chosen, heldout_rel_error=rel)
+

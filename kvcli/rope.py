@@ -24,11 +24,22 @@ class RopeParams:
     neox: bool = True
 
 
+_TABLES: dict[RopeParams, tuple[np.ndarray, np.ndarray]] = {}
+
+
 def _cos_sin(positions: np.ndarray, p: RopeParams) -> tuple[np.ndarray, np.ndarray]:
-    half = p.n_rot // 2
-    inv_freq = p.freq_base ** (-2.0 * np.arange(half, dtype=np.float64) / p.n_rot)
-    theta = np.asarray(positions, dtype=np.float64)[:, None] * (p.freq_scale * inv_freq)[None, :]
-    return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+    """cos and sin of theta at ``positions``, from per-parameter tables grown on demand."""
+    positions = np.asarray(positions, dtype=np.int64)
+    need = int(positions.max()) + 1 if positions.size else 1
+    table = _TABLES.get(p)
+    if table is None or len(table[0]) < need:
+        size = max(need, 4096, 2 * len(table[0]) if table else 0)
+        half = p.n_rot // 2
+        inv_freq = p.freq_base ** (-2.0 * np.arange(half, dtype=np.float64) / p.n_rot)
+        theta = np.arange(size, dtype=np.float64)[:, None] * (p.freq_scale * inv_freq)[None, :]
+        table = (np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32))
+        _TABLES[p] = table
+    return table[0][positions], table[1][positions]
 
 
 def _apply(keys: np.ndarray, positions: np.ndarray, p: RopeParams, sign: float) -> np.ndarray:

@@ -34,3 +34,4 @@ def test_heavy_noise_chooses_a_larger_penalty():
         x = rng.normal(size=(n, 40))
         stats.add(x, x[:, :1] * 0.1 + rng.normal(size=(n, 1)))
     assert fit_ridge(fit, held, [slice(0, 1)]).alphas[0] >= 0.1
+

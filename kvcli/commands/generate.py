@@ -93,8 +93,7 @@ def command(
         raise KvcliError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
     if sum(x is not None for x in (prompt, file, batch)) != 1:
         raise KvcliError("give exactly one of PROMPT, --file or --batch")
-    if mode == "kvp" and (cache_type_k, cache_type_v) != ("f16", "f16") and not (
-            {cache_type_k, cache_type_v} <= {"f16", "f32"}):
+    if mode == "kvp" and not {cache_type_k, cache_type_v} <= {"f16", "f32"}:
         raise KvcliError(f"KV cache type {cache_type_k}/{cache_type_v} is quantized; predicted "
                          "prefill needs f16 or f32 caches (--cache-type-k f16 --cache-type-v f16)")
     if file is not None:
