@@ -20,7 +20,7 @@ import numpy as np
 
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
 from kvcli.kv_layout import CacheLayout, layers_by_index
-from kvcli.model_info import read_model_info
+from kvcli.model_info import key_norm_weights, read_model_info
 from kvcli.predict_state import BosCell, needed_positions, predicted_state
 from kvcli.predictor import load_predictor
 from kvcli.runtime import Context, ContextSettings, Model
@@ -69,7 +69,7 @@ class Engine:
 
     def __init__(self, base_path: str | Path, *, aux_path: str | Path | None = None,
                  predictor_path: str | Path | None = None,
-                 settings: ContextSettings = ContextSettings()):
+                 settings: ContextSettings = ContextSettings(), key_norm_rescale: bool = True):
         self.base_info = read_model_info(base_path, "base model")
         self.aux_info = read_model_info(aux_path, "auxiliary") if aux_path else None
         self.predictor = None
@@ -82,6 +82,7 @@ class Engine:
                 self.predictor = load_predictor(predictor_path)
                 self.predictor.check_models(self.base_info, self.aux_info)
         self.settings = settings
+        self.key_norms = key_norm_weights(self.base_info) if key_norm_rescale else None
         self._models: list[Model] = []
         self._contexts: list[Context] = []
         try:
@@ -196,7 +197,7 @@ class Engine:
         state = predicted_state(
             layout, aux_layers=aux_layers, aux=self.aux_info, base=self.base_info,
             predictor=self.predictor, group_positions=group_positions,
-            bos=bos if tokens[0] == self.model.bos else None)
+            bos=bos if tokens[0] == self.model.bos else None, key_norms=self.key_norms)
         data = write_seq_state(state)
         t.predict_ms = clock.lap()
         self.base.set_state(data, 0, n_past=n_pred)

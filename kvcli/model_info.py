@@ -193,3 +193,19 @@ def read_model_info(path: str | Path, what: str = "model") -> ModelInfo:
         if what != "model":
             raise ModelFileError(str(exc).replace("model file", f"{what} file", 1)) from None
         raise
+
+
+def key_norm_weights(info: ModelInfo) -> dict[int, np.ndarray] | None:
+    """Per layer, the weight of the key norm (``blk.N.attn_k_norm``), or None without one.
+
+    Keys are cached after that norm: each head is RMS-normalised, then scaled by the weight.
+    """
+    header = read_header(info.path)
+    tensors = {t.name: t for t in header.tensors}
+    out = {}
+    for il in range(info.n_layer):
+        t = tensors.get(f"blk.{il}.attn_k_norm.weight")
+        if t is None or t.ggml_type != 0:  # absent, or not f32
+            return None
+        out[il] = np.fromfile(info.path, dtype="<f4", count=t.nbytes // 4, offset=t.offset)
+    return out

@@ -39,9 +39,24 @@ def needed_positions(info: ModelInfo, n_cells: int, first_query: int) -> list[np
     return out
 
 
+def rescale_to_key_norm(k: np.ndarray, weight: np.ndarray, head_dim: int) -> np.ndarray:
+    """Give each predicted key head the scale the base's key norm produces: rms(k / w) = 1.
+
+    Ridge shrinks predictions toward the mean, which flattens attention; keys that came out
+    of an RMS norm have a known per-head scale, so the direction is all that is predicted.
+    """
+    heads = k.reshape(len(k), -1, head_dim)
+    visible = np.abs(weight) > 1e-3  # a zero weight hides that dimension of the normed key
+    normed = heads[..., visible] / weight[visible]
+    rms = np.sqrt(np.mean(np.square(normed), axis=-1, keepdims=True))
+    heads /= np.maximum(rms, 1e-6)
+    return k
+
+
 def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: ModelInfo,
                     predictor: Predictor, group_positions: list[np.ndarray],
-                    bos: BosCell | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+                    bos: BosCell | None = None, key_norms: dict[int, np.ndarray] | None = None
+                    ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """K (post-RoPE) and V rows per base layer, for the positions of its cache group."""
     n_cells = max((len(p) and int(p[-1]) + 1) for p in group_positions)
     layer_positions = {}
@@ -69,6 +84,8 @@ def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: Mod
         features, {il: layer_positions[il] for il in predictor.predicted_layers})
     for il, (k, v) in predicted.items():
         rows = layer_positions[il]
+        if key_norms is not None:
+            k = rescale_to_key_norm(np.ascontiguousarray(k), key_norms[il], base.head_dim_k)
         out[il] = (rotate(k, rows, base.rope[il]), v)
 
     if bos is not None:
