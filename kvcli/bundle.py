@@ -24,6 +24,8 @@ from kvcli.model_info import read_model_info
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "kvcli-bundle"
 DEFAULT_AUX_LAYERS = 5
+# names the default bundle's recipe: change it when the default fit changes, so caches rebuild
+DEFAULT_RECIPE = f"prefix{DEFAULT_AUX_LAYERS}-ridge-f1"
 DEFAULT_CALIBRATION_TOKENS = 20480
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -126,7 +128,7 @@ def default_bundle(progress: Progress | None = None) -> Bundle:
     """The bundle for the embedded model, built on first use, reused afterwards."""
     base = embedded_model_path()
     fingerprint = read_model_info(base).fingerprint
-    folder = cache_dir() / "bundles" / f"gemma3-270m-{fingerprint}-prefix{DEFAULT_AUX_LAYERS}"
+    folder = cache_dir() / "bundles" / f"gemma3-270m-{fingerprint}-{DEFAULT_RECIPE}"
     if (folder / MANIFEST).is_file():
         bundle = load_bundle(folder)
         if bundle.base.resolve() == base.resolve():

@@ -34,7 +34,7 @@ class CalibrationPlan:
     feature_layers: list[int]
 
 
-def default_plan(base: ModelInfo, aux: ModelInfo, *, n_feature_layers: int = 2,
+def default_plan(base: ModelInfo, aux: ModelInfo, *, n_feature_layers: int = 1,
                  prefix: bool = True) -> CalibrationPlan:
     """A prefix auxiliary's layers are copied; the rest of the base is predicted from the
     auxiliary's last ``n_feature_layers`` layers."""
@@ -69,7 +69,7 @@ class CalibrationData:
 
 
 def collect(base_path, aux_path, *, n_tokens: int = 20480, chunk_tokens: int = 512,
-            n_feature_layers: int = 2, settings: ContextSettings | None = None,
+            n_feature_layers: int = 1, settings: ContextSettings | None = None,
             progress: Callable[[int, int], None] | None = None) -> CalibrationData:
     """Prefill >= ``n_tokens`` tokens of the offline corpus through both models."""
     base_info = read_model_info(base_path, "base model")

@@ -51,10 +51,6 @@ class ModelInfo:
         return self.n_head_kv[layer] * self.head_dim_v
 
     @property
-    def iswa(self) -> bool:
-        return self.n_swa > 0 and any(self.is_swa) and not all(self.is_swa)
-
-    @property
     def cache_layer_groups(self) -> list[list[int]]:
         """Model layers in the order of the state's blobs: full-attention then sliding (iSWA)."""
         if self.n_swa > 0 and any(self.is_swa):

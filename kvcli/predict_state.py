@@ -47,9 +47,9 @@ def rescale_to_key_norm(k: np.ndarray, weight: np.ndarray, head_dim: int) -> np.
     """
     heads = k.reshape(len(k), -1, head_dim)
     visible = np.abs(weight) > 1e-3  # a zero weight hides that dimension of the normed key
-    normed = heads[..., visible] / weight[visible]
-    rms = np.sqrt(np.mean(np.square(normed), axis=-1, keepdims=True))
-    heads /= np.maximum(rms, 1e-6)
+    inv_w = np.where(visible, 1.0 / np.where(visible, weight, 1.0), 0.0).astype(np.float32)
+    mean_sq = np.einsum("chd,chd->ch", heads * inv_w, heads * inv_w) / max(int(visible.sum()), 1)
+    heads /= np.maximum(np.sqrt(mean_sq), 1e-6)[..., None]
     return k
 
 

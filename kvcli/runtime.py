@@ -220,9 +220,5 @@ class Context:
             self.handle = None
 
 
-def system_info() -> str:
-    return _lib().llama_print_system_info().decode(errors="replace").strip()
-
-
 def llama_cpp_version() -> str:
     return _lib().__version__
