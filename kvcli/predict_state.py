@@ -9,6 +9,8 @@ the base's own cache when the prompt starts with BOS.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +20,17 @@ from kvcli.kv_layout import CacheLayout, LayerCells
 from kvcli.model_info import ModelInfo
 from kvcli.predictor import Predictor, build_features
 from kvcli.rope import rotate, unrotate
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 8),
+                                   thread_name_prefix="kvcli-predict")
+    return _POOL
 
 
 @dataclass
@@ -80,13 +93,18 @@ def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: Mod
         positions = cells.positions[:n_cells]
         aux_kv[il] = (unrotate(cells.k[:n_cells], positions, aux.rope[il]), cells.v[:n_cells])
     features = build_features(aux_kv, predictor.feature_layers)
-    predicted = predictor.predict(
-        features, {il: layer_positions[il] for il in predictor.predicted_layers})
-    for il, (k, v) in predicted.items():
+
+    def predict_one(il: int) -> tuple[np.ndarray, np.ndarray]:
         rows = layer_positions[il]
+        k, v = predictor.predict_layer(features, il, rows)
         if key_norms is not None:
             k = rescale_to_key_norm(np.ascontiguousarray(k), key_norms[il], base.head_dim_k)
-        out[il] = (rotate(k, rows, base.rope[il]), v)
+        return rotate(k, rows, base.rope[il]), v
+
+    # numpy releases the GIL in its kernels: layers run in parallel on single-threaded BLAS
+    for il, kv in zip(predictor.predicted_layers,
+                      _pool().map(predict_one, predictor.predicted_layers)):
+        out[il] = kv
 
     if bos is not None:
         for il, (k, v) in out.items():

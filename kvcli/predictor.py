@@ -57,21 +57,21 @@ class Predictor:
                 f"auxiliary {aux.fingerprint} ({aux.path.name}); calibrate one for these models"
             )
 
+    def predict_layer(self, features: np.ndarray, layer: int, rows: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Pre-RoPE keys and values of one predicted base layer at feature ``rows``, float32."""
+        i = self.predicted_layers.index(layer)
+        ks, vs = self.target_slices()[i]
+        x = features if rows is None else features[rows]
+        y = x @ self.weight[:, ks.start : vs.stop]
+        y += self.bias[ks.start : vs.stop]
+        return y[:, : ks.stop - ks.start], y[:, ks.stop - ks.start :]
+
     def predict(self, features: np.ndarray, layer_rows: dict[int, np.ndarray] | None = None
                 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """Pre-RoPE keys and values per predicted base layer, float32.
-
-        ``layer_rows[l]``: which feature rows layer l needs (a sliding layer needs only the
-        window); default all rows.
-        """
-        out = {}
-        for layer, (ks, vs) in zip(self.predicted_layers, self.target_slices()):
-            x = features if layer_rows is None else features[layer_rows[layer]]
-            cols = slice(ks.start, vs.stop)
-            y = x @ self.weight[:, cols]
-            y += self.bias[cols]
-            out[layer] = (y[:, : ks.stop - ks.start], y[:, ks.stop - ks.start :])
-        return out
+        """``predict_layer`` for every predicted layer (``layer_rows``: default all rows)."""
+        return {il: self.predict_layer(features, il, None if layer_rows is None else layer_rows[il])
+                for il in self.predicted_layers}
 
 
 def build_features(aux_kv: dict[int, tuple[np.ndarray, np.ndarray]], feature_layers: list[int]
