@@ -25,7 +25,7 @@ MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "kvcli-bundle"
 DEFAULT_AUX_LAYERS = 5
 # names the default bundle's recipe: change it when the default fit changes, so caches rebuild
-DEFAULT_RECIPE = f"prefix{DEFAULT_AUX_LAYERS}-ridge-f1"
+DEFAULT_RECIPE = f"prefix{DEFAULT_AUX_LAYERS}-ridge-kv1-hidden"
 DEFAULT_CALIBRATION_TOKENS = 20480
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)

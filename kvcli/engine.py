@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvcli.capture import TensorCapture, hidden_tensor_names
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
 from kvcli.kv_layout import CacheLayout, layers_by_index
 from kvcli.model_info import key_norm_weights, read_model_info
@@ -87,7 +88,11 @@ class Engine:
         self._contexts: list[Context] = []
         try:
             self.base = self._open(self.base_info.path, "base model")
-            self.aux = self._open(self.aux_info.path, "auxiliary") if self.aux_info else None
+            capture = None
+            if self.predictor is not None and self.predictor.uses_hidden:
+                capture = TensorCapture(hidden_tensor_names(self.aux_info.n_layer))
+            self.aux = (self._open(self.aux_info.path, "auxiliary", capture)
+                        if self.aux_info else None)
         except BaseException:
             self.close()
             raise
@@ -96,10 +101,10 @@ class Engine:
         if self.predictor is not None:
             self._base_layout()  # once, outside any timed prefill
 
-    def _open(self, path: Path, what: str) -> Context:
+    def _open(self, path: Path, what: str, capture=None) -> Context:
         model = Model(path, what=what)
         self._models.append(model)
-        ctx = Context(model, self.settings)
+        ctx = Context(model, self.settings, capture=capture)
         self._contexts.append(ctx)
         return ctx
 
@@ -166,6 +171,8 @@ class Engine:
         if mode == "aux":
             clock = _Clock()
             self.aux.clear()
+            if self.aux.capture is not None:
+                self.aux.capture.clear()
             self.aux.decode(tokens, logits_last=True)
             t.aux_prefill_ms = clock.lap()
             return self.aux, self.aux.last_logits(), t
@@ -188,8 +195,11 @@ class Engine:
         layout, bos = self._base_layout()
         clock = _Clock()
         self.aux.clear()
+        if self.aux.capture is not None:
+            self.aux.capture.clear()
         self.aux.decode(tokens[:n_pred])
         t.aux_prefill_ms = clock.lap()
+        hidden = self.aux.capture.take(n_pred) if self.aux.capture is not None else []
         raw = self.aux.get_state(-1)
         t.state_get_ms = clock.lap()
         aux_layers = layers_by_index(parse_seq_state(raw), self.aux_info)
@@ -197,7 +207,8 @@ class Engine:
         state = predicted_state(
             layout, aux_layers=aux_layers, aux=self.aux_info, base=self.base_info,
             predictor=self.predictor, group_positions=group_positions,
-            bos=bos if tokens[0] == self.model.bos else None, key_norms=self.key_norms)
+            bos=bos if tokens[0] == self.model.bos else None, key_norms=self.key_norms,
+            hidden=hidden)
         data = write_seq_state(state)
         t.predict_ms = clock.lap()
         self.base.set_state(data, 0, n_past=n_pred)

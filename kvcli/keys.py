@@ -31,4 +31,7 @@ BIAS = "kvp.bias"  # (n_targets,)
 # feature kinds and key spaces
 FEATURE_AUX_K = "aux_k_pre_rope"
 FEATURE_AUX_V = "aux_v"
+FEATURE_AUX_RESIDUAL = "aux_residual_into_last_layer"  # l_out of the second-to-last layer
+FEATURE_AUX_ATTN = "aux_last_layer_attention"  # kqv_out of the last layer
+HIDDEN_FEATURES = (FEATURE_AUX_RESIDUAL, FEATURE_AUX_ATTN)
 KEY_SPACE_PRE_ROPE = "post_norm_pre_rope"  # as llama.cpp caches them, less RoPE

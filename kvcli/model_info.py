@@ -33,6 +33,7 @@ class ModelInfo:
     arch: str
     n_layer: int
     n_embd: int
+    n_head: tuple[int, ...]
     n_head_kv: tuple[int, ...]
     head_dim_k: int
     head_dim_v: int
@@ -171,7 +172,7 @@ def _read_model_info(path: Path, mtime_ns: int, size: int) -> ModelInfo:
         for il in range(n_layer)
     )
     return ModelInfo(
-        path=path, arch=arch, n_layer=n_layer, n_embd=n_embd, n_head_kv=n_head_kv,
+        path=path, arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
         head_dim_k=head_dim_k, head_dim_v=head_dim_v, n_swa=n_swa, is_swa=is_swa, rope=rope,
         context_length=int(field_value(header, f"{arch}.context_length", 2048)),
         rms_eps=float(field_value(header, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),

@@ -68,8 +68,8 @@ def rescale_to_key_norm(k: np.ndarray, weight: np.ndarray, head_dim: int) -> np.
 
 def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: ModelInfo,
                     predictor: Predictor, group_positions: list[np.ndarray],
-                    bos: BosCell | None = None, key_norms: dict[int, np.ndarray] | None = None
-                    ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+                    bos: BosCell | None = None, key_norms: dict[int, np.ndarray] | None = None,
+                    hidden: list[np.ndarray] = ()) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """K (post-RoPE) and V rows per base layer, for the positions of its cache group."""
     n_cells = max((len(p) and int(p[-1]) + 1) for p in group_positions)
     layer_positions = {}
@@ -92,7 +92,7 @@ def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: Mod
         cells = aux_layers[il]
         positions = cells.positions[:n_cells]
         aux_kv[il] = (unrotate(cells.k[:n_cells], positions, aux.rope[il]), cells.v[:n_cells])
-    features = build_features(aux_kv, predictor.feature_layers)
+    features = build_features(aux_kv, predictor.feature_layers, [h[:n_cells] for h in hidden])
 
     def predict_one(il: int) -> tuple[np.ndarray, np.ndarray]:
         rows = layer_positions[il]

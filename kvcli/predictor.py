@@ -41,6 +41,11 @@ class Predictor:
     calibration_source: str = ""
     feature_kinds: tuple[str, ...] = (keys.FEATURE_AUX_K, keys.FEATURE_AUX_V)
 
+    @property
+    def uses_hidden(self) -> bool:
+        """Whether the features include the auxiliary's captured hidden tensors."""
+        return all(kind in self.feature_kinds for kind in keys.HIDDEN_FEATURES)
+
     def target_slices(self) -> list[tuple[slice, slice]]:
         """Per predicted layer: the columns of its keys and of its values."""
         out, at = [], 0
@@ -74,13 +79,15 @@ class Predictor:
                 for il in self.predicted_layers}
 
 
-def build_features(aux_kv: dict[int, tuple[np.ndarray, np.ndarray]], feature_layers: list[int]
-                   ) -> np.ndarray:
-    """Concatenate the un-roped K and the V of each feature layer: (positions, n_features)."""
+def build_features(aux_kv: dict[int, tuple[np.ndarray, np.ndarray]], feature_layers: list[int],
+                   hidden: list[np.ndarray] = ()) -> np.ndarray:
+    """Concatenate the un-roped K and the V of each feature layer, then the captured hidden
+    tensors (same rows): (positions, n_features)."""
     parts = []
     for layer in feature_layers:
         k, v = aux_kv[layer]
         parts += [k, v]
+    parts += list(hidden)
     return np.concatenate([np.asarray(p, np.float32) for p in parts], axis=1)
 
 

@@ -119,7 +119,8 @@ class ContextSettings:
 class Context:
     """A llama.cpp context with one sequence (seq 0) and a reusable batch."""
 
-    def __init__(self, model: Model, settings: ContextSettings):
+    def __init__(self, model: Model, settings: ContextSettings, *, capture=None):
+        """``capture``: a capture.TensorCapture whose callback observes the graph."""
         lib = model._lib
         for name in (settings.type_k, settings.type_v):
             if name not in KV_TYPES:
@@ -135,6 +136,10 @@ class Context:
         params.type_v = KV_TYPES[settings.type_v]
         params.swa_full = True  # every position stays in the sliding cache (needed to predict)
         params.no_perf = True
+        if capture is not None:
+            params.cb_eval = capture.callback
+            params.cb_eval_user_data = None
+        self.capture = capture
         handle = lib.llama_init_from_model(model.handle, params)
         if not handle:
             raise ContextError("llama.cpp could not create a context (run with --debug to see why)")

@@ -97,3 +97,16 @@ def test_embedded_model_kvp_past_the_sliding_window(gemma_bundle):
                    t.base_decode_ms) > 0
         assert len(kvp.tokens) == 4 and len(base.tokens) == 4
         assert max(eng.predictor.heldout_rel_error) < 1.0
+
+
+def test_calibration_captures_the_auxiliary_hidden_tensors(tiny_gemma3, tiny_bundle):
+    from kvcli import keys
+    from kvcli.capture import hidden_feature_width
+
+    _, _, pred = tiny_bundle
+    aux = read_model_info(tiny_bundle[0])
+    assert pred.uses_hidden and set(keys.HIDDEN_FEATURES) <= set(pred.feature_kinds)
+    kv_width = aux.n_embd_k(1) + aux.n_embd_v(1)
+    assert pred.weight.shape[0] == kv_width + hidden_feature_width(aux) == kv_width + 64 + 4 * 16
+    # the hidden features carry signal: their rows of the fitted map are not all zero
+    assert np.abs(pred.weight[kv_width:]).max() > 1e-3

@@ -1,0 +1,88 @@
+"""Capture named intermediate tensors of a llama.cpp graph through its eval callback.
+
+The auxiliary's hidden state cannot be had by asking for embeddings without running the
+262k-token LM head at every position, and llama.cpp trims its last layer to the output rows
+after attention. What every position does have: the residual stream entering the last
+layer (``l_out-{k-2}``) and that layer's attention output (``kqv_out-{k-1}``). The
+callback (``cb_eval`` in the context params) copies them out as they are computed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from kvcli.errors import ContextError
+
+
+class _GGMLTensor(ctypes.Structure):
+    """The head of ggml.h's ``struct ggml_tensor`` (GGML_MAX_DIMS 4, MAX_SRC 10, MAX_NAME 64)."""
+
+    _fields_ = [
+        ("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64),
+    ]
+
+
+def hidden_tensor_names(n_aux_layers: int) -> list[str]:
+    """The residual entering the auxiliary's last layer and that layer's attention output."""
+    if n_aux_layers < 2:
+        raise ValueError("hidden-state features need an auxiliary of at least 2 layers")
+    return [f"l_out-{n_aux_layers - 2}", f"kqv_out-{n_aux_layers - 1}"]
+
+
+def hidden_feature_width(info) -> int:
+    """Columns of the hidden tensors of ``hidden_tensor_names``: the residual (n_embd) and
+    the last layer's attention output (n_head * head_dim_v)."""
+    return info.n_embd + info.n_head[info.n_layer - 1] * info.head_dim_v
+
+
+class TensorCapture:
+    """Collects the rows of the named f32 tensors, ubatch by ubatch, until ``take``."""
+
+    def __init__(self, names: list[str]):
+        import llama_cpp
+
+        self.names = list(names)
+        self._wanted = {n.encode() for n in names}
+        self._rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        self._error: str | None = None
+
+        @llama_cpp.ggml_backend_sched_eval_callback
+        def callback(tensor, ask, user_data):  # noqa: ARG001
+            t = ctypes.cast(tensor, ctypes.POINTER(_GGMLTensor)).contents
+            if ask:
+                return t.name in self._wanted
+            if t.name in self._wanted:
+                self._copy(t)
+            return True
+
+        self.callback = callback  # keep a reference: llama.cpp holds only the pointer
+
+    def _copy(self, t: _GGMLTensor) -> None:
+        width, rows = int(t.ne[0]), int(t.ne[1] * t.ne[2] * t.ne[3])
+        if t.type != 0 or t.nb[1] != width * 4 or not t.data:
+            self._error = f"tensor {t.name.decode()} is not a contiguous f32 host tensor"
+            return
+        data = ctypes.cast(t.data, ctypes.POINTER(ctypes.c_float))
+        self._rows[t.name.decode()].append(np.ctypeslib.as_array(data, shape=(rows, width)).copy())
+
+    def clear(self) -> None:
+        for rows in self._rows.values():
+            rows.clear()
+
+    def take(self, n_rows: int) -> list[np.ndarray]:
+        """The first ``n_rows`` rows captured of each name (in order), then forget them all."""
+        if self._error:
+            raise ContextError(self._error)
+        out = []
+        for name in self.names:
+            rows = np.concatenate(self._rows[name]) if self._rows[name] else np.zeros((0, 0))
+            if len(rows) < n_rows:
+                raise ContextError(f"captured {len(rows)} rows of {name}, expected {n_rows}")
+            out.append(rows[:n_rows])
+        self.clear()
+        return out
