@@ -26,6 +26,7 @@ _WEIGHT_STD = 0.02
 # Word pieces in SentencePiece style ("▁" marks a word start).  Every
 # multi-character piece can be reached by merging two shorter pieces, which is
 # how llama.cpp's SPM tokenizer builds tokens; e.g. "the cat" -> "▁the", "▁cat".
+# fmt: off
 _PIECES = [
     "▁", "e", "t", "a", "o", "i", "n", "s", "h", "r", "d", "l", "c", "u", "m",
     "w", "f", "g", "y", "p", "b", ".", ",",
@@ -34,6 +35,7 @@ _PIECES = [
     "▁of", "▁an", "▁and", "▁to", "▁in", "▁is", "▁it", "▁ca", "▁cat", "▁on",
     "ing", "ed", "es", "or",
 ]
+# fmt: on
 # A same-sized vocabulary with different pieces, for "mismatched tokenizer" tests.
 _OTHER_PIECES = [piece.upper() for piece in _PIECES]
 
@@ -51,10 +53,11 @@ def _vocab(vocab: str) -> tuple[list[str], list[float], list[int]]:
     pieces = {"default": _PIECES, "other": _OTHER_PIECES}.get(vocab)
     if pieces is None:
         raise ValueError(f"unknown vocab {vocab!r}; expected 'default' or 'other'")
-    T = gguf.TokenType
+    kind = gguf.TokenType
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
     scores = [0.0] * (3 + 256) + [-float(i) for i in range(len(pieces))]
-    types = [T.UNKNOWN, T.CONTROL, T.CONTROL] + [T.BYTE] * 256 + [T.NORMAL] * len(pieces)
+    types = [kind.UNKNOWN, kind.CONTROL, kind.CONTROL] + [kind.BYTE] * 256
+    types += [kind.NORMAL] * len(pieces)
     return tokens, scores, [int(t) for t in types]
 
 
@@ -85,8 +88,14 @@ class _Weights:
 
 
 def _start_writer(
-    path: str | os.PathLike[str], arch: str, s: _Shape, *, context_length: int,
-    rope_freq_base: float, vocab: str, file_type: gguf.LlamaFileType,
+    path: str | os.PathLike[str],
+    arch: str,
+    s: _Shape,
+    *,
+    context_length: int,
+    rope_freq_base: float,
+    vocab: str,
+    file_type: gguf.LlamaFileType,
 ) -> tuple[gguf.GGUFWriter, int]:
     """Create a writer holding the metadata shared by all architectures."""
     tokens, scores, types = _vocab(vocab)
@@ -145,9 +154,18 @@ def _finish(w: gguf.GGUFWriter, path: str | os.PathLike[str]) -> pathlib.Path:
 
 
 def write_tiny_llama(
-    path: str | os.PathLike[str], *, n_layer: int = 3, n_embd: int = 64, n_head: int = 4,
-    n_head_kv: int = 2, head_dim: int = 16, n_ff: int = 128, context_length: int = 1024,
-    rope_freq_base: float = 10000.0, seed: int = 0, vocab: str = "default",
+    path: str | os.PathLike[str],
+    *,
+    n_layer: int = 3,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    head_dim: int = 16,
+    n_ff: int = 128,
+    context_length: int = 1024,
+    rope_freq_base: float = 10000.0,
+    seed: int = 0,
+    vocab: str = "default",
     file_type: str = "f32",
 ) -> pathlib.Path:
     """Write a tiny "llama" model (GQA, normal RoPE, SwiGLU FFN) to ``path``.
@@ -155,24 +173,43 @@ def write_tiny_llama(
     ``file_type="f16"`` stores the 2-D weight matrices as F16 (norms stay F32).
     ``vocab="other"`` uses a different token list of the same size.
     """
-    ftypes = {"f32": (np.float32, gguf.LlamaFileType.ALL_F32),
-              "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16)}
+    ftypes = {
+        "f32": (np.float32, gguf.LlamaFileType.ALL_F32),
+        "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
+    }
     if file_type not in ftypes:
         raise ValueError(f"unknown file_type {file_type!r}; expected 'f32' or 'f16'")
     matrix_dtype, ftype = ftypes[file_type]
     shape = _Shape(n_layer, n_embd, n_head, n_head_kv, head_dim, n_ff)
 
-    w, n_vocab = _start_writer(path, "llama", shape, context_length=context_length,
-                               rope_freq_base=rope_freq_base, vocab=vocab, file_type=ftype)
+    w, n_vocab = _start_writer(
+        path,
+        "llama",
+        shape,
+        context_length=context_length,
+        rope_freq_base=rope_freq_base,
+        vocab=vocab,
+        file_type=ftype,
+    )
     _add_common_tensors(w, _Weights(seed, matrix_dtype), shape, n_vocab)
     return _finish(w, path)
 
 
 def write_tiny_gemma3(
-    path: str | os.PathLike[str], *, n_layer: int = 4, n_embd: int = 64, n_head: int = 4,
-    n_head_kv: int = 1, head_dim: int = 16, n_ff: int = 128, context_length: int = 1024,
-    sliding_window: int = 16, swa_pattern: Sequence[bool] | None = None,
-    rope_freq_base: float = 1e6, rope_freq_base_swa: float = 10000.0, seed: int = 0,
+    path: str | os.PathLike[str],
+    *,
+    n_layer: int = 4,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_head_kv: int = 1,
+    head_dim: int = 16,
+    n_ff: int = 128,
+    context_length: int = 1024,
+    sliding_window: int = 16,
+    swa_pattern: Sequence[bool] | None = None,
+    rope_freq_base: float = 1e6,
+    rope_freq_base_swa: float = 10000.0,
+    seed: int = 0,
     vocab: str = "default",
 ) -> pathlib.Path:
     """Write a tiny "gemma3" model with interleaved sliding-window attention (iSWA).
@@ -188,9 +225,15 @@ def write_tiny_gemma3(
         raise ValueError(f"swa_pattern has {len(swa_pattern)} entries, expected {n_layer}")
     shape = _Shape(n_layer, n_embd, n_head, n_head_kv, head_dim, n_ff)
 
-    w, n_vocab = _start_writer(path, "gemma3", shape, context_length=context_length,
-                               rope_freq_base=rope_freq_base, vocab=vocab,
-                               file_type=gguf.LlamaFileType.ALL_F32)
+    w, n_vocab = _start_writer(
+        path,
+        "gemma3",
+        shape,
+        context_length=context_length,
+        rope_freq_base=rope_freq_base,
+        vocab=vocab,
+        file_type=gguf.LlamaFileType.ALL_F32,
+    )
     # Explicit keys: older gguf-py releases lack the helpers for these two.
     w.add_uint32("gemma3.attention.sliding_window", sliding_window)
     w.add_array("gemma3.attention.sliding_window_pattern", swa_pattern)
