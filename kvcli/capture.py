@@ -52,7 +52,7 @@ class TensorCapture:
         self._error: str | None = None
 
         @llama_cpp.ggml_backend_sched_eval_callback
-        def callback(tensor, ask, user_data):  # noqa: ARG001
+        def callback(tensor, ask, user_data):
             t = ctypes.cast(tensor, ctypes.POINTER(_GGMLTensor)).contents
             if ask:
                 return t.name in self._wanted

@@ -43,7 +43,7 @@ def check_prompt(model: Model, info: ModelInfo, n_tokens: int, seed: int = 0) ->
     ids = [int(i) for i in ids if not model.is_eog(int(i))]
     while len(ids) < n_tokens - 1:
         ids.append(low)
-    return [model.bos] + ids
+    return [model.bos, *ids]
 
 
 def check_codec(ctx: Context, tokens: list[int]) -> CheckResult:

@@ -70,7 +70,7 @@ class Engine:
 
     def __init__(self, base_path: str | Path, *, aux_path: str | Path | None = None,
                  predictor_path: str | Path | None = None,
-                 settings: ContextSettings = ContextSettings(), key_norm_rescale: bool = True):
+                 settings: ContextSettings | None = None, key_norm_rescale: bool = True):
         self.base_info = read_model_info(base_path, "base model")
         self.aux_info = read_model_info(aux_path, "auxiliary") if aux_path else None
         self.predictor = None
@@ -82,7 +82,7 @@ class Engine:
             if predictor_path:
                 self.predictor = load_predictor(predictor_path)
                 self.predictor.check_models(self.base_info, self.aux_info)
-        self.settings = settings
+        self.settings = settings or ContextSettings()
         self.key_norms = key_norm_weights(self.base_info) if key_norm_rescale else None
         self._models: list[Model] = []
         self._contexts: list[Context] = []

@@ -21,7 +21,6 @@ from kvcli.model_info import ModelInfo
 from kvcli.predictor import Predictor, build_features
 from kvcli.rope import rotate, unrotate
 
-
 _POOL: ThreadPoolExecutor | None = None
 
 

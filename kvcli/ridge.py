@@ -32,7 +32,7 @@ class RidgeStats:
 
     @property
     def n_rows(self) -> int:
-        return int(round(self.xx[-1, -1]))
+        return round(self.xx[-1, -1])
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         x1 = np.concatenate([np.asarray(x, np.float64), np.ones((len(x), 1))], axis=1)

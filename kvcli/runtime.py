@@ -36,7 +36,7 @@ def _lib():
     global _LOG_CALLBACK
     if _LOG_CALLBACK is None:
         @llama_cpp.llama_log_callback
-        def _log(level, text, user_data):  # noqa: ARG001
+        def _log(level, text, user_data):
             if _VERBOSE:
                 os.write(2, text)
 

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_gguf import write_tiny_gemma3, write_tiny_llama  # noqa: E402
+from tiny_gguf import write_tiny_gemma3, write_tiny_llama
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,10 @@ import sys
 import gguf
 import numpy as np
 import pytest
+from test_predictor import small_predictor
 
 from kvcli.bundle import write_manifest
 from kvcli.predictor import save_predictor
-from test_predictor import small_predictor
 
 
 def kvcli(*args, input=None):

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 from kvcli.errors import StateFormatError
-from kvcli.state_codec import (STATE_MAGIC, CacheBlob, LayerKV, SeqState, StreamState,
-                               parse_seq_state, write_seq_state)
+from kvcli.state_codec import (
+    STATE_MAGIC,
+    CacheBlob,
+    LayerKV,
+    SeqState,
+    StreamState,
+    parse_seq_state,
+    write_seq_state,
+)
 
 
 def make_stream(n_cells, widths, *, v_trans, dtype, seq_ids=None, seed=0):

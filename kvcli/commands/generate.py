@@ -77,14 +77,18 @@ def command(
     batch: Annotated[Optional[Path], typer.Option("--batch", help="JSONL file of prompts.")] = None,
     mode: Annotated[str, typer.Option("--mode", help=f"One of {', '.join(MODES)}.")] = "kvp",
     n_predict: Annotated[int, typer.Option("-n", "--n-predict", help="Tokens to generate at most.")] = 64,
-    tail: Annotated[int, typer.Option("--tail", help="kvp: the base recomputes the last W prompt tokens.")] = 0,
-    keep: Annotated[Optional[int], typer.Option("--keep", help="truncate: keep the last M prompt tokens.")] = None,
+    tail: Annotated[int, typer.Option(
+        "--tail", help="kvp: the base recomputes the last W prompt tokens.")] = 0,
+    keep: Annotated[Optional[int], typer.Option(
+        "--keep", help="truncate: keep the last M prompt tokens.")] = None,
     temp: Annotated[float, typer.Option("--temp", help="Sampling temperature (0: greedy).")] = 0.0,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = 0,
     ctx: CtxOpt = 4096,
-    cache_type_k: Annotated[str, typer.Option("--cache-type-k", "-ctk", help="KV type of keys (f16, f32).")] = "f16",
-    cache_type_v: Annotated[str, typer.Option("--cache-type-v", "-ctv", help="KV type of values (f16, f32).")] = "f16",
+    cache_type_k: Annotated[str, typer.Option(
+        "--cache-type-k", "-ctk", help="KV type of keys (kvp: f16 or f32).")] = "f16",
+    cache_type_v: Annotated[str, typer.Option(
+        "--cache-type-v", "-ctv", help="KV type of values (kvp: f16 or f32).")] = "f16",
     bundle: BundleOpt = None,
     model: ModelOpt = None,
     json_out: JsonOpt = False,
