@@ -1,0 +1,36 @@
+"""Evaluation task generators: deterministic, sized, the answer stated once and early."""
+
+import pytest
+
+from kvcli.tasks import TASKS, is_correct, make_examples, normalize
+
+
+def char_tokenize(text: str) -> list[int]:
+    return [ord(c) for c in text][::4]  # ~4 characters a token, like a real tokenizer
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_examples_are_deterministic_and_fit_the_length(task):
+    a = make_examples(task, n=3, n_tokens=600, tokenize=char_tokenize, seed=1)
+    b = make_examples(task, n=3, n_tokens=600, tokenize=char_tokenize, seed=1)
+    assert a == b
+    assert a != make_examples(task, n=3, n_tokens=600, tokenize=char_tokenize, seed=2)
+    for ex in a:
+        assert 500 <= len(char_tokenize(ex.prompt)) <= 600
+
+
+@pytest.mark.parametrize("task", ["passkey", "multikey", "document", "code"])
+def test_answer_is_stated_in_the_first_half_and_not_in_the_question(task):
+    for ex in make_examples(task, n=5, n_tokens=800, tokenize=char_tokenize):
+        first = ex.prompt.find(ex.answer)
+        assert 0 <= first < len(ex.prompt) // 2
+        assert ex.answer not in ex.prompt[-120:]
+
+
+def test_strict_scoring():
+    assert is_correct(" 48213.\nQuestion", "48213")
+    assert is_correct(" Lima and is 57 years old", "Lima")
+    assert not is_correct(" 482130", "48213")
+    assert not is_correct(" the 48213", "48213")
+    assert not is_correct("", "48213")
+    assert normalize("  Hello, World! ") == "hello world"
