@@ -55,9 +55,9 @@ def _paragraphs(text: str) -> str:
 
 
 def _register() -> None:
-    from kvcli.commands import doctor, generate
+    from kvcli.commands import doctor, eval, generate
 
-    for name, module in (("generate", generate), ("doctor", doctor)):
+    for name, module in (("generate", generate), ("eval", eval), ("doctor", doctor)):
         app.command(name, help=_paragraphs(module.HELP))(module.command)
 
 

@@ -157,10 +157,11 @@ class Context:
         self.n_past = 0
 
     def decode(self, tokens: list[int] | np.ndarray, *, start: int | None = None,
-               logits_last: bool = False) -> None:
+               logits_last: bool = False, logits_all: bool = False) -> None:
         """Decode ``tokens`` at positions start.. (default: after what is cached) in seq 0.
 
-        Only the last token's logits are computed, and only when ``logits_last``.
+        Logits: for the last token with ``logits_last``, for every token with ``logits_all``
+        (one batch only), else none (the LM head is skipped).
         """
         tokens = np.asarray(tokens, dtype=np.int32)
         start = self.n_past if start is None else start
@@ -177,7 +178,9 @@ class Context:
             np.ctypeslib.as_array(b.n_seq_id, shape=(n,))[:] = 1
             for i in range(n):
                 b.seq_id[i][0] = 0
-            want = np.zeros(n, dtype=np.int8)
+            if logits_all and len(tokens) > n_batch:
+                raise ContextError(f"logits for every token need at most {n_batch} tokens")
+            want = np.full(n, 1 if logits_all else 0, dtype=np.int8)
             if logits_last and lo + n == len(tokens):
                 want[-1] = 1
             np.ctypeslib.as_array(b.logits, shape=(n,))[:] = want
@@ -192,6 +195,17 @@ class Context:
         if not ptr:
             raise ContextError("no logits available: the last decode requested none")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
+    def logits_rows(self, n: int) -> np.ndarray:
+        """The logits of the last decode's ``n`` output rows, (n, n_vocab)."""
+        rows = [np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.handle, i),
+                                      shape=(self.model.n_vocab,)).copy() for i in range(n)]
+        return np.stack(rows)
+
+    def truncate(self, n_past: int) -> None:
+        """Forget every cached position >= ``n_past`` (seq 0)."""
+        self._lib.llama_memory_seq_rm(self.memory, 0, n_past, -1)
+        self.n_past = n_past
 
     def get_state(self, seq_id: int = 0) -> bytes:
         """``llama_state_seq_get_data``; seq_id -1 reads every cell of every sequence."""

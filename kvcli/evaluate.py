@@ -1,0 +1,141 @@
+"""The quality each prefill method keeps of the base's answers, at a measured TTFT.
+
+For every example the base runs first: its greedy answer, and its greedy next FORCED tokens
+with their log-probabilities. Then each method (kvp at each tail, truncate, the auxiliary
+alone) prefills the same prompt: its own greedy answer is scored strictly, and, teacher-
+forced on the base's FORCED tokens, KL(base || method) and top-1 agreement are measured.
+Truncation keeps the last M tokens with M chosen so that its TTFT matches kvp's (tail 0),
+from timings measured on the first example.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvcli.engine import Engine
+from kvcli.tasks import Example, is_correct, make_examples
+
+FORCED = 32
+ANSWER_TOKENS = 8
+
+
+@dataclass
+class MethodStats:
+    method: str
+    tail: int | None = None
+    keep: int | None = None
+    correct: list[bool] = field(default_factory=list)
+    first_agree: list[bool] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    top1: list[float] = field(default_factory=list)
+    ttft_ms: list[float] = field(default_factory=list)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class BaseReference:
+    tokens: list[int]  # the base's greedy next FORCED tokens
+    logp: np.ndarray  # (FORCED, n_vocab) float32 log-probabilities
+    answer: str
+
+
+def _timed_prefill(engine: Engine, tokens: list[int], **kwargs):
+    start = time.perf_counter()
+    ctx, logits, _ = engine.prefill(tokens, **kwargs)
+    first = int(np.argmax(logits))
+    return ctx, logits, first, (time.perf_counter() - start) * 1e3
+
+
+def base_reference(engine: Engine, tokens: list[int]) -> tuple[BaseReference, float]:
+    ctx, logits, token, ttft = _timed_prefill(engine, tokens, mode="base")
+    out, rows = [], []
+    for _ in range(FORCED):
+        out.append(token)
+        rows.append(_log_softmax(logits).astype(np.float32))
+        ctx.decode([token], logits_last=True)
+        logits = ctx.last_logits()
+        token = int(np.argmax(logits))
+    text = ctx.model.detokenize(out[:ANSWER_TOKENS])
+    return BaseReference(out, np.stack(rows), text), ttft
+
+
+def score_method(engine: Engine, tokens: list[int], ref: BaseReference, stats: MethodStats,
+                 example: Example) -> None:
+    """One method on one example: answer, first token, teacher-forced KL and top-1."""
+    mode = stats.method
+    ctx, logits, first, ttft = _timed_prefill(engine, tokens, mode=mode,
+                                               tail=stats.tail or 0, keep=stats.keep)
+    n_past = ctx.n_past
+    ctx.decode(ref.tokens[: FORCED - 1], logits_all=True)
+    rows = np.concatenate([logits[None, :], ctx.logits_rows(FORCED - 1)])
+    logp = _log_softmax(rows)
+    p_base = np.exp(ref.logp.astype(np.float64))
+    stats.kl.append(float(np.mean(np.sum(p_base * (ref.logp - logp), axis=-1))))
+    stats.top1.append(float(np.mean(rows.argmax(axis=-1) == np.array(ref.tokens))))
+    stats.first_agree.append(first == ref.tokens[0])
+    stats.ttft_ms.append(ttft)
+    if example.answer is not None:
+        ctx.truncate(n_past)
+        answer, token = [], first
+        for _ in range(ANSWER_TOKENS):
+            if ctx.model.is_eog(token):
+                break
+            answer.append(token)
+            ctx.decode([token], logits_last=True)
+            token = int(np.argmax(ctx.last_logits()))
+        stats.correct.append(is_correct(ctx.model.detokenize(answer), example.answer))
+
+
+def matched_keep(engine: Engine, tokens: list[int], repeats: int = 2) -> int:
+    """Prompt tokens the base can prefill in kvp's TTFT (tail 0), measured on ``tokens``."""
+    kvp = [_timed_prefill(engine, tokens, mode="kvp")[3] for _ in range(repeats)]
+    base = [_timed_prefill(engine, tokens, mode="base")[3] for _ in range(repeats)]
+    ratio = statistics.median(kvp) / statistics.median(base)
+    return max(16, min(len(tokens) - 1, round(len(tokens) * ratio)))
+
+
+def evaluate_task(engine: Engine, task: str, n_tokens: int, *, n: int, tails: list[int],
+                  seed: int = 0, progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    examples = make_examples(task, n=n, n_tokens=n_tokens, tokenize=engine.tokenize, seed=seed)
+    prompts = [engine.tokenize(ex.prompt) for ex in examples]
+    keep = matched_keep(engine, prompts[0])
+    base = MethodStats("base")
+    methods = [MethodStats("kvp", tail=t) for t in tails]
+    methods += [MethodStats("truncate", keep=keep), MethodStats("aux")]
+    for i, (ex, tokens) in enumerate(zip(examples, prompts)):
+        ref, ttft = base_reference(engine, tokens)
+        base.ttft_ms.append(ttft)
+        base.first_agree.append(True)
+        base.kl.append(0.0)
+        base.top1.append(1.0)
+        if ex.answer is not None:
+            base.correct.append(is_correct(ref.answer, ex.answer))
+        for stats in methods:
+            score_method(engine, tokens, ref, stats, ex)
+        if progress:
+            progress(i + 1, len(examples))
+    base_ttft = statistics.median(base.ttft_ms)
+    base_acc = float(np.mean(base.correct)) if base.correct else None
+    rows = []
+    for stats in [base, *methods]:
+        acc = float(np.mean(stats.correct)) if stats.correct else None
+        ttft = statistics.median(stats.ttft_ms)
+        rows.append({
+            "task": task, "n_prompt": n_tokens, "method": stats.method, "tail": stats.tail,
+            "keep": stats.keep, "n": len(examples), "accuracy": acc,
+            "retention": (acc / base_acc) if acc is not None and base_acc else None,
+            "first_token_agreement": float(np.mean(stats.first_agree)),
+            "kl_mean": float(np.mean(stats.kl)), "top1_agreement": float(np.mean(stats.top1)),
+            "ttft_ms_median": ttft, "ttft_ratio": ttft / base_ttft,
+        })
+    return rows
