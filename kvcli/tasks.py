@@ -91,7 +91,8 @@ def multikey(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
     facts = [f" The secret code of {p} is {c}. " for p, c in zip(people, codes)]
     depths = sorted(rng.uniform(0.0, 0.4) for _ in facts)
     head = "Read the text and remember the secret codes of the people in it.\n"
-    tail = f"\nQuestion: What is the secret code of {people[asked]}? Answer: The secret code of {people[asked]} is"
+    who = people[asked]
+    tail = f"\nQuestion: What is the secret code of {who}? Answer: The secret code of {who} is"
 
     def build(k: int) -> str:
         parts, at = [head], 0
@@ -127,7 +128,8 @@ def document(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
 
 def code(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
     value = str(rng.randint(10000, 99999))
-    name = f"{rng.choice(['MAX', 'BASE', 'DEFAULT', 'SERVICE'])}_{rng.choice(['PORT', 'LIMIT', 'TIMEOUT', 'SIZE'])}"
+    prefix = rng.choice(["MAX", "BASE", "DEFAULT", "SERVICE"])
+    name = f"{prefix}_{rng.choice(['PORT', 'LIMIT', 'TIMEOUT', 'SIZE'])}"
     head = f'"""Service settings."""\n\n{name} = {value}\n\n'
 
     def func(i: int) -> str:

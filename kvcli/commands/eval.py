@@ -32,7 +32,8 @@ def _fmt(value, digits=2) -> str:
 
 
 def command(
-    tasks: Annotated[str, typer.Option("--tasks", help=f"Comma list of: {', '.join(TASKS)}.")] = ",".join(TASKS),
+    tasks: Annotated[str, typer.Option(
+        "--tasks", help=f"Comma list of: {', '.join(TASKS)}.")] = ",".join(TASKS),
     lengths: Annotated[str, typer.Option("--lengths", help="Prompt lengths in tokens.")] = "1024",
     n: Annotated[int, typer.Option("--n", help="Prompts per task and length.")] = 10,
     tails: Annotated[str, typer.Option("--tails", help="kvp tails to evaluate.")] = "0,32",
