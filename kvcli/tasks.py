@@ -106,10 +106,10 @@ def multikey(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
 
 
 def document(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
-    people = rng.sample(NAMES, 6)
-    cities = rng.sample(CITIES, 6)
-    register = " ".join(f"{p} lives in {c} and is {rng.randint(20, 70)} years old."
-                        for p, c in zip(people, cities))
+    # 4 residents, one fact each: with 6 and their ages the base scored 2-5/10 at 1024 tokens
+    people = rng.sample(NAMES, 4)
+    cities = rng.sample(CITIES, 4)
+    register = " ".join(f"{p} lives in {c}." for p, c in zip(people, cities))
     head = f"The village register.\n{register}\n\nStories of the market:\n"
     asked = rng.randrange(len(people))
 
