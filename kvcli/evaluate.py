@@ -96,12 +96,22 @@ def score_method(engine: Engine, tokens: list[int], ref: BaseReference, stats: M
         stats.correct.append(is_correct(ctx.model.detokenize(answer), example.answer))
 
 
-def matched_keep(engine: Engine, tokens: list[int], repeats: int = 2) -> int:
-    """Prompt tokens the base can prefill in kvp's TTFT (tail 0), measured on ``tokens``."""
-    kvp = [_timed_prefill(engine, tokens, mode="kvp")[3] for _ in range(repeats)]
-    base = [_timed_prefill(engine, tokens, mode="base")[3] for _ in range(repeats)]
-    ratio = statistics.median(kvp) / statistics.median(base)
-    return max(16, min(len(tokens) - 1, round(len(tokens) * ratio)))
+def matched_keep(engine: Engine, tokens: list[int], repeats: int = 2, rounds: int = 3) -> int:
+    """Prompt tokens the base can prefill in kvp's TTFT (tail 0), measured on ``tokens``.
+
+    Prefill time is not proportional to length (the one LM-head row, fixed costs), so M is
+    corrected from truncation's own measured TTFT a few times.
+    """
+    def median_ttft(**kwargs) -> float:
+        _timed_prefill(engine, tokens, **kwargs)  # warm-up: a new batch shape allocates
+        return statistics.median(_timed_prefill(engine, tokens, **kwargs)[3] for _ in range(repeats))
+
+    target = median_ttft(mode="kvp")
+    keep = len(tokens) - 1
+    for _ in range(rounds):
+        measured = median_ttft(mode="truncate", keep=keep)
+        keep = max(16, min(len(tokens) - 1, round(keep * target / measured)))
+    return keep
 
 
 def evaluate_task(engine: Engine, task: str, n_tokens: int, *, n: int, tails: list[int],

@@ -6,8 +6,10 @@ from test_cli import kvcli
 
 
 def test_quick_eval_scores_what_it_should(gemma_bundle, tmp_path):
-    res = kvcli("eval", "--quick", "--json", "--bundle", gemma_bundle.folder, "--out", tmp_path)
+    res = kvcli("eval", "--quick", "--json", "--bundle", gemma_bundle.folder, "--out", tmp_path,
+                "--plot", tmp_path / "pareto.png")
     assert res.returncode == 0, res.stderr
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads(res.stdout)
     assert json.loads((tmp_path / "results.json").read_text()) == result
     rows = {r["method"]: r for r in result["rows"]}

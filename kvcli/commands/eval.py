@@ -40,6 +40,8 @@ def command(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the task generators.")] = 0,
     quick: Annotated[bool, typer.Option("--quick", help="A fast check of the pipeline.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for results.json.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", help="PNG of accuracy against TTFT per method (needs matplotlib).")] = None,
     threads: ThreadsOpt = 0,
     bundle: BundleOpt = None,
     json_out: JsonOpt = False,
@@ -71,6 +73,10 @@ def command(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    if plot is not None:
+        from kvcli.plot import eval_pareto
+
+        eval_pareto(rows, plot)
     if json_out:
         typer.echo(json.dumps(result))
         return
