@@ -56,6 +56,16 @@ def _timed_prefill(engine: Engine, tokens: list[int], **kwargs):
     return ctx, logits, first, (time.perf_counter() - start) * 1e3
 
 
+def _answer_text(model, tokens: list[int]) -> str:
+    """The first ANSWER_TOKENS greedy tokens up to end of generation, as text."""
+    answer = []
+    for token in tokens[:ANSWER_TOKENS]:
+        if model.is_eog(token):
+            break
+        answer.append(token)
+    return model.detokenize(answer)
+
+
 def base_reference(engine: Engine, tokens: list[int]) -> tuple[BaseReference, float]:
     ctx, logits, token, ttft = _timed_prefill(engine, tokens, mode="base")
     out, rows = [], []
@@ -65,8 +75,7 @@ def base_reference(engine: Engine, tokens: list[int]) -> tuple[BaseReference, fl
         ctx.decode([token], logits_last=True)
         logits = ctx.last_logits()
         token = int(np.argmax(logits))
-    text = ctx.model.detokenize(out[:ANSWER_TOKENS])
-    return BaseReference(out, np.stack(rows), text), ttft
+    return BaseReference(out, np.stack(rows), _answer_text(ctx.model, out)), ttft
 
 
 def score_method(engine: Engine, tokens: list[int], ref: BaseReference, stats: MethodStats,
@@ -86,14 +95,11 @@ def score_method(engine: Engine, tokens: list[int], ref: BaseReference, stats: M
     stats.ttft_ms.append(ttft)
     if example.answer is not None:
         ctx.truncate(n_past)
-        answer, token = [], first
-        for _ in range(ANSWER_TOKENS):
-            if ctx.model.is_eog(token):
-                break
-            answer.append(token)
-            ctx.decode([token], logits_last=True)
-            token = int(np.argmax(ctx.last_logits()))
-        stats.correct.append(is_correct(ctx.model.detokenize(answer), example.answer))
+        greedy = [first]
+        while len(greedy) < ANSWER_TOKENS and not ctx.model.is_eog(greedy[-1]):
+            ctx.decode(greedy[-1:], logits_last=True)
+            greedy.append(int(np.argmax(ctx.last_logits())))
+        stats.correct.append(is_correct(_answer_text(ctx.model, greedy), example.answer))
 
 
 def matched_keep(engine: Engine, tokens: list[int], repeats: int = 2, rounds: int = 3) -> int:
