@@ -1,18 +1,20 @@
 """Cut an auxiliary model from a base GGUF by keeping some of its layers (gguf-py).
 
 The kept blocks are renumbered 0..k-1; the token embedding, tokenizer, output norm and LM
-head stay, so the auxiliary also runs alone. For Gemma 3 the per-layer attention type is
+head stay, so the auxiliary also runs alone. The auxiliary records which base layers it
+holds and the base's fingerprint (keys.py): a calibration then knows which of its layers are
+exact copies of the base's. For Gemma 3 the per-layer attention type is
 written as a bool array (``sliding_window_pattern``): without it llama.cpp would derive the
 pattern from the new layer index, which is wrong for a strided layer set (DESIGN.md 4).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
+from kvcli import keys
+from kvcli.atomic import write_atomically
 from kvcli.errors import KvcliError
 from kvcli.model_info import SUPPORTED_ARCHS, read_model_info
 
@@ -23,37 +25,40 @@ def prefix_layers(n_keep: int) -> list[int]:
     return list(range(n_keep))
 
 
+def stride_layers(n_layer: int, stride: int, *, include_last: bool = True) -> list[int]:
+    """Every ``stride``-th layer from 0 (the paper's KVP-LP), plus the last one if asked."""
+    if stride < 1:
+        raise KvcliError(f"--stride must be at least 1, not {stride}")
+    layers = list(range(0, n_layer, stride))
+    if include_last and layers[-1] != n_layer - 1:
+        layers.append(n_layer - 1)
+    return layers
+
+
 def parse_layers(spec: str, n_layer: int) -> list[int]:
-    """'0-4' or '0,4,8' -> sorted layer indices, checked against ``n_layer``."""
-    layers: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part:
-            lo, hi = (int(x) for x in part.split("-", 1))
-            layers.update(range(lo, hi + 1))
-        else:
-            layers.add(int(part))
-    out = sorted(layers)
-    if not out or out[0] < 0 or out[-1] >= n_layer:
-        raise KvcliError(f"layers {spec!r} must lie in 0..{n_layer - 1}")
-    return out
-
-
-def write_atomically(path: Path, write) -> Path:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    """'0-4' or '0,4,8' -> layer indices; they must be increasing, distinct, in range."""
+    layers: list[int] = []
     try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if hi < lo:
+                    raise KvcliError(f"layer range {part!r} runs backwards")
+                layers += range(lo, hi + 1)
+            else:
+                layers.append(int(part))
+    except ValueError:
+        raise KvcliError(f"cannot read the layer list {spec!r} (e.g. 0-4 or 0,4,8)") from None
+    if not layers:
+        raise KvcliError("the layer list is empty")
+    if len(set(layers)) != len(layers):
+        raise KvcliError(f"the layer list {spec!r} names a layer twice")
+    if layers != sorted(layers):
+        raise KvcliError(f"the layer list {spec!r} is not in increasing order")
+    if layers[0] < 0 or layers[-1] >= n_layer:
+        raise KvcliError(f"layers {spec!r} must lie in 0..{n_layer - 1}")
+    return layers
 
 
 def cut_auxiliary(base_path: str | Path, out_path: str | Path, layers: list[int]) -> Path:
@@ -74,7 +79,8 @@ def cut_auxiliary(base_path: str | Path, out_path: str | Path, layers: list[int]
         for field in reader.fields.values():
             if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
                 continue
-            if field.name in (f"{arch}.block_count", f"{arch}.attention.sliding_window_pattern"):
+            if field.name in (f"{arch}.block_count", f"{arch}.attention.sliding_window_pattern",
+                              keys.AUX_BASE_LAYERS, keys.AUX_BASE_FINGERPRINT):
                 continue
             vtype = field.types[0]
             sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
@@ -83,6 +89,9 @@ def cut_auxiliary(base_path: str | Path, out_path: str | Path, layers: list[int]
                 value = [value[i] for i in layers]  # per-layer arrays (head counts, ...)
             writer.add_key_value(field.name, value, vtype, sub_type=sub_type)
         writer.add_uint32(f"{arch}.block_count", len(layers))
+        source = [info.source_layers[i] for i in layers] if info.source_layers else layers
+        writer.add_array(keys.AUX_BASE_LAYERS, source)
+        writer.add_string(keys.AUX_BASE_FINGERPRINT, info.source_fingerprint or info.fingerprint)
         if info.n_swa > 0:
             writer.add_array(f"{arch}.attention.sliding_window_pattern",
                              [bool(info.is_swa[i]) for i in layers])

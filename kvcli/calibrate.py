@@ -1,59 +1,111 @@
 """Fit a predictor from the real caches of the base and the auxiliary over calibration text.
 
 Per calibration prompt both models prefill it; their states are read (seq -1, every cell)
-and parsed; the auxiliary's un-roped feature keys and values are the inputs, the base's
-un-roped keys and values of every predicted layer the targets. Rows go into ridge sufficient
-statistics (one prompt in five held out, for choosing the penalty); position 0 (BOS) is left
-out, since it is copied exactly at run time.
+and parsed; each predicted base layer's targets are its un-roped keys and its values, its
+inputs the un-roped keys and values of the auxiliary layer the layer map names (plus the
+captured hidden tensors). Rows go into ridge sufficient statistics, one set per auxiliary
+source layer (one prompt in five held out, for choosing the penalty); position 0 (BOS) is
+left out, since it is copied exactly at run time.
+
+Which layers are copied: an auxiliary cut by kvcli records its base layers and the base's
+fingerprint; its leading layers 0..j that are the base's layers 0..j hold the base's exact
+cache, and the first calibration prompt checks that bit for bit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from kvcli import keys
 from kvcli.capture import TensorCapture, hidden_feature_width, hidden_tensor_names
-from kvcli.corpus import token_chunks
+from kvcli.corpus import token_chunks, user_token_chunks
 from kvcli.errors import IncompatibleError, KvcliError
 from kvcli.kv_layout import layers_by_index
 from kvcli.model_info import ModelInfo, read_model_info
 from kvcli.predictor import Predictor, build_features
-from kvcli.ridge import RidgeStats, fit_ridge
+from kvcli.ridge import DEFAULT_ALPHAS, RidgeStats, fit_ridge
 from kvcli.rope import unrotate
 from kvcli.runtime import Context, ContextSettings, Model
 from kvcli.state_codec import parse_seq_state
 
 HELDOUT_EVERY = 5
+DEFAULT_TOKENS = 20480
+DEFAULT_CHUNK = 512
 
 
 @dataclass(frozen=True)
 class CalibrationPlan:
     copied_layers: list[int]
-    predicted_layers: list[int]
-    feature_layers: list[int]
+    layer_map: list[int]  # per base layer: its auxiliary source layer
     hidden: bool  # also the auxiliary's captured hidden tensors (capture.py)
+
+    @property
+    def predicted_layers(self) -> list[int]:
+        return [il for il in range(len(self.layer_map)) if il not in self.copied_layers]
+
+    @property
+    def sources(self) -> list[int]:
+        return sorted({self.layer_map[il] for il in self.predicted_layers})
+
+    def layers_of(self, source: int) -> list[int]:
+        return [il for il in self.predicted_layers if self.layer_map[il] == source]
 
     @property
     def feature_kinds(self) -> tuple[str, ...]:
         return (keys.FEATURE_AUX_K, keys.FEATURE_AUX_V) + (keys.HIDDEN_FEATURES if self.hidden else ())
 
 
-def default_plan(base: ModelInfo, aux: ModelInfo, *, n_feature_layers: int = 1,
-                 hidden: bool = True, prefix: bool = True) -> CalibrationPlan:
-    """A prefix auxiliary's layers are copied; the rest of the base is predicted from the
-    auxiliary's last ``n_feature_layers`` layers' K and V and, with ``hidden`` (and at least
-    two auxiliary layers), its captured hidden tensors."""
-    copied = list(range(aux.n_layer)) if prefix else []
-    predicted = [il for il in range(base.n_layer) if il not in copied]
-    n_feat = max(1, min(n_feature_layers, aux.n_layer))
-    return CalibrationPlan(copied, predicted, list(range(aux.n_layer - n_feat, aux.n_layer)),
-                           hidden=hidden and aux.n_layer >= 2)
+def copied_layers(base: ModelInfo, aux: ModelInfo) -> list[int]:
+    """The auxiliary's leading layers that are the base's own (a kvcli cut of this base)."""
+    if aux.source_fingerprint != base.fingerprint or not aux.source_layers:
+        return []
+    out = []
+    for i, src in enumerate(aux.source_layers):
+        if src != i:
+            break
+        out.append(i)
+    return out
 
 
-def _unroped_kv(layers, info: ModelInfo, which: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def default_layer_map(base: ModelInfo, aux: ModelInfo) -> list[int]:
+    """A cut of this base: each base layer from the last auxiliary layer cut from at or
+    before it. Another model (KVP-C): base layer l from aux layer round(l (La-1) / (Lb-1))."""
+    if aux.source_fingerprint == base.fingerprint and aux.source_layers:
+        return [max(i for i, src in enumerate(aux.source_layers) if src <= il or i == 0)
+                for il in range(base.n_layer)]
+    if base.n_layer == 1:
+        return [0]
+    return [round(il * (aux.n_layer - 1) / (base.n_layer - 1)) for il in range(base.n_layer)]
+
+
+def parse_layer_map(spec: str, base: ModelInfo, aux: ModelInfo) -> list[int]:
+    """'0,0,1,1,...' (one auxiliary layer per base layer) -> checked list."""
+    try:
+        out = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise KvcliError(f"cannot read the layer map {spec!r}: one auxiliary layer index per "
+                         "base layer, comma-separated") from None
+    if len(out) != base.n_layer:
+        raise KvcliError(f"the layer map has {len(out)} entries; the base has {base.n_layer} layers")
+    if not all(0 <= x < aux.n_layer for x in out):
+        raise KvcliError(f"the layer map names auxiliary layers outside 0..{aux.n_layer - 1}")
+    return out
+
+
+def make_plan(base: ModelInfo, aux: ModelInfo, *, layer_map: list[int] | None = None,
+              hidden: bool = True) -> CalibrationPlan:
+    copied = copied_layers(base, aux)
+    layer_map = list(layer_map or default_layer_map(base, aux))
+    for il in copied:
+        layer_map[il] = il
+    return CalibrationPlan(copied, layer_map, hidden=hidden and aux.n_layer >= 2)
+
+
+def _unroped_kv(layers, info: ModelInfo, which) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     out = {}
     for il in which:
         cells = layers[il]
@@ -63,41 +115,40 @@ def _unroped_kv(layers, info: ModelInfo, which: list[int]) -> dict[int, tuple[np
 
 @dataclass
 class CalibrationData:
-    """Ridge statistics of one calibration run, ready to fit (possibly several ways)."""
+    """Ridge statistics of one calibration run, per source layer, ready to fit."""
 
     base: ModelInfo
     aux: ModelInfo
     plan: CalibrationPlan
-    fit: RidgeStats
-    heldout: RidgeStats
+    fit: dict[int, RidgeStats]
+    heldout: dict[int, RidgeStats]
     source: str
 
-    @property
-    def widths(self) -> list[tuple[int, int]]:
-        return [(self.base.n_embd_k(il), self.base.n_embd_v(il)) for il in self.plan.predicted_layers]
 
-
-def collect(base_path, aux_path, *, n_tokens: int = 20480, chunk_tokens: int = 512,
-            n_feature_layers: int = 1, hidden: bool = True, settings: ContextSettings | None = None,
+def collect(base_path, aux_path, *, n_tokens: int = DEFAULT_TOKENS, chunk_tokens: int = DEFAULT_CHUNK,
+            layer_map: list[int] | None = None, hidden: bool = True, corpus: Path | None = None,
+            settings: ContextSettings | None = None,
             progress: Callable[[int, int], None] | None = None) -> CalibrationData:
-    """Prefill >= ``n_tokens`` tokens of the offline corpus through both models."""
+    """Prefill >= ``n_tokens`` tokens of calibration text through both models."""
     base_info = read_model_info(base_path, "base model")
     aux_info = read_model_info(aux_path, "auxiliary")
     if base_info.tokenizer_digest != aux_info.tokenizer_digest:
-        raise IncompatibleError("the auxiliary's tokenizer differs from the base's")
-    plan = default_plan(base_info, aux_info, n_feature_layers=n_feature_layers, hidden=hidden)
-    for il in plan.copied_layers:
-        if (base_info.n_embd_k(il), base_info.is_swa[il]) != (aux_info.n_embd_k(il), aux_info.is_swa[il]):
-            raise IncompatibleError(f"auxiliary layer {il} is not a copy of base layer {il}")
+        raise IncompatibleError(f"the auxiliary's tokenizer differs from the base's "
+                                f"({aux_info.path.name} vs {base_info.path.name})")
+    if chunk_tokens < 16 or n_tokens < chunk_tokens:
+        raise KvcliError(f"calibration needs at least one prompt of >= 16 tokens "
+                         f"(--tokens {n_tokens}, chunk {chunk_tokens})")
+    plan = make_plan(base_info, aux_info, layer_map=layer_map, hidden=hidden)
     settings = settings or ContextSettings()
     settings = ContextSettings(**{**settings.__dict__, "n_ctx": chunk_tokens})
-    n_chunks = -(-n_tokens // (chunk_tokens - 1))
-    n_features = sum(aux_info.n_embd_k(il) + aux_info.n_embd_v(il) for il in plan.feature_layers)
+    n_chunks = max(-(-n_tokens // (chunk_tokens - 1)), HELDOUT_EVERY)  # >= 1 held-out prompt
     capture = TensorCapture(hidden_tensor_names(aux_info.n_layer)) if plan.hidden else None
-    if plan.hidden:
-        n_features += hidden_feature_width(aux_info)
-    n_targets = sum(base_info.n_embd_k(il) + base_info.n_embd_v(il) for il in plan.predicted_layers)
-    fit, heldout = RidgeStats(n_features, n_targets), RidgeStats(n_features, n_targets)
+    extra = hidden_feature_width(aux_info) if plan.hidden else 0
+    fit, heldout = {}, {}
+    for src in plan.sources:
+        n_in = aux_info.n_embd_k(src) + aux_info.n_embd_v(src) + extra
+        n_out = sum(base_info.n_embd_k(il) + base_info.n_embd_v(il) for il in plan.layers_of(src))
+        fit[src], heldout[src] = RidgeStats(n_in, n_out), RidgeStats(n_in, n_out)
 
     models, contexts = [], []
     try:
@@ -107,14 +158,27 @@ def collect(base_path, aux_path, *, n_tokens: int = 20480, chunk_tokens: int = 5
             contexts.append(Context(models[-1], settings, capture=cap))
         base_ctx, aux_ctx = contexts
         model = models[0]
-        chunks = list(token_chunks("calibration", lambda s: model.tokenize(s, add_special=False),
-                                   chunk_tokens=chunk_tokens, n_chunks=n_chunks, bos=model.bos))
+
+        def tokenize(text: str) -> list[int]:
+            return model.tokenize(text, add_special=False)
+
+        if corpus is not None:
+            chunks = list(user_token_chunks(corpus, tokenize, chunk_tokens=chunk_tokens,
+                                            n_chunks=n_chunks, bos=model.bos))
+            source = f"{Path(corpus).name}:{len(chunks)}x{chunk_tokens}"
+        else:
+            chunks = list(token_chunks("calibration", tokenize, chunk_tokens=chunk_tokens,
+                                       n_chunks=n_chunks, bos=model.bos))
+            source = f"python-stdlib-sources:{len(chunks)}x{chunk_tokens}"
         if len(chunks) < n_chunks:
             raise KvcliError(f"the calibration corpus gave {len(chunks)} prompts of "
-                             f"{chunk_tokens} tokens, {n_chunks} needed")
+                             f"{chunk_tokens} tokens, {n_chunks} needed (give more text or "
+                             "fewer --tokens)")
         for i, (_, tokens) in enumerate(chunks):
-            x, y = _chunk_rows(base_ctx, aux_ctx, tokens, base_info, aux_info, plan)
-            (heldout if i % HELDOUT_EVERY == HELDOUT_EVERY - 1 else fit).add(x, y)
+            rows = _chunk_rows(base_ctx, aux_ctx, tokens, base_info, aux_info, plan, check_copies=i == 0)
+            part = heldout if i % HELDOUT_EVERY == HELDOUT_EVERY - 1 else fit
+            for src, (x, y) in rows.items():
+                part[src].add(x, y)
             if progress:
                 progress(i + 1, len(chunks))
     finally:
@@ -122,49 +186,71 @@ def collect(base_path, aux_path, *, n_tokens: int = 20480, chunk_tokens: int = 5
             ctx.close()
         for m in models:
             m.close()
-    return CalibrationData(base_info, aux_info, plan, fit, heldout,
-                           f"python-stdlib-sources:{len(chunks)}x{chunk_tokens}")
+    return CalibrationData(base_info, aux_info, plan, fit, heldout, source)
 
 
-def fit_predictor(data: CalibrationData) -> Predictor:
+def fit_predictor(data: CalibrationData, alphas: tuple[float, ...] = DEFAULT_ALPHAS) -> Predictor:
     """Ridge per predicted layer, keys and values apart, penalties chosen on held-out rows."""
-    at, groups = 0, []
-    for kw, vw in data.widths:
-        groups += [slice(at, at + kw), slice(at + kw, at + kw + vw)]
-        at += kw + vw
-    result = fit_ridge(data.fit, data.heldout, groups)
+    weights, biases, k_widths = {}, {}, {}
+    chosen, errors = {}, {}
+    for src in data.plan.sources:
+        layers = data.plan.layers_of(src)
+        at, groups = 0, []
+        for il in layers:
+            kw, vw = data.base.n_embd_k(il), data.base.n_embd_v(il)
+            groups += [slice(at, at + kw), slice(at + kw, at + kw + vw)]
+            at += kw + vw
+        result = fit_ridge(data.fit[src], data.heldout[src], groups, alphas=alphas)
+        for j, il in enumerate(layers):
+            cols = slice(groups[2 * j].start, groups[2 * j + 1].stop)
+            weights[il] = np.ascontiguousarray(result.weight[:, cols], np.float32)
+            biases[il] = np.ascontiguousarray(result.bias[cols], np.float32)
+            k_widths[il] = data.base.n_embd_k(il)
+            chosen[il] = result.alphas[2 * j : 2 * j + 2]
+            errors[il] = result.heldout_rel_error[2 * j : 2 * j + 2]
+    predicted = data.plan.predicted_layers
+    n_rows = sum(s.n_rows for s in (*data.fit.values(), *data.heldout.values())) // max(len(data.fit), 1)
     return Predictor(
         base_fingerprint=data.base.fingerprint, aux_fingerprint=data.aux.fingerprint,
         base_n_layer=data.base.n_layer, aux_n_layer=data.aux.n_layer,
-        copied_layers=data.plan.copied_layers, predicted_layers=data.plan.predicted_layers,
-        feature_layers=data.plan.feature_layers, feature_kinds=data.plan.feature_kinds,
-        k_widths=[k for k, _ in data.widths], v_widths=[v for _, v in data.widths],
-        weight=result.weight, bias=result.bias, alphas=result.alphas,
-        heldout_rel_error=result.heldout_rel_error,
-        calibration_tokens=data.fit.n_rows + data.heldout.n_rows, calibration_source=data.source,
+        copied_layers=data.plan.copied_layers, layer_map=data.plan.layer_map,
+        weights=weights, biases=biases, k_widths=k_widths,
+        alphas=[a for il in predicted for a in chosen[il]],
+        heldout_rel_error=[e for il in predicted for e in errors[il]],
+        calibration_tokens=n_rows, calibration_source=data.source,
+        feature_kinds=data.plan.feature_kinds,
     )
 
 
-def calibrate(base_path, aux_path, *, progress: Callable[[int, int], None] | None = None,
-              **collect_options) -> Predictor:
+def calibrate(base_path, aux_path, *, alphas: tuple[float, ...] = DEFAULT_ALPHAS,
+              progress: Callable[[int, int], None] | None = None, **collect_options) -> Predictor:
     """Collect calibration statistics and fit a predictor (see ``collect``, ``fit_predictor``)."""
-    return fit_predictor(collect(base_path, aux_path, progress=progress, **collect_options))
+    return fit_predictor(collect(base_path, aux_path, progress=progress, **collect_options), alphas)
 
 
 def _chunk_rows(base_ctx: Context, aux_ctx: Context, tokens: list[int], base_info: ModelInfo,
-                aux_info: ModelInfo, plan: CalibrationPlan) -> tuple[np.ndarray, np.ndarray]:
-    rows = {}
-    for ctx, info, which in ((base_ctx, base_info, plan.predicted_layers),
-                             (aux_ctx, aux_info, plan.feature_layers)):
+                aux_info: ModelInfo, plan: CalibrationPlan, check_copies: bool = False
+                ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per source layer: (features, targets) rows of this prompt, BOS row dropped."""
+    states = {}
+    for ctx, info in ((base_ctx, base_info), (aux_ctx, aux_info)):
         ctx.clear()
         if ctx.capture is not None:
             ctx.capture.clear()
         ctx.decode(tokens)
-        layers = layers_by_index(parse_seq_state(ctx.get_state(-1)), info)
-        rows[info is base_info] = _unroped_kv(layers, info, which)
+        states[info is base_info] = layers_by_index(parse_seq_state(ctx.get_state(-1)), info)
+    if check_copies:
+        for il in plan.copied_layers:
+            if not np.array_equal(states[True][il].k, states[False][il].k):
+                raise IncompatibleError(f"auxiliary layer {il} claims to be base layer {il} but "
+                                        "its cache differs; was it cut from another base?")
     hidden = aux_ctx.capture.take(len(tokens)) if aux_ctx.capture is not None else []
-    x = build_features(rows[False], plan.feature_layers, hidden)[1:]
-    y = np.concatenate([np.concatenate(rows[True][il], axis=1) for il in plan.predicted_layers],
-                       axis=1)[1:]
-    return x, y
-
+    aux_kv = _unroped_kv(states[False], aux_info, plan.sources)
+    base_kv = _unroped_kv(states[True], base_info, plan.predicted_layers)
+    out = {}
+    for src in plan.sources:
+        x = build_features(aux_kv, src, hidden)[1:]
+        y = np.concatenate([np.concatenate(base_kv[il], axis=1) for il in plan.layers_of(src)],
+                           axis=1)[1:]
+        out[src] = (x, y)
+    return out

@@ -38,35 +38,48 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show llama.cpp's log and tracebacks.")] = False,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
+    set_debug(debug)
+    if version:
+        typer.echo(f"kvcli {__version__}")
+        raise typer.Exit()
+
+
+def paragraphs(text: str) -> str:
+    """Unwrap a docstring-style help text: blank lines separate paragraphs."""
+    return "\n\n".join(" ".join(p.split()) for p in text.strip().split("\n\n"))
+
+
+def _register() -> None:
+    from kvcli.commands import doctor, eval, generate, inspect
+
+    for name, module in (("generate", generate), ("eval", eval), ("doctor", doctor),
+                         ("inspect", inspect)):
+        app.command(name, help=paragraphs(module.HELP))(module.command)
+
+
+def set_debug(debug: bool) -> None:
     global _DEBUG
     _DEBUG = debug
     if debug:
         from kvcli.runtime import set_verbose
 
         set_verbose(True)
-    if version:
-        typer.echo(f"kvcli {__version__}")
-        raise typer.Exit()
 
 
-def _paragraphs(text: str) -> str:
-    """Unwrap a docstring-style help text: blank lines separate paragraphs."""
-    return "\n\n".join(" ".join(p.split()) for p in text.strip().split("\n\n"))
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
-def _register() -> None:
-    from kvcli.commands import doctor, eval, generate
+def run(typer_app: typer.Typer) -> None:
+    """Run a typer app with kvcli's error handling: a one-line ``Error: ...``, exit 1."""
+    import signal
 
-    for name, module in (("generate", generate), ("eval", eval), ("doctor", doctor)):
-        app.command(name, help=_paragraphs(module.HELP))(module.command)
-
-
-def main() -> None:
     from kvcli.errors import KvcliError
 
-    _register()
+    # SIGTERM unwinds like Ctrl-C, so that temp outputs are cleaned up on the way out
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        app()
+        typer_app()
     except KvcliError as exc:
         if _DEBUG:
             raise
@@ -77,6 +90,11 @@ def main() -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
+
+
+def main() -> None:
+    _register()
+    run(app)
 
 
 if __name__ == "__main__":

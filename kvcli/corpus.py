@@ -65,3 +65,31 @@ def token_chunks(part: str, tokenize: Callable[[str], list[int]], *, chunk_token
             continue
         yield name, ([bos] if bos is not None else []) + tokens[:body]
         made += 1
+
+
+def user_texts(corpus: Path) -> Iterator[tuple[str, str]]:
+    """(name, text) of a text file, or of every UTF-8 text file under a folder (sorted)."""
+    corpus = Path(corpus)
+    paths = [corpus] if corpus.is_file() else sorted(p for p in corpus.rglob("*") if p.is_file())
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if text.strip():
+            yield str(path), text
+
+
+def user_token_chunks(corpus: Path, tokenize: Callable[[str], list[int]], *, chunk_tokens: int,
+                      n_chunks: int, bos: int | None) -> Iterator[tuple[str, list[int]]]:
+    """Up to ``n_chunks`` prompts of ``chunk_tokens`` tokens cut one after another from the
+    user's text (a long document gives many)."""
+    body = chunk_tokens - (1 if bos is not None else 0)
+    made = 0
+    for name, text in user_texts(corpus):
+        tokens = tokenize(text[: (n_chunks - made) * body * 8])
+        for at in range(0, len(tokens) - body + 1, body):
+            if made >= n_chunks:
+                return
+            yield f"{name}@{at}", ([bos] if bos is not None else []) + tokens[at : at + body]
+            made += 1

@@ -4,7 +4,7 @@ Standard keys come from ``gguf.Keys``; these are kvcli's own (predictor files).
 """
 
 PREDICTOR_TYPE = "kvcli-predictor"  # general.type of a kvcli predictor file
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 PREFIX = "kvcli.predictor"
 VERSION = f"{PREFIX}.version"
@@ -14,7 +14,7 @@ BASE_N_LAYER = f"{PREFIX}.base.block_count"
 AUX_N_LAYER = f"{PREFIX}.aux.block_count"
 COPIED_LAYERS = f"{PREFIX}.copied_layers"  # base layer i <- aux layer i, exactly
 PREDICTED_LAYERS = f"{PREFIX}.predicted_layers"  # base layers the matrices predict
-FEATURE_LAYERS = f"{PREFIX}.feature_layers"  # aux layers whose K, V form the features
+LAYER_MAP = f"{PREFIX}.layer_map"  # per base layer: the aux layer whose K, V feed it
 FEATURE_KINDS = f"{PREFIX}.feature_kinds"
 KEY_SPACE = f"{PREFIX}.key_space"
 K_WIDTHS = f"{PREFIX}.k_widths"  # per predicted layer
@@ -23,10 +23,21 @@ ALPHAS = f"{PREFIX}.ridge.alphas"  # chosen penalty per predicted layer: K then 
 HELDOUT_REL_ERROR = f"{PREFIX}.ridge.heldout_rel_error"
 CALIBRATION_TOKENS = f"{PREFIX}.calibration.tokens"
 CALIBRATION_SOURCE = f"{PREFIX}.calibration.source"
+STORAGE_TYPE = f"{PREFIX}.storage_type"  # f32, f16, q8_0 or q4_0: how the matrices are stored
 
-# tensor names
-WEIGHT = "kvp.weight"  # (n_features, n_targets)
-BIAS = "kvp.bias"  # (n_targets,)
+# an auxiliary cut from a base by kvcli records where it came from
+AUX_BASE_LAYERS = "kvcli.aux.base_layers"  # per aux layer: the base layer it was cut from
+AUX_BASE_FINGERPRINT = "kvcli.aux.base_fingerprint"
+
+# tensor names, per predicted base layer: ggml shape (n_features, n_targets), i.e. numpy
+# (n_targets, n_features), so that quantization blocks run along the features
+def weight_name(layer: int) -> str:
+    return f"kvp.blk.{layer}.weight"
+
+
+def bias_name(layer: int) -> str:
+    return f"kvp.blk.{layer}.bias"
+
 
 # feature kinds and key spaces
 FEATURE_AUX_K = "aux_k_pre_rope"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvcli import keys
 from kvcli.errors import ModelFileError
 from kvcli.gguf_header import GGUFHeader, RawArray, read_header
 from kvcli.rope import RopeParams
@@ -44,6 +45,9 @@ class ModelInfo:
     rms_eps: float
     fingerprint: str
     tokenizer_digest: str
+    source_layers: tuple[int, ...] | None = None  # an auxiliary cut by kvcli: its base layers
+    source_fingerprint: str | None = None  # ... and its base's fingerprint
+    file_size: int = 0
 
     def n_embd_k(self, layer: int) -> int:
         return self.n_head_kv[layer] * self.head_dim_k
@@ -177,7 +181,16 @@ def _read_model_info(path: Path, mtime_ns: int, size: int) -> ModelInfo:
         context_length=int(field_value(header, f"{arch}.context_length", 2048)),
         rms_eps=float(field_value(header, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
         fingerprint=_fingerprint(header), tokenizer_digest=_tokenizer_digest(header),
+        source_layers=_source_layers(header, n_layer),
+        source_fingerprint=field_value(header, keys.AUX_BASE_FINGERPRINT), file_size=header.file_size,
     )
+
+
+def _source_layers(header, n_layer: int) -> tuple[int, ...] | None:
+    value = field_value(header, keys.AUX_BASE_LAYERS)
+    if isinstance(value, list) and len(value) == n_layer:
+        return tuple(int(x) for x in value)
+    return None
 
 
 def read_model_info(path: str | Path, what: str = "model") -> ModelInfo:

@@ -1,10 +1,10 @@
 """From the auxiliary's parsed state to the base's predicted state: pure numpy, no llama.cpp.
 
 Copied layers take the auxiliary's cached rows as they are (same RoPE). Predicted layers:
-un-RoPE the auxiliary's feature keys, predict pre-RoPE keys and values, RoPE the keys with
-the base layer's own parameters. A sliding-window layer gets only the cells that the base's
-later tokens can still see. The BOS cell, the same for every prompt, is copied exactly from
-the base's own cache when the prompt starts with BOS.
+un-RoPE the keys of the auxiliary layer the layer map names, predict pre-RoPE keys and
+values, RoPE the keys with the base layer's own parameters. A sliding-window layer gets only
+the cells that the base's later tokens can still see. The BOS cell, the same for every
+prompt, is copied exactly from the base's own cache when the prompt starts with BOS.
 """
 
 from __future__ import annotations
@@ -86,16 +86,16 @@ def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: Mod
         rows = layer_positions[il]
         out[il] = (aux_layers[il].k[rows], aux_layers[il].v[rows])
 
-    aux_kv = {}
-    for il in predictor.feature_layers:
-        cells = aux_layers[il]
+    features = {}
+    for src in predictor.feature_layers:
+        cells = aux_layers[src]
         positions = cells.positions[:n_cells]
-        aux_kv[il] = (unrotate(cells.k[:n_cells], positions, aux.rope[il]), cells.v[:n_cells])
-    features = build_features(aux_kv, predictor.feature_layers, [h[:n_cells] for h in hidden])
+        kv = {src: (unrotate(cells.k[:n_cells], positions, aux.rope[src]), cells.v[:n_cells])}
+        features[src] = build_features(kv, src, [h[:n_cells] for h in hidden])
 
     def predict_one(il: int) -> tuple[np.ndarray, np.ndarray]:
         rows = layer_positions[il]
-        k, v = predictor.predict_layer(features, il, rows)
+        k, v = predictor.predict_layer(features[predictor.layer_map[il]], il, rows)
         if key_norms is not None:
             k = rescale_to_key_norm(np.ascontiguousarray(k), key_norms[il], base.head_dim_k)
         return rotate(k, rows, base.rope[il]), v

@@ -1,25 +1,35 @@
 """The KV predictor: per predicted base layer, a linear map (with bias) from auxiliary features.
 
-Features per position: the un-roped keys and the values of the auxiliary's feature layers,
-concatenated (the inputs of the paper's predictor, apple/corenet kv_prediction.py). Targets:
-the base layer's keys after its key norm but before RoPE (as llama.cpp caches them, less
-RoPE), then its values. Copied layers (a prefix auxiliary's own layers) are not predicted.
+Features per position: the un-roped keys and the values of the auxiliary layer that the
+layer map names for this base layer (the inputs of the paper's predictor, apple/corenet
+kv_prediction.py), then optionally the auxiliary's captured hidden tensors. Targets: the
+base layer's keys after its key norm but before RoPE (as llama.cpp caches them, less RoPE),
+then its values. Copied layers (a prefix auxiliary's own layers) are not predicted.
 
 Stored as a GGUF written with gguf-py: ``general.type = kvcli-predictor``, the fingerprints
-of the base and auxiliary it was fit for, the layer map and the feature kinds (keys.py).
+of the base and auxiliary it was fit for, the layer map and the feature kinds (keys.py), and
+one weight matrix per predicted layer in F32, F16, Q8_0 or Q4_0 (dequantized once at load).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from kvcli import keys
-from kvcli.aux_cut import write_atomically
+from kvcli.atomic import write_atomically
 from kvcli.errors import IncompatibleError, ModelFileError
 from kvcli.model_info import ModelInfo, check_gguf_file
+
+STORAGE_TYPES = ("f32", "f16", "q8_0", "q4_0")
+
+
+def _ggml_type(storage: str):
+    from gguf import GGMLQuantizationType as T
+
+    return {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[storage]
 
 
 @dataclass
@@ -29,30 +39,33 @@ class Predictor:
     base_n_layer: int
     aux_n_layer: int
     copied_layers: list[int]
-    predicted_layers: list[int]
-    feature_layers: list[int]
-    k_widths: list[int]
-    v_widths: list[int]
-    weight: np.ndarray  # (n_features, n_targets) float32
-    bias: np.ndarray  # (n_targets,) float32
-    alphas: list[float]
-    heldout_rel_error: list[float]
+    layer_map: list[int]  # per base layer: the auxiliary layer feeding it (copied: its twin)
+    weights: dict[int, np.ndarray]  # predicted layer -> (n_features, k_width + v_width) f32
+    biases: dict[int, np.ndarray]  # predicted layer -> (k_width + v_width,) f32
+    k_widths: dict[int, int]
+    alphas: list[float] = field(default_factory=list)  # per predicted layer: K then V
+    heldout_rel_error: list[float] = field(default_factory=list)
     calibration_tokens: int = 0
     calibration_source: str = ""
     feature_kinds: tuple[str, ...] = (keys.FEATURE_AUX_K, keys.FEATURE_AUX_V)
+    storage_type: str = "f32"
+
+    @property
+    def predicted_layers(self) -> list[int]:
+        return sorted(self.weights)
+
+    @property
+    def feature_layers(self) -> list[int]:
+        """The auxiliary layers whose K and V feed some predicted layer."""
+        return sorted({self.layer_map[il] for il in self.predicted_layers})
 
     @property
     def uses_hidden(self) -> bool:
         """Whether the features include the auxiliary's captured hidden tensors."""
         return all(kind in self.feature_kinds for kind in keys.HIDDEN_FEATURES)
 
-    def target_slices(self) -> list[tuple[slice, slice]]:
-        """Per predicted layer: the columns of its keys and of its values."""
-        out, at = [], 0
-        for kw, vw in zip(self.k_widths, self.v_widths):
-            out.append((slice(at, at + kw), slice(at + kw, at + kw + vw)))
-            at += kw + vw
-        return out
+    def n_features(self, layer: int) -> int:
+        return self.weights[layer].shape[0]
 
     def check_models(self, base: ModelInfo, aux: ModelInfo) -> None:
         if base.fingerprint != self.base_fingerprint or aux.fingerprint != self.aux_fingerprint:
@@ -61,38 +74,55 @@ class Predictor:
                 f"{self.aux_fingerprint}, not base {base.fingerprint} ({base.path.name}) and "
                 f"auxiliary {aux.fingerprint} ({aux.path.name}); calibrate one for these models"
             )
+        from kvcli.capture import hidden_feature_width
+
+        hidden = hidden_feature_width(aux) if self.uses_hidden else 0
+        for il in self.predicted_layers:
+            src = self.layer_map[il]
+            want_in = aux.n_embd_k(src) + aux.n_embd_v(src) + hidden
+            want_out = base.n_embd_k(il) + base.n_embd_v(il)
+            if self.weights[il].shape != (want_in, want_out) or self.k_widths[il] != base.n_embd_k(il):
+                raise IncompatibleError(f"predictor layer {il} has shape {self.weights[il].shape}, "
+                                        f"the models need ({want_in}, {want_out})")
 
     def predict_layer(self, features: np.ndarray, layer: int, rows: np.ndarray | None = None
                       ) -> tuple[np.ndarray, np.ndarray]:
-        """Pre-RoPE keys and values of one predicted base layer at feature ``rows``, float32."""
-        i = self.predicted_layers.index(layer)
-        ks, vs = self.target_slices()[i]
+        """Pre-RoPE keys and values of one predicted base layer at feature ``rows``, float32.
+
+        ``features``: the rows of this layer's source (``build_features``)."""
         x = features if rows is None else features[rows]
-        y = x @ self.weight[:, ks.start : vs.stop]
-        y += self.bias[ks.start : vs.stop]
-        return y[:, : ks.stop - ks.start], y[:, ks.stop - ks.start :]
-
-    def predict(self, features: np.ndarray, layer_rows: dict[int, np.ndarray] | None = None
-                ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """``predict_layer`` for every predicted layer (``layer_rows``: default all rows)."""
-        return {il: self.predict_layer(features, il, None if layer_rows is None else layer_rows[il])
-                for il in self.predicted_layers}
+        y = x @ self.weights[layer]
+        y += self.biases[layer]
+        kw = self.k_widths[layer]
+        return y[:, :kw], y[:, kw:]
 
 
-def build_features(aux_kv: dict[int, tuple[np.ndarray, np.ndarray]], feature_layers: list[int],
+def build_features(aux_kv: dict[int, tuple[np.ndarray, np.ndarray]], source: int,
                    hidden: list[np.ndarray] = ()) -> np.ndarray:
-    """Concatenate the un-roped K and the V of each feature layer, then the captured hidden
-    tensors (same rows): (positions, n_features)."""
-    parts = []
-    for layer in feature_layers:
-        k, v = aux_kv[layer]
-        parts += [k, v]
-    parts += list(hidden)
-    return np.concatenate([np.asarray(p, np.float32) for p in parts], axis=1)
+    """The un-roped K and the V of auxiliary layer ``source``, then the captured hidden
+    tensors (same rows): (positions, n_features) float32."""
+    k, v = aux_kv[source]
+    return np.concatenate([np.asarray(p, np.float32) for p in [k, v, *hidden]], axis=1)
 
 
-def save_predictor(pred: Predictor, path: str | Path) -> Path:
+def save_predictor(pred: Predictor, path: str | Path, storage_type: str | None = None) -> Path:
+    """Write ``pred`` as a GGUF, its matrices stored as ``storage_type`` (default: its own)."""
     import gguf
+    import gguf.quants
+
+    storage = storage_type or pred.storage_type
+    if storage not in STORAGE_TYPES:
+        raise ModelFileError(f"unknown predictor type {storage!r} (one of {', '.join(STORAGE_TYPES)})")
+    qtype = _ggml_type(storage)
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    tensors = []
+    for il in pred.predicted_layers:
+        w = np.ascontiguousarray(pred.weights[il].T, np.float32)  # (n_targets, n_features)
+        if w.shape[1] % block:
+            raise ModelFileError(f"predictor type {storage} needs a feature count divisible by "
+                                 f"{block}; layer {il} has {w.shape[1]} (use f16 or f32)")
+        tensors.append((keys.weight_name(il), gguf.quants.quantize(w, qtype)))
+        tensors.append((keys.bias_name(il), np.ascontiguousarray(pred.biases[il], np.float32)))
 
     def write(tmp: Path) -> None:
         w = gguf.GGUFWriter(tmp, "kvcli")
@@ -103,18 +133,17 @@ def save_predictor(pred: Predictor, path: str | Path) -> Path:
         w.add_uint32(keys.BASE_N_LAYER, pred.base_n_layer)
         w.add_uint32(keys.AUX_N_LAYER, pred.aux_n_layer)
         w.add_array(keys.COPIED_LAYERS, [int(x) for x in pred.copied_layers] or [-1])
-        w.add_array(keys.PREDICTED_LAYERS, [int(x) for x in pred.predicted_layers])
-        w.add_array(keys.FEATURE_LAYERS, [int(x) for x in pred.feature_layers])
+        w.add_array(keys.LAYER_MAP, [int(x) for x in pred.layer_map])
         w.add_array(keys.FEATURE_KINDS, list(pred.feature_kinds))
         w.add_string(keys.KEY_SPACE, keys.KEY_SPACE_PRE_ROPE)
-        w.add_array(keys.K_WIDTHS, [int(x) for x in pred.k_widths])
-        w.add_array(keys.V_WIDTHS, [int(x) for x in pred.v_widths])
-        w.add_array(keys.ALPHAS, [float(x) for x in pred.alphas])
-        w.add_array(keys.HELDOUT_REL_ERROR, [float(x) for x in pred.heldout_rel_error])
+        w.add_array(keys.K_WIDTHS, [int(pred.k_widths[il]) for il in pred.predicted_layers] or [0])
+        w.add_array(keys.ALPHAS, [float(x) for x in pred.alphas] or [0.0])
+        w.add_array(keys.HELDOUT_REL_ERROR, [float(x) for x in pred.heldout_rel_error] or [0.0])
         w.add_uint64(keys.CALIBRATION_TOKENS, int(pred.calibration_tokens))
         w.add_string(keys.CALIBRATION_SOURCE, pred.calibration_source)
-        w.add_tensor(keys.WEIGHT, np.ascontiguousarray(pred.weight, np.float32))
-        w.add_tensor(keys.BIAS, np.ascontiguousarray(pred.bias, np.float32))
+        w.add_string(keys.STORAGE_TYPE, storage)
+        for name, data in tensors:
+            w.add_tensor(name, data, raw_dtype=qtype if name.endswith(".weight") else None)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -124,44 +153,64 @@ def save_predictor(pred: Predictor, path: str | Path) -> Path:
 
 
 def load_predictor(path: str | Path) -> Predictor:
-    import gguf
+    """Read a predictor file; any damage is a one-line ModelFileError."""
+    from kvcli.gguf_header import read_header
 
     path = check_gguf_file(path, "predictor")
+    header = read_header(path)  # validates the header and every tensor's extent
+    if header.get("general.type") != keys.PREDICTOR_TYPE:
+        raise ModelFileError(f"not a kvcli predictor file (general.type is "
+                             f"{header.get('general.type')!r}): {path}")
+    if header.get(keys.VERSION) != keys.FORMAT_VERSION:
+        raise ModelFileError(f"predictor format version {header.get(keys.VERSION)} is not "
+                             f"{keys.FORMAT_VERSION}; recalibrate: {path}")
     try:
-        r = gguf.GGUFReader(path)
-    except Exception as exc:
-        raise ModelFileError(f"predictor file is corrupt or truncated ({exc}): {path}") from None
+        return _parse(path)
+    except ModelFileError:
+        raise
+    except Exception as exc:  # untrusted bytes: any failure to parse is a damaged file
+        raise ModelFileError(f"predictor file is corrupt ({type(exc).__name__}: {exc}): {path}"
+                             ) from None
+
+
+def _parse(path: Path) -> Predictor:
+    import gguf
+    import gguf.quants
+
+    r = gguf.GGUFReader(path)
 
     def get(key, default=None):
         f = r.fields.get(key)
         return default if f is None else f.contents()
 
-    if get("general.type") != keys.PREDICTOR_TYPE:
-        raise ModelFileError(f"not a kvcli predictor file (general.type is "
-                             f"{get('general.type')!r}): {path}")
-    if get(keys.VERSION) != keys.FORMAT_VERSION:
-        raise ModelFileError(f"predictor format version {get(keys.VERSION)} is not "
-                             f"{keys.FORMAT_VERSION}; recalibrate: {path}")
-    tensors = {t.name: t for t in r.tensors}
-    if keys.WEIGHT not in tensors or keys.BIAS not in tensors:
-        raise ModelFileError(f"predictor file lacks its matrices: {path}")
+    base_n, aux_n = int(get(keys.BASE_N_LAYER)), int(get(keys.AUX_N_LAYER))
     copied = [int(x) for x in get(keys.COPIED_LAYERS) if int(x) >= 0]
-    pred = Predictor(
-        base_fingerprint=get(keys.BASE_FINGERPRINT), aux_fingerprint=get(keys.AUX_FINGERPRINT),
-        base_n_layer=int(get(keys.BASE_N_LAYER)), aux_n_layer=int(get(keys.AUX_N_LAYER)),
-        copied_layers=copied,
-        predicted_layers=[int(x) for x in get(keys.PREDICTED_LAYERS)],
-        feature_layers=[int(x) for x in get(keys.FEATURE_LAYERS)],
-        k_widths=[int(x) for x in get(keys.K_WIDTHS)], v_widths=[int(x) for x in get(keys.V_WIDTHS)],
-        weight=np.array(tensors[keys.WEIGHT].data, np.float32),
-        bias=np.array(tensors[keys.BIAS].data, np.float32).reshape(-1),
+    layer_map = [int(x) for x in get(keys.LAYER_MAP)]
+    if len(layer_map) != base_n or not all(0 <= x < aux_n for x in layer_map):
+        raise ModelFileError(f"predictor layer map does not fit {base_n} base and {aux_n} "
+                             f"auxiliary layers: {path}")
+    predicted = [il for il in range(base_n) if il not in copied]
+    k_widths = [int(x) for x in get(keys.K_WIDTHS)]
+    tensors = {t.name: t for t in r.tensors}
+    weights, biases = {}, {}
+    for i, il in enumerate(predicted):
+        wt, bt = tensors.get(keys.weight_name(il)), tensors.get(keys.bias_name(il))
+        if wt is None or bt is None:
+            raise ModelFileError(f"predictor file lacks the matrices of layer {il}: {path}")
+        w = gguf.quants.dequantize(wt.data, wt.tensor_type).astype(np.float32, copy=False)
+        weights[il] = np.ascontiguousarray(w.reshape(-1, w.shape[-1]).T)
+        biases[il] = np.array(bt.data, np.float32).reshape(-1)
+        if biases[il].shape != (weights[il].shape[1],) or not 0 < k_widths[i] < len(biases[il]):
+            raise ModelFileError(f"predictor layer {il}'s matrices disagree in shape: {path}")
+    storage = str(get(keys.STORAGE_TYPE, "f32"))
+    return Predictor(
+        base_fingerprint=str(get(keys.BASE_FINGERPRINT)), aux_fingerprint=str(get(keys.AUX_FINGERPRINT)),
+        base_n_layer=base_n, aux_n_layer=aux_n, copied_layers=copied, layer_map=layer_map,
+        weights=weights, biases=biases, k_widths=dict(zip(predicted, k_widths, strict=True)),
         alphas=[float(x) for x in get(keys.ALPHAS, [])],
         heldout_rel_error=[float(x) for x in get(keys.HELDOUT_REL_ERROR, [])],
         calibration_tokens=int(get(keys.CALIBRATION_TOKENS, 0)),
         calibration_source=str(get(keys.CALIBRATION_SOURCE, "")),
-        feature_kinds=tuple(get(keys.FEATURE_KINDS)),
+        feature_kinds=tuple(str(x) for x in get(keys.FEATURE_KINDS)),
+        storage_type=storage if storage in STORAGE_TYPES else "f32",
     )
-    n_targets = sum(pred.k_widths) + sum(pred.v_widths)
-    if pred.weight.shape[1] != n_targets or pred.bias.shape != (n_targets,):
-        raise ModelFileError(f"predictor matrices do not match its layer widths: {path}")
-    return pred

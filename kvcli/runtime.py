@@ -22,6 +22,8 @@ KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_
             "bf16": 30, "iq4_nl": 20}
 _LOG_CALLBACK = None
 _VERBOSE = False
+_LAST_ERROR: list[str] = []  # llama.cpp's last error-level log line, for kvcli's messages
+GGML_LOG_LEVEL_ERROR = 4
 
 
 def set_verbose(verbose: bool) -> None:
@@ -39,11 +41,20 @@ def _lib():
         def _log(level, text, user_data):
             if _VERBOSE:
                 os.write(2, text)
+            if level == GGML_LOG_LEVEL_ERROR and text and text.strip():
+                _LAST_ERROR[:] = [text.decode("utf-8", "replace").strip()]
 
         _LOG_CALLBACK = _log
         llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
     return llama_cpp
+
+
+def last_llama_error() -> str:
+    """llama.cpp's last logged error line (empty if none), then forget it."""
+    out = _LAST_ERROR[0] if _LAST_ERROR else ""
+    _LAST_ERROR.clear()
+    return out
 
 
 def default_threads() -> int:

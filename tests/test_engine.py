@@ -19,10 +19,8 @@ def copy_everything_predictor(base, aux) -> Predictor:
     """A 'predictor' that copies every base layer from an auxiliary that is the whole base."""
     b, a = read_model_info(base), read_model_info(aux)
     return Predictor(b.fingerprint, a.fingerprint, b.n_layer, a.n_layer,
-                     copied_layers=list(range(b.n_layer)), predicted_layers=[],
-                     feature_layers=[a.n_layer - 1], k_widths=[], v_widths=[],
-                     weight=np.zeros((2 * a.n_embd_k(0), 0), np.float32),
-                     bias=np.zeros(0, np.float32), alphas=[], heldout_rel_error=[])
+                     copied_layers=list(range(b.n_layer)), layer_map=list(range(b.n_layer)),
+                     weights={}, biases={}, k_widths={})
 
 
 def split_reference(ctx: Context, tokens, n_first) -> np.ndarray:
@@ -107,6 +105,6 @@ def test_calibration_captures_the_auxiliary_hidden_tensors(tiny_gemma3, tiny_bun
     aux = read_model_info(tiny_bundle[0])
     assert pred.uses_hidden and set(keys.HIDDEN_FEATURES) <= set(pred.feature_kinds)
     kv_width = aux.n_embd_k(1) + aux.n_embd_v(1)
-    assert pred.weight.shape[0] == kv_width + hidden_feature_width(aux) == kv_width + 64 + 4 * 16
+    assert pred.n_features(2) == kv_width + hidden_feature_width(aux) == kv_width + 64 + 4 * 16
     # the hidden features carry signal: their rows of the fitted map are not all zero
-    assert np.abs(pred.weight[kv_width:]).max() > 1e-3
+    assert np.abs(pred.weights[2][kv_width:]).max() > 1e-3

@@ -1,0 +1,194 @@
+"""The converter's commands (run as ``python tools/convert_gguf.py``): thin over kvcli/.
+
+make-aux, calibrate, quantize and bundle build every file a kvcli bundle holds. Each output
+is written atomically: a converter stopped at any moment leaves no partial file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kvcli.cli import ThreadsOpt, paragraphs, run, set_debug
+from kvcli.errors import KvcliError
+
+app = typer.Typer(
+    name="convert_gguf.py",
+    help="Build, quantize and pack kvcli's GGUF files: an auxiliary cut from a base, a "
+    "calibrated predictor, llama.cpp-quantized models, and bundles of all three.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+)
+
+OutFile = Annotated[Path, typer.Option("--output", "-o", help="Output file (written atomically).")]
+PredictorType = Annotated[str, typer.Option(
+    "--predictor-type", help="How the predictor's matrices are stored: f32, f16, q8_0 or q4_0 "
+    "(gguf-py's quants; dequantized once at load).")]
+Tokens = Annotated[Optional[int], typer.Option(
+    "--tokens", help="Calibration tokens (default 20480: 40 prompts of 512).")]
+Corpus = Annotated[Optional[Path], typer.Option(
+    "--corpus", help="A text file or folder to calibrate on (default: the Python standard "
+    "library's sources, held-out files excluded).")]
+
+
+def command(name: str):
+    """Register a subcommand whose help is its docstring, unwrapped."""
+    return lambda fn: app.command(name, help=paragraphs(fn.__doc__))(fn)
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show llama.cpp's log and tracebacks.")]
+          = False) -> None:
+    set_debug(debug)
+
+
+@command("make-aux")
+def make_aux(
+    base: Annotated[Path, typer.Argument(help="Base model GGUF (gemma3, llama or qwen2).")],
+    output: OutFile,
+    layers: Annotated[Optional[str], typer.Option(
+        "--layers", help="Base layers to keep: a prefix '0-4' or a list '0,4,8,12,16'.")] = None,
+    stride: Annotated[Optional[int], typer.Option(
+        "--stride", help="Keep every N-th layer from 0 (the paper's KVP-LP).")] = None,
+    last: Annotated[bool, typer.Option(
+        "--last/--no-last", help="With --stride: also keep the base's last layer.")] = True,
+) -> None:
+    """Cut an auxiliary from a base by keeping some of its layers (tokenizer, output norm
+    and LM head kept; Gemma 3's per-layer attention type kept)."""
+    from kvcli.aux_cut import cut_auxiliary, parse_layers, stride_layers
+    from kvcli.model_info import read_model_info
+
+    if (layers is None) == (stride is None):
+        raise KvcliError("give exactly one of --layers and --stride")
+    info = read_model_info(base, "base model")
+    kept = parse_layers(layers, info.n_layer) if layers else stride_layers(info.n_layer, stride,
+                                                                           include_last=last)
+    if len(kept) == info.n_layer:
+        raise KvcliError("the auxiliary would keep every layer of the base")
+    out = cut_auxiliary(info.path, output, kept)
+    typer.echo(f"wrote {out} ({len(kept)} of {info.n_layer} layers: {','.join(map(str, kept))})")
+
+
+@command("calibrate")
+def calibrate_cmd(
+    base: Annotated[Path, typer.Argument(help="Base model GGUF.")],
+    aux: Annotated[Path, typer.Argument(help="Auxiliary model GGUF (a cut of the base, or "
+                                        "another model of the same tokenizer).")],
+    output: OutFile,
+    corpus: Corpus = None,
+    tokens: Tokens = None,
+    chunk: Annotated[int, typer.Option("--chunk", help="Tokens per calibration prompt.")] = 512,
+    lambdas: Annotated[Optional[str], typer.Option(
+        "--lambda", help="Ridge penalties to choose from (relative, comma-separated); the one "
+        "with the lowest held-out error is kept per layer.")] = None,
+    layer_map: Annotated[Optional[str], typer.Option(
+        "--layer-map", help="Per base layer, the auxiliary layer that feeds it ('0,0,1,1,...'). "
+        "Default: a cut's nearest earlier layer; another model's round(l*(La-1)/(Lb-1)).")] = None,
+    hidden: Annotated[bool, typer.Option(
+        "--hidden/--no-hidden", help="Also feed the auxiliary's captured hidden tensors.")] = True,
+    predictor_type: PredictorType = "f32",
+    threads: ThreadsOpt = 0,
+) -> None:
+    """Fit a predictor (ridge per base layer) from both models' caches over calibration text."""
+    from kvcli import ui
+    from kvcli.calibrate import DEFAULT_TOKENS, calibrate, parse_layer_map
+    from kvcli.model_info import read_model_info
+    from kvcli.predictor import STORAGE_TYPES, save_predictor
+    from kvcli.runtime import ContextSettings
+
+    if predictor_type not in STORAGE_TYPES:
+        raise KvcliError(f"--predictor-type must be one of {', '.join(STORAGE_TYPES)}")
+    alphas = None
+    if lambdas:
+        try:
+            alphas = tuple(float(x) for x in lambdas.split(","))
+        except ValueError:
+            raise KvcliError(f"cannot read --lambda {lambdas!r}: numbers, comma-separated") from None
+        if not alphas or min(alphas) <= 0:
+            raise KvcliError("--lambda values must be positive")
+    if corpus is not None and not corpus.exists():
+        raise KvcliError(f"corpus not found: {corpus}")
+    lmap = None
+    if layer_map:
+        lmap = parse_layer_map(layer_map, read_model_info(base, "base model"),
+                               read_model_info(aux, "auxiliary"))
+    options = {"alphas": alphas} if alphas else {}
+    with ui.progress_reporter() as report:
+        pred = calibrate(base, aux, n_tokens=tokens or DEFAULT_TOKENS, chunk_tokens=chunk,
+                         corpus=corpus, layer_map=lmap, hidden=hidden,
+                         settings=ContextSettings(n_threads=threads),
+                         progress=lambda i, n: report("calibrate", i, n), **options)
+    out = save_predictor(pred, output, predictor_type)
+    typer.echo(f"wrote {out} ({len(pred.predicted_layers)} layers predicted, "
+               f"{len(pred.copied_layers)} copied, {pred.calibration_tokens} tokens)")
+
+
+@command("quantize")
+def quantize_cmd(
+    src: Annotated[Path, typer.Argument(help="Input GGUF: a base/auxiliary model or a predictor.")],
+    dest: Annotated[Path, typer.Argument(help="Output GGUF (written atomically).")],
+    qtype: Annotated[str, typer.Argument(help="Model: q4_0, q4_k_m, q8_0, f16, ... (llama.cpp's "
+                                         "quantizer). Predictor: f32, f16, q8_0 or q4_0.")],
+    allow_requantize: Annotated[bool, typer.Option(
+        "--allow-requantize", help="Quantize an already quantized model (loses quality).")] = False,
+    threads: ThreadsOpt = 0,
+) -> None:
+    """Quantize a model with llama.cpp's own quantizer, or re-store a predictor's matrices."""
+    from kvcli import keys
+    from kvcli.gguf_header import read_header
+    from kvcli.model_info import check_gguf_file
+
+    check_gguf_file(src, "input")
+    if read_header(src).get("general.type") == keys.PREDICTOR_TYPE:
+        from kvcli.predictor import load_predictor, save_predictor
+
+        out = save_predictor(load_predictor(src), dest, qtype.lower())
+    else:
+        from kvcli.quantize import quantize_model
+
+        out = quantize_model(src, dest, qtype, threads=threads, allow_requantize=allow_requantize)
+    typer.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+
+
+@command("bundle")
+def bundle_cmd(
+    base: Annotated[Path, typer.Option("--base", help="Base model GGUF.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to create.")],
+    aux: Annotated[Optional[Path], typer.Option("--aux", help="Auxiliary GGUF (with --predictor).")] = None,
+    predictor: Annotated[Optional[Path], typer.Option("--predictor", help="Predictor GGUF.")] = None,
+    aux_layers: Annotated[Optional[int], typer.Option(
+        "--aux-layers", help="Without --aux: layers of the prefix auxiliary to cut (default: "
+        "a quarter of the base's, rounded up).")] = None,
+    corpus: Corpus = None,
+    tokens: Tokens = None,
+    predictor_type: PredictorType = "f32",
+    reference_base: Annotated[bool, typer.Option(
+        "--reference-base", help="Name the base by its path instead of linking or copying it "
+        "into the folder.")] = False,
+) -> None:
+    """Pack a base, an auxiliary and a predictor into one folder with a manifest (sizes,
+    sha256, fingerprints). With --base alone: cut a prefix auxiliary, calibrate, pack."""
+    from kvcli import ui
+    from kvcli.bundle import build_bundle, pack_bundle
+
+    if (aux is None) != (predictor is None):
+        raise KvcliError("give both --aux and --predictor, or neither (to build them)")
+    if aux is not None:
+        if aux_layers or corpus or tokens:
+            raise KvcliError("--aux-layers, --corpus and --tokens build an auxiliary and a "
+                             "predictor; they do not apply with --aux and --predictor")
+        b = pack_bundle(output, base=base, aux=aux, predictor=predictor, reference_base=reference_base)
+    else:
+        if corpus is not None and not corpus.exists():
+            raise KvcliError(f"corpus not found: {corpus}")
+        with ui.progress_reporter() as report:
+            b = build_bundle(base, output, n_aux_layers=aux_layers, n_tokens=tokens, corpus=corpus,
+                             storage_type=predictor_type, reference_base=reference_base,
+                             progress=report)
+    typer.echo(f"wrote bundle {b.folder} (base {b.base.name}, aux {b.aux.name}, "
+               f"predictor {b.predictor.name})")
+
+
+def main() -> None:
+    run(app)

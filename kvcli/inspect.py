@@ -1,0 +1,102 @@
+"""What a GGUF model, a kvcli predictor or a bundle is: plain dicts for tables and JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvcli import keys
+from kvcli.errors import KvcliError, ModelFileError
+from kvcli.gguf_header import read_header
+from kvcli.model_info import check_gguf_file, read_model_info
+
+
+def _compact(values) -> object:
+    """A per-layer list whose entries are all equal, as that one value."""
+    values = list(values)
+    return values[0] if values and all(v == values[0] for v in values) else values
+
+
+def _file_type_name(code) -> str | None:
+    try:
+        from gguf import LlamaFileType
+
+        return LlamaFileType(int(code)).name.removeprefix("MOSTLY_")
+    except (ValueError, TypeError):
+        return None
+
+
+def describe_model(path: Path) -> dict:
+    info = read_model_info(path)
+    header = read_header(info.path)
+    tokens = header.get("tokenizer.ggml.tokens")
+    out = {
+        "kind": "model", "path": str(info.path), "size_bytes": info.file_size, "arch": info.arch,
+        "name": header.get("general.name"), "file_type": _file_type_name(header.get("general.file_type")),
+        "n_layer": info.n_layer, "n_embd": info.n_embd, "n_head": _compact(info.n_head),
+        "n_head_kv": _compact(info.n_head_kv), "head_dim_k": info.head_dim_k,
+        "head_dim_v": info.head_dim_v, "context_length": info.context_length,
+        "rope": {"layout": "neox" if info.rope[0].neox else "normal", "n_rot": info.rope[0].n_rot,
+                 "freq_base": _compact(sorted({r.freq_base for r in info.rope}))},
+        "sliding_window": info.n_swa,
+        "sliding_pattern": "".join("S" if s else "G" for s in info.is_swa) if info.n_swa else None,
+        "n_vocab": len(tokens) if isinstance(tokens, list) else getattr(tokens, "count", None),
+        "n_tensors": len(header.tensors), "fingerprint": info.fingerprint,
+        "tokenizer_digest": info.tokenizer_digest,
+    }
+    if info.source_layers:
+        out["cut_from"] = {"base_fingerprint": info.source_fingerprint,
+                           "base_layers": list(info.source_layers)}
+    return out
+
+
+def describe_predictor(path: Path) -> dict:
+    from kvcli.predictor import load_predictor
+
+    pred = load_predictor(path)
+    predicted = pred.predicted_layers
+    errors = pred.heldout_rel_error
+    return {
+        "kind": "predictor", "path": str(Path(path).resolve()), "size_bytes": Path(path).stat().st_size,
+        "base_fingerprint": pred.base_fingerprint, "aux_fingerprint": pred.aux_fingerprint,
+        "base_n_layer": pred.base_n_layer, "aux_n_layer": pred.aux_n_layer,
+        "copied_layers": pred.copied_layers, "predicted_layers": predicted,
+        "layer_map": pred.layer_map, "feature_kinds": list(pred.feature_kinds),
+        "n_features": _compact(pred.n_features(il) for il in predicted) if predicted else 0,
+        "storage_type": pred.storage_type, "calibration_tokens": pred.calibration_tokens,
+        "calibration_source": pred.calibration_source,
+        "heldout_rel_error_k": [round(e, 4) for e in errors[0::2]],
+        "heldout_rel_error_v": [round(e, 4) for e in errors[1::2]],
+        "ridge_alphas": [float(f"{a:.3g}") for a in pred.alphas],
+    }
+
+
+def describe_bundle(folder: Path, verify: bool = False) -> dict:
+    from kvcli.bundle import ROLES, check_compatible, load_bundle, verify_bundle
+
+    b = load_bundle(folder)
+    out = {"kind": "bundle", "path": str(Path(folder).resolve()), "kvcli": b.manifest.get("kvcli"),
+           "base": describe_model(b.base), "aux": describe_model(b.aux),
+           "predictor": describe_predictor(b.predictor)}
+    try:
+        check_compatible(b.base, b.aux, b.predictor)
+        out["compatible"], out["problem"] = True, None
+    except KvcliError as exc:
+        out["compatible"], out["problem"] = False, str(exc)
+    if verify:
+        out["sha256_ok"] = verify_bundle(b)
+    else:
+        out["sha256_ok"] = dict.fromkeys(ROLES)
+    return out
+
+
+def describe(path: str | Path, verify: bool = False) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        return describe_bundle(path, verify)
+    check_gguf_file(path, "input")
+    kind = read_header(path).get("general.type")
+    if kind == keys.PREDICTOR_TYPE:
+        return describe_predictor(path)
+    if kind not in (None, "model"):
+        raise ModelFileError(f"{path} is a GGUF of type {kind!r}, neither a model nor a predictor")
+    return describe_model(path)
