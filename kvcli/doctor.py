@@ -137,3 +137,21 @@ def run_doctor(model_path: str | Path, *, n_tokens: int | None = None, n_prompts
             ctx.close()
     finally:
         model.close()
+
+
+def check_bundle(folder: str | Path) -> CheckResult:
+    """The bundle's three files are whole (sha256) and fit together (fingerprints, tokenizer)."""
+    from kvcli.bundle import check_compatible, load_bundle, verify_bundle
+    from kvcli.errors import KvcliError
+
+    try:
+        b = load_bundle(folder)
+        bad = [role for role, good in verify_bundle(b).items() if not good]
+        if bad:
+            return CheckResult("bundle", False, f"sha256 differs from the manifest: {', '.join(bad)}")
+        _, aux, pred = check_compatible(b.base, b.aux, b.predictor)
+    except KvcliError as exc:
+        return CheckResult("bundle", False, str(exc))
+    return CheckResult("bundle", True, f"sha256 ok; predictor fits base and {aux.n_layer}-layer "
+                       f"auxiliary ({len(pred.copied_layers)} layers copied, "
+                       f"{len(pred.predicted_layers)} predicted, {pred.storage_type})")

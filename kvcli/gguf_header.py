@@ -132,6 +132,16 @@ def _tensor_nbytes(ggml_type: int, shape: tuple[int, ...]) -> int:
 def read_header(path: str | Path) -> GGUFHeader:
     """Read a GGUF header; raises ModelFileError (one line) on a bad or truncated file."""
     path = Path(path)
+    try:
+        return _read_header(path)
+    except ModelFileError:
+        raise
+    except (struct.error, ValueError, OverflowError, IndexError, MemoryError) as exc:
+        # lengths and counts are untrusted: whatever they break, the file is damaged
+        raise ModelFileError(f"GGUF header is corrupt ({type(exc).__name__}): {path}") from None
+
+
+def _read_header(path: Path) -> GGUFHeader:
     size = path.stat().st_size
     if size < 24:
         raise ModelFileError(f"file is too short to be GGUF: {path}")

@@ -190,18 +190,21 @@ def _parse(path: Path) -> Predictor:
         raise ModelFileError(f"predictor layer map does not fit {base_n} base and {aux_n} "
                              f"auxiliary layers: {path}")
     predicted = [il for il in range(base_n) if il not in copied]
-    k_widths = [int(x) for x in get(keys.K_WIDTHS)]
+    k_widths = [int(x) for x in get(keys.K_WIDTHS)][: len(predicted)]
     tensors = {t.name: t for t in r.tensors}
     weights, biases = {}, {}
     for i, il in enumerate(predicted):
         wt, bt = tensors.get(keys.weight_name(il)), tensors.get(keys.bias_name(il))
         if wt is None or bt is None:
             raise ModelFileError(f"predictor file lacks the matrices of layer {il}: {path}")
-        w = gguf.quants.dequantize(wt.data, wt.tensor_type).astype(np.float32, copy=False)
+        with np.errstate(all="ignore"):
+            w = gguf.quants.dequantize(wt.data, wt.tensor_type).astype(np.float32, copy=False)
         weights[il] = np.ascontiguousarray(w.reshape(-1, w.shape[-1]).T)
         biases[il] = np.array(bt.data, np.float32).reshape(-1)
         if biases[il].shape != (weights[il].shape[1],) or not 0 < k_widths[i] < len(biases[il]):
             raise ModelFileError(f"predictor layer {il}'s matrices disagree in shape: {path}")
+        if not (np.isfinite(weights[il]).all() and np.isfinite(biases[il]).all()):
+            raise ModelFileError(f"predictor layer {il} holds NaN or infinite values: {path}")
     storage = str(get(keys.STORAGE_TYPE, "f32"))
     return Predictor(
         base_fingerprint=str(get(keys.BASE_FINGERPRINT)), aux_fingerprint=str(get(keys.AUX_FINGERPRINT)),

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_gguf import write_tiny_gemma3, write_tiny_llama
+from tiny_gguf import write_tiny_gemma3, write_tiny_llama, write_tiny_qwen2
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +21,11 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gemma3(tmp_path_factory) -> Path:
     return write_tiny_gemma3(tmp_path_factory.mktemp("tiny") / "gemma3.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    return write_tiny_qwen2(tmp_path_factory.mktemp("tiny") / "qwen2.gguf")
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from kvcli.rope import RopeParams
 from kvcli.runtime import Context, ContextSettings, Model
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma3"])
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma3", "tiny_qwen2"])
 def test_doctor_passes_on_tiny_models(fixture, request):
     results = run_doctor(request.getfixturevalue(fixture), n_prompts=5)
     assert [r.ok for r in results] == [True, True, True], results

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import gguf
 import numpy as np
 
-__all__ = ["tiny_vocab", "write_tiny_gemma3", "write_tiny_llama"]
+__all__ = ["tiny_vocab", "write_tiny_gemma3", "write_tiny_llama", "write_tiny_qwen2"]
 
 _WEIGHT_STD = 0.02
 
@@ -246,4 +246,37 @@ def write_tiny_gemma3(
         w.add_tensor(f"blk.{i}.attn_k_norm.weight", rand.norm(head_dim))
         w.add_tensor(f"blk.{i}.post_attention_norm.weight", rand.norm(n_embd))
         w.add_tensor(f"blk.{i}.post_ffw_norm.weight", rand.norm(n_embd))
+    return _finish(w, path)
+
+
+def write_tiny_qwen2(
+    path: str | os.PathLike[str],
+    *,
+    n_layer: int = 3,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    head_dim: int = 16,
+    n_ff: int = 128,
+    context_length: int = 1024,
+    rope_freq_base: float = 1e6,
+    seed: int = 0,
+) -> pathlib.Path:
+    """Write a tiny "qwen2" model: llama's blocks plus Q, K, V biases, NEOX RoPE."""
+    shape = _Shape(n_layer, n_embd, n_head, n_head_kv, head_dim, n_ff)
+    w, n_vocab = _start_writer(
+        path,
+        "qwen2",
+        shape,
+        context_length=context_length,
+        rope_freq_base=rope_freq_base,
+        vocab="default",
+        file_type=gguf.LlamaFileType.ALL_F32,
+    )
+    rand = _Weights(seed)
+    _add_common_tensors(w, rand, shape, n_vocab)
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.attn_q.bias", rand.norm(n_head * head_dim) - 1.0)
+        w.add_tensor(f"blk.{i}.attn_k.bias", rand.norm(n_head_kv * head_dim) - 1.0)
+        w.add_tensor(f"blk.{i}.attn_v.bias", rand.norm(n_head_kv * head_dim) - 1.0)
     return _finish(w, path)

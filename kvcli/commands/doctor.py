@@ -8,27 +8,34 @@ from typing import Annotated, Optional
 
 import typer
 
-from kvcli.cli import JsonOpt, ThreadsOpt
+from kvcli.cli import BundleOpt, JsonOpt, ThreadsOpt
 
 HELP = """Check kvcli's KV path on this machine's llama.cpp and a model (default: the embedded
 one): (a) parse then write of a real sequence state gives the same bytes; (b) the base's own
 cache, parsed, un-roped, re-roped and written back, gives logits identical to the bit (flash
-attention off); (c) numpy RoPE matches llama.cpp's own position shift. Exits non-zero when a
-check fails."""
+attention off); (c) numpy RoPE matches llama.cpp's own position shift. With --bundle: the
+checks run on its base, and its files are checked whole (sha256) and fit for each other.
+Exits non-zero when a check fails."""
 
 
 def command(
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF model to check.")] = None,
+    bundle: BundleOpt = None,
     prompts: Annotated[int, typer.Option("--prompts", help="Prompts for the exactness check.")] = 20,
     threads: ThreadsOpt = 0,
     json_out: JsonOpt = False,
 ) -> None:
-    from kvcli.bundle import embedded_model_path
-    from kvcli.doctor import run_doctor
+    from kvcli.bundle import embedded_model_path, load_bundle
+    from kvcli.doctor import check_bundle, run_doctor
+    from kvcli.errors import KvcliError
     from kvcli.runtime import llama_cpp_version
 
-    path = model or embedded_model_path()
+    if model is not None and bundle is not None:
+        raise KvcliError("give either --bundle or --model, not both")
+    path = load_bundle(bundle).base if bundle is not None else model or embedded_model_path()
     results = run_doctor(path, n_prompts=prompts, threads=threads)
+    if bundle is not None:
+        results.append(check_bundle(bundle))
     ok = all(r.ok for r in results)
     if json_out:
         typer.echo(json.dumps({"model": str(path), "llama_cpp_python": llama_cpp_version(),
