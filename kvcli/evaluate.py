@@ -67,7 +67,13 @@ def _answer_text(model, tokens: list[int]) -> str:
 
 
 def base_reference(engine: Engine, tokens: list[int]) -> tuple[BaseReference, float]:
-    ctx, logits, token, ttft = _timed_prefill(engine, tokens, mode="base")
+    ctx, logits, _, ttft = _timed_prefill(engine, tokens, mode="base")
+    return reference_after_prefill(ctx, logits), ttft
+
+
+def reference_after_prefill(ctx, logits: np.ndarray) -> BaseReference:
+    """The base's greedy next FORCED tokens and log-probabilities, from its prefilled ``ctx``."""
+    token = int(np.argmax(logits))
     out, rows = [], []
     for _ in range(FORCED):
         out.append(token)
@@ -75,7 +81,18 @@ def base_reference(engine: Engine, tokens: list[int]) -> tuple[BaseReference, fl
         ctx.decode([token], logits_last=True)
         logits = ctx.last_logits()
         token = int(np.argmax(logits))
-    return BaseReference(out, np.stack(rows), _answer_text(ctx.model, out)), ttft
+    return BaseReference(out, np.stack(rows), _answer_text(ctx.model, out))
+
+
+def forced_scores(ctx, logits: np.ndarray, ref: BaseReference) -> tuple[float, float]:
+    """Mean KL(base || method) and top-1 agreement, teacher-forced on the base's tokens from
+    a method's prefilled ``ctx`` (its last logits ``logits``); ``ctx`` advances FORCED - 1."""
+    ctx.decode(ref.tokens[: FORCED - 1], logits_all=True)
+    rows = np.concatenate([logits[None, :], ctx.logits_rows(FORCED - 1)])
+    logp = _log_softmax(rows)
+    p_base = np.exp(ref.logp.astype(np.float64))
+    kl = float(np.mean(np.sum(p_base * (ref.logp - logp), axis=-1)))
+    return kl, float(np.mean(rows.argmax(axis=-1) == np.array(ref.tokens)))
 
 
 def score_method(engine: Engine, tokens: list[int], ref: BaseReference, stats: MethodStats,
@@ -85,12 +102,9 @@ def score_method(engine: Engine, tokens: list[int], ref: BaseReference, stats: M
     ctx, logits, first, ttft = _timed_prefill(engine, tokens, mode=mode,
                                                tail=stats.tail or 0, keep=stats.keep)
     n_past = ctx.n_past
-    ctx.decode(ref.tokens[: FORCED - 1], logits_all=True)
-    rows = np.concatenate([logits[None, :], ctx.logits_rows(FORCED - 1)])
-    logp = _log_softmax(rows)
-    p_base = np.exp(ref.logp.astype(np.float64))
-    stats.kl.append(float(np.mean(np.sum(p_base * (ref.logp - logp), axis=-1))))
-    stats.top1.append(float(np.mean(rows.argmax(axis=-1) == np.array(ref.tokens))))
+    kl, top1 = forced_scores(ctx, logits, ref)
+    stats.kl.append(kl)
+    stats.top1.append(top1)
     stats.first_agree.append(first == ref.tokens[0])
     stats.ttft_ms.append(ttft)
     if example.answer is not None:

@@ -43,3 +43,39 @@ def eval_pareto(rows: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+BREAKDOWN_PARTS = ("aux_prefill_ms", "state_get_ms", "predict_ms", "state_set_ms", "base_decode_ms")
+
+
+def bench_ttft(rows: list[dict], path: Path) -> Path:
+    """Left: TTFT (mean, std as error bars) against N per mode. Right: kvp's breakdown."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    labels = sorted({(r["mode"], r["tail"]) for r in rows})
+    for mode, tail in labels:
+        mine = sorted((r for r in rows if (r["mode"], r["tail"]) == (mode, tail)),
+                      key=lambda r: r["n_prompt"])
+        left.errorbar([r["n_prompt"] for r in mine], [r["ttft_ms_mean"] for r in mine],
+                      yerr=[r["ttft_ms_std"] for r in mine], marker="o", capsize=3,
+                      label=mode + (f" tail {tail}" if tail else ""))
+    left.set(xlabel="prompt tokens N", ylabel="TTFT (ms)", title="time to first token")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    kvp = sorted((r for r in rows if r["mode"] == "kvp" and not r["tail"]), key=lambda r: r["n_prompt"])
+    if kvp:
+        x = [str(r["n_prompt"]) for r in kvp]
+        bottom = [0.0] * len(kvp)
+        for part in BREAKDOWN_PARTS:
+            values = [r["breakdown_ms"][part] for r in kvp]
+            right.bar(x, values, bottom=bottom, label=part.removesuffix("_ms").replace("_", " "))
+            bottom = [b + v for b, v in zip(bottom, values)]
+        right.set(xlabel="prompt tokens N", ylabel="ms", title="kvp breakdown (tail 0)")
+        right.legend(fontsize=8)
+    else:
+        right.set_visible(False)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -252,3 +252,9 @@ class Context:
 
 def llama_cpp_version() -> str:
     return _lib().__version__
+
+
+def system_info() -> str:
+    """llama.cpp's build and CPU feature line (llama_print_system_info)."""
+    raw = _lib().llama_print_system_info()
+    return (raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)).strip()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvcli.bundle import default_bundle, load_bundle
+from kvcli.bundle import Bundle, default_bundle, load_bundle
 from kvcli.engine import Engine
 from kvcli.errors import KvcliError
 from kvcli.runtime import ContextSettings
@@ -20,11 +20,15 @@ def open_engine(*, bundle: Path | None, model: Path | None, mode: str,
             raise KvcliError(f"mode {mode} needs an auxiliary and a predictor: use --bundle "
                              "(or leave both out for the embedded default)")
         return Engine(model, settings=settings)
-    if bundle is not None:
-        b = load_bundle(bundle)
-    else:
-        from kvcli import ui
-
-        with ui.progress_reporter() as report:
-            b = default_bundle(progress=report)
+    b = resolve_bundle(bundle)
     return Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=settings)
+
+
+def resolve_bundle(bundle: Path | None) -> Bundle:
+    """The bundle at ``bundle``, or the embedded default's (built with a progress bar)."""
+    if bundle is not None:
+        return load_bundle(bundle)
+    from kvcli import ui
+
+    with ui.progress_reporter() as report:
+        return default_bundle(progress=report)

@@ -1,0 +1,144 @@
+"""kvcli bench-ttft: time to first token of each prefill mode, side by side, llama-bench style."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kvcli.cli import BundleOpt, JsonOpt, ThreadsOpt
+from kvcli.errors import KvcliError
+
+HELP = """Measure time to first token (TTFT) of the base alone, of predicted prefill (kvp) and
+of truncation, on prompts of exactly N tokens of held-out text, the modes interleaved round
+by round so that machine noise hits all alike.
+
+Per N and mode: TTFT mean, standard deviation and median; the ratio to the base of the same
+run; kvp's breakdown (auxiliary prefill, state get, predict, state set, base decode), its
+floor (auxiliary prefill + base decode) and its distance to it; first-token agreement with
+the base and mean KL(base || mode) over the base's next 32 tokens (the full quality suite
+is kvcli eval); peak RSS and PSS of each mode measured in a process of its own.
+
+Truncation keeps the last M tokens, M matched to kvp's TTFT from timings taken after the warm-up."""
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise KvcliError(f"{name} takes comma-separated integers, not {text!r}") from None
+    if not values:
+        raise KvcliError(f"{name} is empty")
+    return values
+
+
+def _settings_info(settings, bundle) -> dict:
+    from kvcli.predictor import load_predictor
+    from kvcli.runtime import llama_cpp_version, system_info
+
+    return {"n_threads": settings.resolved_threads(), "n_batch": settings.n_batch,
+            "n_ubatch": settings.n_ubatch, "type_k": settings.type_k, "type_v": settings.type_v,
+            "flash_attn": settings.flash_attn, "n_ctx": settings.n_ctx,
+            "llama_cpp_python": llama_cpp_version(), "build_info": system_info(),
+            "base": bundle.base.name, "aux": bundle.aux.name,
+            "predictor_type": load_predictor(bundle.predictor).storage_type}
+
+
+def _fmt(v, spec=".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _print_table(result: dict) -> None:
+    from kvcli import ui
+
+    rows = []
+    for r in result["rows"]:
+        b = r.get("breakdown_ms")
+        breakdown = ("/".join(f"{b[k]:.0f}" for k in ("aux_prefill_ms", "state_get_ms", "predict_ms",
+                                                       "state_set_ms", "base_decode_ms")) if b else "-")
+        mode = r["mode"] + (f" tail {r['tail']}" if r["tail"] else "") + \
+            (f" keep {r['keep']}" if r["keep"] else "")
+        rows.append([str(r["n_prompt"]), mode, f"{r['ttft_ms_mean']:.1f} ± {r['ttft_ms_std']:.1f}",
+                     f"{r['ttft_ms_median']:.1f}", _fmt(r["ttft_ratio"], ".3f"), breakdown,
+                     _fmt(r.get("floor_ms"), ".1f"), _fmt(r.get("floor_ratio"), ".3f"),
+                     _fmt(r["first_token_agreement"]), _fmt(r["kl_mean"], ".3f"),
+                     _fmt(r["peak_rss_mib"], ".0f"), _fmt(r["pss_mib"], ".0f")])
+    s = result["settings"]
+    title = (f"kvcli bench-ttft: {s['base']} + {s['aux']} | n_threads {s['n_threads']} n_batch "
+             f"{s['n_batch']} n_ubatch {s['n_ubatch']} type_k {s['type_k']} type_v {s['type_v']} "
+             f"flash_attn {int(s['flash_attn'])} | llama-cpp-python {s['llama_cpp_python']}")
+    ui.out.print(ui.table(title, ["N", "mode", "TTFT ms", "median", "x base",
+                                  "aux/get/pred/set/dec ms", "floor ms", "x floor", "first tok",
+                                  "KL", "RSS MiB", "PSS MiB"], rows))
+    ui.err.print(f"[dim]build: {s['build_info']}[/dim]")
+
+
+def command(
+    lengths: Annotated[str, typer.Option("-p", "--n-prompt", help="Prompt lengths N in tokens.")]
+    = "512,1024,2048",
+    repeats: Annotated[int, typer.Option("-r", "--repetitions", help="Timed rounds per N "
+                                         "(each on its own prompt).")] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed rounds per N.")] = 1,
+    modes: Annotated[str, typer.Option("--modes", help="Comma list of base, kvp, truncate.")]
+    = "base,kvp,truncate",
+    tails: Annotated[str, typer.Option("--tails", help="kvp tails: prompt tokens the base "
+                                       "recomputes itself.")] = "0",
+    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure each mode's "
+                                         "peak RSS and PSS in a process of its own.")] = True,
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", help="PNG of TTFT against N per mode, kvp's breakdown stacked (matplotlib).")] = None,
+    threads: ThreadsOpt = 0,
+    bundle: BundleOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    from kvcli import ui
+    from kvcli.bench import BENCH_MODES, bench_length, summarize
+    from kvcli.commands.common import resolve_bundle
+    from kvcli.engine import Engine
+    from kvcli.runtime import ContextSettings
+
+    length_list, tail_list = _ints(lengths, "-p"), _ints(tails, "--tails")
+    mode_list = [m for m in modes.split(",") if m]
+    if not mode_list or set(mode_list) - set(BENCH_MODES):
+        raise KvcliError(f"--modes takes a comma list of {', '.join(BENCH_MODES)}")
+    if repeats < 1 or warmup < 0 or min(length_list) < 16 or min(tail_list) < 0:
+        raise KvcliError("need -r >= 1, --warmup >= 0, N >= 16 and tails >= 0")
+    b = resolve_bundle(bundle)
+    settings = ContextSettings(n_ctx=max(length_list) + 64, n_threads=threads)
+    rows, prompts, keeps = [], {}, {}
+    n_methods = len(mode_list) + (len(tail_list) - 1 if "kvp" in mode_list else 0)
+    with Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=settings) as engine, \
+            ui.progress_reporter() as report:
+        for n in length_list:
+            stage, done = f"pp{n}", [0]
+
+            def tick(stage=stage, done=done) -> None:
+                done[0] += 1
+                report(stage, done[0], repeats * n_methods)
+
+            runs, ps = bench_length(engine, n, modes=mode_list, tails=tail_list, repeats=repeats,
+                                    warmup=warmup, progress=tick)
+            prompts[n] = ps[0]
+            keeps[n] = next((m.keep for m in runs if m.mode == "truncate"), None)
+            rows += summarize(n, runs)
+    if memory:
+        from kvcli.memory import measure_in_child
+
+        for mode in mode_list:
+            measured = measure_in_child(mode, b.folder, length_list, prompts, settings.__dict__,
+                                        keep=keeps if mode == "truncate" else None)
+            for r in rows:
+                if r["mode"] == mode:
+                    r.update(measured[r["n_prompt"]])
+    result = {"settings": {**_settings_info(settings, b), "repeats": repeats, "warmup": warmup},
+              "rows": rows}
+    if plot is not None:
+        from kvcli.plot import bench_ttft
+
+        bench_ttft(rows, plot)
+    if json_out:
+        typer.echo(json.dumps(result))
+    else:
+        _print_table(result)

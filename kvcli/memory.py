@@ -1,0 +1,83 @@
+"""Memory of a prefill mode, measured in a child process that loads only what the mode needs.
+
+One process holding both models would charge the auxiliary to the base alone, so each mode
+is measured by ``python -m kvcli.memory MODE ...`` in its own process: base and truncate
+load the base only; kvp loads the base, the auxiliary and the predictor. After each prompt
+length it reports the peak RSS (VmHWM, reset between lengths through /proc/self/clear_refs)
+and the PSS right after the prefill (/proc/self/smaps_rollup: shared pages split between
+the processes that map them).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _status_kib(field: str, path: str = "/proc/self/status") -> int | None:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mib() -> float | None:
+    kib = _status_kib("VmHWM")
+    return None if kib is None else round(kib / 1024, 1)
+
+
+def pss_mib() -> float | None:
+    kib = _status_kib("Pss", "/proc/self/smaps_rollup")
+    return None if kib is None else round(kib / 1024, 1)
+
+
+def reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def measure_in_child(mode: str, bundle: Path, lengths: list[int], prompts: dict[int, list[int]],
+                     settings: dict, tail: int = 0, keep: dict[int, int] | None = None
+                     ) -> dict[int, dict]:
+    """Per prompt length: {peak_rss_mib, pss_mib} of ``mode`` in a fresh process."""
+    job = {"mode": mode, "bundle": str(bundle), "lengths": lengths, "settings": settings,
+           "prompts": {str(n): prompts[n] for n in lengths}, "tail": tail,
+           "keep": {str(n): k for n, k in (keep or {}).items()}}
+    res = subprocess.run([sys.executable, "-m", "kvcli.memory"], input=json.dumps(job),
+                         capture_output=True, text=True, timeout=900)
+    if res.returncode != 0:
+        tail_line = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"memory probe for {mode} failed: {tail_line}")
+    return {int(n): v for n, v in json.loads(res.stdout).items()}
+
+
+def _child() -> None:
+    from kvcli.bundle import load_bundle
+    from kvcli.engine import Engine
+    from kvcli.runtime import ContextSettings
+
+    job = json.loads(sys.stdin.read())
+    b = load_bundle(job["bundle"])
+    settings = ContextSettings(**job["settings"])
+    with_aux = job["mode"] in ("kvp", "aux")
+    out = {}
+    with Engine(b.base, aux_path=b.aux if with_aux else None,
+                predictor_path=b.predictor if job["mode"] == "kvp" else None,
+                settings=settings) as engine:
+        for n in job["lengths"]:
+            reset_peak()
+            engine.prefill(job["prompts"][str(n)], mode=job["mode"], tail=job["tail"],
+                           keep=job["keep"].get(str(n)))
+            out[n] = {"peak_rss_mib": peak_rss_mib(), "pss_mib": pss_mib()}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    _child()

@@ -1,0 +1,57 @@
+"""kvcli bench-ttft: the JSON schema, ratios from the same run, the plot. No timing asserted."""
+
+import json
+
+import pytest
+from test_cli import assert_one_line_error, kvcli
+
+from kvcli.bundle import build_bundle
+
+ROW_KEYS = {"n_prompt", "mode", "tail", "ttft_ms_mean", "ttft_ms_std", "ttft_ms_median",
+            "peak_rss_mib", "pss_mib", "first_token_agreement", "kl_mean", "ttft_ratio"}
+KVP_KEYS = {"breakdown_ms", "floor_ms", "floor_ratio", "overhead_share"}
+SETTINGS = {"n_threads", "n_batch", "n_ubatch", "type_k", "type_v", "flash_attn",
+            "llama_cpp_python", "build_info", "repeats", "warmup"}
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_gemma3, tmp_path_factory):
+    return build_bundle(tiny_gemma3, tmp_path_factory.mktemp("bench") / "b", n_tokens=600)
+
+
+def test_json_rows_ratios_and_plot(tiny_bundle, tmp_path):
+    plot = tmp_path / "bench.png"
+    res = kvcli("bench-ttft", "--bundle", tiny_bundle.folder, "-p", "64,96", "-r", "2",
+                "--tails", "0,8", "--json", "--plot", plot)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert SETTINGS <= set(out["settings"]) and out["settings"]["repeats"] == 2
+    rows = out["rows"]
+    assert [(r["n_prompt"], r["mode"], r["tail"]) for r in rows] == [
+        (n, mode, tail) for n in (64, 96)
+        for mode, tail in (("base", 0), ("kvp", 0), ("kvp", 8), ("truncate", 0))]
+    for r in rows:
+        assert ROW_KEYS <= set(r), r
+        assert r["repeats"] == 2 and r["ttft_ms_mean"] > 0 and r["peak_rss_mib"] > 0
+        base = next(b for b in rows if b["n_prompt"] == r["n_prompt"] and b["mode"] == "base")
+        # from rows of this same run (means are rounded to 0.01 ms, tiny models take ~1 ms)
+        assert r["ttft_ratio"] == pytest.approx(r["ttft_ms_mean"] / base["ttft_ms_mean"], rel=0.02)
+        if r["mode"] == "kvp":
+            assert KVP_KEYS <= set(r)
+            parts = r["breakdown_ms"]
+            assert r["floor_ms"] == pytest.approx(parts["aux_prefill_ms"] + parts["base_decode_ms"],
+                                                  abs=0.02)
+            assert sum(parts.values()) <= r["ttft_ms_mean"] * 1.01
+        if r["mode"] == "truncate":
+            assert 16 <= r["keep"] < r["n_prompt"]
+    assert base["first_token_agreement"] == 1.0 and base["kl_mean"] == 0.0
+    kvp_rss = next(r["peak_rss_mib"] for r in rows if r["mode"] == "kvp")
+    assert kvp_rss > base["peak_rss_mib"]  # the auxiliary's own weights are resident too
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_options(tiny_bundle):
+    assert_one_line_error(kvcli("bench-ttft", "--bundle", tiny_bundle.folder, "--modes", "fast"),
+                          "--modes")
+    assert_one_line_error(kvcli("bench-ttft", "--bundle", tiny_bundle.folder, "-p", "a,b"),
+                          "comma-separated")
