@@ -22,11 +22,11 @@ from kvcli.capture import TensorCapture, hidden_tensor_names
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
 from kvcli.kv_layout import CacheLayout, layers_by_index
 from kvcli.model_info import key_norm_weights, read_model_info
-from kvcli.predict_state import BosCell, needed_positions, predicted_state
+from kvcli.predict_state import BosCell, needed_positions, predicted_state_bytes
 from kvcli.predictor import load_predictor
 from kvcli.runtime import Context, ContextSettings, Model
 from kvcli.sampling import Sampler
-from kvcli.state_codec import parse_seq_state, write_seq_state
+from kvcli.state_codec import parse_seq_state
 
 MODES = ("base", "kvp", "truncate", "aux")
 
@@ -204,12 +204,11 @@ class Engine:
         t.state_get_ms = clock.lap()
         aux_layers = layers_by_index(parse_seq_state(raw), self.aux_info)
         group_positions = needed_positions(self.base_info, n_pred, first_query=n_pred)
-        state = predicted_state(
+        data = predicted_state_bytes(
             layout, aux_layers=aux_layers, aux=self.aux_info, base=self.base_info,
             predictor=self.predictor, group_positions=group_positions,
             bos=bos if tokens[0] == self.model.bos else None, key_norms=self.key_norms,
             hidden=hidden)
-        data = write_seq_state(state)
         t.predict_ms = clock.lap()
         self.base.set_state(data, 0, n_past=n_pred)
         t.state_set_ms = clock.lap()

@@ -14,7 +14,7 @@ import numpy as np
 
 from kvcli.errors import StateFormatError
 from kvcli.model_info import ModelInfo
-from kvcli.state_codec import KV_DTYPES, CacheBlob, LayerKV, SeqState, StreamState
+from kvcli.state_codec import CacheBlob, LayerKV, SeqState, StreamState
 
 
 @dataclass
@@ -78,8 +78,8 @@ class CacheLayout:
                     kv: dict[int, tuple[np.ndarray, np.ndarray]], seq_id: int = 0) -> SeqState:
         """A state holding, per cache group, cells at ``group_positions[g]`` with K, V rows.
 
-        ``kv[l]`` rows must match the positions of layer l's group; they are cast to the
-        layout's types.
+        ``kv[l]`` rows must match the positions of layer l's group; ``write_seq_state``
+        casts them to the layout's types as it writes them.
         """
         blobs = []
         for group, positions in zip(self.groups, group_positions):
@@ -92,8 +92,7 @@ class CacheLayout:
                 if len(k) != len(positions) or len(v) != len(positions):
                     raise ValueError(f"layer {il}: {len(k)} rows for {len(positions)} cells")
                 kt, vt = self.k_types[il], self.v_types[il]
-                layers.append(LayerKV(k_type=kt, k=np.asarray(k, KV_DTYPES[kt]),
-                                      v_type=vt, v=np.asarray(v, KV_DTYPES[vt])))
+                layers.append(LayerKV(k_type=kt, k=k, v_type=vt, v=v))
             seq = np.full(1, seq_id, dtype=np.int32)
             stream = StreamState(positions=np.asarray(positions, np.int32),
                                  seq_ids=[seq] * len(positions), v_trans=self.v_trans,

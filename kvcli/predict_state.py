@@ -113,8 +113,9 @@ def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: Mod
     return out
 
 
-def predicted_state(layout: CacheLayout, **kwargs):
-    """``predict_base_kv`` then pack the rows in ``layout`` (seq 0)."""
-    group_positions = kwargs["group_positions"]
-    kv = predict_base_kv(**kwargs)
-    return layout.build_state(group_positions, kv)
+def predicted_state_bytes(layout: CacheLayout, **kwargs) -> bytearray:
+    """``predict_base_kv``, then the state bytes of those rows in ``layout`` (seq 0)."""
+    from kvcli.state_codec import write_seq_state
+
+    state = layout.build_state(kwargs["group_positions"], predict_base_kv(**kwargs))
+    return write_seq_state(state, map_fn=_pool().map)

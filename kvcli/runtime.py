@@ -227,9 +227,13 @@ class Context:
             raise ContextError(f"llama_state_seq_get_data wrote {n} of {size} bytes")
         return bytes(buf)
 
-    def set_state(self, data: bytes, seq_id: int = 0, *, n_past: int | None = None) -> None:
+    def set_state(self, data: bytes | bytearray, seq_id: int = 0, *, n_past: int | None = None
+                  ) -> None:
         """``llama_state_seq_set_data`` into ``seq_id``; it clears that sequence first."""
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if isinstance(data, bytearray):
+            buf = (ctypes.c_uint8 * len(data)).from_buffer(data)  # no copy
+        else:
+            buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         n = self._lib.llama_state_seq_set_data(self.handle, buf, len(data), seq_id)
         if n == 0:
             raise ContextError("llama.cpp refused the sequence state (layout, types or size do "

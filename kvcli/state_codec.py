@@ -200,42 +200,100 @@ def parse_seq_state(data: bytes | memoryview, *, n_blobs: int | None = None,
     return SeqState(seq_id=seq_id, blobs=blobs)
 
 
-def _write_stream(out: list[bytes], s: StreamState) -> None:
+class _Writer:
+    """Fills one preallocated buffer: K and V rows are cast (and V transposed) straight into
+    it, with no intermediate copies. The casts are queued and run at the end, on ``map``
+    (e.g. a thread pool's: numpy casts release the GIL)."""
+
+    def __init__(self, size: int):
+        self.buf = bytearray(size)
+        self.view = np.frombuffer(self.buf, dtype=np.uint8)
+        self.offset = 0
+        self.copies: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def copy_later(self, dest: np.ndarray, src: np.ndarray) -> None:
+        self.copies.append((dest, src))
+
+    def run_copies(self, map_fn=map) -> None:
+        def copy(job):
+            job[0][...] = job[1]
+
+        for _ in map_fn(copy, self.copies):
+            pass
+
+    def pack(self, fmt: str, *values) -> None:
+        struct.pack_into(fmt, self.buf, self.offset, *values)
+        self.offset += struct.calcsize(fmt)
+
+    def array(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        n = int(np.prod(shape)) * dtype.itemsize
+        out = self.view[self.offset : self.offset + n].view(dtype).reshape(shape)
+        self.offset += n
+        return out
+
+
+def _cells_size(s: StreamState) -> int:
+    if all(len(ids) == 1 for ids in s.seq_ids):
+        return 12 * s.n_cells
+    return sum(8 + 4 * len(ids) for ids in s.seq_ids)
+
+
+def _stream_size(s: StreamState) -> int:
+    size = 4 + _cells_size(s) + 8
+    for layer in s.layers:
+        kt = _kv_dtype(layer.k_type, "a key cache")
+        vt = _kv_dtype(layer.v_type, "a value cache")
+        size += 12 + layer.k.shape[0] * layer.k.shape[1] * kt.itemsize
+        size += 12 + layer.v.shape[0] * layer.v.shape[1] * vt.itemsize
+    return size
+
+
+def _write_stream(w: _Writer, s: StreamState) -> None:
     n = s.n_cells
     if all(len(ids) == 1 for ids in s.seq_ids):
-        triples = np.empty((n, 3), dtype="<i4")
+        triples = w.array(np.dtype("<i4"), (n, 3))
         triples[:, 0] = s.positions
         triples[:, 1] = 1
-        triples[:, 2] = [int(ids[0]) for ids in s.seq_ids]
-        out.append(triples.tobytes())
+        triples[:, 2] = np.concatenate(s.seq_ids) if n else []
     else:
         for pos, ids in zip(s.positions, s.seq_ids):
-            out.append(struct.pack("<iI", int(pos), len(ids)))
-            out.append(np.asarray(ids, dtype="<i4").tobytes())
-    out.append(struct.pack("<II", int(s.v_trans), len(s.layers)))
+            w.pack("<iI", int(pos), len(ids))
+            w.array(np.dtype("<i4"), (len(ids),))[:] = ids
+    w.pack("<II", int(s.v_trans), len(s.layers))
     for layer in s.layers:
-        k = np.ascontiguousarray(layer.k, dtype=_kv_dtype(layer.k_type, "a key cache"))
-        out.append(struct.pack("<iQ", layer.k_type, k.shape[1] * k.itemsize))
-        out.append(k.tobytes())
+        dtype = _kv_dtype(layer.k_type, "a key cache")
+        w.pack("<iQ", layer.k_type, layer.k.shape[1] * dtype.itemsize)
+        w.copy_later(w.array(dtype, layer.k.shape), layer.k)
     for layer in s.layers:
-        v = np.asarray(layer.v, dtype=_kv_dtype(layer.v_type, "a value cache"))
+        dtype = _kv_dtype(layer.v_type, "a value cache")
+        cells, width = layer.v.shape
         if s.v_trans:
-            out.append(struct.pack("<iII", layer.v_type, v.itemsize, v.shape[1]))
-            out.append(np.ascontiguousarray(v.T).tobytes())
+            w.pack("<iII", layer.v_type, dtype.itemsize, width)
+            w.copy_later(w.array(dtype, (width, cells)), layer.v.T)
         else:
-            out.append(struct.pack("<iQ", layer.v_type, v.shape[1] * v.itemsize))
-            out.append(np.ascontiguousarray(v).tobytes())
+            w.pack("<iQ", layer.v_type, width * dtype.itemsize)
+            w.copy_later(w.array(dtype, (cells, width)), layer.v)
 
 
-def write_seq_state(state: SeqState) -> bytes:
-    """Serialize a SeqState into the bytes ``llama_state_seq_set_data`` reads."""
-    out: list[bytes] = [struct.pack("<Ii", STATE_MAGIC, state.seq_id)]
+def write_seq_state(state: SeqState, map_fn=map) -> bytearray:
+    """Serialize a SeqState into the bytes ``llama_state_seq_set_data`` reads.
+
+    K and V rows may be of any float dtype: they are cast to each layer's ggml type, one
+    layer per call of ``map_fn`` (default: the builtin map, in order)."""
+    streams = [s for blob in state.blobs for s in blob.streams if s is not None and s.n_cells]
+    size = 8 + sum(4 + 4 * len(blob.streams) for blob in state.blobs)
+    size += sum(_stream_size(s) - 4 for s in streams)
+    w = _Writer(size)
+    w.pack("<Ii", STATE_MAGIC, state.seq_id)
     for blob in state.blobs:
-        out.append(struct.pack("<I", len(blob.streams)))
+        w.pack("<I", len(blob.streams))
         for stream in blob.streams:
             if stream is None or stream.n_cells == 0:
-                out.append(struct.pack("<I", 0))
+                w.pack("<I", 0)
                 continue
-            out.append(struct.pack("<I", stream.n_cells))
-            _write_stream(out, stream)
-    return b"".join(out)
+            w.pack("<I", stream.n_cells)
+            _write_stream(w, stream)
+    if w.offset != size:
+        raise StateFormatError(f"state writer filled {w.offset} of {size} bytes")
+    w.run_copies(map_fn)
+    return w.buf
