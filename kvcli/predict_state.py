@@ -68,9 +68,17 @@ def rescale_to_key_norm(k: np.ndarray, weight: np.ndarray, head_dim: int) -> np.
 def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: ModelInfo,
                     predictor: Predictor, group_positions: list[np.ndarray],
                     bos: BosCell | None = None, key_norms: dict[int, np.ndarray] | None = None,
-                    hidden: list[np.ndarray] = ()) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """K (post-RoPE) and V rows per base layer, for the positions of its cache group."""
+                    hidden: list[np.ndarray] = (), hidden_start: int = 0
+                    ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """K (post-RoPE) and V rows per base layer, for the positions of its cache group.
+
+    The auxiliary's cells must hold positions 0..n-1; ``hidden`` rows start at position
+    ``hidden_start`` (a conversation's auxiliary decodes only its new tokens)."""
     n_cells = max((len(p) and int(p[-1]) + 1) for p in group_positions)
+    first = min((int(p[0]) for p in group_positions if len(p)), default=n_cells)
+    if hidden and not (hidden_start <= first and hidden_start + len(hidden[0]) >= n_cells):
+        raise IncompatibleError(f"captured hidden rows cover positions {hidden_start}.."
+                                f"{hidden_start + len(hidden[0]) - 1}, not {first}..{n_cells - 1}")
     layer_positions = {}
     for group, positions in zip(base.cache_layer_groups, group_positions):
         for il in group:
@@ -86,16 +94,18 @@ def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: Mod
         rows = layer_positions[il]
         out[il] = (aux_layers[il].k[rows], aux_layers[il].v[rows])
 
-    features = {}
+    features = {}  # row i: position first + i
     for src in predictor.feature_layers:
         cells = aux_layers[src]
-        positions = cells.positions[:n_cells]
-        kv = {src: (unrotate(cells.k[:n_cells], positions, aux.rope[src]), cells.v[:n_cells])}
-        features[src] = build_features(kv, src, [h[:n_cells] for h in hidden])
+        positions = cells.positions[first:n_cells]
+        kv = {src: (unrotate(cells.k[first:n_cells], positions, aux.rope[src]),
+                    cells.v[first:n_cells])}
+        h0 = first - hidden_start
+        features[src] = build_features(kv, src, [h[h0 : h0 + n_cells - first] for h in hidden])
 
     def predict_one(il: int) -> tuple[np.ndarray, np.ndarray]:
         rows = layer_positions[il]
-        k, v = predictor.predict_layer(features[predictor.layer_map[il]], il, rows)
+        k, v = predictor.predict_layer(features[predictor.layer_map[il]], il, rows - first)
         if key_norms is not None:
             k = rescale_to_key_norm(np.ascontiguousarray(k), key_norms[il], base.head_dim_k)
         return rotate(k, rows, base.rope[il]), v

@@ -1,0 +1,183 @@
+"""A conversation with predicted prefill, incremental across turns.
+
+The base context keeps its cache from turn to turn. Each turn the conversation is rendered
+with the chat template and tokenized; the tokens the base already holds (the longest common
+prefix) stay, the rest are new. With kvp the auxiliary, whose own context is kept in step
+with the conversation, decodes the new tokens but the last W+1; the base's cells of those
+positions are predicted, and the state written back holds the base's earlier cells byte for
+byte plus the predicted ones (``llama_state_seq_set_data`` replaces a whole sequence). The
+base then decodes the last W+1 prompt tokens and the reply itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvcli.engine import Engine
+from kvcli.errors import ContextError, KvcliError
+from kvcli.kv_layout import layers_by_index
+from kvcli.predict_state import _pool, needed_positions, predict_base_kv
+from kvcli.runtime import apply_chat_template, model_chat_template
+from kvcli.sampling import Sampler
+from kvcli.state_codec import parse_seq_state, write_seq_state
+
+# the template of an architecture whose GGUF stores none (llama.cpp's built-in names)
+ARCH_TEMPLATES = {"gemma3": "gemma", "qwen2": "chatml", "llama": "llama2"}
+CHAT_MODES = ("kvp", "base")
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    x, y = np.asarray(a[:n]), np.asarray(b[:n])
+    diff = np.flatnonzero(x != y)
+    return int(diff[0]) if len(diff) else n
+
+
+@dataclass
+class TurnStats:
+    mode: str
+    n_new: int  # prompt tokens processed this turn (after the cached prefix)
+    n_predicted: int  # of those, positions whose base cells were predicted
+    ttft_ms: float
+    n_gen: int
+    gen_ms: float
+    interrupted: bool = False
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.n_gen / (self.gen_ms / 1e3) if self.gen_ms > 0 else 0.0
+
+
+class Conversation:
+    def __init__(self, engine: Engine, *, system: str | None = None, template: str | None = None,
+                 mode: str = "kvp", tail: int = 0, n_predict: int = 256, drop_old: bool = False,
+                 sampler: Sampler | None = None):
+        self.engine = engine
+        self.template = template or model_chat_template(engine.model) or \
+            ARCH_TEMPLATES.get(engine.base_info.arch, "chatml")
+        self.system = system
+        self.tail, self.n_predict, self.drop_old = tail, n_predict, drop_old
+        self.sampler = sampler or Sampler()
+        self.messages: list[dict] = []
+        self.base_tokens: list[int] = []  # what the base context holds, by position
+        self.aux_tokens: list[int] = []  # what the auxiliary context holds
+        self.history: list[TurnStats] = []
+        self.mode = "base"
+        self.set_mode(mode)
+        self.render([{"role": "user", "content": "hi"}])  # fail early on an unknown template
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in CHAT_MODES:
+            raise KvcliError(f"unknown chat mode {mode!r} (one of {', '.join(CHAT_MODES)})")
+        if mode == "kvp" and self.engine.predictor is None:
+            raise KvcliError("mode kvp needs a bundle with an auxiliary and a predictor")
+        self.mode = mode
+
+    def reset(self) -> None:
+        self.messages.clear()
+        self.base_tokens, self.aux_tokens = [], []
+        self.engine.base.clear()
+        if self.engine.aux is not None:
+            self.engine.aux.clear()
+
+    def render(self, messages: list[dict]) -> str:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return apply_chat_template(self.template, head + messages, add_assistant=True)
+
+    def tokens_for(self, messages: list[dict]) -> list[int]:
+        return self.engine.model.tokenize(self.render(messages))
+
+    def _fit(self, user: dict) -> list[int]:
+        """The prompt tokens with ``user`` added; drops old turns with ``drop_old``."""
+        n_ctx = self.engine.base.n_ctx
+        while True:
+            tokens = self.tokens_for([*self.messages, user])
+            if len(tokens) + 1 <= n_ctx:
+                return tokens
+            if not self.drop_old or not self.messages:
+                raise ContextError(f"this turn needs {len(tokens)} tokens but the context holds "
+                                   f"{n_ctx}; /reset, a larger --ctx, or --drop-old")
+            del self.messages[: 2 if len(self.messages) > 1 else 1]  # the oldest exchange
+
+    def send(self, text: str, on_token: Callable[[int], None] | None = None) -> tuple[str, TurnStats]:
+        """One turn: prefill what is new, then stream the reply. Ctrl-C stops the reply."""
+        user = {"role": "user", "content": text}
+        tokens = self._fit(user)
+        start = time.perf_counter()
+        logits, n_new, n_predicted = self._prefill(tokens)
+        token = self.sampler.sample(logits)
+        ttft = (time.perf_counter() - start) * 1e3
+        self.messages.append(user)
+        ctx, out, interrupted = self.engine.base, [], False
+        gen_start = time.perf_counter()
+        try:
+            while not ctx.model.is_eog(token) and len(out) < self.n_predict:
+                out.append(token)
+                if on_token is not None:
+                    on_token(token)
+                if ctx.n_past + 1 >= ctx.n_ctx:
+                    break
+                ctx.decode([token], logits_last=True)
+                token = self.sampler.sample(ctx.last_logits())
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            self.base_tokens = (tokens + out)[: ctx.n_past]
+        reply = ctx.model.detokenize(out)
+        self.messages.append({"role": "assistant", "content": reply})
+        stats = TurnStats(self.mode, n_new, n_predicted, ttft, len(out),
+                          (time.perf_counter() - gen_start) * 1e3, interrupted)
+        self.history.append(stats)
+        return reply, stats
+
+    def _prefill(self, tokens: list[int]) -> tuple[np.ndarray, int, int]:
+        """Returns the last logits, the prompt tokens processed, the positions predicted."""
+        base = self.engine.base
+        p0 = min(common_prefix(self.base_tokens, tokens), len(tokens) - 1)
+        base.truncate(p0)
+        self.base_tokens = tokens[:p0]
+        n_new = len(tokens) - p0
+        n_pred = len(tokens) - 1 - max(0, self.tail)
+        n_predicted = 0
+        if self.mode == "kvp" and n_pred > p0:
+            self._predict_into_base(tokens, p0, n_pred)
+            n_predicted = n_pred - p0
+            p0 = n_pred
+        base.decode(tokens[p0:], start=p0, logits_last=True)
+        self.base_tokens = list(tokens)
+        return base.last_logits(), n_new, n_predicted
+
+    def _predict_into_base(self, tokens: list[int], p0: int, n_pred: int) -> None:
+        eng = self.engine
+        aux = eng.aux
+        a0 = common_prefix(self.aux_tokens, tokens[:n_pred])
+        aux.truncate(a0)
+        if aux.capture is not None:
+            aux.capture.clear()
+        aux.decode(tokens[a0:n_pred], start=a0)
+        self.aux_tokens = tokens[:n_pred]
+        hidden = aux.capture.take(n_pred - a0) if aux.capture is not None else []
+        aux_layers = layers_by_index(parse_seq_state(aux.get_state(-1)), eng.aux_info)
+        layout, bos = eng._base_layout()
+        new_positions = [p[p >= p0] for p in needed_positions(eng.base_info, n_pred, first_query=n_pred)]
+        kv = predict_base_kv(aux_layers, eng.aux_info, eng.base_info, eng.predictor, new_positions,
+                             bos=bos if tokens[0] == eng.model.bos else None,
+                             key_norms=eng.key_norms, hidden=hidden, hidden_start=a0)
+        old = layers_by_index(parse_seq_state(eng.base.get_state(0)), eng.base_info) if p0 else {}
+        merged_positions = []
+        for group, positions in zip(eng.base_info.cache_layer_groups, new_positions):
+            cells = old.get(group[0]) if group else None
+            keep = (cells.positions < p0) if cells is not None else None
+            old_positions = cells.positions[keep] if cells is not None else positions[:0]
+            merged_positions.append(np.concatenate([old_positions, positions]))
+            for il in group:
+                if cells is None:
+                    continue
+                k, v = kv[il]
+                kv[il] = (np.concatenate([old[il].k[keep], k]), np.concatenate([old[il].v[keep], v]))
+        state = layout.build_state(merged_positions, kv)
+        eng.base.set_state(write_seq_state(state, map_fn=_pool().map), 0, n_past=n_pred)
