@@ -66,6 +66,7 @@ class Conversation:
         self.base_tokens: list[int] = []  # what the base context holds, by position
         self.aux_tokens: list[int] = []  # what the auxiliary context holds
         self.history: list[TurnStats] = []
+        self.predicted_spans: list[tuple[int, int]] = []  # [p0, p1) whose base cells were predicted
         self.mode = "base"
         self.set_mode(mode)
         self.render([{"role": "user", "content": "hi"}])  # fail early on an unknown template
@@ -79,7 +80,7 @@ class Conversation:
 
     def reset(self) -> None:
         self.messages.clear()
-        self.base_tokens, self.aux_tokens = [], []
+        self.base_tokens, self.aux_tokens, self.predicted_spans = [], [], []
         self.engine.base.clear()
         if self.engine.aux is not None:
             self.engine.aux.clear()
@@ -140,11 +141,13 @@ class Conversation:
         p0 = min(common_prefix(self.base_tokens, tokens), len(tokens) - 1)
         base.truncate(p0)
         self.base_tokens = tokens[:p0]
+        self.predicted_spans = [(a, min(b, p0)) for a, b in self.predicted_spans if a < p0]
         n_new = len(tokens) - p0
         n_pred = len(tokens) - 1 - max(0, self.tail)
         n_predicted = 0
         if self.mode == "kvp" and n_pred > p0:
             self._predict_into_base(tokens, p0, n_pred)
+            self.predicted_spans.append((p0, n_pred))
             n_predicted = n_pred - p0
             p0 = n_pred
         base.decode(tokens[p0:], start=p0, logits_last=True)

@@ -158,7 +158,8 @@ class Context:
         self.model = model
         self.settings = settings
         self.handle = handle
-        self.n_ctx = lib.llama_n_ctx(handle)
+        self.n_ctx = lib.llama_n_ctx(handle)  # llama.cpp may round the requested size up
+        self.n_batch = lib.llama_n_batch(handle)  # ... and clamp n_batch to the requested n_ctx
         self.memory = lib.llama_get_memory(handle)
         self._batch = lib.llama_batch_init(settings.n_batch, 0, 1)
         self.n_past = 0
@@ -180,7 +181,7 @@ class Context:
             raise ContextError(f"{start + len(tokens)} tokens do not fit the context of "
                                f"{self.n_ctx}; use a shorter prompt or a larger --ctx")
         b = self._batch
-        n_batch = self.settings.n_batch
+        n_batch = min(self.n_batch, self.settings.n_batch)
         for lo in range(0, len(tokens), n_batch):
             chunk = tokens[lo : lo + n_batch]
             n = len(chunk)

@@ -108,3 +108,13 @@ def test_calibration_captures_the_auxiliary_hidden_tensors(tiny_gemma3, tiny_bun
     assert pred.n_features(2) == kv_width + hidden_feature_width(aux) == kv_width + 64 + 4 * 16
     # the hidden features carry signal: their rows of the fitted map are not all zero
     assert np.abs(pred.weights[2][kv_width:]).max() > 1e-3
+
+
+def test_a_context_smaller_than_n_batch_decodes_in_its_own_batches(tiny_llama):
+    """llama.cpp rounds n_ctx up (160 -> 256) but clamps n_batch to the requested 160: a
+    decode chunked by the requested n_batch (512) would abort the process."""
+    with Engine(tiny_llama, settings=ContextSettings(n_ctx=160)) as eng:
+        assert eng.base.n_batch <= 160 < eng.base.n_ctx
+        tokens = random_prompt(200, eng.model.n_vocab, eng.model.bos, low=3)
+        eng.base.decode(tokens, logits_last=True)
+        assert eng.base.n_past == 200 and np.isfinite(eng.base.last_logits()).all()

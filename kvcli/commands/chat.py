@@ -36,7 +36,7 @@ class Transcript:
         self.file = None
         if path is not None:
             try:
-                self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives with the chat
+                self.file = open(path, "a", encoding="utf-8")
             except OSError as exc:
                 raise KvcliError(f"cannot write the transcript {path}: {exc.strerror}") from None
 

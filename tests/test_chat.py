@@ -1,0 +1,127 @@
+"""kvcli chat: incremental prediction across turns on real llama.cpp contexts."""
+
+import numpy as np
+import pytest
+
+from kvcli.bundle import build_bundle
+from kvcli.chat import Conversation, common_prefix
+from kvcli.engine import Engine
+from kvcli.errors import ContextError
+from kvcli.kv_layout import layers_by_index
+from kvcli.predict_state import needed_positions, predict_base_kv
+from kvcli.runtime import ContextSettings
+from kvcli.state_codec import parse_seq_state, write_seq_state
+
+TURNS = ["the cat and the dog sat on the mat in the sun and the cat ate the fish",
+         "and then the man saw the cat on the mat and the dog in the sun",
+         "is the cat on the mat or in the sun, and is the fish on the mat"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_gemma3, tmp_path_factory):
+    return build_bundle(tiny_gemma3, tmp_path_factory.mktemp("chat") / "b", n_aux_layers=2,
+                        n_tokens=600)
+
+
+def open_engine(bundle, n_ctx=1024):
+    return Engine(bundle.base, aux_path=bundle.aux, predictor_path=bundle.predictor,
+                  settings=ContextSettings(n_ctx=n_ctx))
+
+
+def cells(ctx, info):
+    return layers_by_index(parse_seq_state(ctx.get_state(0)), info)
+
+
+def test_common_prefix():
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2 and common_prefix([], [1]) == 0
+
+
+def test_three_incremental_turns_equal_prediction_from_scratch(tiny_bundle):
+    with open_engine(tiny_bundle) as eng:
+        info = eng.base_info
+        conv = Conversation(eng, mode="kvp", n_predict=6)
+        for text in TURNS[:2]:
+            conv.send(text)
+        before = cells(eng.base, info)
+        tokens = conv._fit({"role": "user", "content": TURNS[2]})
+        logits, n_new, n_predicted = conv._prefill(tokens)
+        assert n_predicted == n_new - 1 > 10 and len(conv.predicted_spans) == 3
+        after = cells(eng.base, info)
+        p0, n_pred = conv.predicted_spans[-1]
+        # what the base held before this turn (its replies, tails, earlier predictions) stays,
+        # byte for byte; sliding layers may drop cells no later query can see
+        for il, old in before.items():
+            kept = old.positions[old.positions < p0]
+            both = np.intersect1d(kept, after[il].positions)
+            if not info.is_swa[il]:
+                assert len(both) == len(kept) > 0
+            a, o = np.searchsorted(after[il].positions, both), np.searchsorted(old.positions, both)
+            np.testing.assert_array_equal(after[il].k[a], old.k[o])
+            np.testing.assert_array_equal(after[il].v[a], old.v[o])
+
+        # from scratch: the auxiliary prefills the whole conversation in one go
+        aux = eng.aux
+        aux.clear()
+        aux.capture.clear()
+        aux.decode(tokens[:n_pred])
+        hidden = aux.capture.take(n_pred)
+        aux_layers = layers_by_index(parse_seq_state(aux.get_state(-1)), eng.aux_info)
+        positions = needed_positions(info, n_pred, first_query=n_pred)
+        _, bos = eng._base_layout()
+        scratch = predict_base_kv(aux_layers, eng.aux_info, info, eng.predictor, positions, bos=bos,
+                                  key_norms=eng.key_norms, hidden=hidden)
+        predicted = np.concatenate([np.arange(a, b) for a, b in conv.predicted_spans])
+        group_of = {il: g for g, group in enumerate(info.cache_layer_groups) for il in group}
+        compared = 0
+        for il in eng.predictor.predicted_layers:
+            pos = positions[group_of[il]]
+            both = np.intersect1d(np.intersect1d(pos, predicted), after[il].positions)
+            inc_rows = np.searchsorted(after[il].positions, both)
+            scr_rows = np.searchsorted(pos, both)
+            for inc, scr in ((after[il].k, scratch[il][0]), (after[il].v, scratch[il][1])):
+                a, b = inc[inc_rows].astype(np.float32), scr[scr_rows]
+                assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max(), il
+            compared += len(both)
+        assert compared > 50
+
+        # the same first token from a base given the scratch prediction at those positions
+        rebuilt = {}
+        for il, c in after.items():
+            c.k, c.v, c.positions = c.k[c.positions < n_pred], c.v[c.positions < n_pred], \
+                c.positions[c.positions < n_pred]  # the base decodes the tail again below
+            k, v = c.k.astype(np.float32), c.v.astype(np.float32)
+            if il in scratch:
+                pos = positions[group_of[il]]
+                both = np.intersect1d(np.intersect1d(pos, predicted), c.positions)
+                k[np.searchsorted(c.positions, both)] = scratch[il][0][np.searchsorted(pos, both)]
+                v[np.searchsorted(c.positions, both)] = scratch[il][1][np.searchsorted(pos, both)]
+            rebuilt[il] = (k, v)
+        layout, _ = eng._base_layout()
+        group_positions = [after[g[0]].positions for g in info.cache_layer_groups]
+        eng.base.set_state(write_seq_state(layout.build_state(group_positions, rebuilt)), 0,
+                           n_past=n_pred)
+        eng.base.decode(tokens[n_pred:], start=n_pred, logits_last=True)
+        assert int(np.argmax(eng.base.last_logits())) == int(np.argmax(logits))
+
+
+def test_base_mode_matches_a_plain_prefill_and_context_policy(tiny_bundle):
+    with open_engine(tiny_bundle, n_ctx=256) as eng:
+        conv = Conversation(eng, mode="base", n_predict=4)
+        conv.send(TURNS[0])
+        tokens = conv._fit({"role": "user", "content": TURNS[1]})
+        logits, n_new, n_predicted = conv._prefill(tokens)
+        assert n_predicted == 0 and n_new < len(tokens)
+        with Engine(tiny_bundle.base, settings=ContextSettings(n_ctx=256)) as plain:
+            plain.base.decode(conv.base_tokens[: len(tokens)], logits_last=True)
+            assert int(np.argmax(plain.base.last_logits())) == int(np.argmax(logits))
+        conv.reset()
+        long_text = " ".join(TURNS) * 3
+        with pytest.raises(ContextError, match="--drop-old"):
+            conv.send(long_text)
+        assert conv.messages == []
+        conv.drop_old = True
+        conv.send(TURNS[0])
+        conv.send(TURNS[1])
+        conv.send(" ".join(TURNS))  # does not fit beside the earlier turns: they are dropped
+        assert conv.messages[0]["content"] != TURNS[0]
