@@ -31,6 +31,7 @@ class Method:
     mode: str
     tail: int = 0
     keep: int | None = None
+    aux_load: str = ""  # kvp: "file" runs on an engine that loads the cut auxiliary file
 
 
 @dataclass
@@ -68,20 +69,28 @@ def _matched_keep(engine: Engine, tokens: list[int], base_ms: float, kvp_ms: flo
 
 
 def bench_length(engine: Engine, n_tokens: int, *, modes: list[str], tails: list[int],
-                 repeats: int, warmup: int, progress: Callable[[], None] | None = None
+                 repeats: int, warmup: int, progress: Callable[[], None] | None = None,
+                 file_engine: Engine | None = None
                  ) -> tuple[dict[Method, Runs], list[list[int]]]:
+    """``file_engine``: also time kvp (tail 0) with the cut auxiliary file loaded."""
     prompts = bench_prompts(engine, n_tokens, repeats)
     methods = [Method("base")] if "base" in modes else []
     if "kvp" in modes:
         methods += [Method("kvp", tail=t) for t in tails]
+        if file_engine is not None:
+            methods.append(Method("kvp", aux_load="file"))
+
+    def pick(m: Method) -> Engine:
+        return file_engine if m.aux_load == "file" else engine
+
     for _ in range(warmup):  # a first run allocates; it is never timed
         for m in methods:
-            _prefill(engine, prompts[0], m)
+            _prefill(pick(m), prompts[0], m)
     runs = {m: Runs() for m in methods}
     for i, tokens in enumerate(prompts):
         ref = None
         for m in list(methods):
-            ref = _record(engine, tokens, m, runs[m], ref)
+            ref = _record(pick(m), tokens, m, runs[m], ref)
             if progress:
                 progress()
         if i == 0 and "truncate" in modes:
@@ -122,6 +131,7 @@ def summarize(n_tokens: int, runs: dict[Method, Runs]) -> list[dict]:
         mean = statistics.fmean(r.ttft_ms)
         row = {
             "n_prompt": n_tokens, "mode": m.mode, "tail": m.tail, "keep": m.keep,
+            "aux_load": m.aux_load or None,
             "repeats": len(r.ttft_ms), "ttft_ms_mean": round(mean, 2),
             "ttft_ms_std": round(statistics.stdev(r.ttft_ms), 2) if len(r.ttft_ms) > 1 else 0.0,
             "ttft_ms_median": round(statistics.median(r.ttft_ms), 2),

@@ -41,13 +41,18 @@ def hidden_feature_width(info) -> int:
 
 
 class TensorCapture:
-    """Collects the rows of the named f32 tensors, ubatch by ubatch, until ``take``."""
+    """Collects the rows of the named f32 tensors, ubatch by ubatch, until ``take``.
 
-    def __init__(self, names: list[str]):
+    ``stop_after``: a tensor after which the graph stops (the callback returns False):
+    a base model run as a view of its own prefix computes layers 0..k-1 only."""
+
+    def __init__(self, names: list[str], stop_after: str | None = None):
         import llama_cpp
 
         self.names = list(names)
         self._wanted = {n.encode() for n in names}
+        self._stop = stop_after.encode() if stop_after else None
+        self._asked = self._wanted | ({self._stop} if self._stop else set())
         self._rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
         self._error: str | None = None
 
@@ -55,10 +60,10 @@ class TensorCapture:
         def callback(tensor, ask, user_data):
             t = ctypes.cast(tensor, ctypes.POINTER(_GGMLTensor)).contents
             if ask:
-                return t.name in self._wanted
+                return t.name in self._asked
             if t.name in self._wanted:
                 self._copy(t)
-            return True
+            return t.name != self._stop
 
         self.callback = callback  # keep a reference: llama.cpp holds only the pointer
 

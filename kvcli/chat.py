@@ -164,7 +164,7 @@ class Conversation:
         aux.decode(tokens[a0:n_pred], start=a0)
         self.aux_tokens = tokens[:n_pred]
         hidden = aux.capture.take(n_pred - a0) if aux.capture is not None else []
-        aux_layers = layers_by_index(parse_seq_state(aux.get_state(-1)), eng.aux_info)
+        aux_layers = layers_by_index(parse_seq_state(aux.get_state(-1)), eng.aux_state_info)
         layout, bos = eng._base_layout()
         new_positions = [p[p >= p0] for p in needed_positions(eng.base_info, n_pred, first_query=n_pred)]
         kv = predict_base_kv(aux_layers, eng.aux_info, eng.base_info, eng.predictor, new_positions,

@@ -155,3 +155,31 @@ def check_bundle(folder: str | Path) -> CheckResult:
     return CheckResult("bundle", True, f"sha256 ok; predictor fits base and {aux.n_layer}-layer "
                        f"auxiliary ({len(pred.copied_layers)} layers copied, "
                        f"{len(pred.predicted_layers)} predicted, {pred.storage_type})")
+
+
+def check_view(folder: str | Path, n_tokens: int = 200) -> CheckResult | None:
+    """For a prefix auxiliary: the base run as a view of its first k layers (stopped by the
+    eval callback) caches exactly what the base itself caches in those layers."""
+    from kvcli.bundle import load_bundle
+    from kvcli.engine import Engine
+
+    b = load_bundle(folder)
+    settings = ContextSettings(n_ctx=n_tokens + 16)
+    with Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=settings) as eng:
+        if not eng.view_layers:
+            return None
+        k = eng.view_layers
+        tokens = check_prompt(eng.model, eng.base_info, n_tokens)
+        cells = []
+        for ctx in (eng.aux, eng.base):
+            ctx.clear()
+            if ctx.capture is not None:
+                ctx.capture.clear()
+            ctx.decode(tokens)
+            cells.append(layers_by_index(parse_seq_state(ctx.get_state(0)), eng.base_info))
+        view, base = cells
+        same = all(np.array_equal(view[il].k, base[il].k) and np.array_equal(view[il].v, base[il].v)
+                   for il in range(k))
+    return CheckResult("auxiliary as a view", same,
+                       f"layers 0..{k - 1} of the base's own model, {n_tokens} tokens: K, V "
+                       + ("identical to the bit" if same else "DIFFER from the base's"))

@@ -70,7 +70,9 @@ class Engine:
 
     def __init__(self, base_path: str | Path, *, aux_path: str | Path | None = None,
                  predictor_path: str | Path | None = None,
-                 settings: ContextSettings | None = None, key_norm_rescale: bool = True):
+                 settings: ContextSettings | None = None, key_norm_rescale: bool = True,
+                 aux_view: bool = True):
+        """``aux_view``: run a prefix auxiliary as a view of the base (see ``view_layers``)."""
         self.base_info = read_model_info(base_path, "base model")
         self.aux_info = read_model_info(aux_path, "auxiliary") if aux_path else None
         self.predictor = None
@@ -86,13 +88,22 @@ class Engine:
         self.key_norms = key_norm_weights(self.base_info) if key_norm_rescale else None
         self._models: list[Model] = []
         self._contexts: list[Context] = []
+        self.view_layers = self._prefix_of_base() if aux_view else 0
+        self.aux_state_info = self.base_info if self.view_layers else self.aux_info
+        self._aux_alone: Context | None = None
         try:
             self.base = self._open(self.base_info.path, "base model")
-            capture = None
-            if self.predictor is not None and self.predictor.uses_hidden:
-                capture = TensorCapture(hidden_tensor_names(self.aux_info.n_layer))
-            self.aux = (self._open(self.aux_info.path, "auxiliary", capture)
-                        if self.aux_info else None)
+            names = (hidden_tensor_names(self.aux_info.n_layer)
+                     if self.predictor is not None and self.predictor.uses_hidden else [])
+            if self.view_layers:
+                # the base's own model, stopped after layer k-1: no second copy of the weights
+                stop = TensorCapture(names, stop_after=f"l_out-{self.view_layers - 1}")
+                self.aux = Context(self.base.model, self.settings, capture=stop)
+                self._contexts.append(self.aux)
+            else:
+                self.aux = (self._open(self.aux_info.path, "auxiliary",
+                                       TensorCapture(names) if names else None)
+                            if self.aux_info else None)
         except BaseException:
             self.close()
             raise
@@ -100,6 +111,29 @@ class Engine:
         self._bos: BosCell | None = None
         if self.predictor is not None:
             self._base_layout()  # once, outside any timed prefill
+
+    def _prefix_of_base(self) -> int:
+        """k when the auxiliary is the base's layers 0..k-1 (a kvcli prefix cut) and a
+        predictor is loaded: the base then runs as its own auxiliary, its graph stopped by
+        the eval callback after layer k-1 (the same K, V and hidden tensors, DESIGN.md 5c)."""
+        aux = self.aux_info
+        if self.predictor is None or aux is None or aux.source_fingerprint != self.base_info.fingerprint:
+            return 0
+        k = aux.n_layer
+        return k if aux.source_layers == tuple(range(k)) and k < self.base_info.n_layer else 0
+
+    @property
+    def aux_load(self) -> str:
+        """How the auxiliary is loaded: "view" (of the base), "file" or "none"."""
+        return "view" if self.view_layers else ("file" if self.aux is not None else "none")
+
+    def _aux_alone_context(self) -> Context:
+        """A context that runs the auxiliary alone to its LM head (mode aux): the cut file."""
+        if not self.view_layers:
+            return self.aux
+        if self._aux_alone is None:
+            self._aux_alone = self._open(self.aux_info.path, "auxiliary")
+        return self._aux_alone
 
     def _open(self, path: Path, what: str, capture=None) -> Context:
         model = Model(path, what=what)
@@ -169,13 +203,14 @@ class Engine:
         if self.aux is None:
             raise KvcliError(f"mode {mode} needs an auxiliary model (use a bundle)")
         if mode == "aux":
+            aux = self._aux_alone_context()
             clock = _Clock()
-            self.aux.clear()
-            if self.aux.capture is not None:
-                self.aux.capture.clear()
-            self.aux.decode(tokens, logits_last=True)
+            aux.clear()
+            if aux.capture is not None:
+                aux.capture.clear()
+            aux.decode(tokens, logits_last=True)
             t.aux_prefill_ms = clock.lap()
-            return self.aux, self.aux.last_logits(), t
+            return aux, aux.last_logits(), t
         return self.base, self._kvp(tokens, tail, t), t
 
     def _plain(self, ctx: Context, tokens: list[int], t: Timings) -> np.ndarray:
@@ -202,7 +237,7 @@ class Engine:
         hidden = self.aux.capture.take(n_pred) if self.aux.capture is not None else []
         raw = self.aux.get_state(-1)
         t.state_get_ms = clock.lap()
-        aux_layers = layers_by_index(parse_seq_state(raw), self.aux_info)
+        aux_layers = layers_by_index(parse_seq_state(raw), self.aux_state_info)
         group_positions = needed_positions(self.base_info, n_pred, first_query=n_pred)
         data = predicted_state_bytes(
             layout, aux_layers=aux_layers, aux=self.aux_info, base=self.base_info,

@@ -77,6 +77,11 @@ def describe_bundle(folder: Path, verify: bool = False) -> dict:
     out = {"kind": "bundle", "path": str(Path(folder).resolve()), "kvcli": b.manifest.get("kvcli"),
            "base": describe_model(b.base), "aux": describe_model(b.aux),
            "predictor": describe_predictor(b.predictor)}
+    base, aux = out["base"], out["aux"]
+    prefix = aux.get("cut_from", {})
+    is_view = (prefix.get("base_fingerprint") == base["fingerprint"]
+               and prefix.get("base_layers") == list(range(aux["n_layer"])))
+    out["aux_load"] = "view" if is_view else "file"  # how kvcli runs the auxiliary (engine.py)
     try:
         check_compatible(b.base, b.aux, b.predictor)
         out["compatible"], out["problem"] = True, None

@@ -52,17 +52,19 @@ def bench_ttft(rows: list[dict], path: Path) -> Path:
     """Left: TTFT (mean, std as error bars) against N per mode. Right: kvp's breakdown."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    labels = sorted({(r["mode"], r["tail"]) for r in rows})
-    for mode, tail in labels:
-        mine = sorted((r for r in rows if (r["mode"], r["tail"]) == (mode, tail)),
-                      key=lambda r: r["n_prompt"])
+    def key(r):
+        return r["mode"], r.get("aux_load") or "", r["tail"]
+
+    for mode, load, tail in sorted({key(r) for r in rows}):
+        mine = sorted((r for r in rows if key(r) == (mode, load, tail)), key=lambda r: r["n_prompt"])
         left.errorbar([r["n_prompt"] for r in mine], [r["ttft_ms_mean"] for r in mine],
                       yerr=[r["ttft_ms_std"] for r in mine], marker="o", capsize=3,
-                      label=mode + (f" tail {tail}" if tail else ""))
+                      label=mode + (f" ({load})" if load else "") + (f" tail {tail}" if tail else ""))
     left.set(xlabel="prompt tokens N", ylabel="TTFT (ms)", title="time to first token")
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
-    kvp = sorted((r for r in rows if r["mode"] == "kvp" and not r["tail"]), key=lambda r: r["n_prompt"])
+    kvp = sorted((r for r in rows if r["mode"] == "kvp" and not r["tail"]
+                  and r.get("aux_load") != "file"), key=lambda r: r["n_prompt"])
     if kvp:
         x = [str(r["n_prompt"]) for r in kvp]
         bottom = [0.0] * len(kvp)

@@ -16,20 +16,22 @@ SETTINGS = {"n_threads", "n_batch", "n_ubatch", "type_k", "type_v", "flash_attn"
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tiny_gemma3, tmp_path_factory):
-    return build_bundle(tiny_gemma3, tmp_path_factory.mktemp("bench") / "b", n_tokens=600)
+    return build_bundle(tiny_gemma3, tmp_path_factory.mktemp("bench") / "b", n_aux_layers=2,
+                        n_tokens=600)
 
 
 def test_json_rows_ratios_and_plot(tiny_bundle, tmp_path):
     plot = tmp_path / "bench.png"
     res = kvcli("bench-ttft", "--bundle", tiny_bundle.folder, "-p", "64,96", "-r", "2",
-                "--tails", "0,8", "--json", "--plot", plot)
+                "--tails", "0,8", "--aux-load", "both", "--json", "--plot", plot)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert SETTINGS <= set(out["settings"]) and out["settings"]["repeats"] == 2
     rows = out["rows"]
-    assert [(r["n_prompt"], r["mode"], r["tail"]) for r in rows] == [
-        (n, mode, tail) for n in (64, 96)
-        for mode, tail in (("base", 0), ("kvp", 0), ("kvp", 8), ("truncate", 0))]
+    assert [(r["n_prompt"], r["mode"], r["tail"], r["aux_load"]) for r in rows] == [
+        (n, *method) for n in (64, 96)
+        for method in (("base", 0, None), ("kvp", 0, "view"), ("kvp", 8, "view"),
+                       ("kvp", 0, "file"), ("truncate", 0, None))]
     for r in rows:
         assert ROW_KEYS <= set(r), r
         assert r["repeats"] == 2 and r["ttft_ms_mean"] > 0 and r["peak_rss_mib"] > 0
@@ -45,8 +47,9 @@ def test_json_rows_ratios_and_plot(tiny_bundle, tmp_path):
         if r["mode"] == "truncate":
             assert 16 <= r["keep"] < r["n_prompt"]
     assert base["first_token_agreement"] == 1.0 and base["kl_mean"] == 0.0
-    kvp_rss = next(r["peak_rss_mib"] for r in rows if r["mode"] == "kvp")
-    assert kvp_rss > base["peak_rss_mib"]  # the auxiliary's own weights are resident too
+    kvp_file = next(r["pss_mib"] for r in rows if r["aux_load"] == "file")
+    kvp_view = next(r["pss_mib"] for r in rows if r["aux_load"] == "view")
+    assert kvp_file > kvp_view  # the cut file's own weights are resident too
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
 
 

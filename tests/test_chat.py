@@ -66,7 +66,7 @@ def test_three_incremental_turns_equal_prediction_from_scratch(tiny_bundle):
         aux.capture.clear()
         aux.decode(tokens[:n_pred])
         hidden = aux.capture.take(n_pred)
-        aux_layers = layers_by_index(parse_seq_state(aux.get_state(-1)), eng.aux_info)
+        aux_layers = layers_by_index(parse_seq_state(aux.get_state(-1)), eng.aux_state_info)
         positions = needed_positions(info, n_pred, first_query=n_pred)
         _, bos = eng._base_layout()
         scratch = predict_base_kv(aux_layers, eng.aux_info, info, eng.predictor, positions, bos=bos,

@@ -155,7 +155,9 @@ def test_bundle_from_a_base_alone_and_refusals(tmp_path, tiny_gemma3, tiny_llama
     assert info["aux"]["n_layer"] == 1  # a quarter of 4 layers
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     doctor = json.loads(ok(kvcli("doctor", "--bundle", bundle, "--prompts", "2", "--json")).stdout)
-    assert doctor["ok"] and doctor["checks"][-1]["name"] == "bundle"
+    assert doctor["ok"] and [c["name"] for c in doctor["checks"][-2:]] == ["bundle",
+                                                                         "auxiliary as a view"]
+    assert info["aux_load"] == "view"
     # a byte changed in place: same size, so only the sha256 sees it
     aux = bundle / "aux.gguf"  # cut into the bundle, not linked: safe to edit
     data = bytearray(aux.read_bytes())

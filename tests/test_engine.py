@@ -118,3 +118,26 @@ def test_a_context_smaller_than_n_batch_decodes_in_its_own_batches(tiny_llama):
         tokens = random_prompt(200, eng.model.n_vocab, eng.model.bos, low=3)
         eng.base.decode(tokens, logits_last=True)
         assert eng.base.n_past == 200 and np.isfinite(eng.base.last_logits()).all()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gemma3", "tiny_llama"])
+def test_prefix_auxiliary_as_a_view_of_the_base_is_exact(fixture, request, tmp_path):
+    """The base stopped after layer k-1 by the eval callback gives the cut auxiliary's K, V
+    and hidden tensors: kvp's logits are identical to the bit, with no second weights."""
+    from kvcli.bundle import build_bundle
+
+    base = request.getfixturevalue(fixture)
+    b = build_bundle(base, tmp_path / "b", n_aux_layers=2, n_tokens=600)
+    with Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=SETTINGS) as view, \
+            Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=SETTINGS,
+                   aux_view=False) as cut:
+        assert (view.aux_load, cut.aux_load) == ("view", "file")
+        assert view.aux.model is view.base.model  # one llama_model: the weights are shared
+        tokens = random_prompt(120, view.model.n_vocab, view.model.bos, low=3)
+        for tail in (0, 7):
+            lv = view.prefill(tokens, mode="kvp", tail=tail)[1]
+            lc = cut.prefill(tokens, mode="kvp", tail=tail)[1]
+            np.testing.assert_array_equal(lv, lc)
+        # the auxiliary alone still runs (from the cut file, loaded on first use)
+        gen = view.generate(tokens, mode="aux", n_predict=3)
+        assert gen.ttft_ms > 0 and view.aux_load == "view"

@@ -58,8 +58,8 @@ def _print_table(result: dict) -> None:
         b = r.get("breakdown_ms")
         breakdown = ("/".join(f"{b[k]:.0f}" for k in ("aux_prefill_ms", "state_get_ms", "predict_ms",
                                                        "state_set_ms", "base_decode_ms")) if b else "-")
-        mode = r["mode"] + (f" tail {r['tail']}" if r["tail"] else "") + \
-            (f" keep {r['keep']}" if r["keep"] else "")
+        mode = r["mode"] + (f" ({r['aux_load']})" if r.get("aux_load") else "") + \
+            (f" tail {r['tail']}" if r["tail"] else "") + (f" keep {r['keep']}" if r["keep"] else "")
         rows.append([str(r["n_prompt"]), mode, f"{r['ttft_ms_mean']:.1f} ± {r['ttft_ms_std']:.1f}",
                      f"{r['ttft_ms_median']:.1f}", _fmt(r["ttft_ratio"], ".3f"), breakdown,
                      _fmt(r.get("floor_ms"), ".1f"), _fmt(r.get("floor_ratio"), ".3f"),
@@ -85,6 +85,9 @@ def command(
     = "base,kvp,truncate",
     tails: Annotated[str, typer.Option("--tails", help="kvp tails: prompt tokens the base "
                                        "recomputes itself.")] = "0",
+    aux_load: Annotated[str, typer.Option(
+        "--aux-load", help="kvp's auxiliary: auto (a prefix auxiliary runs as a view of the "
+        "base, no second weights), file (the cut file), or both side by side.")] = "auto",
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure each mode's "
                                          "peak RSS and PSS in a process of its own.")] = True,
     plot: Annotated[Optional[Path], typer.Option(
@@ -93,8 +96,7 @@ def command(
     bundle: BundleOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    from kvcli import ui
-    from kvcli.bench import BENCH_MODES, bench_length, summarize
+    from kvcli.bench import BENCH_MODES
     from kvcli.commands.common import resolve_bundle
     from kvcli.engine import Engine
     from kvcli.runtime import ContextSettings
@@ -103,34 +105,41 @@ def command(
     mode_list = [m for m in modes.split(",") if m]
     if not mode_list or set(mode_list) - set(BENCH_MODES):
         raise KvcliError(f"--modes takes a comma list of {', '.join(BENCH_MODES)}")
+    if aux_load not in ("auto", "file", "both"):
+        raise KvcliError("--aux-load takes auto, file or both")
     if repeats < 1 or warmup < 0 or min(length_list) < 16 or min(tail_list) < 0:
         raise KvcliError("need -r >= 1, --warmup >= 0, N >= 16 and tails >= 0")
     b = resolve_bundle(bundle)
     settings = ContextSettings(n_ctx=max(length_list) + 64, n_threads=threads)
-    rows, prompts, keeps = [], {}, {}
     n_methods = len(mode_list) + (len(tail_list) - 1 if "kvp" in mode_list else 0)
-    with Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=settings) as engine, \
-            ui.progress_reporter() as report:
-        for n in length_list:
-            stage, done = f"pp{n}", [0]
-
-            def tick(stage=stage, done=done) -> None:
-                done[0] += 1
-                report(stage, done[0], repeats * n_methods)
-
-            runs, ps = bench_length(engine, n, modes=mode_list, tails=tail_list, repeats=repeats,
-                                    warmup=warmup, progress=tick)
-            prompts[n] = ps[0]
-            keeps[n] = next((m.keep for m in runs if m.mode == "truncate"), None)
-            rows += summarize(n, runs)
+    engines = []
+    try:
+        engine = Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=settings,
+                        aux_view=aux_load != "file")
+        engines.append(engine)
+        file_engine = None
+        if aux_load == "both" and engine.aux_load == "view":
+            file_engine = Engine(b.base, aux_path=b.aux, predictor_path=b.predictor,
+                                 settings=settings, aux_view=False)
+            engines.append(file_engine)
+            n_methods += 1
+        rows, prompts, keeps = _run(engine, file_engine, length_list, mode_list, tail_list,
+                                    repeats, warmup, n_methods)
+    finally:
+        for e in engines:
+            e.close()
     if memory:
         from kvcli.memory import measure_in_child
 
-        for mode in mode_list:
+        targets = [(m, engine.aux_load) for m in mode_list]
+        if file_engine is not None:
+            targets.append(("kvp", "file"))
+        for mode, load in targets:
             measured = measure_in_child(mode, b.folder, length_list, prompts, settings.__dict__,
-                                        keep=keeps if mode == "truncate" else None)
+                                        keep=keeps if mode == "truncate" else None,
+                                        aux_view=load == "view")
             for r in rows:
-                if r["mode"] == mode:
+                if r["mode"] == mode and r.get("aux_load") in (None, load):
                     r.update(measured[r["n_prompt"]])
     result = {"settings": {**_settings_info(settings, b), "repeats": repeats, "warmup": warmup},
               "rows": rows}
@@ -142,3 +151,27 @@ def command(
         typer.echo(json.dumps(result))
     else:
         _print_table(result)
+
+
+def _run(engine, file_engine, length_list, mode_list, tail_list, repeats, warmup, n_methods):
+    from kvcli import ui
+    from kvcli.bench import bench_length, summarize
+
+    rows, prompts, keeps = [], {}, {}
+    with ui.progress_reporter() as report:
+        for n in length_list:
+            stage, done = f"pp{n}", [0]
+
+            def tick(stage=stage, done=done) -> None:
+                done[0] += 1
+                report(stage, done[0], repeats * n_methods)
+
+            runs, ps = bench_length(engine, n, modes=mode_list, tails=tail_list, repeats=repeats,
+                                    warmup=warmup, progress=tick, file_engine=file_engine)
+            prompts[n] = ps[0]
+            keeps[n] = next((m.keep for m in runs if m.mode == "truncate"), None)
+            for r in summarize(n, runs):
+                if r["mode"] == "kvp" and r["aux_load"] is None:
+                    r["aux_load"] = engine.aux_load
+                rows.append(r)
+    return rows, prompts, keeps

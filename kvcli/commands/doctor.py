@@ -14,7 +14,9 @@ HELP = """Check kvcli's KV path on this machine's llama.cpp and a model (default
 one): (a) parse then write of a real sequence state gives the same bytes; (b) the base's own
 cache, parsed, un-roped, re-roped and written back, gives logits identical to the bit (flash
 attention off); (c) numpy RoPE matches llama.cpp's own position shift. With --bundle: the
-checks run on its base, and its files are checked whole (sha256) and fit for each other.
+checks run on its base, its files are checked whole (sha256) and fit for each other, and a
+prefix auxiliary run as a view of the base (the base's own weights, its graph stopped after
+layer k-1) must cache exactly what the base caches in those layers.
 Exits non-zero when a check fails."""
 
 
@@ -26,7 +28,7 @@ def command(
     json_out: JsonOpt = False,
 ) -> None:
     from kvcli.bundle import embedded_model_path, load_bundle
-    from kvcli.doctor import check_bundle, run_doctor
+    from kvcli.doctor import check_bundle, check_view, run_doctor
     from kvcli.errors import KvcliError
     from kvcli.runtime import llama_cpp_version
 
@@ -36,6 +38,8 @@ def command(
     results = run_doctor(path, n_prompts=prompts, threads=threads)
     if bundle is not None:
         results.append(check_bundle(bundle))
+        if results[-1].ok and (view := check_view(bundle)) is not None:
+            results.append(view)
     ok = all(r.ok for r in results)
     if json_out:
         typer.echo(json.dumps({"model": str(path), "llama_cpp_python": llama_cpp_version(),
