@@ -219,14 +219,17 @@ class Context:
         self._lib.llama_memory_seq_rm(self.memory, 0, n_past, -1)
         self.n_past = n_past
 
-    def get_state(self, seq_id: int = 0) -> bytes:
-        """``llama_state_seq_get_data``; seq_id -1 reads every cell of every sequence."""
+    def get_state(self, seq_id: int = 0) -> bytearray:
+        """``llama_state_seq_get_data``; seq_id -1 reads every cell of every sequence.
+
+        llama.cpp writes straight into the returned bytearray (no second copy)."""
         size = self._lib.llama_state_seq_get_size(self.handle, seq_id)
-        buf = (ctypes.c_uint8 * size)()
-        n = self._lib.llama_state_seq_get_data(self.handle, buf, size, seq_id)
+        data = bytearray(size)
+        n = self._lib.llama_state_seq_get_data(
+            self.handle, (ctypes.c_uint8 * size).from_buffer(data), size, seq_id)
         if n != size:
             raise ContextError(f"llama_state_seq_get_data wrote {n} of {size} bytes")
-        return bytes(buf)
+        return data
 
     def set_state(self, data: bytes | bytearray, seq_id: int = 0, *, n_past: int | None = None
                   ) -> None:
