@@ -41,7 +41,7 @@ DEFAULT_CHUNK = 512
 class CalibrationPlan:
     copied_layers: list[int]
     layer_map: list[int]  # per base layer: its auxiliary source layer
-    hidden: bool  # also the auxiliary's captured hidden tensors (capture.py)
+    hidden: tuple[str, ...]  # kinds of the auxiliary's captured hidden tensors (capture.py)
 
     @property
     def predicted_layers(self) -> list[int]:
@@ -56,7 +56,11 @@ class CalibrationPlan:
 
     @property
     def feature_kinds(self) -> tuple[str, ...]:
-        return (keys.FEATURE_AUX_K, keys.FEATURE_AUX_V) + (keys.HIDDEN_FEATURES if self.hidden else ())
+        return (keys.FEATURE_AUX_K, keys.FEATURE_AUX_V, *self.hidden)
+
+    def is_prefix(self, aux: ModelInfo) -> bool:
+        """The auxiliary is the base's layers 0..k-1: it runs as a view of the base."""
+        return self.copied_layers == list(range(aux.n_layer))
 
 
 def copied_layers(base: ModelInfo, aux: ModelInfo) -> list[int]:
@@ -97,12 +101,22 @@ def parse_layer_map(spec: str, base: ModelInfo, aux: ModelInfo) -> list[int]:
 
 
 def make_plan(base: ModelInfo, aux: ModelInfo, *, layer_map: list[int] | None = None,
-              hidden: bool = True) -> CalibrationPlan:
+              hidden: bool | tuple[str, ...] = True) -> CalibrationPlan:
+    """``hidden``: True for the default hidden features, False for none, or their kinds."""
     copied = copied_layers(base, aux)
     layer_map = list(layer_map or default_layer_map(base, aux))
     for il in copied:
         layer_map[il] = il
-    return CalibrationPlan(copied, layer_map, hidden=hidden and aux.n_layer >= 2)
+    kinds = keys.HIDDEN_FEATURES if hidden is True else tuple(hidden or ())
+    if set(kinds) - set(keys.HIDDEN_KINDS):
+        raise KvcliError(f"unknown hidden feature kinds {sorted(set(kinds) - set(keys.HIDDEN_KINDS))}")
+    if aux.n_layer < 2:
+        kinds = ()
+    plan = CalibrationPlan(copied, layer_map, hidden=kinds)
+    if keys.FEATURE_AUX_OUT in kinds and not plan.is_prefix(aux):
+        raise KvcliError("the auxiliary's last-layer output is a feature only for a prefix "
+                         "auxiliary of this base (it runs as a view of the base)")
+    return plan
 
 
 def _unroped_kv(layers, info: ModelInfo, which) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -126,7 +140,8 @@ class CalibrationData:
 
 
 def collect(base_path, aux_path, *, n_tokens: int = DEFAULT_TOKENS, chunk_tokens: int = DEFAULT_CHUNK,
-            layer_map: list[int] | None = None, hidden: bool = True, corpus: Path | None = None,
+            layer_map: list[int] | None = None, hidden: bool | tuple[str, ...] = True,
+            corpus: Path | None = None,
             settings: ContextSettings | None = None,
             progress: Callable[[int, int], None] | None = None) -> CalibrationData:
     """Prefill >= ``n_tokens`` tokens of calibration text through both models."""
@@ -142,8 +157,11 @@ def collect(base_path, aux_path, *, n_tokens: int = DEFAULT_TOKENS, chunk_tokens
     settings = settings or ContextSettings()
     settings = ContextSettings(**{**settings.__dict__, "n_ctx": chunk_tokens})
     n_chunks = max(-(-n_tokens // (chunk_tokens - 1)), HELDOUT_EVERY)  # >= 1 held-out prompt
-    capture = TensorCapture(hidden_tensor_names(aux_info.n_layer)) if plan.hidden else None
-    extra = hidden_feature_width(aux_info) if plan.hidden else 0
+    view = plan.is_prefix(aux_info)
+    names = hidden_tensor_names(aux_info.n_layer, plan.hidden) if plan.hidden else []
+    capture = (TensorCapture(names, stop_after=f"l_out-{aux_info.n_layer - 1}") if view
+               else TensorCapture(names) if names else None)
+    extra = hidden_feature_width(aux_info, plan.hidden)
     fit, heldout = {}, {}
     for src in plan.sources:
         n_in = aux_info.n_embd_k(src) + aux_info.n_embd_v(src) + extra
@@ -152,10 +170,12 @@ def collect(base_path, aux_path, *, n_tokens: int = DEFAULT_TOKENS, chunk_tokens
 
     models, contexts = [], []
     try:
-        for path, what, cap in ((base_info.path, "base model", None),
-                                (aux_info.path, "auxiliary", capture)):
-            models.append(Model(path, what=what))
-            contexts.append(Context(models[-1], settings, capture=cap))
+        models.append(Model(base_info.path, what="base model"))
+        contexts.append(Context(models[0], settings))
+        if not view:
+            models.append(Model(aux_info.path, what="auxiliary"))
+        # a prefix auxiliary runs as a view of the base (engine.py): the same K, V, hidden rows
+        contexts.append(Context(models[-1], settings, capture=capture))
         base_ctx, aux_ctx = contexts
         model = models[0]
 
@@ -175,7 +195,8 @@ def collect(base_path, aux_path, *, n_tokens: int = DEFAULT_TOKENS, chunk_tokens
                              f"{chunk_tokens} tokens, {n_chunks} needed (give more text or "
                              "fewer --tokens)")
         for i, (_, tokens) in enumerate(chunks):
-            rows = _chunk_rows(base_ctx, aux_ctx, tokens, base_info, aux_info, plan, check_copies=i == 0)
+            rows = _chunk_rows(base_ctx, aux_ctx, tokens, base_info, base_info if view else aux_info,
+                               plan, check_copies=i == 0)
             part = heldout if i % HELDOUT_EVERY == HELDOUT_EVERY - 1 else fit
             for src, (x, y) in rows.items():
                 part[src].add(x, y)
@@ -231,14 +252,16 @@ def calibrate(base_path, aux_path, *, alphas: tuple[float, ...] = DEFAULT_ALPHAS
 def _chunk_rows(base_ctx: Context, aux_ctx: Context, tokens: list[int], base_info: ModelInfo,
                 aux_info: ModelInfo, plan: CalibrationPlan, check_copies: bool = False
                 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Per source layer: (features, targets) rows of this prompt, BOS row dropped."""
+    """Per source layer: (features, targets) rows of this prompt, BOS row dropped.
+
+    ``aux_info`` describes the auxiliary context's state (the base's, for a view)."""
     states = {}
-    for ctx, info in ((base_ctx, base_info), (aux_ctx, aux_info)):
+    for is_base, ctx, info in ((True, base_ctx, base_info), (False, aux_ctx, aux_info)):
         ctx.clear()
         if ctx.capture is not None:
             ctx.capture.clear()
         ctx.decode(tokens)
-        states[info is base_info] = layers_by_index(parse_seq_state(ctx.get_state(-1)), info)
+        states[is_base] = layers_by_index(parse_seq_state(ctx.get_state(-1)), info)
     if check_copies:
         for il in plan.copied_layers:
             if not np.array_equal(states[True][il].k, states[False][il].k):

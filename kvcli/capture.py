@@ -13,6 +13,7 @@ import ctypes
 
 import numpy as np
 
+from kvcli import keys
 from kvcli.errors import ContextError
 
 
@@ -27,17 +28,24 @@ class _GGMLTensor(ctypes.Structure):
     ]
 
 
-def hidden_tensor_names(n_aux_layers: int) -> list[str]:
-    """The residual entering the auxiliary's last layer and that layer's attention output."""
+def hidden_tensor_names(n_aux_layers: int, kinds=keys.HIDDEN_FEATURES) -> list[str]:
+    """Graph tensor names of hidden feature ``kinds`` (keys.HIDDEN_KINDS) of a k-layer
+    auxiliary: the residual entering its last layer, that layer's attention output, and the
+    residual leaving it (all rows only in a view of the base: llama.cpp trims a model's own
+    last layer to the output rows)."""
     if n_aux_layers < 2:
         raise ValueError("hidden-state features need an auxiliary of at least 2 layers")
-    return [f"l_out-{n_aux_layers - 2}", f"kqv_out-{n_aux_layers - 1}"]
+    k = n_aux_layers
+    names = {keys.FEATURE_AUX_RESIDUAL: f"l_out-{k - 2}", keys.FEATURE_AUX_ATTN: f"kqv_out-{k - 1}",
+             keys.FEATURE_AUX_OUT: f"l_out-{k - 1}"}
+    return [names[kind] for kind in kinds]
 
 
-def hidden_feature_width(info) -> int:
-    """Columns of the hidden tensors of ``hidden_tensor_names``: the residual (n_embd) and
-    the last layer's attention output (n_head * head_dim_v)."""
-    return info.n_embd + info.n_head[info.n_layer - 1] * info.head_dim_v
+def hidden_feature_width(info, kinds=keys.HIDDEN_FEATURES) -> int:
+    """Columns of the hidden tensors of ``kinds``: a residual is n_embd wide, the last
+    layer's attention output n_head * head_dim_v."""
+    attn = info.n_head[info.n_layer - 1] * info.head_dim_v
+    return sum(attn if kind == keys.FEATURE_AUX_ATTN else info.n_embd for kind in kinds)
 
 
 class TensorCapture:

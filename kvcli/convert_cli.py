@@ -85,13 +85,16 @@ def calibrate_cmd(
     layer_map: Annotated[Optional[str], typer.Option(
         "--layer-map", help="Per base layer, the auxiliary layer that feeds it ('0,0,1,1,...'). "
         "Default: a cut's nearest earlier layer; another model's round(l*(La-1)/(Lb-1)).")] = None,
-    hidden: Annotated[bool, typer.Option(
-        "--hidden/--no-hidden", help="Also feed the auxiliary's captured hidden tensors.")] = True,
+    hidden: Annotated[str, typer.Option(
+        "--hidden", help="The auxiliary's captured hidden tensors to feed: 'default' (the "
+        "residual into its last layer and that layer's attention output), 'none', or a comma "
+        "list of residual, attn, out ('out': the residual leaving its last layer; a prefix "
+        "auxiliary only).")] = "default",
     predictor_type: PredictorType = "f32",
     threads: ThreadsOpt = 0,
 ) -> None:
     """Fit a predictor (ridge per base layer) from both models' caches over calibration text."""
-    from kvcli import ui
+    from kvcli import keys, ui
     from kvcli.calibrate import DEFAULT_TOKENS, calibrate, parse_layer_map
     from kvcli.model_info import read_model_info
     from kvcli.predictor import STORAGE_TYPES, save_predictor
@@ -109,6 +112,15 @@ def calibrate_cmd(
             raise KvcliError("--lambda values must be positive")
     if corpus is not None and not corpus.exists():
         raise KvcliError(f"corpus not found: {corpus}")
+    kinds = {"residual": keys.FEATURE_AUX_RESIDUAL, "attn": keys.FEATURE_AUX_ATTN,
+             "out": keys.FEATURE_AUX_OUT}
+    if hidden in ("default", "none"):
+        hidden_kinds = hidden == "default"
+    else:
+        names = [x.strip() for x in hidden.split(",") if x.strip()]
+        if not names or set(names) - set(kinds):
+            raise KvcliError(f"--hidden takes default, none, or a comma list of {', '.join(kinds)}")
+        hidden_kinds = tuple(kinds[x] for x in names)
     lmap = None
     if layer_map:
         lmap = parse_layer_map(layer_map, read_model_info(base, "base model"),
@@ -116,7 +128,7 @@ def calibrate_cmd(
     options = {"alphas": alphas} if alphas else {}
     with ui.progress_reporter() as report:
         pred = calibrate(base, aux, n_tokens=tokens or DEFAULT_TOKENS, chunk_tokens=chunk,
-                         corpus=corpus, layer_map=lmap, hidden=hidden,
+                         corpus=corpus, layer_map=lmap, hidden=hidden_kinds,
                          settings=ContextSettings(n_threads=threads),
                          progress=lambda i, n: report("calibrate", i, n), **options)
     out = save_predictor(pred, output, predictor_type)

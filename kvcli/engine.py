@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvcli import keys
 from kvcli.capture import TensorCapture, hidden_tensor_names
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
 from kvcli.kv_layout import CacheLayout, layers_by_index
@@ -93,8 +94,12 @@ class Engine:
         self._aux_alone: Context | None = None
         try:
             self.base = self._open(self.base_info.path, "base model")
-            names = (hidden_tensor_names(self.aux_info.n_layer)
+            names = (hidden_tensor_names(self.aux_info.n_layer, self.predictor.hidden_kinds)
                      if self.predictor is not None and self.predictor.uses_hidden else [])
+            if keys.FEATURE_AUX_OUT in (self.predictor.hidden_kinds if self.predictor else ()) \
+                    and not self.view_layers:
+                raise IncompatibleError("this predictor reads the auxiliary's last-layer output, "
+                                        "which only a prefix auxiliary run as a view provides")
             if self.view_layers:
                 # the base's own model, stopped after layer k-1: no second copy of the weights
                 stop = TensorCapture(names, stop_after=f"l_out-{self.view_layers - 1}")

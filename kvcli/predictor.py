@@ -60,9 +60,13 @@ class Predictor:
         return sorted({self.layer_map[il] for il in self.predicted_layers})
 
     @property
+    def hidden_kinds(self) -> tuple[str, ...]:
+        """The auxiliary's captured hidden tensors among the features, in their order."""
+        return tuple(kind for kind in self.feature_kinds if kind in keys.HIDDEN_KINDS)
+
+    @property
     def uses_hidden(self) -> bool:
-        """Whether the features include the auxiliary's captured hidden tensors."""
-        return all(kind in self.feature_kinds for kind in keys.HIDDEN_FEATURES)
+        return bool(self.hidden_kinds)
 
     def n_features(self, layer: int) -> int:
         return self.weights[layer].shape[0]
@@ -76,7 +80,7 @@ class Predictor:
             )
         from kvcli.capture import hidden_feature_width
 
-        hidden = hidden_feature_width(aux) if self.uses_hidden else 0
+        hidden = hidden_feature_width(aux, self.hidden_kinds)
         for il in self.predicted_layers:
             src = self.layer_map[il]
             want_in = aux.n_embd_k(src) + aux.n_embd_v(src) + hidden

@@ -111,7 +111,7 @@ def test_kvp_c_pair_of_other_dimensions_end_to_end(tmp_path, tiny_llama, small_l
     assert info["layer_map"] == [0, 0, 1]  # round(l * (2 - 1) / (3 - 1)), half to even
     assert info["n_features"] == 8 + 8 + 32 + 2 * 8  # K, V of the aux layer, then hidden
     ok(convert("calibrate", tiny_llama, small_llama, "-o", tmp_path / "p2.gguf", *FAST,
-               "--layer-map", "1,1,1", "--no-hidden", "--lambda", "0.1,1"))
+               "--layer-map", "1,1,1", "--hidden", "none", "--lambda", "0.1,1"))
     p2 = inspect_json(tmp_path / "p2.gguf")
     assert p2["layer_map"] == [1, 1, 1] and p2["n_features"] == 16
     assert set(p2["ridge_alphas"]) <= {0.1, 1.0}
