@@ -223,3 +223,26 @@ def test_a_killed_converter_leaves_no_file(gemma_path, tmp_path):
         else:
             killed_mid_write += 1
     assert killed_mid_write > 0  # at least one kill landed before the file was complete
+
+
+def test_hidden_out_feature_needs_the_view(tmp_path, tiny_gemma3, tiny_llama, small_llama):
+    from kvcli.engine import Engine
+    from kvcli.errors import IncompatibleError
+    from kvcli.runtime import ContextSettings
+
+    aux, pred = tmp_path / "aux.gguf", tmp_path / "pred.gguf"
+    ok(convert("make-aux", tiny_gemma3, "-o", aux, "--layers", "0-1"))
+    ok(convert("calibrate", tiny_gemma3, aux, "-o", pred, *FAST, "--hidden", "attn,out"))
+    info = inspect_json(pred)
+    assert info["feature_kinds"][2:] == ["aux_last_layer_attention", "aux_residual_out_of_last_layer"]
+    assert info["n_features"] == 16 + 16 + 4 * 16 + 64
+    settings = ContextSettings(n_ctx=256)
+    with Engine(tiny_gemma3, aux_path=aux, predictor_path=pred, settings=settings) as eng:
+        tokens = eng.tokenize("the cat sat on the mat and the dog ate the fish " * 3)
+        assert eng.generate(tokens, mode="kvp", n_predict=2).ttft_ms > 0
+    with pytest.raises(IncompatibleError, match="view"):
+        Engine(tiny_gemma3, aux_path=aux, predictor_path=pred, settings=settings, aux_view=False)
+    assert_one_line_error(convert("calibrate", tiny_llama, small_llama, "-o", tmp_path / "x.gguf",
+                                  *FAST, "--hidden", "out"), "prefix auxiliary")
+    assert_one_line_error(convert("calibrate", tiny_gemma3, aux, "-o", tmp_path / "x.gguf",
+                                  "--hidden", "middle"), "--hidden takes")
