@@ -152,8 +152,8 @@ def pack_bundle(folder: str | Path, *, base: Path, aux: Path, predictor: Path,
                 reference_base: bool = False) -> Bundle:
     """Put the three files (checked against each other) and a manifest in ``folder``.
 
-    ``reference_base``: name the base by its absolute path instead of placing it inside."""
-    check_compatible(base, aux, predictor)
+    ``reference_base``: name the base by its absolute path instead of placing it inside.
+    The files are checked against each other (``_manifest``) before the folder appears."""
     with building_folder(folder) as tmp:
         files = {}
         for role, src in (("base", base), ("aux", aux), ("predictor", predictor)):
@@ -194,13 +194,12 @@ def build_bundle(base_path: str | Path, folder: str | Path, *, n_aux_layers: int
         pred = calibrate(base_info.path, aux, n_tokens=n_tokens or DEFAULT_TOKENS, corpus=corpus,
                          progress=(lambda i, n: progress("calibrate", i, n)) if progress else None)
         predictor = save_predictor(pred, work / "predictor.gguf", storage_type)
-        files = {"aux": Path("aux.gguf"), "predictor": Path("predictor.gguf")}
+        files = {"aux": Path(aux.name), "predictor": Path(predictor.name)}
         if reference_base:
             files["base"] = base_info.path
         else:
             files["base"] = Path(base_info.path.name)
             _place(base_info.path, work / files["base"])
-        del aux, predictor
         write_text_atomically(work / MANIFEST, json.dumps(_manifest(work, files), indent=2) + "\n")
     return load_bundle(folder)
 
