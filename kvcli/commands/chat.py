@@ -57,7 +57,7 @@ def _status(stats) -> str:
             f"TTFT {stats.ttft_ms:.0f} ms, {stats.tokens_per_s:.1f} tokens/s{note}")
 
 
-def _turn(conv, text: str, transcript: Transcript, err, stream: bool = True) -> None:
+def _turn(conv, text: str, transcript: Transcript, err, interactive: bool = True) -> None:
     model = conv.engine.model
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
@@ -66,8 +66,15 @@ def _turn(conv, text: str, transcript: Transcript, err, stream: bool = True) -> 
         sys.stdout.flush()
 
     transcript.write({"role": "user", "content": text})
-    reply, stats = conv.send(text, on_token=on_token if stream else None)
-    sys.stdout.write(decoder.decode(b"", final=True) if stream else reply)
+    try:
+        reply, stats = conv.send(text, on_token=on_token)
+    except KeyboardInterrupt:  # during the prefill: the turn is dropped
+        transcript.write({"role": "assistant", "content": "", "interrupted": True})
+        if not interactive:
+            raise
+        err.print("[dim]interrupted before the reply; the message was not added[/dim]")
+        return
+    sys.stdout.write(decoder.decode(b"", final=True))
     sys.stdout.write("\n")
     sys.stdout.flush()
     transcript.write({"role": "assistant", "content": reply, "mode": stats.mode,
@@ -184,6 +191,6 @@ def command(
             else:
                 messages = [sys.stdin.read()] if one else sys.stdin.read().splitlines()
                 for text in (m for m in messages if m.strip()):
-                    _turn(conv, text, transcript, ui.err, stream=True)
+                    _turn(conv, text, transcript, ui.err, interactive=False)
     finally:
         transcript.close()
