@@ -157,8 +157,11 @@ class Conversation:
     def _predict_into_base(self, tokens: list[int], p0: int, n_pred: int) -> None:
         eng = self.engine
         aux = eng.aux
-        a0 = common_prefix(self.aux_tokens, tokens[:n_pred])
+        # the auxiliary decodes from no later than p0: an interrupted turn can leave it
+        # holding positions the base does not (the features must cover p0..n_pred-1)
+        a0 = min(common_prefix(self.aux_tokens, tokens[:n_pred]), p0)
         aux.truncate(a0)
+        self.aux_tokens = tokens[:a0]
         if aux.capture is not None:
             aux.capture.clear()
         aux.decode(tokens[a0:n_pred], start=a0)

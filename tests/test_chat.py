@@ -125,3 +125,31 @@ def test_base_mode_matches_a_plain_prefill_and_context_policy(tiny_bundle):
         conv.send(TURNS[1])
         conv.send(" ".join(TURNS))  # does not fit beside the earlier turns: they are dropped
         assert conv.messages[0]["content"] != TURNS[0]
+
+
+def test_an_interrupted_prefill_leaves_a_usable_conversation(tiny_bundle):
+    """Ctrl-C while the auxiliary or the base decodes a turn: the turn is dropped, and the
+    next turn gives what it gives in a conversation that never saw the interrupted one."""
+    with open_engine(tiny_bundle) as eng, open_engine(tiny_bundle) as clean_eng:
+        conv, clean = Conversation(eng, n_predict=4), Conversation(clean_eng, n_predict=4)
+        for c in (conv, clean):
+            c.send(TURNS[0])
+        for ctx in (eng.aux, eng.base):
+            real = ctx.decode
+            calls = []
+
+            def interrupt_once(tokens, real=real, calls=calls, **kw):
+                if not calls:
+                    calls.append(1)
+                    real(tokens[: len(tokens) // 2], **{k: v for k, v in kw.items() if k == "start"})
+                    raise KeyboardInterrupt
+                return real(tokens, **kw)
+
+            ctx.decode = interrupt_once
+            with pytest.raises(KeyboardInterrupt):
+                conv.send(TURNS[1])
+            ctx.decode = real
+            assert [m["content"] for m in conv.messages] == [m["content"] for m in clean.messages]
+        reply, _ = conv.send(TURNS[2])
+        want, _ = clean.send(TURNS[2])
+        assert reply == want
