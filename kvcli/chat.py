@@ -20,10 +20,10 @@ import numpy as np
 from kvcli.engine import Engine
 from kvcli.errors import ContextError, KvcliError
 from kvcli.kv_layout import layers_by_index
-from kvcli.predict_state import _pool, needed_positions, predict_base_kv
+from kvcli.predict_state import needed_positions, predict_base_kv, state_bytes
 from kvcli.runtime import apply_chat_template, model_chat_template
 from kvcli.sampling import Sampler
-from kvcli.state_codec import parse_seq_state, write_seq_state
+from kvcli.state_codec import parse_seq_state
 
 # the template of an architecture whose GGUF stores none (llama.cpp's built-in names)
 ARCH_TEMPLATES = {"gemma3": "gemma", "qwen2": "chatml", "llama": "llama2"}
@@ -168,7 +168,7 @@ class Conversation:
         self.aux_tokens = tokens[:n_pred]
         hidden = aux.capture.take(n_pred - a0) if aux.capture is not None else []
         aux_layers = layers_by_index(parse_seq_state(aux.get_state(-1)), eng.aux_state_info)
-        layout, bos = eng._base_layout()
+        layout, bos = eng.base_layout()
         new_positions = [p[p >= p0] for p in needed_positions(eng.base_info, n_pred, first_query=n_pred)]
         kv = predict_base_kv(aux_layers, eng.aux_info, eng.base_info, eng.predictor, new_positions,
                              bos=bos if tokens[0] == eng.model.bos else None,
@@ -185,5 +185,4 @@ class Conversation:
                     continue
                 k, v = kv[il]
                 kv[il] = (np.concatenate([old[il].k[keep], k]), np.concatenate([old[il].v[keep], v]))
-        state = layout.build_state(merged_positions, kv)
-        eng.base.set_state(write_seq_state(state, map_fn=_pool().map), 0, n_past=n_pred)
+        eng.base.set_state(state_bytes(layout, merged_positions, kv), 0, n_past=n_pred)

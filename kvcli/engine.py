@@ -115,7 +115,7 @@ class Engine:
         self._layout: CacheLayout | None = None
         self._bos: BosCell | None = None
         if self.predictor is not None:
-            self._base_layout()  # once, outside any timed prefill
+            self.base_layout()  # once, outside any timed prefill
 
     def _prefix_of_base(self) -> int:
         """k when the auxiliary is the base's layers 0..k-1 (a kvcli prefix cut) and a
@@ -169,7 +169,7 @@ class Engine:
 
     # -- prefill -------------------------------------------------------------------------
 
-    def _base_layout(self) -> tuple[CacheLayout, BosCell]:
+    def base_layout(self) -> tuple[CacheLayout, BosCell]:
         """Probe the base context's own state layout and its BOS cell once."""
         if self._layout is None:
             self.base.clear()
@@ -232,7 +232,7 @@ class Engine:
         n_pred = len(tokens) - 1 - max(0, tail)
         if n_pred < 1:
             return self._plain(self.base, tokens, t)
-        layout, bos = self._base_layout()
+        layout, bos = self.base_layout()
         clock = _Clock()
         self.aux.clear()
         if self.aux.capture is not None:

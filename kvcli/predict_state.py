@@ -125,7 +125,12 @@ def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: Mod
 
 def predicted_state_bytes(layout: CacheLayout, **kwargs) -> bytearray:
     """``predict_base_kv``, then the state bytes of those rows in ``layout`` (seq 0)."""
+    return state_bytes(layout, kwargs["group_positions"], predict_base_kv(**kwargs))
+
+
+def state_bytes(layout: CacheLayout, group_positions: list[np.ndarray],
+                kv: dict[int, tuple[np.ndarray, np.ndarray]]) -> bytearray:
+    """The state bytes of these rows in ``layout`` (seq 0), cast layer by layer on the pool."""
     from kvcli.state_codec import write_seq_state
 
-    state = layout.build_state(kwargs["group_positions"], predict_base_kv(**kwargs))
-    return write_seq_state(state, map_fn=_pool().map)
+    return write_seq_state(layout.build_state(group_positions, kv), map_fn=_pool().map)

@@ -29,7 +29,7 @@ from kvcli.state_codec import parse_seq_state, write_seq_state
 
 def profile(e: Engine, n: int, repeats: int) -> dict[str, float]:
     tokens = bench_prompts(e, n, 1)[0]
-    layout, bos = e._base_layout()
+    layout, bos = e.base_layout()
     n_pred, pred, times = n - 1, e.predictor, {}
 
     def timed(name, fn, *args):
