@@ -31,7 +31,7 @@ class Method:
     mode: str
     tail: int = 0
     keep: int | None = None
-    aux_load: str = ""  # kvp: "file" runs on an engine that loads the cut auxiliary file
+    aux_load: str = ""  # kvp: set when it runs on one of the extra engines (by its aux_load)
 
 
 @dataclass
@@ -70,18 +70,19 @@ def _matched_keep(engine: Engine, tokens: list[int], base_ms: float, kvp_ms: flo
 
 def bench_length(engine: Engine, n_tokens: int, *, modes: list[str], tails: list[int],
                  repeats: int, warmup: int, progress: Callable[[], None] | None = None,
-                 file_engine: Engine | None = None
+                 extra_engines: dict[str, Engine] | None = None
                  ) -> tuple[dict[Method, Runs], list[list[int]]]:
-    """``file_engine``: also time kvp (tail 0) with the cut auxiliary file loaded."""
+    """``extra_engines``: aux_load -> an engine that loads the auxiliary that way; kvp (tail 0)
+    is also timed on each, side by side with the main engine's."""
+    extra_engines = extra_engines or {}
     prompts = bench_prompts(engine, n_tokens, repeats)
     methods = [Method("base")] if "base" in modes else []
     if "kvp" in modes:
         methods += [Method("kvp", tail=t) for t in tails]
-        if file_engine is not None:
-            methods.append(Method("kvp", aux_load="file"))
+        methods += [Method("kvp", aux_load=load) for load in extra_engines]
 
     def pick(m: Method) -> Engine:
-        return file_engine if m.aux_load == "file" else engine
+        return extra_engines.get(m.aux_load, engine)
 
     for _ in range(warmup):  # a first run allocates; it is never timed
         for m in methods:

@@ -158,8 +158,8 @@ def check_bundle(folder: str | Path) -> CheckResult:
 
 
 def check_view(folder: str | Path, n_tokens: int = 200) -> CheckResult | None:
-    """For a prefix auxiliary: the base run as a view of its first k layers (stopped by the
-    eval callback) caches exactly what the base itself caches in those layers."""
+    """For a prefix auxiliary run from the base's own weights (engine.AUX_LOADS: partial or
+    view): it caches exactly what the base itself caches in layers 0..k-1."""
     from kvcli.bundle import load_bundle
     from kvcli.engine import Engine
 
@@ -168,18 +168,20 @@ def check_view(folder: str | Path, n_tokens: int = 200) -> CheckResult | None:
     with Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=settings) as eng:
         if not eng.view_layers:
             return None
-        k = eng.view_layers
+        k, how = eng.view_layers, eng.aux_load
         tokens = check_prompt(eng.model, eng.base_info, n_tokens)
         cells = []
-        for ctx in (eng.aux, eng.base):
+        for ctx, info in ((eng.aux, eng.aux_state_info), (eng.base, eng.base_info)):
             ctx.clear()
             if ctx.capture is not None:
                 ctx.capture.clear()
             ctx.decode(tokens)
-            cells.append(layers_by_index(parse_seq_state(ctx.get_state(0)), eng.base_info))
+            cells.append(layers_by_index(parse_seq_state(ctx.get_state(0)), info))
         view, base = cells
         same = all(np.array_equal(view[il].k, base[il].k) and np.array_equal(view[il].v, base[il].v)
                    for il in range(k))
-    return CheckResult("auxiliary as a view", same,
-                       f"layers 0..{k - 1} of the base's own model, {n_tokens} tokens: K, V "
+    where = ("the base's file loaded as its first k layers (patched llama.cpp)" if how == "partial"
+             else "the base's own model, stopped after layer k-1")
+    return CheckResult(f"auxiliary as a view ({how})", same,
+                       f"{where}: layers 0..{k - 1}, {n_tokens} tokens: K, V "
                        + ("identical to the bit" if same else "DIFFER from the base's"))

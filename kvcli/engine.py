@@ -25,11 +25,35 @@ from kvcli.kv_layout import CacheLayout, layers_by_index
 from kvcli.model_info import key_norm_weights, read_model_info
 from kvcli.predict_state import BosCell, needed_positions, predicted_state_bytes
 from kvcli.predictor import load_predictor
-from kvcli.runtime import Context, ContextSettings, Model
+from kvcli.runtime import Context, ContextSettings, Model, llama_cpp_version, prefix_view_supported
 from kvcli.sampling import Sampler
 from kvcli.state_codec import parse_seq_state
 
 MODES = ("base", "kvp", "truncate", "aux")
+# How a prefix auxiliary (the base's layers 0..k-1) is run:
+# - "partial": the base's file loaded again as a k-layer model (needs kvcli's patches/, built by
+#   tools/install.py); its weights share the base's pages;
+# - "view": a second context on the base's own model whose graph the eval callback stops after
+#   layer k-1 (stock llama.cpp, DESIGN.md 5c);
+# - "file": the cut auxiliary file, a second copy of the shared weights.
+AUX_LOADS = ("auto", "partial", "view", "file")
+
+
+def choose_aux_load(requested: str, prefix: int, *, needs_view: bool = False) -> str:
+    """The load to use for a requested one; ``prefix`` is k for a prefix auxiliary, else 0;
+    ``needs_view``: the predictor reads a tensor only the view computes at every position."""
+    if requested == "file" or (requested == "auto" and not prefix):
+        return "file"
+    if not prefix:
+        raise IncompatibleError(f"--aux-load {requested} needs a prefix auxiliary cut from this base"
+                                " (and a predictor); this bundle's auxiliary is not one")
+    if requested == "partial" and not prefix_view_supported():
+        raise IncompatibleError(
+            f"--aux-load partial needs llama-cpp-python built with kvcli's patches "
+            f"(python tools/install.py); this one is {llama_cpp_version()}")
+    if requested == "auto":
+        return "partial" if prefix_view_supported() and not needs_view else "view"
+    return requested
 
 
 @dataclass
@@ -72,8 +96,10 @@ class Engine:
     def __init__(self, base_path: str | Path, *, aux_path: str | Path | None = None,
                  predictor_path: str | Path | None = None,
                  settings: ContextSettings | None = None, key_norm_rescale: bool = True,
-                 aux_view: bool = True):
-        """``aux_view``: run a prefix auxiliary as a view of the base (see ``view_layers``)."""
+                 aux_load: str = "auto"):
+        """``aux_load``: how a prefix auxiliary is loaded (AUX_LOADS; "auto": choose_aux_load)."""
+        if aux_load not in AUX_LOADS:
+            raise KvcliError(f"unknown auxiliary load {aux_load!r} (one of {', '.join(AUX_LOADS)})")
         self.base_info = read_model_info(base_path, "base model")
         self.aux_info = read_model_info(aux_path, "auxiliary") if aux_path else None
         self.predictor = None
@@ -89,26 +115,35 @@ class Engine:
         self.key_norms = key_norm_weights(self.base_info) if key_norm_rescale else None
         self._models: list[Model] = []
         self._contexts: list[Context] = []
-        self.view_layers = self._prefix_of_base() if aux_view else 0
-        self.aux_state_info = self.base_info if self.view_layers else self.aux_info
+        prefix = self._prefix_of_base()
+        needs_view = self.predictor is not None and keys.FEATURE_AUX_OUT in self.predictor.hidden_kinds
+        self.aux_load = ("none" if self.aux_info is None
+                         else choose_aux_load(aux_load, prefix, needs_view=needs_view))
+        self.view_layers = prefix if self.aux_load in ("view", "partial") else 0
+        self.aux_state_info = self.base_info if self.aux_load == "view" else self.aux_info
         self._aux_alone: Context | None = None
         try:
             self.base = self._open(self.base_info.path, "base model")
             names = (hidden_tensor_names(self.aux_info.n_layer, self.predictor.hidden_kinds)
                      if self.predictor is not None and self.predictor.uses_hidden else [])
-            if keys.FEATURE_AUX_OUT in (self.predictor.hidden_kinds if self.predictor else ()) \
-                    and not self.view_layers:
+            if needs_view and self.aux_load != "view":
                 raise IncompatibleError("this predictor reads the auxiliary's last-layer output, "
                                         "which only a prefix auxiliary run as a view provides")
-            if self.view_layers:
+            if self.aux_load == "view":
                 # the base's own model, stopped after layer k-1: no second copy of the weights
                 stop = TensorCapture(names, stop_after=f"l_out-{self.view_layers - 1}")
                 self.aux = Context(self.base.model, self.settings, capture=stop)
                 self._contexts.append(self.aux)
+            elif self.aux_load == "partial":
+                # the base's file loaded again as its first k layers: its pages are shared
+                self.aux = self._open(self.base_info.path, "base model (as a prefix view)",
+                                      TensorCapture(names) if names else None,
+                                      prefix_layers=prefix)
+            elif self.aux_info is not None:
+                self.aux = self._open(self.aux_info.path, "auxiliary",
+                                      TensorCapture(names) if names else None)
             else:
-                self.aux = (self._open(self.aux_info.path, "auxiliary",
-                                       TensorCapture(names) if names else None)
-                            if self.aux_info else None)
+                self.aux = None
         except BaseException:
             self.close()
             raise
@@ -119,29 +154,23 @@ class Engine:
 
     def _prefix_of_base(self) -> int:
         """k when the auxiliary is the base's layers 0..k-1 (a kvcli prefix cut) and a
-        predictor is loaded: the base then runs as its own auxiliary, its graph stopped by
-        the eval callback after layer k-1 (the same K, V and hidden tensors, DESIGN.md 5c)."""
+        predictor is loaded: it can then run from the base's own weights (choose_aux_load)."""
         aux = self.aux_info
         if self.predictor is None or aux is None or aux.source_fingerprint != self.base_info.fingerprint:
             return 0
         k = aux.n_layer
         return k if aux.source_layers == tuple(range(k)) and k < self.base_info.n_layer else 0
 
-    @property
-    def aux_load(self) -> str:
-        """How the auxiliary is loaded: "view" (of the base), "file" or "none"."""
-        return "view" if self.view_layers else ("file" if self.aux is not None else "none")
-
     def _aux_alone_context(self) -> Context:
         """A context that runs the auxiliary alone to its LM head (mode aux): the cut file."""
-        if not self.view_layers:
+        if self.aux_load != "view":
             return self.aux
         if self._aux_alone is None:
             self._aux_alone = self._open(self.aux_info.path, "auxiliary")
         return self._aux_alone
 
-    def _open(self, path: Path, what: str, capture=None) -> Context:
-        model = Model(path, what=what)
+    def _open(self, path: Path, what: str, capture=None, prefix_layers: int = 0) -> Context:
+        model = Model(path, what=what, prefix_layers=prefix_layers, arch=self.base_info.arch)
         self._models.append(model)
         ctx = Context(model, self.settings, capture=capture)
         self._contexts.append(ctx)

@@ -81,7 +81,13 @@ def describe_bundle(folder: Path, verify: bool = False) -> dict:
     prefix = aux.get("cut_from", {})
     is_view = (prefix.get("base_fingerprint") == base["fingerprint"]
                and prefix.get("base_layers") == list(range(aux["n_layer"])))
-    out["aux_load"] = "view" if is_view else "file"  # how kvcli runs the auxiliary (engine.py)
+    # how kvcli runs the auxiliary with this llama-cpp-python build (engine.choose_aux_load)
+    from kvcli.engine import choose_aux_load
+    from kvcli.runtime import llama_cpp_version
+
+    needs_view = keys.FEATURE_AUX_OUT in out["predictor"]["feature_kinds"]
+    out["aux_load"] = choose_aux_load("auto", aux["n_layer"] if is_view else 0, needs_view=needs_view)
+    out["llama_cpp_python"] = llama_cpp_version()
     try:
         check_compatible(b.base, b.aux, b.predictor)
         out["compatible"], out["problem"] = True, None

@@ -45,10 +45,10 @@ def reset_peak() -> None:
 
 def measure_in_child(mode: str, bundle: Path, lengths: list[int], prompts: dict[int, list[int]],
                      settings: dict, tail: int = 0, keep: dict[int, int] | None = None,
-                     aux_view: bool = True) -> dict[int, dict]:
+                     aux_load: str = "auto") -> dict[int, dict]:
     """Per prompt length: {peak_rss_mib, pss_mib} of ``mode`` in a fresh process."""
     job = {"mode": mode, "bundle": str(bundle), "lengths": lengths, "settings": settings,
-           "prompts": {str(n): prompts[n] for n in lengths}, "tail": tail, "aux_view": aux_view,
+           "prompts": {str(n): prompts[n] for n in lengths}, "tail": tail, "aux_load": aux_load,
            "keep": {str(n): k for n, k in (keep or {}).items()}}
     res = subprocess.run([sys.executable, "-m", "kvcli.memory"], input=json.dumps(job),
                          capture_output=True, text=True, timeout=900)
@@ -70,7 +70,7 @@ def _child() -> None:
     out = {}
     with Engine(b.base, aux_path=b.aux if with_aux else None,
                 predictor_path=b.predictor if job["mode"] == "kvp" else None,
-                settings=settings, aux_view=job["aux_view"]) as engine:
+                settings=settings, aux_load=job["aux_load"] if with_aux else "auto") as engine:
         for n in job["lengths"]:
             reset_peak()
             engine.prefill(job["prompts"][str(n)], mode=job["mode"], tail=job["tail"],

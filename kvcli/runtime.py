@@ -61,15 +61,51 @@ def default_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
+PATCH_LABEL = "+kvcli."  # tools/install.py builds llama-cpp-python as 0.3.36+kvcli.<patches digest>
+
+
+def llama_cpp_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("llama-cpp-python")
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def prefix_view_supported() -> bool:
+    """Whether this llama-cpp-python was built with kvcli's patches/ (tools/install.py): its
+    llama.cpp then loads a model file's first k layers alone (Model(prefix_layers=k))."""
+    return PATCH_LABEL in llama_cpp_version()
+
+
+def _kv_overrides(lib, values: dict[str, int]):
+    """A sentinel-terminated llama_model_kv_override array of integer overrides."""
+    array = (lib.llama_model_kv_override * (len(values) + 1))()
+    for entry, (key, value) in zip(array, values.items()):
+        entry.key = key.encode()
+        entry.tag = lib.LLAMA_KV_OVERRIDE_TYPE_INT
+        entry.value.val_i64 = value
+    array[len(values)].key = b"\0"
+    return array
+
+
 class Model:
     """A loaded llama.cpp model; ``close()`` frees it (safe to call twice)."""
 
-    def __init__(self, path: str | Path, *, what: str = "model"):
+    def __init__(self, path: str | Path, *, what: str = "model", prefix_layers: int = 0,
+                 arch: str = ""):
+        """``prefix_layers`` k > 0 loads only the file's layers 0..k-1 as a model of their own
+        (a kv override of ``{arch}.block_count``): a prefix view whose weights share the file's
+        pages. Only a llama.cpp built with kvcli's patches/ can (see prefix_view_supported)."""
         lib = _lib()
         self.path = check_gguf_file(path, what)
         params = lib.llama_model_default_params()
         params.use_extra_bufts = False  # see module docstring: avoids the AMX crash
         params.n_gpu_layers = 0
+        if prefix_layers:
+            self._overrides = _kv_overrides(lib, {f"{arch}.block_count": prefix_layers})
+            params.kv_overrides = self._overrides
         handle = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not handle:
             raise ModelFileError(f"llama.cpp could not load the {what} file "
@@ -258,8 +294,6 @@ class Context:
             self.handle = None
 
 
-def llama_cpp_version() -> str:
-    return _lib().__version__
 
 
 def system_info() -> str:

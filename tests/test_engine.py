@@ -10,7 +10,7 @@ from kvcli.engine import Engine
 from kvcli.errors import ContextError, IncompatibleError
 from kvcli.model_info import read_model_info
 from kvcli.predictor import Predictor, save_predictor
-from kvcli.runtime import Context, ContextSettings
+from kvcli.runtime import Context, ContextSettings, llama_cpp_version, prefix_view_supported
 
 SETTINGS = ContextSettings(n_ctx=256)
 
@@ -120,24 +120,47 @@ def test_a_context_smaller_than_n_batch_decodes_in_its_own_batches(tiny_llama):
         assert eng.base.n_past == 200 and np.isfinite(eng.base.last_logits()).all()
 
 
+@pytest.mark.parametrize("load", ["view", "partial"])
 @pytest.mark.parametrize("fixture", ["tiny_gemma3", "tiny_llama"])
-def test_prefix_auxiliary_as_a_view_of_the_base_is_exact(fixture, request, tmp_path):
-    """The base stopped after layer k-1 by the eval callback gives the cut auxiliary's K, V
-    and hidden tensors: kvp's logits are identical to the bit, with no second weights."""
+def test_prefix_auxiliary_as_a_view_of_the_base_is_exact(fixture, load, request, tmp_path):
+    """The base's own weights run as the auxiliary (view: the base stopped after layer k-1 by
+    the eval callback; partial: the base's file loaded as its first k layers, patches/) give
+    the cut auxiliary's K, V and hidden tensors: kvp's logits are identical to the bit."""
     from kvcli.bundle import build_bundle
 
+    if load == "partial" and not prefix_view_supported():
+        pytest.skip(f"llama-cpp-python {llama_cpp_version()} is not built with patches/ "
+                    "(python tools/install.py)")
     base = request.getfixturevalue(fixture)
     b = build_bundle(base, tmp_path / "b", n_aux_layers=2, n_tokens=600)
-    with Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=SETTINGS) as view, \
+    with Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=SETTINGS,
+                aux_load=load) as view, \
             Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=SETTINGS,
-                   aux_view=False) as cut:
-        assert (view.aux_load, cut.aux_load) == ("view", "file")
-        assert view.aux.model is view.base.model  # one llama_model: the weights are shared
+                   aux_load="file") as cut:
+        assert (view.aux_load, cut.aux_load) == (load, "file")
+        if load == "view":
+            assert view.aux.model is view.base.model  # one llama_model: the weights are shared
+        else:
+            assert view.aux.model.path == view.base.model.path
         tokens = random_prompt(120, view.model.n_vocab, view.model.bos, low=3)
         for tail in (0, 7):
             lv = view.prefill(tokens, mode="kvp", tail=tail)[1]
             lc = cut.prefill(tokens, mode="kvp", tail=tail)[1]
             np.testing.assert_array_equal(lv, lc)
-        # the auxiliary alone still runs (from the cut file, loaded on first use)
+        # the auxiliary alone still runs (view: from the cut file, loaded on first use)
         gen = view.generate(tokens, mode="aux", n_predict=3)
-        assert gen.ttft_ms > 0 and view.aux_load == "view"
+        ref = cut.generate(tokens, mode="aux", n_predict=3)
+        assert gen.tokens == ref.tokens and view.aux_load == load
+
+
+def test_partial_load_refused_clearly_on_a_stock_build(tiny_llama, tmp_path, monkeypatch):
+    from kvcli import engine as engine_module
+    from kvcli.bundle import build_bundle
+
+    b = build_bundle(tiny_llama, tmp_path / "b", n_aux_layers=2, n_tokens=600)
+    monkeypatch.setattr(engine_module, "prefix_view_supported", lambda: False)
+    with pytest.raises(IncompatibleError, match="tools/install.py"):
+        Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=SETTINGS,
+               aux_load="partial")
+    with Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=SETTINGS) as eng:
+        assert eng.aux_load == "view"  # auto falls back to the callback view

@@ -86,8 +86,10 @@ def command(
     tails: Annotated[str, typer.Option("--tails", help="kvp tails: prompt tokens the base "
                                        "recomputes itself.")] = "0",
     aux_load: Annotated[str, typer.Option(
-        "--aux-load", help="kvp's auxiliary: auto (a prefix auxiliary runs as a view of the "
-        "base, no second weights), file (the cut file), or both side by side.")] = "auto",
+        "--aux-load", help="How kvp loads a prefix auxiliary: auto (partial if this build has "
+        "kvcli's patch, else view), partial (the base's file loaded as its first k layers), view "
+        "(the base's own model, its graph stopped after layer k-1), file (the cut file), a comma "
+        "list of these side by side, or all.")] = "auto",
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure each mode's "
                                          "peak RSS and PSS in a process of its own.")] = True,
     plot: Annotated[Optional[Path], typer.Option(
@@ -105,8 +107,7 @@ def command(
     mode_list = [m for m in modes.split(",") if m]
     if not mode_list or set(mode_list) - set(BENCH_MODES):
         raise KvcliError(f"--modes takes a comma list of {', '.join(BENCH_MODES)}")
-    if aux_load not in ("auto", "file", "both"):
-        raise KvcliError("--aux-load takes auto, file or both")
+    loads = _aux_loads(aux_load)
     if repeats < 1 or warmup < 0 or min(length_list) < 16 or min(tail_list) < 0:
         raise KvcliError("need -r >= 1, --warmup >= 0, N >= 16 and tails >= 0")
     b = resolve_bundle(bundle)
@@ -115,15 +116,16 @@ def command(
     engines = []
     try:
         engine = Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=settings,
-                        aux_view=aux_load != "file")
+                        aux_load=loads[0])
         engines.append(engine)
-        file_engine = None
-        if aux_load == "both" and engine.aux_load == "view":
-            file_engine = Engine(b.base, aux_path=b.aux, predictor_path=b.predictor,
-                                 settings=settings, aux_view=False)
-            engines.append(file_engine)
-            n_methods += 1
-        rows, prompts, keeps = _run(engine, file_engine, length_list, mode_list, tail_list,
+        extra = {}
+        for load in loads[1:]:
+            if load != engine.aux_load:
+                extra[load] = Engine(b.base, aux_path=b.aux, predictor_path=b.predictor,
+                                     settings=settings, aux_load=load)
+                engines.append(extra[load])
+        n_methods += len(extra)
+        rows, prompts, keeps = _run(engine, extra, length_list, mode_list, tail_list,
                                     repeats, warmup, n_methods)
     finally:
         for e in engines:
@@ -132,12 +134,11 @@ def command(
         from kvcli.memory import measure_in_child
 
         targets = [(m, engine.aux_load) for m in mode_list]
-        if file_engine is not None:
-            targets.append(("kvp", "file"))
+        targets += [("kvp", load) for load in extra]
         for mode, load in targets:
             measured = measure_in_child(mode, b.folder, length_list, prompts, settings.__dict__,
                                         keep=keeps if mode == "truncate" else None,
-                                        aux_view=load == "view")
+                                        aux_load=load)
             for r in rows:
                 if r["mode"] == mode and r.get("aux_load") in (None, load):
                     r.update(measured[r["n_prompt"]])
@@ -153,7 +154,20 @@ def command(
         _print_table(result)
 
 
-def _run(engine, file_engine, length_list, mode_list, tail_list, repeats, warmup, n_methods):
+def _aux_loads(text: str) -> list[str]:
+    """--aux-load: one load, a comma list (the first is the main engine's), or all."""
+    from kvcli.engine import AUX_LOADS
+    from kvcli.runtime import prefix_view_supported
+
+    if text == "all":
+        return (["partial"] if prefix_view_supported() else []) + ["view", "file"]
+    loads = [x for x in text.split(",") if x]
+    if not loads or set(loads) - set(AUX_LOADS) or len(set(loads)) < len(loads):
+        raise KvcliError(f"--aux-load takes one or more of {', '.join(AUX_LOADS)}, or all")
+    return loads
+
+
+def _run(engine, extra, length_list, mode_list, tail_list, repeats, warmup, n_methods):
     from kvcli import ui
     from kvcli.bench import bench_length, summarize
 
@@ -167,7 +181,7 @@ def _run(engine, file_engine, length_list, mode_list, tail_list, repeats, warmup
                 report(stage, done[0], repeats * n_methods)
 
             runs, ps = bench_length(engine, n, modes=mode_list, tails=tail_list, repeats=repeats,
-                                    warmup=warmup, progress=tick, file_engine=file_engine)
+                                    warmup=warmup, progress=tick, extra_engines=extra)
             prompts[n] = ps[0]
             keeps[n] = next((m.keep for m in runs if m.mode == "truncate"), None)
             for r in summarize(n, runs):
