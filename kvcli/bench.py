@@ -139,7 +139,7 @@ def summarize(n_tokens: int, runs: dict[Method, Runs]) -> list[dict]:
             "ttft_ratio": round(mean / base_mean, 4) if base_mean else None,
             "first_token_agreement": round(float(np.mean(r.first_agree)), 4) if r.first_agree else None,
             "kl_mean": round(float(np.mean(r.kl)), 5) if r.kl else None,
-            "peak_rss_mib": None, "pss_mib": None,
+            "peak_rss_mib": None, "peak_pss_mib": None, "pss_mib": None,
         }
         if m.mode == "kvp":
             parts = {k: round(statistics.fmean(t.as_dict()[k] for t in r.timings), 2)

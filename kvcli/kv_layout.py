@@ -89,7 +89,7 @@ class CacheLayout:
             layers = []
             for il in group:
                 k, v = kv[il]
-                if len(k) != len(positions) or len(v) != len(positions):
+                if k.shape[0] != len(positions) or v.shape[0] != len(positions):
                     raise ValueError(f"layer {il}: {len(k)} rows for {len(positions)} cells")
                 kt, vt = self.k_types[il], self.v_types[il]
                 layers.append(LayerKV(k_type=kt, k=k, v_type=vt, v=v))

@@ -3,9 +3,10 @@
 One process holding both models would charge the auxiliary to the base alone, so each mode
 is measured by ``python -m kvcli.memory MODE ...`` in its own process: base and truncate
 load the base only; kvp loads the base, the auxiliary and the predictor. After each prompt
-length it reports the peak RSS (VmHWM, reset between lengths through /proc/self/clear_refs)
-and the PSS right after the prefill (/proc/self/smaps_rollup: shared pages split between
-the processes that map them).
+length it reports the peak RSS (VmHWM, reset between lengths through /proc/self/clear_refs),
+the peak PSS (/proc/self/smaps_rollup sampled every few milliseconds during the prefill by a
+thread: shared pages split between the mappings and processes that map them, so a file
+mapped twice counts once) and the PSS right after the prefill.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 
@@ -43,10 +45,34 @@ def reset_peak() -> None:
         pass
 
 
+class PssSampler:
+    """The largest PSS seen while the ``with`` block runs, sampled every ``interval`` s."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak = interval, 0.0
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, pss_mib() or 0.0)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, pss_mib() or 0.0)
+
+
 def measure_in_child(mode: str, bundle: Path, lengths: list[int], prompts: dict[int, list[int]],
                      settings: dict, tail: int = 0, keep: dict[int, int] | None = None,
                      aux_load: str = "auto") -> dict[int, dict]:
-    """Per prompt length: {peak_rss_mib, pss_mib} of ``mode`` in a fresh process."""
+    """Per prompt length: {peak_rss_mib, peak_pss_mib, pss_mib} of ``mode`` in a fresh process."""
     job = {"mode": mode, "bundle": str(bundle), "lengths": lengths, "settings": settings,
            "prompts": {str(n): prompts[n] for n in lengths}, "tail": tail, "aux_load": aux_load,
            "keep": {str(n): k for n, k in (keep or {}).items()}}
@@ -73,9 +99,11 @@ def _child() -> None:
                 settings=settings, aux_load=job["aux_load"] if with_aux else "auto") as engine:
         for n in job["lengths"]:
             reset_peak()
-            engine.prefill(job["prompts"][str(n)], mode=job["mode"], tail=job["tail"],
-                           keep=job["keep"].get(str(n)))
-            out[n] = {"peak_rss_mib": peak_rss_mib(), "pss_mib": pss_mib()}
+            with PssSampler() as sampler:
+                engine.prefill(job["prompts"][str(n)], mode=job["mode"], tail=job["tail"],
+                               keep=job["keep"].get(str(n)))
+            out[n] = {"peak_rss_mib": peak_rss_mib(), "peak_pss_mib": round(sampler.peak, 1),
+                      "pss_mib": pss_mib()}
     print(json.dumps(out))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from kvcli.kv_layout import CacheLayout, LayerCells
 from kvcli.model_info import ModelInfo
 from kvcli.predictor import Predictor, build_features
 from kvcli.rope import rotate, unrotate
+from kvcli.state_codec import Pending
 
 _POOL: ThreadPoolExecutor | None = None
 
@@ -74,15 +76,42 @@ def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: Mod
 
     The auxiliary's cells must hold positions 0..n-1; ``hidden`` rows start at position
     ``hidden_start`` (a conversation's auxiliary decodes only its new tokens)."""
+    out, jobs = _layer_jobs(aux_layers, aux, base, predictor, group_positions, bos, key_norms,
+                            hidden, hidden_start)
+    # numpy releases the GIL in its kernels: layers run in parallel on single-threaded BLAS
+    out.update(zip(jobs, _pool().map(lambda job: job(), jobs.values())))
+    return out
+
+
+def predicted_state_bytes(layout: CacheLayout, **kwargs) -> bytearray:
+    """The state bytes (seq 0, ``layout``) of ``predict_base_kv``'s rows, each predicted layer
+    computed on the pool and cast into the buffer at once: only a few layers' float32 rows
+    are alive at any time."""
+    out, jobs = _layer_jobs(**kwargs)
+    for il, job in jobs.items():
+        n = len(_positions_of(kwargs["base"], kwargs["group_positions"], il))
+        out[il] = (Pending((n, kwargs["base"].n_embd_k(il)), job, 0),
+                   Pending((n, kwargs["base"].n_embd_v(il)), job, 1))
+    return state_bytes(layout, kwargs["group_positions"], out)
+
+
+def _positions_of(base: ModelInfo, group_positions: list[np.ndarray], il: int) -> np.ndarray:
+    for group, positions in zip(base.cache_layer_groups, group_positions):
+        if il in group:
+            return positions
+    raise IncompatibleError(f"base layer {il} is in no cache group")
+
+
+def _layer_jobs(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: ModelInfo,
+                predictor: Predictor, group_positions: list[np.ndarray],
+                bos: BosCell | None = None, key_norms: dict[int, np.ndarray] | None = None,
+                hidden: list[np.ndarray] = (), hidden_start: int = 0):
+    """The copied layers' rows, and per predicted layer a function that computes its rows."""
     n_cells = max((len(p) and int(p[-1]) + 1) for p in group_positions)
     first = min((int(p[0]) for p in group_positions if len(p)), default=n_cells)
     if hidden and not (hidden_start <= first and hidden_start + len(hidden[0]) >= n_cells):
         raise IncompatibleError(f"captured hidden rows cover positions {hidden_start}.."
                                 f"{hidden_start + len(hidden[0]) - 1}, not {first}..{n_cells - 1}")
-    layer_positions = {}
-    for group, positions in zip(base.cache_layer_groups, group_positions):
-        for il in group:
-            layer_positions[il] = positions
     for il in predictor.feature_layers + predictor.copied_layers:
         cells = aux_layers.get(il)
         if cells is None or len(cells.positions) < n_cells or (
@@ -91,7 +120,7 @@ def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: Mod
 
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for il in predictor.copied_layers:
-        rows = layer_positions[il]
+        rows = _positions_of(base, group_positions, il)
         out[il] = (aux_layers[il].k[rows], aux_layers[il].v[rows])
 
     features = {}  # row i: position first + i
@@ -104,28 +133,16 @@ def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: Mod
         features[src] = build_features(kv, src, [h[h0 : h0 + n_cells - first] for h in hidden])
 
     def predict_one(il: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = layer_positions[il]
+        rows = _positions_of(base, group_positions, il)
         k, v = predictor.predict_layer(features[predictor.layer_map[il]], il, rows - first)
         if key_norms is not None:
             k = rescale_to_key_norm(np.ascontiguousarray(k), key_norms[il], base.head_dim_k)
-        return rotate(k, rows, base.rope[il]), v
+        k = rotate(k, rows, base.rope[il])
+        if bos is not None and len(rows) and rows[0] == 0:
+            k[0], v[0] = bos.k[il], bos.v[il]
+        return k, v
 
-    # numpy releases the GIL in its kernels: layers run in parallel on single-threaded BLAS
-    for il, kv in zip(predictor.predicted_layers,
-                      _pool().map(predict_one, predictor.predicted_layers)):
-        out[il] = kv
-
-    if bos is not None:
-        for il, (k, v) in out.items():
-            rows = layer_positions[il]
-            if len(rows) and rows[0] == 0 and il not in predictor.copied_layers:
-                k[0], v[0] = bos.k[il], bos.v[il]
-    return out
-
-
-def predicted_state_bytes(layout: CacheLayout, **kwargs) -> bytearray:
-    """``predict_base_kv``, then the state bytes of those rows in ``layout`` (seq 0)."""
-    return state_bytes(layout, kwargs["group_positions"], predict_base_kv(**kwargs))
+    return out, {il: partial(predict_one, il) for il in predictor.predicted_layers}
 
 
 def state_bytes(layout: CacheLayout, group_positions: list[np.ndarray],

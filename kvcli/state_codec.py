@@ -21,6 +21,7 @@ transposed back on write. Parse then write gives back the same bytes.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,9 +50,20 @@ class LayerKV:
     """One layer's cached keys and values, one row per cell."""
 
     k_type: int
-    k: np.ndarray  # (cells, n_embd_k)
+    k: np.ndarray | Pending  # (cells, n_embd_k)
     v_type: int
-    v: np.ndarray  # (cells, n_embd_v)
+    v: np.ndarray | Pending  # (cells, n_embd_v)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Rows that ``write_seq_state`` computes only when it fills their place: ``compute()``
+    returns the layer's (K, V) pair, called once per layer, and ``index`` picks K (0) or V (1).
+    A writer can then stream layers into its buffer without every layer's float32 rows alive."""
+
+    shape: tuple[int, int]
+    compute: Callable[[], tuple[np.ndarray, np.ndarray]]
+    index: int
 
 
 @dataclass
@@ -202,23 +214,26 @@ def parse_seq_state(data: bytes | memoryview, *, n_blobs: int | None = None,
 
 class _Writer:
     """Fills one preallocated buffer: K and V rows are cast (and V transposed) straight into
-    it, with no intermediate copies. The casts are queued and run at the end, on ``map``
-    (e.g. a thread pool's: numpy casts release the GIL)."""
+    it, with no intermediate copies. The casts are queued per layer and run at the end, on
+    ``map`` (e.g. a thread pool's: numpy casts release the GIL)."""
 
     def __init__(self, size: int):
         self.buf = bytearray(size)
         self.view = np.frombuffer(self.buf, dtype=np.uint8)
         self.offset = 0
-        self.copies: list[tuple[np.ndarray, np.ndarray]] = []
-
-    def copy_later(self, dest: np.ndarray, src: np.ndarray) -> None:
-        self.copies.append((dest, src))
+        self.jobs: list[list[tuple[np.ndarray, np.ndarray | Pending, bool]]] = []
 
     def run_copies(self, map_fn=map) -> None:
-        def copy(job):
-            job[0][...] = job[1]
+        def run(job):
+            computed = {}
+            for dest, src, transpose in job:
+                if isinstance(src, Pending):
+                    if src.compute not in computed:
+                        computed[src.compute] = src.compute()
+                    src = computed[src.compute][src.index]
+                dest[...] = src.T if transpose else src
 
-        for _ in map_fn(copy, self.copies):
+        for _ in map_fn(run, self.jobs):
             pass
 
     def pack(self, fmt: str, *values) -> None:
@@ -260,26 +275,28 @@ def _write_stream(w: _Writer, s: StreamState) -> None:
             w.pack("<iI", int(pos), len(ids))
             w.array(np.dtype("<i4"), (len(ids),))[:] = ids
     w.pack("<II", int(s.v_trans), len(s.layers))
-    for layer in s.layers:
+    jobs = [[] for _ in s.layers]  # one per layer: its K and V copies run together
+    for layer, job in zip(s.layers, jobs):
         dtype = _kv_dtype(layer.k_type, "a key cache")
         w.pack("<iQ", layer.k_type, layer.k.shape[1] * dtype.itemsize)
-        w.copy_later(w.array(dtype, layer.k.shape), layer.k)
-    for layer in s.layers:
+        job.append((w.array(dtype, layer.k.shape), layer.k, False))
+    for layer, job in zip(s.layers, jobs):
         dtype = _kv_dtype(layer.v_type, "a value cache")
         cells, width = layer.v.shape
         if s.v_trans:
             w.pack("<iII", layer.v_type, dtype.itemsize, width)
-            w.copy_later(w.array(dtype, (width, cells)), layer.v.T)
+            job.append((w.array(dtype, (width, cells)), layer.v, True))
         else:
             w.pack("<iQ", layer.v_type, width * dtype.itemsize)
-            w.copy_later(w.array(dtype, (cells, width)), layer.v)
+            job.append((w.array(dtype, (cells, width)), layer.v, False))
+    w.jobs.extend(jobs)
 
 
 def write_seq_state(state: SeqState, map_fn=map) -> bytearray:
     """Serialize a SeqState into the bytes ``llama_state_seq_set_data`` reads.
 
-    K and V rows may be of any float dtype: they are cast to each layer's ggml type, one
-    layer per call of ``map_fn`` (default: the builtin map, in order)."""
+    K and V rows may be of any float dtype, or Pending: they are cast to each layer's ggml
+    type, one layer per call of ``map_fn`` (default: the builtin map, in order)."""
     streams = [s for blob in state.blobs for s in blob.streams if s is not None and s.n_cells]
     size = 8 + sum(4 + 4 * len(blob.streams) for blob in state.blobs)
     size += sum(_stream_size(s) - 4 for s in streams)

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -136,12 +137,14 @@ def build_wheel(version: str, wheels: Path) -> Path:
             say(f"applying {patch.relative_to(ROOT)}")
             apply_patch(patch, source)
         set_version(source, version)
-        say(f"building llama-cpp-python {version} (about 8 minutes on 2 cores)")
+        say(f"building llama-cpp-python {version} (5 to 8 minutes on 2 cores)")
         env = dict(os.environ)
         env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
         built = Path(tmp) / "wheel"
+        start = time.monotonic()
         run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(built), str(source)],
             env=env)
+        say(f"built in {time.monotonic() - start:.0f} s")
         (wheel,) = built.glob("llama_cpp_python-*.whl")
         wheels.mkdir(parents=True, exist_ok=True)
         target = wheels / wheel.name

@@ -64,14 +64,14 @@ def _print_table(result: dict) -> None:
                      f"{r['ttft_ms_median']:.1f}", _fmt(r["ttft_ratio"], ".3f"), breakdown,
                      _fmt(r.get("floor_ms"), ".1f"), _fmt(r.get("floor_ratio"), ".3f"),
                      _fmt(r["first_token_agreement"]), _fmt(r["kl_mean"], ".3f"),
-                     _fmt(r["peak_rss_mib"], ".0f"), _fmt(r["pss_mib"], ".0f")])
+                     _fmt(r["peak_rss_mib"], ".0f"), _fmt(r.get("peak_pss_mib"), ".0f")])
     s = result["settings"]
     title = (f"kvcli bench-ttft: {s['base']} + {s['aux']} | n_threads {s['n_threads']} n_batch "
              f"{s['n_batch']} n_ubatch {s['n_ubatch']} type_k {s['type_k']} type_v {s['type_v']} "
              f"flash_attn {int(s['flash_attn'])} | llama-cpp-python {s['llama_cpp_python']}")
     ui.out.print(ui.table(title, ["N", "mode", "TTFT ms", "median", "x base",
                                   "aux/get/pred/set/dec ms", "floor ms", "x floor", "first tok",
-                                  "KL", "RSS MiB", "PSS MiB"], rows))
+                                  "KL", "peak RSS MiB", "peak PSS MiB"], rows))
     ui.err.print(f"[dim]build: {s['build_info']}[/dim]")
 
 
