@@ -1,10 +1,12 @@
 """A bundle: one folder with the base, the auxiliary, the predictor and a manifest.
 
-The manifest names each file with its size, sha256 and fingerprint. A bundle is built in a
-hidden folder and renamed into place (atomic.py), so an interrupted build leaves nothing
-half-written. The default bundle is built on first use from the embedded Gemma 3 270M into
-the user's cache folder ($XDG_CACHE_HOME/kvcli, else ~/.cache/kvcli); it refers to the
-embedded base by its path rather than copying it.
+The manifest names each file with its size, sha256 and fingerprint. An auxiliary that is the
+base's own layers 0..k-1 needs no file: the manifest says ``prefix_of_base: k`` and kvcli
+runs it from the base's weights (engine.AUX_LOADS), cutting a file only if one is asked for.
+A bundle is built in a hidden folder and renamed into place (atomic.py), so an interrupted
+build leaves nothing half-written. The default bundle is built on first use from the
+embedded Gemma 3 270M into the user's cache folder ($XDG_CACHE_HOME/kvcli, else
+~/.cache/kvcli); it refers to the embedded base by its path rather than copying it.
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ from pathlib import Path
 from kvcli import __version__
 from kvcli.atomic import building_folder, write_text_atomically
 from kvcli.errors import IncompatibleError, KvcliError, ModelFileError
-from kvcli.model_info import read_model_info
+from kvcli.model_info import prefix_view_info, read_model_info
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "kvcli-bundle"
-BUNDLE_VERSION = 2
+BUNDLE_VERSION = 3  # 3: the auxiliary may be a prefix of the base, with no file
+READABLE_VERSIONS = (2, 3)
 ROLES = ("base", "aux", "predictor")
 DEFAULT_AUX_LAYERS = 5
 # names the default bundle's recipe: change it when the default fit changes, so caches rebuild
-DEFAULT_RECIPE = f"prefix{DEFAULT_AUX_LAYERS}-ridge-kv1-hidden-v2"
+DEFAULT_RECIPE = f"prefix{DEFAULT_AUX_LAYERS}-ridge-kv1-hidden-v3"  # v3: no aux file
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -38,12 +41,22 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 class Bundle:
     folder: Path
     base: Path
-    aux: Path
+    aux: Path | None  # None: the auxiliary is the base's layers 0..aux_prefix-1, no file
     predictor: Path
     manifest: dict
+    aux_prefix: int = 0
 
-    def path(self, role: str) -> Path:
+    def path(self, role: str) -> Path | None:
         return {"base": self.base, "aux": self.aux, "predictor": self.predictor}[role]
+
+    @property
+    def file_roles(self) -> tuple[str, ...]:
+        return tuple(role for role in ROLES if self.path(role) is not None)
+
+    @property
+    def aux_source(self) -> Path | int:
+        """The auxiliary's file, or k for the base's own first k layers."""
+        return self.aux if self.aux is not None else self.aux_prefix
 
 
 def cache_dir() -> Path:
@@ -85,35 +98,51 @@ def load_bundle(folder: str | Path) -> Bundle:
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("format") != BUNDLE_FORMAT:
             raise ValueError(f"format is {manifest.get('format')!r}")
-        if manifest.get("version") != BUNDLE_VERSION:
+        if manifest.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"version {manifest.get('version')} is not {BUNDLE_VERSION}; rebuild it")
-        paths, sizes = {}, {}
+        paths, sizes, aux_prefix = {"aux": None}, {}, 0
         for role in ROLES:
+            if role == "aux" and "prefix_of_base" in manifest[role]:
+                aux_prefix = int(manifest[role]["prefix_of_base"])
+                if aux_prefix < 1:
+                    raise ValueError(f"prefix_of_base is {aux_prefix}")
+                continue
             p = Path(manifest[role]["path"])
             paths[role] = p if p.is_absolute() else folder / p
             sizes[role] = int(manifest[role]["size"])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelFileError(f"bundle manifest is unreadable ({exc}): {manifest_path}") from None
     for role, p in paths.items():
+        if p is None:
+            continue
         if not p.is_file():
             raise ModelFileError(f"bundle {role} file is missing: {p}")
         if p.stat().st_size != sizes[role]:
             raise ModelFileError(f"bundle {role} file has changed since the bundle was made "
                                  f"({p.stat().st_size} bytes, manifest says {sizes[role]}): {p}")
-    return Bundle(folder=folder, manifest=manifest, **paths)
+    return Bundle(folder=folder, manifest=manifest, aux_prefix=aux_prefix, **paths)
 
 
 def verify_bundle(bundle: Bundle) -> dict[str, bool]:
     """Per role: whether the file's sha256 is the manifest's."""
-    return {role: sha256_file(bundle.path(role)) == bundle.manifest[role]["sha256"] for role in ROLES}
+    return {role: sha256_file(bundle.path(role)) == bundle.manifest[role]["sha256"]
+            for role in bundle.file_roles}
 
 
-def check_compatible(base: Path, aux: Path, predictor: Path):
-    """Load and cross-check the three files; returns (base info, aux info, predictor)."""
+def aux_model_info(base: Path, aux: Path | int):
+    """The auxiliary's ModelInfo: from its file, or (an int k) from the base's first k layers."""
+    if isinstance(aux, int):
+        return prefix_view_info(base, aux)
+    return read_model_info(aux, "auxiliary")
+
+
+def check_compatible(base: Path, aux: Path | int, predictor: Path):
+    """Load and cross-check the three parts; returns (base info, aux info, predictor).
+    ``aux``: a file, or k for the base's own layers 0..k-1."""
     from kvcli.predictor import load_predictor
 
     base_info = read_model_info(base, "base model")
-    aux_info = read_model_info(aux, "auxiliary")
+    aux_info = aux_model_info(base, aux)
     if base_info.tokenizer_digest != aux_info.tokenizer_digest:
         raise IncompatibleError(f"the auxiliary's tokenizer differs from the base's "
                                 f"({aux_info.path.name} vs {base_info.path.name})")
@@ -122,13 +151,17 @@ def check_compatible(base: Path, aux: Path, predictor: Path):
     return base_info, aux_info, pred
 
 
-def _manifest(folder: Path, files: dict[str, Path]) -> dict:
-    base_info, aux_info, pred = check_compatible(
-        *(files[r] if files[r].is_absolute() else folder / files[r] for r in ROLES))
+def _manifest(folder: Path, files: dict[str, Path | int]) -> dict:
+    """``files[role]``: a path (relative to ``folder`` or absolute); for aux, k for a prefix."""
+    full = {role: f if isinstance(f, int) or f.is_absolute() else folder / f for role, f in files.items()}
+    base_info, aux_info, pred = check_compatible(full["base"], full["aux"], full["predictor"])
     manifest = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "kvcli": __version__}
     for role in ROLES:
-        full = files[role] if files[role].is_absolute() else folder / files[role]
-        entry = {"path": str(files[role]), "size": full.stat().st_size, "sha256": sha256_file(full)}
+        if isinstance(files[role], int):
+            entry = {"prefix_of_base": files[role]}
+        else:
+            entry = {"path": str(files[role]), "size": full[role].stat().st_size,
+                     "sha256": sha256_file(full[role])}
         if role == "base":
             entry.update(fingerprint=base_info.fingerprint, arch=base_info.arch)
         elif role == "aux":
@@ -170,9 +203,11 @@ def pack_bundle(folder: str | Path, *, base: Path, aux: Path, predictor: Path,
 
 def build_bundle(base_path: str | Path, folder: str | Path, *, n_aux_layers: int | None = None,
                  n_tokens: int | None = None, corpus: Path | None = None,
-                 storage_type: str = "f32", reference_base: bool = False,
+                 storage_type: str = "f32", reference_base: bool = False, aux_file: bool = False,
                  progress: Progress | None = None) -> Bundle:
-    """From a base alone: cut a prefix auxiliary, calibrate a predictor, pack; atomically."""
+    """From a base alone: a prefix auxiliary, a predictor calibrated for it, packed atomically.
+    The auxiliary is recorded as the base's first k layers, with no file of its own, unless
+    ``aux_file`` (its cut is then kept, for a llama.cpp that should load it as a file)."""
     from kvcli.aux_cut import cut_auxiliary, prefix_layers
     from kvcli.calibrate import DEFAULT_TOKENS, calibrate
     from kvcli.predictor import STORAGE_TYPES, save_predictor
@@ -195,6 +230,9 @@ def build_bundle(base_path: str | Path, folder: str | Path, *, n_aux_layers: int
                          progress=(lambda i, n: progress("calibrate", i, n)) if progress else None)
         predictor = save_predictor(pred, work / "predictor.gguf", storage_type)
         files = {"aux": Path(aux.name), "predictor": Path(predictor.name)}
+        if not aux_file:
+            aux.unlink()
+            files["aux"] = n_aux
         if reference_base:
             files["base"] = base_info.path
         else:

@@ -178,18 +178,24 @@ def bundle_cmd(
     reference_base: Annotated[bool, typer.Option(
         "--reference-base", help="Name the base by its path instead of linking or copying it "
         "into the folder.")] = False,
+    aux_file: Annotated[bool, typer.Option(
+        "--aux-file", help="Without --aux: keep the prefix auxiliary's cut file in the bundle. "
+        "By default the bundle records it as the base's first k layers and kvcli runs it from "
+        "the base's own weights (a cut is made into the cache only if --aux-load file or mode "
+        "aux asks for one on a stock llama-cpp-python).")] = False,
 ) -> None:
     """Pack a base, an auxiliary and a predictor into one folder with a manifest (sizes,
-    sha256, fingerprints). With --base alone: cut a prefix auxiliary, calibrate, pack."""
+    sha256, fingerprints). With --base alone: a prefix auxiliary (no file of its own unless
+    --aux-file), a predictor calibrated for it, packed."""
     from kvcli import ui
     from kvcli.bundle import build_bundle, pack_bundle
 
     if (aux is None) != (predictor is None):
         raise KvcliError("give both --aux and --predictor, or neither (to build them)")
     if aux is not None:
-        if aux_layers or corpus or tokens:
-            raise KvcliError("--aux-layers, --corpus and --tokens build an auxiliary and a "
-                             "predictor; they do not apply with --aux and --predictor")
+        if aux_layers or corpus or tokens or aux_file:
+            raise KvcliError("--aux-layers, --corpus, --tokens and --aux-file build an auxiliary "
+                             "and a predictor; they do not apply with --aux and --predictor")
         b = pack_bundle(output, base=base, aux=aux, predictor=predictor, reference_base=reference_base)
     else:
         if corpus is not None and not corpus.exists():
@@ -197,8 +203,9 @@ def bundle_cmd(
         with ui.progress_reporter() as report:
             b = build_bundle(base, output, n_aux_layers=aux_layers, n_tokens=tokens, corpus=corpus,
                              storage_type=predictor_type, reference_base=reference_base,
-                             progress=report)
-    typer.echo(f"wrote bundle {b.folder} (base {b.base.name}, aux {b.aux.name}, "
+                             aux_file=aux_file, progress=report)
+    aux_text = b.aux.name if b.aux else f"the base's layers 0-{b.aux_prefix - 1}, no file"
+    typer.echo(f"wrote bundle {b.folder} (base {b.base.name}, aux {aux_text}, "
                f"predictor {b.predictor.name})")
 
 

@@ -149,7 +149,7 @@ def check_bundle(folder: str | Path) -> CheckResult:
         bad = [role for role, good in verify_bundle(b).items() if not good]
         if bad:
             return CheckResult("bundle", False, f"sha256 differs from the manifest: {', '.join(bad)}")
-        _, aux, pred = check_compatible(b.base, b.aux, b.predictor)
+        _, aux, pred = check_compatible(b.base, b.aux_source, b.predictor)
     except KvcliError as exc:
         return CheckResult("bundle", False, str(exc))
     return CheckResult("bundle", True, f"sha256 ok; predictor fits base and {aux.n_layer}-layer "
@@ -165,7 +165,7 @@ def check_view(folder: str | Path, n_tokens: int = 200) -> CheckResult | None:
 
     b = load_bundle(folder)
     settings = ContextSettings(n_ctx=n_tokens + 16)
-    with Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=settings) as eng:
+    with Engine.from_bundle(b, settings=settings) as eng:
         if not eng.view_layers:
             return None
         k, how = eng.view_layers, eng.aux_load

@@ -22,7 +22,7 @@ from kvcli import keys
 from kvcli.capture import TensorCapture, hidden_tensor_names
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
 from kvcli.kv_layout import CacheLayout, layers_by_index
-from kvcli.model_info import key_norm_weights, read_model_info
+from kvcli.model_info import key_norm_weights, prefix_view_info, read_model_info
 from kvcli.predict_state import BosCell, needed_positions, predicted_state_bytes
 from kvcli.predictor import load_predictor
 from kvcli.runtime import Context, ContextSettings, Model, llama_cpp_version, prefix_view_supported
@@ -96,12 +96,16 @@ class Engine:
     def __init__(self, base_path: str | Path, *, aux_path: str | Path | None = None,
                  predictor_path: str | Path | None = None,
                  settings: ContextSettings | None = None, key_norm_rescale: bool = True,
-                 aux_load: str = "auto"):
-        """``aux_load``: how a prefix auxiliary is loaded (AUX_LOADS; "auto": choose_aux_load)."""
+                 aux_load: str = "auto", aux_prefix: int = 0):
+        """``aux_load``: how a prefix auxiliary is loaded (AUX_LOADS; "auto": choose_aux_load).
+        ``aux_prefix`` k instead of ``aux_path``: the auxiliary is the base's own layers
+        0..k-1, with no file (one is cut into the cache only if a mode needs it)."""
         if aux_load not in AUX_LOADS:
             raise KvcliError(f"unknown auxiliary load {aux_load!r} (one of {', '.join(AUX_LOADS)})")
         self.base_info = read_model_info(base_path, "base model")
-        self.aux_info = read_model_info(aux_path, "auxiliary") if aux_path else None
+        self.aux_path = Path(aux_path) if aux_path else None
+        self.aux_info = (prefix_view_info(self.base_info.path, aux_prefix) if aux_prefix
+                         else read_model_info(aux_path, "auxiliary") if aux_path else None)
         self.predictor = None
         if self.aux_info is not None:
             if self.aux_info.tokenizer_digest != self.base_info.tokenizer_digest:
@@ -140,7 +144,7 @@ class Engine:
                                       TensorCapture(names) if names else None,
                                       prefix_layers=prefix)
             elif self.aux_info is not None:
-                self.aux = self._open(self.aux_info.path, "auxiliary",
+                self.aux = self._open(self._aux_file(), "auxiliary",
                                       TensorCapture(names) if names else None)
             else:
                 self.aux = None
@@ -166,8 +170,35 @@ class Engine:
         if self.aux_load != "view":
             return self.aux
         if self._aux_alone is None:
-            self._aux_alone = self._open(self.aux_info.path, "auxiliary")
+            self._aux_alone = self._open(self._aux_file(), "auxiliary")
         return self._aux_alone
+
+    def _aux_file(self) -> Path:
+        """The auxiliary's file; for a prefix with none, its cut, made once into the cache."""
+        if self.aux_path is not None:
+            return self.aux_path
+        from kvcli.aux_cut import cut_auxiliary, prefix_layers
+        from kvcli.bundle import cache_dir
+
+        k = self.aux_info.n_layer
+        path = cache_dir() / "aux" / f"{self.base_info.fingerprint}-prefix{k}.gguf"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cut_auxiliary(self.base_info.path, path, prefix_layers(k))
+        if read_model_info(path, "auxiliary").fingerprint != self.aux_info.fingerprint:
+            raise IncompatibleError(f"the cut auxiliary {path} is not the base's first {k} layers;"
+                                    " delete it and run again")
+        self.aux_path = path
+        return path
+
+    @classmethod
+    def from_bundle(cls, bundle, *, with_aux: bool = True, with_predictor: bool = True,
+                    **kwargs) -> Engine:
+        """An engine over a bundle.Bundle (``with_aux`` False: the base alone)."""
+        with_aux = with_aux or with_predictor
+        return cls(bundle.base, aux_path=bundle.aux if with_aux else None,
+                   aux_prefix=bundle.aux_prefix if with_aux else 0,
+                   predictor_path=bundle.predictor if with_predictor else None, **kwargs)
 
     def _open(self, path: Path, what: str, capture=None, prefix_layers: int = 0) -> Context:
         model = Model(path, what=what, prefix_layers=prefix_layers, arch=self.base_info.arch)

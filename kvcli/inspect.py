@@ -49,6 +49,17 @@ def describe_model(path: Path) -> dict:
     return out
 
 
+def describe_prefix(base: Path, k: int) -> dict:
+    """An auxiliary with no file: the base's own layers 0..k-1."""
+    from kvcli.model_info import prefix_view_info
+
+    info = prefix_view_info(base, k)
+    return {"kind": "prefix of the base (no file)", "path": None, "size_bytes": 0, "arch": info.arch,
+            "n_layer": k, "fingerprint": info.fingerprint,
+            "cut_from": {"base_fingerprint": info.source_fingerprint,
+                         "base_layers": list(info.source_layers)}}
+
+
 def describe_predictor(path: Path) -> dict:
     from kvcli.predictor import load_predictor
 
@@ -71,11 +82,12 @@ def describe_predictor(path: Path) -> dict:
 
 
 def describe_bundle(folder: Path, verify: bool = False) -> dict:
-    from kvcli.bundle import ROLES, check_compatible, load_bundle, verify_bundle
+    from kvcli.bundle import check_compatible, load_bundle, verify_bundle
 
     b = load_bundle(folder)
     out = {"kind": "bundle", "path": str(Path(folder).resolve()), "kvcli": b.manifest.get("kvcli"),
-           "base": describe_model(b.base), "aux": describe_model(b.aux),
+           "base": describe_model(b.base),
+           "aux": describe_model(b.aux) if b.aux else describe_prefix(b.base, b.aux_prefix),
            "predictor": describe_predictor(b.predictor)}
     base, aux = out["base"], out["aux"]
     prefix = aux.get("cut_from", {})
@@ -89,14 +101,14 @@ def describe_bundle(folder: Path, verify: bool = False) -> dict:
     out["aux_load"] = choose_aux_load("auto", aux["n_layer"] if is_view else 0, needs_view=needs_view)
     out["llama_cpp_python"] = llama_cpp_version()
     try:
-        check_compatible(b.base, b.aux, b.predictor)
+        check_compatible(b.base, b.aux_source, b.predictor)
         out["compatible"], out["problem"] = True, None
     except KvcliError as exc:
         out["compatible"], out["problem"] = False, str(exc)
     if verify:
         out["sha256_ok"] = verify_bundle(b)
     else:
-        out["sha256_ok"] = dict.fromkeys(ROLES)
+        out["sha256_ok"] = dict.fromkeys(b.file_roles)
     return out
 
 

@@ -94,9 +94,9 @@ def _child() -> None:
     settings = ContextSettings(**job["settings"])
     with_aux = job["mode"] in ("kvp", "aux")
     out = {}
-    with Engine(b.base, aux_path=b.aux if with_aux else None,
-                predictor_path=b.predictor if job["mode"] == "kvp" else None,
-                settings=settings, aux_load=job["aux_load"] if with_aux else "auto") as engine:
+    with Engine.from_bundle(b, with_aux=with_aux, with_predictor=job["mode"] == "kvp",
+                            settings=settings, aux_load=job["aux_load"] if with_aux else "auto"
+                            ) as engine:
         for n in job["lengths"]:
             reset_peak()
             with PssSampler() as sampler:

@@ -9,7 +9,8 @@ the weights and a digest of the tokenizer.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,6 +26,7 @@ NEOX_ARCHS = ("gemma3", "qwen2")
 GGUF_MAGIC = b"GGUF"
 # llama.cpp's default for sliding-window layers when rope.freq_base_swa is absent (llama-hparams.h)
 DEFAULT_FREQ_BASE_SWA = 10000.0
+_BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.")
 DEFAULT_GEMMA3_SWA_PATTERN = 6
 
 
@@ -84,14 +86,15 @@ def field_value(header: GGUFHeader, key: str, default=None):
     return header.fields.get(key, default)
 
 
-def _fingerprint(header: GGUFHeader) -> str:
-    """sha256 over every tensor's name, type and shape and a sample of every tensor's bytes.
+def _fingerprint(header: GGUFHeader, tensors=None) -> str:
+    """sha256 over every tensor's name, type and shape and a sample of every tensor's bytes
+    (``tensors``: only these of the header's, in order).
 
     Cheap (no full read of the file) and it changes when the weights do.
     """
     h = hashlib.sha256()
     data = np.memmap(header.path, dtype=np.uint8, mode="r")
-    for t in header.tensors:
+    for t in header.tensors if tensors is None else tensors:
         h.update(f"{t.name}:{t.ggml_type}:{t.shape};".encode())
         step = max(1, t.nbytes // 4096)
         h.update(data[t.offset : t.offset + t.nbytes : step][:4096].tobytes())
@@ -203,6 +206,25 @@ def read_model_info(path: str | Path, what: str = "model") -> ModelInfo:
         if what != "model":
             raise ModelFileError(str(exc).replace("model file", f"{what} file", 1)) from None
         raise
+
+
+def prefix_view_info(base_path: str | Path, k: int) -> ModelInfo:
+    """The ModelInfo of the base's layers 0..k-1 as a model of their own, read from the base
+    alone: what ``read_model_info`` gives for a prefix cut of it (aux_cut.cut_auxiliary keeps
+    the tensors' order, names, types and bytes, so even the fingerprint is the cut file's)."""
+    return _prefix_view_info(read_model_info(base_path, "base model"), k)
+
+
+@lru_cache(maxsize=16)
+def _prefix_view_info(base: ModelInfo, k: int) -> ModelInfo:
+    if not 1 <= k < base.n_layer:
+        raise ModelFileError(f"a prefix of the base needs 1..{base.n_layer - 1} layers, not {k}")
+    header = read_header(base.path)
+    kept = [t for t in header.tensors
+            if not (m := _BLOCK_TENSOR.match(t.name)) or int(m.group(1)) < k]
+    return replace(base, n_layer=k, n_head=base.n_head[:k], n_head_kv=base.n_head_kv[:k],
+                   is_swa=base.is_swa[:k], rope=base.rope[:k], fingerprint=_fingerprint(header, kept),
+                   source_layers=tuple(range(k)), source_fingerprint=base.fingerprint, file_size=0)
 
 
 def key_norm_weights(info: ModelInfo) -> dict[int, np.ndarray] | None:

@@ -24,7 +24,7 @@ def tiny_bundle(tiny_gemma3, tmp_path_factory):
 
 
 def open_engine(bundle, n_ctx=1024):
-    return Engine(bundle.base, aux_path=bundle.aux, predictor_path=bundle.predictor,
+    return Engine.from_bundle(bundle,
                   settings=ContextSettings(n_ctx=n_ctx))
 
 

@@ -1,6 +1,7 @@
 """The command line: one-line errors with a non-zero exit, JSON output, the batch mode."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,9 +14,11 @@ from kvcli.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST
 from kvcli.predictor import save_predictor
 
 
-def kvcli(*args, input=None):
+def kvcli(*args, input=None, env=None):
+    """``env``: variables set on top of this process's environment."""
     return subprocess.run([sys.executable, "-m", "kvcli.cli", *map(str, args)], input=input,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env} if env else None)
 
 
 def assert_one_line_error(res, pattern):

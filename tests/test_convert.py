@@ -149,28 +149,42 @@ def test_bundle_from_a_base_alone_and_refusals(tmp_path, tiny_gemma3, tiny_llama
     bundle = tmp_path / "bundle"
     ok(convert("bundle", "--base", tiny_gemma3, "-o", bundle, "--tokens", "600"))
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert {manifest[r]["path"] for r in ("base", "aux", "predictor")} == {
-        "gemma3.gguf", "aux.gguf", "predictor.gguf"}
+    # the prefix auxiliary is the base's own first layer: no file of its own
+    assert manifest["aux"]["prefix_of_base"] == 1 and "path" not in manifest["aux"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["gemma3.gguf", "manifest.json", "predictor.gguf"]
     info = json.loads(ok(kvcli("inspect", bundle, "--json", "--verify")).stdout)
-    assert info["sha256_ok"] == {"base": True, "aux": True, "predictor": True}
-    assert info["aux"]["n_layer"] == 1  # a quarter of 4 layers
+    assert info["sha256_ok"] == {"base": True, "predictor": True}
+    assert info["aux"]["n_layer"] == 1 and info["aux"]["path"] is None  # a quarter of 4 layers
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     doctor = json.loads(ok(kvcli("doctor", "--bundle", bundle, "--prompts", "2", "--json")).stdout)
     load = "partial" if prefix_view_supported() else "view"
     assert doctor["ok"] and [c["name"] for c in doctor["checks"][-2:]] == [
         "bundle", f"auxiliary as a view ({load})"]
     assert info["aux_load"] == load
+    # the auxiliary alone and --aux-load file cut a file into the cache on first use
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    aux_alone = json.loads(ok(kvcli("generate", "the cat", "-n", "2", "--json", "--mode", "aux",
+                                    "--bundle", bundle, env=env)).stdout)
+    assert aux_alone["mode"] == "aux"
+    bench = json.loads(ok(kvcli("bench-ttft", "--bundle", bundle, "-p", "32", "-r", "1", "--modes",
+                                "kvp", "--aux-load", "file", "--no-memory", "--json", env=env)).stdout)
+    assert bench["rows"][0]["aux_load"] == "file"
+    assert len(list((tmp_path / "cache" / "kvcli" / "aux").glob("*-prefix1.gguf"))) == 1
     # a byte changed in place: same size, so only the sha256 sees it
-    aux = bundle / "aux.gguf"  # cut into the bundle, not linked: safe to edit
-    data = bytearray(aux.read_bytes())
+    pred = bundle / "predictor.gguf"  # written into the bundle, not linked: safe to edit
+    data = bytearray(pred.read_bytes())
     data[-1] ^= 0xFF
-    aux.write_bytes(bytes(data))
+    pred.write_bytes(bytes(data))
     res = kvcli("doctor", "--bundle", bundle, "--prompts", "2", "--json")
-    assert res.returncode == 1 and "sha256 differs" in res.stdout and "aux" in res.stdout
-    aux.write_bytes(bytes(data) + b"x")
+    assert res.returncode == 1 and "sha256 differs" in res.stdout and "predictor" in res.stdout
+    pred.write_bytes(bytes(data) + b"x")
     assert_one_line_error(kvcli("inspect", bundle), "has changed")
+    # --aux-file keeps the cut in the bundle
+    ok(convert("bundle", "--base", tiny_gemma3, "-o", tmp_path / "b3", "--tokens", "600", "--aux-file"))
+    assert json.loads((tmp_path / "b3" / "manifest.json").read_text())["aux"]["path"] == "aux.gguf"
+    assert inspect_json(tmp_path / "b3")["aux_load"] == load
     # a predictor fit for other models, and an auxiliary of another tokenizer
-    pred = bundle / "predictor.gguf"
+    pred = tmp_path / "b3" / "predictor.gguf"
     assert_one_line_error(convert("bundle", "--base", tiny_llama, "--aux", small_llama,
                                   "--predictor", pred, "-o", tmp_path / "b2"), "fit for base")
     other = write_tiny_llama(tmp_path / "other.gguf", n_layer=1, vocab="other")

@@ -83,7 +83,7 @@ def test_auxiliary_with_another_tokenizer_is_refused(tmp_path):
 
 
 def test_embedded_model_kvp_past_the_sliding_window(gemma_bundle):
-    with Engine(gemma_bundle.base, aux_path=gemma_bundle.aux, predictor_path=gemma_bundle.predictor,
+    with Engine.from_bundle(gemma_bundle,
                 settings=ContextSettings(n_ctx=1024)) as eng:
         text = " ".join(f"Item {i} is stored in box {i * 7 % 97}." for i in range(120))
         tokens = eng.tokenize(text)[:700]
@@ -133,9 +133,9 @@ def test_prefix_auxiliary_as_a_view_of_the_base_is_exact(fixture, load, request,
                     "(python tools/install.py)")
     base = request.getfixturevalue(fixture)
     b = build_bundle(base, tmp_path / "b", n_aux_layers=2, n_tokens=600)
-    with Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=SETTINGS,
+    with Engine.from_bundle(b, settings=SETTINGS,
                 aux_load=load) as view, \
-            Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=SETTINGS,
+            Engine.from_bundle(b, settings=SETTINGS,
                    aux_load="file") as cut:
         assert (view.aux_load, cut.aux_load) == (load, "file")
         if load == "view":
@@ -160,7 +160,7 @@ def test_partial_load_refused_clearly_on_a_stock_build(tiny_llama, tmp_path, mon
     b = build_bundle(tiny_llama, tmp_path / "b", n_aux_layers=2, n_tokens=600)
     monkeypatch.setattr(engine_module, "prefix_view_supported", lambda: False)
     with pytest.raises(IncompatibleError, match="tools/install.py"):
-        Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=SETTINGS,
+        Engine.from_bundle(b, settings=SETTINGS,
                aux_load="partial")
-    with Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=SETTINGS) as eng:
+    with Engine.from_bundle(b, settings=SETTINGS) as eng:
         assert eng.aux_load == "view"  # auto falls back to the callback view

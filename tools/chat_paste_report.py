@@ -38,8 +38,7 @@ def main() -> None:
     args = ap.parse_args()
     b = load_bundle(args.bundle) if args.bundle else default_bundle()
     out = {"kvp": [], "base": []}
-    with Engine(b.base, aux_path=b.aux, predictor_path=b.predictor,
-                settings=ContextSettings(n_ctx=args.tokens + 512)) as engine:
+    with Engine.from_bundle(b, settings=ContextSettings(n_ctx=args.tokens + 512)) as engine:
         paste = paste_text(engine, args.tokens)
         for _ in range(args.repeats + 1):  # the first round warms up
             for mode in ("kvp", "base"):

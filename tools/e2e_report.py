@@ -55,8 +55,7 @@ def main() -> None:
     bundle = load_bundle(args.bundle) if args.bundle else default_bundle()
     lengths = [int(x) for x in args.lengths.split(",")]
     settings = ContextSettings(n_ctx=max(lengths) + 64, n_threads=args.threads)
-    with Engine(bundle.base, aux_path=bundle.aux, predictor_path=bundle.predictor,
-                settings=settings) as engine:
+    with Engine.from_bundle(bundle, settings=settings) as engine:
         rows = [measure(engine, n, args.n, args.tail) for n in lengths]
     if args.json:
         print(json.dumps({"settings": settings.__dict__, "rows": rows}, indent=2))

@@ -81,8 +81,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     b = load_bundle(args.bundle) if args.bundle else default_bundle()
-    with Engine(b.base, aux_path=b.aux, predictor_path=b.predictor,
-                settings=ContextSettings(n_ctx=max(args.lengths) + 64)) as e:
+    with Engine.from_bundle(b, settings=ContextSettings(n_ctx=max(args.lengths) + 64)) as e:
         for n in args.lengths:
             print(f"N = {n} (auxiliary: {e.aux_load})")
             for name, ms in profile(e, n, args.repeats).items():

@@ -42,7 +42,8 @@ def _settings_info(settings, bundle) -> dict:
             "n_ubatch": settings.n_ubatch, "type_k": settings.type_k, "type_v": settings.type_v,
             "flash_attn": settings.flash_attn, "n_ctx": settings.n_ctx,
             "llama_cpp_python": llama_cpp_version(), "build_info": system_info(),
-            "base": bundle.base.name, "aux": bundle.aux.name,
+            "base": bundle.base.name,
+            "aux": bundle.aux.name if bundle.aux else f"base layers 0-{bundle.aux_prefix - 1}",
             "predictor_type": load_predictor(bundle.predictor).storage_type}
 
 
@@ -115,14 +116,12 @@ def command(
     n_methods = len(mode_list) + (len(tail_list) - 1 if "kvp" in mode_list else 0)
     engines = []
     try:
-        engine = Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=settings,
-                        aux_load=loads[0])
+        engine = Engine.from_bundle(b, settings=settings, aux_load=loads[0])
         engines.append(engine)
         extra = {}
         for load in loads[1:]:
             if load != engine.aux_load:
-                extra[load] = Engine(b.base, aux_path=b.aux, predictor_path=b.predictor,
-                                     settings=settings, aux_load=load)
+                extra[load] = Engine.from_bundle(b, settings=settings, aux_load=load)
                 engines.append(extra[load])
         n_methods += len(extra)
         rows, prompts, keeps = _run(engine, extra, length_list, mode_list, tail_list,

@@ -182,7 +182,7 @@ def command(
     transcript = Transcript(save)
     settings = ContextSettings(n_ctx=ctx, n_threads=threads)
     try:
-        with Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=settings) as engine:
+        with Engine.from_bundle(b, settings=settings) as engine:
             conv = Conversation(engine, system=system, template=chat_template, mode=mode, tail=tail,
                                 n_predict=n_predict, drop_old=drop_old,
                                 sampler=Sampler(temperature=temp, seed=seed))

@@ -21,7 +21,7 @@ def open_engine(*, bundle: Path | None, model: Path | None, mode: str,
                              "(or leave both out for the embedded default)")
         return Engine(model, settings=settings)
     b = resolve_bundle(bundle)
-    return Engine(b.base, aux_path=b.aux, predictor_path=b.predictor, settings=settings)
+    return Engine.from_bundle(b, settings=settings)
 
 
 def resolve_bundle(bundle: Path | None) -> Bundle:
