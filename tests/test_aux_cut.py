@@ -47,3 +47,21 @@ def test_layer_specs():
     assert parse_layers("0,4,8", 18) == [0, 4, 8]
     with pytest.raises(KvcliError, match="0..17"):
         parse_layers("0,18", 18)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gemma3", "tiny_llama"])
+def test_prefix_view_info_is_the_cut_files_info(fixture, request, tmp_path):
+    """A bundle's file-less prefix auxiliary is described from the base alone: exactly what
+    reading its cut file gives, fingerprint included (the predictor is checked against it)."""
+    from dataclasses import asdict
+
+    from kvcli.model_info import prefix_view_info
+
+    base = request.getfixturevalue(fixture)
+    n_layer = read_model_info(base).n_layer
+    for k in range(1, n_layer):
+        cut = asdict(read_model_info(cut_auxiliary(base, tmp_path / f"p{k}.gguf", list(range(k)))))
+        view = asdict(prefix_view_info(base, k))
+        assert {f for f in cut if cut[f] != view[f]} == {"path", "file_size"}
+    with pytest.raises(KvcliError, match=f"1..{n_layer - 1} layers"):
+        prefix_view_info(base, n_layer)
