@@ -26,7 +26,7 @@ from kvcli.sampling import Sampler
 from kvcli.state_codec import parse_seq_state
 
 # the template of an architecture whose GGUF stores none (llama.cpp's built-in names)
-ARCH_TEMPLATES = {"gemma3": "gemma", "qwen2": "chatml", "llama": "llama2"}
+ARCH_TEMPLATES = {"gemma3": "gemma", "qwen2": "chatml", "llama": "llama2", "openelm": "llama2"}
 CHAT_MODES = ("kvp", "base")
 
 
@@ -166,13 +166,13 @@ class Conversation:
             aux.capture.clear()
         aux.decode(tokens[a0:n_pred], start=a0)
         self.aux_tokens = tokens[:n_pred]
-        hidden = aux.capture.take(n_pred - a0) if aux.capture is not None else []
+        hidden, raw_kv = eng.take_captured(n_pred - a0)
         aux_layers = layers_by_index(parse_seq_state(aux.get_state(-1)), eng.aux_state_info)
         layout, bos = eng.base_layout()
         new_positions = [p[p >= p0] for p in needed_positions(eng.base_info, n_pred, first_query=n_pred)]
         kv = predict_base_kv(aux_layers, eng.aux_info, eng.base_info, eng.predictor, new_positions,
                              bos=bos if tokens[0] == eng.model.bos else None,
-                             key_norms=eng.key_norms, hidden=hidden, hidden_start=a0)
+                             key_norms=eng.key_norms, hidden=hidden, hidden_start=a0, raw_kv=raw_kv)
         old = layers_by_index(parse_seq_state(eng.base.get_state(0)), eng.base_info) if p0 else {}
         merged_positions = []
         for group, positions in zip(eng.base_info.cache_layer_groups, new_positions):

@@ -1,6 +1,7 @@
 """The converter's commands (run as ``python tools/convert_gguf.py``): thin over kvcli/.
 
-make-aux, calibrate, quantize and bundle build every file a kvcli bundle holds. Each output
+make-aux, calibrate, quantize and bundle build every file a kvcli bundle holds; import-corenet
+turns a corenet KV-prediction checkpoint into a bundle. Each output
 is written atomically: a converter stopped at any moment leaves no partial file.
 """
 
@@ -207,6 +208,35 @@ def bundle_cmd(
     aux_text = b.aux.name if b.aux else f"the base's layers 0-{b.aux_prefix - 1}, no file"
     typer.echo(f"wrote bundle {b.folder} (base {b.base.name}, aux {aux_text}, "
                f"predictor {b.predictor.name})")
+
+
+@command("import-corenet")
+def import_corenet_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="corenet checkpoint (.pt): a KV-prediction "
+                                               "model's state dict, or a training_checkpoint*.pt.")],
+    config: Annotated[Path, typer.Option("--config", help="The training YAML "
+                                         "(projects/kv-prediction): models and layer map.")],
+    tokenizer: Annotated[Path, typer.Option("--tokenizer", help="The sentencepiece tokenizer.model "
+                                            "(OpenELM: Llama 2's).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to create.")],
+    outtype: Annotated[str, typer.Option("--outtype", help="Model weights: f32, f16, q8_0 or "
+                                         "q4_k_m (the last two through llama.cpp's quantizer).")]
+    = "f16",
+) -> None:
+    """Import apple/corenet's KV-prediction model (OpenELM base, auxiliary, predictor) as a
+    kvcli bundle that generate, chat and bench-ttft run. The checkpoint is read without
+    torch: its pickle may only rebuild tensors; anything else is refused."""
+    import time
+
+    from kvcli import ui
+    from kvcli.corenet import import_checkpoint
+
+    start = time.perf_counter()
+    with ui.progress_reporter() as report:
+        b = import_checkpoint(checkpoint, config, tokenizer, output, outtype=outtype, progress=report)
+    size = sum(b.path(role).stat().st_size for role in b.file_roles)
+    typer.echo(f"wrote bundle {b.folder} (base {b.base.name}, aux {b.aux.name}, predictor "
+               f"{b.predictor.name}; {size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
 
 
 def main() -> None:

@@ -116,7 +116,10 @@ class Engine:
                 self.predictor = load_predictor(predictor_path)
                 self.predictor.check_models(self.base_info, self.aux_info)
         self.settings = settings or ContextSettings()
-        self.key_norms = key_norm_weights(self.base_info) if key_norm_rescale else None
+        self.key_norms = (key_norm_weights(self.base_info)
+                          if key_norm_rescale or (self.predictor is not None and
+                                                  self.predictor.key_space == keys.KEY_SPACE_PRE_NORM)
+                          else None)
         self._models: list[Model] = []
         self._contexts: list[Context] = []
         prefix = self._prefix_of_base()
@@ -128,8 +131,7 @@ class Engine:
         self._aux_alone: Context | None = None
         try:
             self.base = self._open(self.base_info.path, "base model")
-            names = (hidden_tensor_names(self.aux_info.n_layer, self.predictor.hidden_kinds)
-                     if self.predictor is not None and self.predictor.uses_hidden else [])
+            names = self._capture_names()
             if needs_view and self.aux_load != "view":
                 raise IncompatibleError("this predictor reads the auxiliary's last-layer output, "
                                         "which only a prefix auxiliary run as a view provides")
@@ -155,6 +157,32 @@ class Engine:
         self._bos: BosCell | None = None
         if self.predictor is not None:
             self.base_layout()  # once, outside any timed prefill
+
+    def _capture_names(self) -> list[str]:
+        """The auxiliary's graph tensors the predictor reads: hidden tensors, then (for raw
+        keys) each feature layer's QKV projection output."""
+        pred = self.predictor
+        if pred is None:
+            return []
+        names = hidden_tensor_names(self.aux_info.n_layer, pred.hidden_kinds) if pred.uses_hidden else []
+        return names + ([f"wqkv-{src}" for src in pred.feature_layers] if pred.raw_keys else [])
+
+    def take_captured(self, n_rows: int) -> tuple[list[np.ndarray], dict[int, tuple[np.ndarray, np.ndarray]]]:
+        """The auxiliary's captured rows: (hidden tensors, raw K and V per feature layer)."""
+        if self.aux.capture is None:
+            return [], {}
+        rows = self.aux.capture.take(n_rows)
+        n_hidden = len(self.predictor.hidden_kinds)
+        raw_kv = {}
+        for src, qkv in zip(self.predictor.feature_layers if self.predictor.raw_keys else [],
+                            rows[n_hidden:]):
+            info = self.aux_info
+            q, kv = info.n_head[src] * info.head_dim_k, info.n_embd_k(src)
+            if qkv.shape[1] != q + kv + info.n_embd_v(src):
+                raise IncompatibleError(f"auxiliary layer {src}'s QKV projection has {qkv.shape[1]} "
+                                        f"columns, not {q + kv + info.n_embd_v(src)}")
+            raw_kv[src] = (qkv[:, q : q + kv], qkv[:, q + kv :])
+        return rows[:n_hidden], raw_kv
 
     def _prefix_of_base(self) -> int:
         """k when the auxiliary is the base's layers 0..k-1 (a kvcli prefix cut) and a
@@ -299,16 +327,17 @@ class Engine:
             self.aux.capture.clear()
         self.aux.decode(tokens[:n_pred])
         t.aux_prefill_ms = clock.lap()
-        hidden = self.aux.capture.take(n_pred) if self.aux.capture is not None else []
-        raw = self.aux.get_state(-1)
+        hidden, raw_kv = self.take_captured(n_pred)
+        needs_state = self.predictor.copied_layers or not self.predictor.raw_keys
+        raw = self.aux.get_state(-1) if needs_state else None
         t.state_get_ms = clock.lap()
-        aux_layers = layers_by_index(parse_seq_state(raw), self.aux_state_info)
+        aux_layers = layers_by_index(parse_seq_state(raw), self.aux_state_info) if needs_state else {}
         group_positions = needed_positions(self.base_info, n_pred, first_query=n_pred)
         data = predicted_state_bytes(
             layout, aux_layers=aux_layers, aux=self.aux_info, base=self.base_info,
             predictor=self.predictor, group_positions=group_positions,
             bos=bos if tokens[0] == self.model.bos else None, key_norms=self.key_norms,
-            hidden=hidden)
+            hidden=hidden, raw_kv=raw_kv)
         t.predict_ms = clock.lap()
         self.base.set_state(data, 0, n_past=n_pred)
         t.state_set_ms = clock.lap()

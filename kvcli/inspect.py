@@ -73,7 +73,8 @@ def describe_predictor(path: Path) -> dict:
         "copied_layers": pred.copied_layers, "predicted_layers": predicted,
         "layer_map": pred.layer_map, "feature_kinds": list(pred.feature_kinds),
         "n_features": _compact(pred.n_features(il) for il in predicted) if predicted else 0,
-        "storage_type": pred.storage_type, "calibration_tokens": pred.calibration_tokens,
+        "storage_type": pred.storage_type, "key_space": pred.key_space, "origin": pred.origin or None,
+        "calibration_tokens": pred.calibration_tokens,
         "calibration_source": pred.calibration_source,
         "heldout_rel_error_k": [round(e, 4) for e in errors[0::2]],
         "heldout_rel_error_v": [round(e, 4) for e in errors[1::2]],
@@ -88,7 +89,7 @@ def describe_bundle(folder: Path, verify: bool = False) -> dict:
     out = {"kind": "bundle", "path": str(Path(folder).resolve()), "kvcli": b.manifest.get("kvcli"),
            "base": describe_model(b.base),
            "aux": describe_model(b.aux) if b.aux else describe_prefix(b.base, b.aux_prefix),
-           "predictor": describe_predictor(b.predictor)}
+           "predictor": describe_predictor(b.predictor), "origin": b.manifest.get("origin")}
     base, aux = out["base"], out["aux"]
     prefix = aux.get("cut_from", {})
     is_view = (prefix.get("base_fingerprint") == base["fingerprint"]

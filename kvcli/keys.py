@@ -17,6 +17,7 @@ PREDICTED_LAYERS = f"{PREFIX}.predicted_layers"  # base layers the matrices pred
 LAYER_MAP = f"{PREFIX}.layer_map"  # per base layer: the aux layer whose K, V feed it
 FEATURE_KINDS = f"{PREFIX}.feature_kinds"
 KEY_SPACE = f"{PREFIX}.key_space"
+ORIGIN = f"{PREFIX}.origin"  # e.g. "corenet:<checkpoint file name>"; empty for kvcli's own fit
 K_WIDTHS = f"{PREFIX}.k_widths"  # per predicted layer
 V_WIDTHS = f"{PREFIX}.v_widths"
 ALPHAS = f"{PREFIX}.ridge.alphas"  # chosen penalty per predicted layer: K then V
@@ -41,6 +42,7 @@ def bias_name(layer: int) -> str:
 
 # feature kinds and key spaces
 FEATURE_AUX_K = "aux_k_pre_rope"
+FEATURE_AUX_K_RAW = "aux_k_raw"  # out of the QKV projection: before the key norm and RoPE (corenet)
 FEATURE_AUX_V = "aux_v"
 FEATURE_AUX_RESIDUAL = "aux_residual_into_last_layer"  # l_out of the second-to-last layer
 FEATURE_AUX_ATTN = "aux_last_layer_attention"  # kqv_out of the last layer
@@ -48,3 +50,5 @@ FEATURE_AUX_OUT = "aux_residual_out_of_last_layer"  # l_out of the last layer (n
 HIDDEN_FEATURES = (FEATURE_AUX_RESIDUAL, FEATURE_AUX_ATTN)  # the default
 HIDDEN_KINDS = (FEATURE_AUX_RESIDUAL, FEATURE_AUX_ATTN, FEATURE_AUX_OUT)
 KEY_SPACE_PRE_ROPE = "post_norm_pre_rope"  # as llama.cpp caches them, less RoPE
+KEY_SPACE_PRE_NORM = "pre_norm_pre_rope"  # the base applies its key norm, then RoPE (corenet)
+KEY_SPACES = (KEY_SPACE_PRE_ROPE, KEY_SPACE_PRE_NORM)

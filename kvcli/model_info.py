@@ -21,8 +21,8 @@ from kvcli.errors import ModelFileError
 from kvcli.gguf_header import GGUFHeader, RawArray, read_header
 from kvcli.rope import RopeParams
 
-SUPPORTED_ARCHS = ("gemma3", "llama", "qwen2")
-NEOX_ARCHS = ("gemma3", "qwen2")
+SUPPORTED_ARCHS = ("gemma3", "llama", "qwen2", "openelm")
+NEOX_ARCHS = ("gemma3", "qwen2", "openelm")
 GGUF_MAGIC = b"GGUF"
 # llama.cpp's default for sliding-window layers when rope.freq_base_swa is absent (llama-hparams.h)
 DEFAULT_FREQ_BASE_SWA = 10000.0

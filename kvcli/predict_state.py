@@ -16,6 +16,7 @@ from functools import partial
 
 import numpy as np
 
+from kvcli import keys
 from kvcli.errors import IncompatibleError
 from kvcli.kv_layout import CacheLayout, LayerCells
 from kvcli.model_info import ModelInfo
@@ -67,17 +68,27 @@ def rescale_to_key_norm(k: np.ndarray, weight: np.ndarray, head_dim: int) -> np.
     return k
 
 
+def apply_key_norm(k: np.ndarray, weight: np.ndarray, head_dim: int, eps: float) -> np.ndarray:
+    """The base's key norm on pre-norm keys: each head RMS-normalised, times the weight."""
+    heads = k.reshape(len(k), -1, head_dim).astype(np.float32)
+    heads = heads / np.sqrt(np.mean(heads * heads, axis=-1, keepdims=True) + eps) * weight
+    return heads.reshape(len(k), -1)
+
+
 def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: ModelInfo,
                     predictor: Predictor, group_positions: list[np.ndarray],
                     bos: BosCell | None = None, key_norms: dict[int, np.ndarray] | None = None,
-                    hidden: list[np.ndarray] = (), hidden_start: int = 0
+                    hidden: list[np.ndarray] = (), hidden_start: int = 0,
+                    raw_kv: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
                     ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """K (post-RoPE) and V rows per base layer, for the positions of its cache group.
 
     The auxiliary's cells must hold positions 0..n-1; ``hidden`` rows start at position
-    ``hidden_start`` (a conversation's auxiliary decodes only its new tokens)."""
+    ``hidden_start`` (a conversation's auxiliary decodes only its new tokens). ``raw_kv``:
+    per auxiliary layer, its keys and values straight out of the QKV projection (captured
+    like ``hidden``, from the same position), for a predictor that reads raw keys."""
     out, jobs = _layer_jobs(aux_layers, aux, base, predictor, group_positions, bos, key_norms,
-                            hidden, hidden_start)
+                            hidden, hidden_start, raw_kv)
     # numpy releases the GIL in its kernels: layers run in parallel on single-threaded BLAS
     out.update(zip(jobs, _pool().map(lambda job: job(), jobs.values())))
     return out
@@ -105,14 +116,23 @@ def _positions_of(base: ModelInfo, group_positions: list[np.ndarray], il: int) -
 def _layer_jobs(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: ModelInfo,
                 predictor: Predictor, group_positions: list[np.ndarray],
                 bos: BosCell | None = None, key_norms: dict[int, np.ndarray] | None = None,
-                hidden: list[np.ndarray] = (), hidden_start: int = 0):
+                hidden: list[np.ndarray] = (), hidden_start: int = 0,
+                raw_kv: dict[int, tuple[np.ndarray, np.ndarray]] | None = None):
     """The copied layers' rows, and per predicted layer a function that computes its rows."""
     n_cells = max((len(p) and int(p[-1]) + 1) for p in group_positions)
     first = min((int(p[0]) for p in group_positions if len(p)), default=n_cells)
     if hidden and not (hidden_start <= first and hidden_start + len(hidden[0]) >= n_cells):
         raise IncompatibleError(f"captured hidden rows cover positions {hidden_start}.."
                                 f"{hidden_start + len(hidden[0]) - 1}, not {first}..{n_cells - 1}")
-    for il in predictor.feature_layers + predictor.copied_layers:
+    if predictor.raw_keys and (raw_kv is None or any(
+            src not in raw_kv or hidden_start > first or hidden_start + len(raw_kv[src][0]) < n_cells
+            for src in predictor.feature_layers)):
+        raise IncompatibleError(f"this predictor reads the auxiliary's raw keys at positions "
+                                f"{first}..{n_cells - 1}: capture them")
+    if predictor.key_space == keys.KEY_SPACE_PRE_NORM and key_norms is None:
+        raise IncompatibleError("this predictor's keys need the base's key norm, which the base "
+                                "model does not have as float32 weights")
+    for il in ([] if predictor.raw_keys else predictor.feature_layers) + predictor.copied_layers:
         cells = aux_layers.get(il)
         if cells is None or len(cells.positions) < n_cells or (
                 n_cells and int(cells.positions[n_cells - 1]) != n_cells - 1):
@@ -124,21 +144,27 @@ def _layer_jobs(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: ModelIn
         out[il] = (aux_layers[il].k[rows], aux_layers[il].v[rows])
 
     features = {}  # row i: position first + i
+    h0 = first - hidden_start
     for src in predictor.feature_layers:
-        cells = aux_layers[src]
-        positions = cells.positions[first:n_cells]
-        kv = {src: (unrotate(cells.k[first:n_cells], positions, aux.rope[src]),
-                    cells.v[first:n_cells])}
-        h0 = first - hidden_start
+        if predictor.raw_keys:
+            kv = {src: (raw_kv[src][0][h0 : h0 + n_cells - first],
+                        raw_kv[src][1][h0 : h0 + n_cells - first])}
+        else:
+            cells = aux_layers[src]
+            positions = cells.positions[first:n_cells]
+            kv = {src: (unrotate(cells.k[first:n_cells], positions, aux.rope[src]),
+                        cells.v[first:n_cells])}
         features[src] = build_features(kv, src, [h[h0 : h0 + n_cells - first] for h in hidden])
 
     def predict_one(il: int) -> tuple[np.ndarray, np.ndarray]:
         rows = _positions_of(base, group_positions, il)
         k, v = predictor.predict_layer(features[predictor.layer_map[il]], il, rows - first)
-        if key_norms is not None:
+        if predictor.key_space == keys.KEY_SPACE_PRE_NORM:
+            k = apply_key_norm(k, key_norms[il], base.head_dim_k, base.rms_eps)
+        elif key_norms is not None:
             k = rescale_to_key_norm(np.ascontiguousarray(k), key_norms[il], base.head_dim_k)
         k = rotate(k, rows, base.rope[il])
-        if bos is not None and len(rows) and rows[0] == 0:
+        if bos is not None and predictor.exact_bos_cell and len(rows) and rows[0] == 0:
             k[0], v[0] = bos.k[il], bos.v[il]
         return k, v
 

@@ -49,6 +49,22 @@ class Predictor:
     calibration_source: str = ""
     feature_kinds: tuple[str, ...] = (keys.FEATURE_AUX_K, keys.FEATURE_AUX_V)
     storage_type: str = "f32"
+    # KEY_SPACE_PRE_ROPE: predicted keys are as llama.cpp caches them, less RoPE;
+    # KEY_SPACE_PRE_NORM: the base layer's key norm is applied to them, then RoPE (corenet)
+    key_space: str = keys.KEY_SPACE_PRE_ROPE
+    origin: str = ""  # where the matrices came from, if not kvcli's own fit (e.g. corenet)
+
+    @property
+    def exact_bos_cell(self) -> bool:
+        """kvcli's own fits replace the predicted cell of a leading BOS by the base's true one;
+        an imported predictor (corenet) runs as its authors ran it, predicting that cell too."""
+        return not self.origin
+
+    @property
+    def raw_keys(self) -> bool:
+        """Whether the features are the auxiliary's keys straight out of its QKV projection
+        (captured from the graph: llama.cpp caches them normed and roped)."""
+        return keys.FEATURE_AUX_K_RAW in self.feature_kinds
 
     @property
     def predicted_layers(self) -> list[int]:
@@ -141,7 +157,8 @@ def save_predictor(pred: Predictor, path: str | Path, storage_type: str | None =
         w.add_array(keys.COPIED_LAYERS, [int(x) for x in pred.copied_layers] or [-1])
         w.add_array(keys.LAYER_MAP, [int(x) for x in pred.layer_map])
         w.add_array(keys.FEATURE_KINDS, list(pred.feature_kinds))
-        w.add_string(keys.KEY_SPACE, keys.KEY_SPACE_PRE_ROPE)
+        w.add_string(keys.KEY_SPACE, pred.key_space)
+        w.add_string(keys.ORIGIN, pred.origin)
         w.add_array(keys.K_WIDTHS, [int(pred.k_widths[il]) for il in pred.predicted_layers] or [0])
         w.add_array(keys.ALPHAS, [float(x) for x in pred.alphas] or [0.0])
         w.add_array(keys.HELDOUT_REL_ERROR, [float(x) for x in pred.heldout_rel_error] or [0.0])
@@ -212,6 +229,9 @@ def _parse(path: Path) -> Predictor:
         if not (np.isfinite(weights[il]).all() and np.isfinite(biases[il]).all()):
             raise ModelFileError(f"predictor layer {il} holds NaN or infinite values: {path}")
     storage = str(get(keys.STORAGE_TYPE, "f32"))
+    key_space = str(get(keys.KEY_SPACE, keys.KEY_SPACE_PRE_ROPE))
+    if key_space not in keys.KEY_SPACES:
+        raise ModelFileError(f"predictor key space {key_space!r} is not one kvcli knows: {path}")
     return Predictor(
         base_fingerprint=str(get(keys.BASE_FINGERPRINT)), aux_fingerprint=str(get(keys.AUX_FINGERPRINT)),
         base_n_layer=base_n, aux_n_layer=aux_n, copied_layers=copied, layer_map=layer_map,
@@ -222,4 +242,5 @@ def _parse(path: Path) -> Predictor:
         calibration_source=str(get(keys.CALIBRATION_SOURCE, "")),
         feature_kinds=tuple(str(x) for x in get(keys.FEATURE_KINDS)),
         storage_type=storage if storage in STORAGE_TYPES else "f32",
+        key_space=key_space, origin=str(get(keys.ORIGIN, "")),
     )
