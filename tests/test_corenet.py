@@ -12,8 +12,15 @@ from test_convert import convert, ok
 from torch_zip import save_torch_zip
 
 from kvcli.bundle import load_bundle
-from kvcli.corenet import (OPENELM_CONFIGS, _general_gpt_fields, gpt_shape, import_checkpoint,
-                           predictor_matrices, read_config, split_checkpoint)
+from kvcli.corenet import (
+    OPENELM_CONFIGS,
+    _general_gpt_fields,
+    gpt_shape,
+    import_checkpoint,
+    predictor_matrices,
+    read_config,
+    split_checkpoint,
+)
 from kvcli.engine import Engine
 from kvcli.openelm import forward, gguf_tensors, kvp_forward
 from kvcli.runtime import ContextSettings
