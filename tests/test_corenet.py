@@ -66,7 +66,7 @@ def test_imported_bundle_matches_the_numpy_reference(corenet_files, tmp_path, ou
     rng = np.random.default_rng(1)
     with Engine.from_bundle(b, settings=SETTINGS) as engine:
         assert engine.aux_load == "file" and engine.predictor.raw_keys
-        for tokens in ([1] + list(rng.integers(3, 300, 40)), list(rng.integers(3, 300, 25))):
+        for tokens in ([1, *rng.integers(3, 300, 40).tolist()], rng.integers(3, 300, 25).tolist()):
             ref_base = forward(base_w, cfg.base, tokens)[0][-1]
             base = engine.prefill(tokens, mode="base")[1]
             assert np.abs(base - ref_base).max() < tolerance
