@@ -22,7 +22,7 @@ from kvcli import keys
 from kvcli.capture import TensorCapture, hidden_tensor_names
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
 from kvcli.kv_layout import CacheLayout, layers_by_index
-from kvcli.model_info import key_norm_weights, prefix_view_info, read_model_info
+from kvcli.model_info import has_per_layer_arrays, key_norm_weights, prefix_view_info, read_model_info
 from kvcli.predict_state import BosCell, needed_positions, predicted_state_bytes
 from kvcli.predictor import load_predictor
 from kvcli.runtime import Context, ContextSettings, Model, llama_cpp_version, prefix_view_supported
@@ -39,9 +39,12 @@ MODES = ("base", "kvp", "truncate", "aux")
 AUX_LOADS = ("auto", "partial", "view", "file")
 
 
-def choose_aux_load(requested: str, prefix: int, *, needs_view: bool = False) -> str:
+def choose_aux_load(requested: str, prefix: int, *, needs_view: bool = False,
+                    partial_ok: bool = True) -> str:
     """The load to use for a requested one; ``prefix`` is k for a prefix auxiliary, else 0;
-    ``needs_view``: the predictor reads a tensor only the view computes at every position."""
+    ``needs_view``: the predictor reads a tensor only the view computes at every position;
+    ``partial_ok``: False for a base file llama.cpp cannot load as k layers
+    (model_info.has_per_layer_arrays)."""
     if requested == "file" or (requested == "auto" and not prefix):
         return "file"
     if not prefix:
@@ -51,8 +54,11 @@ def choose_aux_load(requested: str, prefix: int, *, needs_view: bool = False) ->
         raise IncompatibleError(
             f"--aux-load partial needs llama-cpp-python built with kvcli's patches "
             f"(python tools/install.py); this one is {llama_cpp_version()}")
+    if requested == "partial" and not partial_ok:
+        raise IncompatibleError("--aux-load partial cannot load this base as its first layers: "
+                                "its file stores per-layer metadata arrays (use view)")
     if requested == "auto":
-        return "partial" if prefix_view_supported() and not needs_view else "view"
+        return "partial" if prefix_view_supported() and partial_ok and not needs_view else "view"
     return requested
 
 
@@ -124,8 +130,10 @@ class Engine:
         self._contexts: list[Context] = []
         prefix = self._prefix_of_base()
         needs_view = self.predictor is not None and keys.FEATURE_AUX_OUT in self.predictor.hidden_kinds
+        partial_ok = not (prefix and has_per_layer_arrays(self.base_info))
         self.aux_load = ("none" if self.aux_info is None
-                         else choose_aux_load(aux_load, prefix, needs_view=needs_view))
+                         else choose_aux_load(aux_load, prefix, needs_view=needs_view,
+                                              partial_ok=partial_ok))
         self.view_layers = prefix if self.aux_load in ("view", "partial") else 0
         self.aux_state_info = self.base_info if self.aux_load == "view" else self.aux_info
         self._aux_alone: Context | None = None
@@ -135,21 +143,19 @@ class Engine:
             if needs_view and self.aux_load != "view":
                 raise IncompatibleError("this predictor reads the auxiliary's last-layer output, "
                                         "which only a prefix auxiliary run as a view provides")
-            if self.aux_load == "view":
+            self.aux = None
+            if self.aux_load == "partial":
+                # the base's file loaded again as its first k layers: its pages are shared
+                self.aux = self._open(self.base_info.path, "base model (as a prefix view)",
+                                      TensorCapture(names) if names else None, prefix_layers=prefix)
+            elif self.aux_load == "view":
                 # the base's own model, stopped after layer k-1: no second copy of the weights
                 stop = TensorCapture(names, stop_after=f"l_out-{self.view_layers - 1}")
                 self.aux = Context(self.base.model, self.settings, capture=stop)
                 self._contexts.append(self.aux)
-            elif self.aux_load == "partial":
-                # the base's file loaded again as its first k layers: its pages are shared
-                self.aux = self._open(self.base_info.path, "base model (as a prefix view)",
-                                      TensorCapture(names) if names else None,
-                                      prefix_layers=prefix)
-            elif self.aux_info is not None:
+            elif self.aux_load == "file":
                 self.aux = self._open(self._aux_file(), "auxiliary",
                                       TensorCapture(names) if names else None)
-            else:
-                self.aux = None
         except BaseException:
             self.close()
             raise

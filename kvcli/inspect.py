@@ -99,7 +99,10 @@ def describe_bundle(folder: Path, verify: bool = False) -> dict:
     from kvcli.runtime import llama_cpp_version
 
     needs_view = keys.FEATURE_AUX_OUT in out["predictor"]["feature_kinds"]
-    out["aux_load"] = choose_aux_load("auto", aux["n_layer"] if is_view else 0, needs_view=needs_view)
+    from kvcli.model_info import has_per_layer_arrays, read_model_info
+
+    out["aux_load"] = choose_aux_load("auto", aux["n_layer"] if is_view else 0, needs_view=needs_view,
+                                      partial_ok=not has_per_layer_arrays(read_model_info(b.base)))
     out["llama_cpp_python"] = llama_cpp_version()
     try:
         check_compatible(b.base, b.aux_source, b.predictor)

@@ -208,6 +208,14 @@ def read_model_info(path: str | Path, what: str = "model") -> ModelInfo:
         raise
 
 
+def has_per_layer_arrays(info: ModelInfo) -> bool:
+    """Whether the file stores per-layer metadata arrays (OpenELM's head counts): llama.cpp
+    refuses to load such a file as its first k layers (patches/README.md)."""
+    header = read_header(info.path)
+    return any(key.startswith(f"{info.arch}.") and isinstance(value, list) and len(value) == info.n_layer
+               for key, value in header.fields.items())
+
+
 def prefix_view_info(base_path: str | Path, k: int) -> ModelInfo:
     """The ModelInfo of the base's layers 0..k-1 as a model of their own, read from the base
     alone: what ``read_model_info`` gives for a prefix cut of it (aux_cut.cut_auxiliary keeps

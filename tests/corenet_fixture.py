@@ -28,7 +28,7 @@ meet by a river, talk about the weather, the seasons, the harvest and the long w
 """
 
 
-def _yaml(base: dict, aux: dict, layer_map: list[int]) -> str:
+def _yaml(base: dict, aux: dict, layer_map: list[int], vocab_rows: int) -> str:
     import yaml
 
     doc = {"model": {"language_modeling": {
@@ -40,7 +40,7 @@ def _yaml(base: dict, aux: dict, layer_map: list[int]) -> str:
             "auxiliary_model": [{"model": {"language_modeling": {"name": "general_gpt",
                                                                  "general_gpt": aux}}}],
         },
-        "general_gpt": {"vocab_size": VOCAB_ROWS, "max_context_length": 512, "padding_index": 310},
+        "general_gpt": {"vocab_size": vocab_rows, "max_context_length": 512, "padding_index": 310},
     }}}
     return yaml.safe_dump(doc)
 
@@ -84,13 +84,13 @@ def _model_state(shape, rng, prefix: str) -> dict[str, np.ndarray]:
 
 def write_corenet_kvp(folder: Path, *, seed: int = 0, base: dict = BASE, aux: dict = AUX,
                       layer_map: list[int] = LAYER_MAP, training: bool = True,
-                      drop: str | None = None) -> dict[str, Path]:
+                      drop: str | None = None, vocab_rows: int = VOCAB_ROWS) -> dict[str, Path]:
     """checkpoint.pt, config.yaml and tokenizer.model in ``folder``. ``training``: wrap the
     state dict as a training_checkpoint (model_state_dict + optimizer state); ``drop``: leave
     that key out."""
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "config.yaml"
-    config.write_text(_yaml(base, aux, layer_map))
+    config.write_text(_yaml(base, aux, layer_map, vocab_rows))
     cfg = read_config(config)
     rng = np.random.default_rng(seed)
     state = {**_model_state(cfg.base, rng, "base."), **_model_state(cfg.aux, rng, "auxiliary.")}

@@ -22,8 +22,9 @@ from kvcli.corenet import (
     split_checkpoint,
 )
 from kvcli.engine import Engine
+from kvcli.errors import IncompatibleError
 from kvcli.openelm import forward, gguf_tensors, kvp_forward
-from kvcli.runtime import ContextSettings
+from kvcli.runtime import ContextSettings, prefix_view_supported
 from kvcli.torch_checkpoint import load_checkpoint, state_dict_of
 
 SETTINGS = ContextSettings(n_ctx=128, n_batch=64, n_ubatch=64)
@@ -132,3 +133,18 @@ def test_bad_input(corenet_files, tmp_path):
     assert_one_line_error(_import({**corenet_files, "checkpoint": plain}, tmp_path / "o8"),
                           "unexpected checkpoint entry")
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 9))
+
+
+def test_kvcli_own_bundle_on_an_imported_openelm_base(corenet_files, tmp_path):
+    """kvcli's prefix auxiliary and closed-form fit work on an OpenELM base too; its per-layer
+    head counts keep llama.cpp from loading it as k layers, so the auxiliary runs as a view."""
+    b = import_checkpoint(corenet_files["checkpoint"], corenet_files["config"],
+                          corenet_files["tokenizer"], tmp_path / "imported", outtype="f32")
+    ok(convert("bundle", "--base", b.base, "-o", tmp_path / "own", "--tokens", "600", "--aux-layers", "2"))
+    info = json.loads(ok(kvcli("inspect", tmp_path / "own", "--json")).stdout)
+    assert info["aux_load"] == "view" and info["base"]["arch"] == "openelm"
+    doctor = json.loads(ok(kvcli("doctor", "--bundle", tmp_path / "own", "--prompts", "2", "--json")).stdout)
+    assert doctor["ok"] and doctor["checks"][-1]["name"] == "auxiliary as a view (view)"
+    if prefix_view_supported():
+        with pytest.raises(IncompatibleError, match="per-layer metadata arrays"):
+            Engine.from_bundle(load_bundle(tmp_path / "own"), settings=SETTINGS, aux_load="partial")
