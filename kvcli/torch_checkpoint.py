@@ -31,7 +31,8 @@ class CheckpointError(ModelFileError):
 
 
 class _Storage:
-    def __init__(self, data: bytes, dtype):
+    def __init__(self, data, dtype):
+        """``data``: the storage's bytes (a bytes object or a uint8 memmap)."""
         if dtype == "bfloat16":  # numpy has no bfloat16: widen to float32 (exact)
             raw = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
             self.array = raw.view(np.float32)
@@ -48,7 +49,9 @@ def _rebuild_tensor(storage: _Storage, offset: int, size, stride, *_ignored) -> 
         raise CheckpointError(f"a tensor of shape {tuple(size)} reaches past its storage")
     view = np.lib.stride_tricks.as_strided(
         base[offset:], shape=tuple(size), strides=tuple(s * base.itemsize for s in stride))
-    return np.array(view)  # owns its data, C order
+    if view.flags.c_contiguous:
+        return view  # a read-only view of the file's pages (stored members are memory-mapped)
+    return np.ascontiguousarray(view)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *_ignored):
@@ -103,15 +106,17 @@ def load_checkpoint(path: str | Path) -> dict:
             if len(pkl) != 1:
                 raise CheckpointError(f"not a PyTorch zip checkpoint (no single data.pkl): {path}")
             prefix = pkl[0][: -len("data.pkl")]
-            cache: dict[str, bytes] = {}
+            cache: dict[str, object] = {}
+            whole = np.memmap(path, dtype=np.uint8, mode="r")
 
-            def read_record(key: str) -> bytes:
+            def read_record(key: str):
                 if key not in cache:
                     try:
-                        cache[key] = zf.read(f"{prefix}data/{key}")
+                        info = zf.getinfo(f"{prefix}data/{key}")
                     except KeyError:
                         raise CheckpointError(f"the checkpoint lacks tensor storage {key}: {path}") \
                             from None
+                    cache[key] = _member_bytes(zf, info, whole)
                 return cache[key]
 
             return _Unpickler(zf.read(pkl[0]), read_record).load()
@@ -123,6 +128,21 @@ def load_checkpoint(path: str | Path) -> dict:
             MemoryError) as exc:
         raise CheckpointError(f"the checkpoint's pickle is corrupt ({type(exc).__name__}: "
                               f"{exc}): {path}") from None
+
+
+def _member_bytes(zf: zipfile.ZipFile, info: zipfile.ZipInfo, whole: np.memmap):
+    """A zip member's bytes: a view of the mapped file for a stored (uncompressed) member,
+    as torch.save writes them, so a checkpoint larger than memory can still be read."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        return zf.read(info)
+    header = bytes(whole[info.header_offset : info.header_offset + 30])
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise CheckpointError("a tensor storage's zip entry is damaged")
+    start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") \
+        + int.from_bytes(header[28:30], "little")
+    if start + info.file_size > len(whole):
+        raise CheckpointError("the checkpoint is truncated")
+    return whole[start : start + info.file_size]
 
 
 def state_dict_of(obj, path: str | Path = "") -> dict[str, np.ndarray]:
