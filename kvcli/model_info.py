@@ -208,12 +208,16 @@ def read_model_info(path: str | Path, what: str = "model") -> ModelInfo:
         raise
 
 
+# read by llama.cpp's get_key_or_arr with the file's layer count: an array must be that long
+_LAYER_COUNT_ARRAYS = ("feed_forward_length", "attention.head_count", "attention.head_count_kv",
+                       "expert_used_count")
+
+
 def has_per_layer_arrays(info: ModelInfo) -> bool:
-    """Whether the file stores per-layer metadata arrays (OpenELM's head counts): llama.cpp
-    refuses to load such a file as its first k layers (patches/README.md)."""
+    """Whether the file stores per-layer head counts or FFN widths as arrays (OpenELM):
+    llama.cpp refuses to load such a file as its first k layers (patches/README.md)."""
     header = read_header(info.path)
-    return any(key.startswith(f"{info.arch}.") and isinstance(value, list) and len(value) == info.n_layer
-               for key, value in header.fields.items())
+    return any(isinstance(header.get(f"{info.arch}.{key}"), list) for key in _LAYER_COUNT_ARRAYS)
 
 
 def prefix_view_info(base_path: str | Path, k: int) -> ModelInfo:
