@@ -90,6 +90,11 @@ def test_import_through_the_converter_then_generate_and_inspect(corenet_files, t
     gen = json.loads(ok(kvcli("generate", "the fox and the dog", "-n", "4", "--json", "--bundle",
                               tmp_path / "b")).stdout)
     assert gen["mode"] == "kvp" and gen["n_gen"] == 4
+    bench = json.loads(ok(kvcli("bench-ttft", "--bundle", tmp_path / "b", "-p", "32", "-r", "1",
+                                "--no-memory", "--json")).stdout)
+    assert {r["mode"] for r in bench["rows"]} == {"base", "kvp", "truncate"}
+    chat = ok(kvcli("chat", "--bundle", tmp_path / "b", "-n", "3", input="hello fox\n"))
+    assert "TTFT" in chat.stderr + chat.stdout
     assert load_bundle(tmp_path / "b").manifest["origin"]["outtype"] == "q8_0"
 
 
