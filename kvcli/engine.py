@@ -166,7 +166,8 @@ class Engine:
 
     def _capture_names(self) -> list[str]:
         """The auxiliary's graph tensors the predictor reads: hidden tensors, then (for raw
-        keys) each feature layer's QKV projection output."""
+        keys) each feature layer's fused QKV projection output (OpenELM's ``wqkv``: raw keys
+        come only with an imported corenet predictor, whose auxiliary is an OpenELM)."""
         pred = self.predictor
         if pred is None:
             return []
