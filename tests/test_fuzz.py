@@ -1,4 +1,5 @@
-"""Fuzz kvcli's readers of untrusted bytes: mutated predictor files and sequence states.
+"""Fuzz kvcli's readers of untrusted bytes: mutated predictor files, sequence states and
+torch checkpoints.
 
 Each mutant must either parse or raise kvcli's own error (KvcliError): no other exception,
 no crash, no hang. KVCLI_FUZZ_N sets the number of mutants per reader (default 1000).
@@ -98,4 +99,22 @@ def test_mutated_sequence_states():
     data = write_seq_state(state)
     counts = run_mutants(data, lambda m: parse_seq_state(m, n_blobs=2), seed=2)
     print(f"state mutants: {counts}")
+    assert counts["refused"] > N_MUTANTS // 4
+
+
+def test_mutated_torch_checkpoints(tmp_path):
+    """A checkpoint torch itself wrote (tests/data), mutated: corenet imports read untrusted .pt files."""
+    from pathlib import Path
+
+    from kvcli.torch_checkpoint import load_checkpoint, state_dict_of
+
+    data = (Path(__file__).parent / "data" / "torch-2.13-sample.pt").read_bytes()
+    path = tmp_path / "mutant.pt"
+
+    def read(mutant: bytes):
+        path.write_bytes(mutant)
+        return state_dict_of(load_checkpoint(path), path)
+
+    counts = run_mutants(data, read, seed=3)
+    print(f"checkpoint mutants: {counts}")
     assert counts["refused"] > N_MUTANTS // 4
