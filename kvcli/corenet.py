@@ -110,12 +110,22 @@ def _dig(d: dict, *keys, what: str):
 
 def read_config(path: str | Path) -> KVPConfig:
     """The base, auxiliary and layer map of a corenet kv_prediction YAML."""
+    try:
+        return _read_config(path)
+    except CorenetError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+        raise CorenetError(f"the config {path} has a value of the wrong kind ({type(exc).__name__}: "
+                           f"{exc})") from None
+
+
+def _read_config(path: str | Path) -> KVPConfig:
     import yaml
 
     try:
         doc = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise CorenetError(f"cannot read the config {path}: {exc}") from None
+        raise CorenetError(f"cannot read the config {path}: {' '.join(str(exc).split())}") from None
     lm = _dig(doc, "model", "language_modeling", what="a corenet model config")
     if lm.get("name") != "kv_prediction":
         raise CorenetError(f"the config's model is {lm.get('name')!r}, not kv_prediction: {path}")

@@ -125,6 +125,15 @@ def test_bad_input(corenet_files, tmp_path):
     assert_one_line_error(_import(other, tmp_path / "o4"), "the config says")
     other["config"].write_text("model: {language_modeling: {name: general_gpt}}\n")
     assert_one_line_error(_import(other, tmp_path / "o5"), "not kv_prediction")
+    good = corenet_files["config"].read_text()
+    for broken in (good.replace("num_transformer_layers: 4", "num_transformer_layers: four"),
+                   good.replace("auxkv_num_layers_to_basekv_num_layers:",
+                                "auxkv_num_layers_to_basekv_num_layers: 3\n      other:"),
+                   "model: [1, 2\n"):
+        other["config"].write_text(broken)
+        res = _import(other, tmp_path / "o5")
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        assert res.stderr.strip().splitlines()[-1].startswith("Error: ")
     # a tokenizer larger than the embedding (another model's)
     from corenet_fixture import train_tokenizer
 
