@@ -129,7 +129,8 @@ class Engine:
         self._models: list[Model] = []
         self._contexts: list[Context] = []
         prefix = self._prefix_of_base()
-        needs_view = self.predictor is not None and keys.FEATURE_AUX_OUT in self.predictor.hidden_kinds
+        self.needs_view = needs_view = (self.predictor is not None
+                                        and keys.FEATURE_AUX_OUT in self.predictor.hidden_kinds)
         partial_ok = not (prefix and has_per_layer_arrays(self.base_info))
         self.aux_load = ("none" if self.aux_info is None
                          else choose_aux_load(aux_load, prefix, needs_view=needs_view,

@@ -12,6 +12,7 @@ from test_predictor import small_predictor
 
 from kvcli.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST
 from kvcli.predictor import save_predictor
+from kvcli.runtime import prefix_view_supported
 
 
 def kvcli(*args, input=None, env=None):
@@ -109,3 +110,23 @@ def test_doctor_json_on_a_tiny_model(tiny_gemma3):
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert report["ok"] and [c["ok"] for c in report["checks"]] == [True, True, True]
+
+
+def test_stock_build_notice(tiny_llama, tmp_path):
+    """On a llama-cpp-python without kvcli's patch, kvp says in one line that the prefix
+    auxiliary runs as the eval-callback view (simulated: the patch check says no)."""
+    from kvcli.bundle import build_bundle
+
+    b = build_bundle(tiny_llama, tmp_path / "b", n_aux_layers=2, n_tokens=600)
+    code = ("import sys, kvcli.engine as e; e.prefix_view_supported = lambda: False; "
+            "import kvcli.commands.common as c; c.prefix_view_supported = lambda: False; "
+            "import kvcli.runtime as r; r.prefix_view_supported = lambda: False; "
+            "from kvcli.cli import main; "
+            f"sys.argv = ['kvcli', 'generate', 'the cat', '-n', '2', '--bundle', {str(b.folder)!r}]; main()")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    notes = [line for line in res.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "tools/install.py" in notes[0]
+    if prefix_view_supported():  # with the patch: partial, and no note
+        plain = kvcli("generate", "the cat", "-n", "2", "--bundle", b.folder)
+        assert plain.returncode == 0 and "note:" not in plain.stderr

@@ -100,7 +100,7 @@ def command(
     json_out: JsonOpt = False,
 ) -> None:
     from kvcli.bench import BENCH_MODES
-    from kvcli.commands.common import resolve_bundle
+    from kvcli.commands.common import notice_aux_load, resolve_bundle
     from kvcli.engine import Engine
     from kvcli.runtime import ContextSettings
 
@@ -116,7 +116,7 @@ def command(
     n_methods = len(mode_list) + (len(tail_list) - 1 if "kvp" in mode_list else 0)
     engines = []
     try:
-        engine = Engine.from_bundle(b, settings=settings, aux_load=loads[0])
+        engine = notice_aux_load(Engine.from_bundle(b, settings=settings, aux_load=loads[0]))
         engines.append(engine)
         extra = {}
         for load in loads[1:]:

@@ -169,7 +169,7 @@ def command(
 ) -> None:
     from kvcli import ui
     from kvcli.chat import CHAT_MODES, Conversation
-    from kvcli.commands.common import resolve_bundle
+    from kvcli.commands.common import notice_aux_load, resolve_bundle
     from kvcli.engine import Engine
     from kvcli.runtime import ContextSettings
     from kvcli.sampling import Sampler
@@ -182,7 +182,7 @@ def command(
     transcript = Transcript(save)
     settings = ContextSettings(n_ctx=ctx, n_threads=threads)
     try:
-        with Engine.from_bundle(b, settings=settings) as engine:
+        with notice_aux_load(Engine.from_bundle(b, settings=settings)) as engine:
             conv = Conversation(engine, system=system, template=chat_template, mode=mode, tail=tail,
                                 n_predict=n_predict, drop_old=drop_old,
                                 sampler=Sampler(temperature=temp, seed=seed))

@@ -21,7 +21,20 @@ def open_engine(*, bundle: Path | None, model: Path | None, mode: str,
                              "(or leave both out for the embedded default)")
         return Engine(model, settings=settings)
     b = resolve_bundle(bundle)
-    return Engine.from_bundle(b, settings=settings)
+    return notice_aux_load(Engine.from_bundle(b, settings=settings))
+
+
+def notice_aux_load(engine: Engine) -> Engine:
+    """One dim line on stderr when a prefix auxiliary falls back to the eval-callback view
+    because this llama-cpp-python lacks kvcli's patch (it would load as ``partial``)."""
+    from kvcli import ui
+    from kvcli.runtime import prefix_view_supported
+
+    if engine.aux_load == "view" and not prefix_view_supported() and not engine.needs_view:
+        ui.err.print("[dim]note: llama-cpp-python is not built with kvcli's patch; the auxiliary "
+                     "runs as a view of the base through the eval callback (python tools/install.py "
+                     "builds the patch)[/dim]", soft_wrap=True)
+    return engine
 
 
 def resolve_bundle(bundle: Path | None) -> Bundle:
