@@ -87,6 +87,7 @@ def test_import_through_the_converter_then_generate_and_inspect(corenet_files, t
     assert info["predictor"]["origin"] == "corenet:training_checkpoint_last.pt"
     assert info["base"]["arch"] == "openelm" and info["base"]["n_head"] == [2, 4, 4, 4]
     assert info["base"]["file_type"] == "Q8_0" and all(info["sha256_ok"].values())
+    assert "kind=corenet" in ok(kvcli("inspect", tmp_path / "b")).stdout  # the table shows the origin
     gen = json.loads(ok(kvcli("generate", "the fox and the dog", "-n", "4", "--json", "--bundle",
                               tmp_path / "b")).stdout)
     assert gen["mode"] == "kvp" and gen["n_gen"] == 4

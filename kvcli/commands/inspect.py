@@ -27,7 +27,8 @@ def _value(v) -> str:
 def _section(title: str, d: dict):
     from kvcli import ui
 
-    rows = [[k, _value(v)] for k, v in d.items() if not isinstance(v, dict) or k in ("rope", "cut_from")]
+    rows = [[k, _value(v)] for k, v in d.items()
+            if not isinstance(v, dict) or k in ("rope", "cut_from", "origin", "sha256_ok")]
     return ui.table(title, ["field", "value"], rows)
 
 
