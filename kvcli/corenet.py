@@ -9,9 +9,11 @@ before RoPE) and raw values; the base applies its own key norm, then RoPE, to pr
 ``apply_k_norm_to_past_keys_before_cache_write=True`` for the base).
 
 Model shapes come from the YAML: ``general_gpt.model_name`` names one of corenet's
-configurations (the OpenELM table below, from corenet general_gpt.py ``gpt_configs``), or the
-``general_gpt`` block gives GPTConfig's fields itself (num_transformer_layers, model_dim,
-head_dim, num_gqa_groups, qkv_multipliers, ffn_multipliers, ffn_dim_divisor, ...).
+configurations (the OpenELM table below, from corenet general_gpt.py ``gpt_configs`` and, for
+the paper's layer-pruned KVP-LP auxiliaries, kv_prediction.py ``layer_pruned_gpt_configs``),
+or the ``general_gpt`` block gives GPTConfig's fields itself (num_transformer_layers,
+model_dim, head_dim, num_gqa_groups, qkv_multipliers, ffn_multipliers, ffn_dim_divisor,
+select_layers, ...).
 """
 
 from __future__ import annotations
@@ -35,11 +37,27 @@ OPENELM_CONFIGS = {
 OPENELM_COMMON = {"num_gqa_groups": 4, "normalize_qk_projections": True,
                   "share_input_output_layers": True, "ffn_multipliers": (0.5, 4.0),
                   "qkv_multipliers": (0.5, 1.0)}
+
+
+def _pruned(full: str, n: int, kind: str) -> dict:
+    """corenet kv_prediction.py ``layer_pruned_gpt_configs``: the paper's KVP-LP auxiliaries."""
+    base = {**OPENELM_COMMON, **OPENELM_CONFIGS[full]}
+    if kind == "0.25l":
+        return {**base, "select_layers": list(range(0, n, 4))}
+    if kind == "0.75l":
+        return {**base, "select_layers": [i for i in range(n) if i % 4 != 3]}
+    return {**base, "num_transformer_layers": n // 2,  # 0.50l: its own, shorter linspace
+            "ffn_multipliers": (0.5, 4.0 - (1 / (n - 1)) * (4.0 - 0.5)),
+            "qkv_multipliers": (0.5, 1.0 - (1 / (n - 1)) * (1.0 - 0.5))}
+
+
+OPENELM_CONFIGS.update({f"{full}-{kind}": _pruned(full, OPENELM_CONFIGS[full]["num_transformer_layers"], kind)
+                        for full in ("OpenELM-1_1B", "OpenELM-3B") for kind in ("0.25l", "0.50l", "0.75l")})
 GPT_DEFAULTS = {"vocab_size": 32000, "max_context_length": 2048, "num_transformer_layers": 12,
                 "model_dim": 2048, "head_dim": 128, "qkv_multipliers": 1.0, "num_gqa_groups": 1,
                 "ffn_multipliers": 4.0, "ffn_dim_divisor": 256, "normalize_qk_projections": False,
                 "share_input_output_layers": False, "rope_freq_constant": 10000}
-SUPPORTED_FIELDS = set(GPT_DEFAULTS) | {"ffn_with_glu", "activation_fn_name",
+SUPPORTED_FIELDS = set(GPT_DEFAULTS) | {"ffn_with_glu", "activation_fn_name", "select_layers",
                                         "normalization_layer_name", "rope_max_length"}
 
 
@@ -71,6 +89,11 @@ def gpt_shape(fields: dict) -> OpenELMShape:
     q_heads = [make_divisible(d * m, hd * groups) // hd for m in _per_layer(cfg["qkv_multipliers"], n)]
     ffn = [make_divisible(m * d, int(cfg["ffn_dim_divisor"]))
            for m in _per_layer(cfg["ffn_multipliers"], n)]
+    select = cfg.get("select_layers")
+    if select is not None:  # a layer-pruned model: these layers of the full one
+        if not select or not all(0 <= int(i) < n for i in select):
+            raise CorenetError(f"select_layers {select!r} must lie in 0..{n - 1}")
+        q_heads, ffn = [q_heads[int(i)] for i in select], [ffn[int(i)] for i in select]
     return OpenELMShape(n_embd=d, head_dim=hd, n_head=tuple(q_heads),
                         n_head_kv=tuple(q // groups for q in q_heads), n_ff=tuple(ffn),
                         n_vocab=int(cfg["vocab_size"]), rope_freq_base=float(cfg["rope_freq_constant"]),
@@ -84,8 +107,7 @@ def _general_gpt_fields(block: dict, shared: dict) -> dict:
         if name not in OPENELM_CONFIGS:
             raise CorenetError(f"model_name {name!r} is not one kvcli knows (one of "
                                f"{', '.join(OPENELM_CONFIGS)}); give the general_gpt fields instead")
-        given = {k: v for k, v in fields.items() if k not in GPT_DEFAULTS or k in
-                 ("vocab_size", "max_context_length")}
+        given = {k: v for k, v in fields.items() if k in ("vocab_size", "max_context_length")}
         fields = {**OPENELM_COMMON, **OPENELM_CONFIGS[name], **given}
     fields.pop("padding_index", None)
     return fields
@@ -137,9 +159,9 @@ def _read_config(path: str | Path) -> KVPConfig:
         if isinstance(entry, list) and len(entry) == 1:
             entry = entry[0]
         sub = _dig(entry or {}, "model", "language_modeling", what=f"the {role} model")
-        if sub.get("name", "general_gpt") != "general_gpt":
+        if sub.get("name", "general_gpt") not in ("general_gpt", "layer_pruned_general_gpt"):
             raise CorenetError(f"the {role} model is {sub.get('name')!r}; kvcli imports general_gpt "
-                               "(OpenELM) models")
+                               "and layer_pruned_general_gpt (OpenELM) models")
         fields = _general_gpt_fields(sub.get("general_gpt") or {}, shared)
         shapes[role], names[role] = gpt_shape(fields), str(fields.get("model_name", "general_gpt"))
     layer_map = tuple(int(x) for x in _dig(kvp, "auxkv_num_layers_to_basekv_num_layers",

@@ -45,7 +45,7 @@ def test_openelm_layer_wise_scaling_is_corenets():
                       4608, 4864, 5120)
     assert (s.n_embd, s.head_dim, s.n_vocab) == (1280, 64, 32128)
     big = gpt_shape(_general_gpt_fields({"model_name": "OpenELM-1_1B"}, {}))
-    assert big.n_ff[13] == big.n_ff[14] == 4608 and len(OPENELM_CONFIGS) == 4
+    assert big.n_ff[13] == big.n_ff[14] == 4608 and len(OPENELM_CONFIGS) == 4 + 6  # + KVP-LP auxiliaries
 
 
 def _reference(files):
@@ -163,3 +163,56 @@ def test_kvcli_own_bundle_on_an_imported_openelm_base(corenet_files, tmp_path):
     if prefix_view_supported():
         with pytest.raises(IncompatibleError, match="per-layer metadata arrays"):
             Engine.from_bundle(load_bundle(tmp_path / "own"), settings=SETTINGS, aux_load="partial")
+
+
+KVP_LP_YAML = """\
+# the model section of apple/corenet projects/kv-prediction/openelm/openelm_1_1B_kvp_lp_0_25.yaml
+taskname: '+ OpenELM-1.1B KVP-LP-0.25'
+_anchor_context_length: &_anchor_context_length 2048
+_anchor_vocab_size: &_anchor_vocab_size 32128
+_anchor_padding_index: &_anchor_padding_index 32000
+model:
+  activation_checkpointing: true
+  freeze_modules: ["base.*"]
+  language_modeling:
+    name: "kv_prediction"
+    kv_prediction:
+      auxkv_num_layers_to_basekv_num_layers: [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3,
+                                              4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6]
+      base_model:
+       - model:
+          language_modeling:
+            name: "general_gpt"
+            pretrained: "https://example.invalid/1.1B/checkpoint_average.pt"
+            general_gpt:
+              model_name: "OpenELM-1_1B"
+      auxiliary_model:
+       - model:
+          language_modeling:
+            name: "layer_pruned_general_gpt"
+            pretrained: "https://example.invalid/1.1B/checkpoint_average.pt"
+            general_gpt:
+              model_name: "OpenELM-1_1B-0.25l"
+          rename_scopes_map:
+            - ["layers\\\\.4\\\\.", "layers.1."]
+    general_gpt:
+      model_name: "OpenELM-1_1B"
+      vocab_size: *_anchor_vocab_size
+      max_context_length: *_anchor_context_length
+      padding_index: *_anchor_padding_index
+"""
+
+
+def test_the_papers_kvp_lp_config_reads(tmp_path):
+    """A KVP-LP auxiliary is corenet's layer_pruned_general_gpt: layers 0, 4, ..., 24 of the
+    1.1B (their own head counts and FFN widths); "-0.50l" equals the even layers."""
+    (tmp_path / "lp.yaml").write_text(KVP_LP_YAML)
+    cfg = read_config(tmp_path / "lp.yaml")
+    full = gpt_shape(_general_gpt_fields({"model_name": "OpenELM-1_1B"}, {}))
+    assert cfg.base == gpt_shape(_general_gpt_fields({"model_name": "OpenELM-1_1B"},
+                                                     {"vocab_size": 32128}))
+    assert cfg.aux.n_layer == 7 and cfg.aux.n_vocab == 32128 and cfg.layer_map[-1] == 6
+    assert cfg.aux.n_head == tuple(full.n_head[i] for i in range(0, 28, 4))
+    assert cfg.aux.n_ff == tuple(full.n_ff[i] for i in range(0, 28, 4))
+    half = gpt_shape(_general_gpt_fields({"model_name": "OpenELM-1_1B-0.50l"}, {}))
+    assert (half.n_head, half.n_ff) == (full.n_head[::2], full.n_ff[::2])
