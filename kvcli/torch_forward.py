@@ -1,0 +1,123 @@
+"""A PyTorch forward of a Gemma 3 GGUF, as llama.cpp computes it (src/models/gemma3.cpp):
+the starting point for training a predictor through the frozen base (issue 9).
+
+Weights are read from the GGUF with gguf-py and dequantized to float32 once; llama.cpp
+multiplies by the quantized weights (and quantized activations), so the two agree closely
+but not to the bit: `python tools/torch_forward_report.py` measures how closely.
+Needs the optional extra ``kvcli[train]`` (PyTorch).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from kvcli.errors import KvcliError
+from kvcli.model_info import read_model_info
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise KvcliError("this needs PyTorch: pip install 'kvcli[train]'") from None
+    return torch
+
+
+def read_weights(path: str | Path, names=None) -> dict[str, np.ndarray]:
+    """Every tensor of a GGUF (or those in ``names``) dequantized to float32, in llama.cpp's
+    row layout (a matrix is (n_out, n_in))."""
+    import gguf
+    import gguf.quants
+
+    out = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if names is None or t.name in names:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+            out[t.name] = np.ascontiguousarray(w, dtype=np.float32)
+    return out
+
+
+class Gemma3:
+    """Gemma 3 (iSWA, query/key norms, post-norms, GELU FFN, tied output) in PyTorch."""
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        torch = _torch()
+        self.info = read_model_info(path, "model")
+        if self.info.arch != "gemma3":
+            raise KvcliError(f"the PyTorch forward supports gemma3, not {self.info.arch}")
+        self.device = device
+        self.w = {k: torch.tensor(v, device=device) for k, v in read_weights(self.info.path).items()}
+        for p in self.w.values():
+            p.requires_grad_(False)
+        from kvcli.gguf_header import read_header
+
+        header = read_header(self.info.path)
+        self.softcap = float(header.get("gemma3.final_logit_softcapping", 0.0) or 0.0)
+        self.eps = self.info.rms_eps
+        self.attn_scale = 1.0 / math.sqrt(self.info.head_dim_k)
+
+    def _norm(self, x, w):
+        torch = _torch()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * w
+
+    def _rope(self, x, positions, il: int):
+        """NEOX RoPE of (T, heads, d) with layer ``il``'s frequency base."""
+        torch = _torch()
+        p = self.info.rope[il]
+        half = p.n_rot // 2
+        inv = p.freq_base ** (-torch.arange(half, dtype=torch.float64, device=x.device) * 2 / p.n_rot)
+        ang = (positions.to(torch.float64)[:, None] * p.freq_scale) * inv[None, :]
+        cos, sin = ang.cos().to(x.dtype)[:, None, :], ang.sin().to(x.dtype)[:, None, :]
+        a, b = x[..., :half], x[..., half : 2 * half]
+        rotated = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+        return torch.cat([rotated, x[..., 2 * half :]], dim=-1)
+
+    def layer_kv(self, x, il: int, positions):
+        """K (normed, roped) and V of layer ``il`` for residual rows ``x``: (T, kv heads, d)."""
+        info, w = self.info, self.w
+        h = self._norm(x, w[f"blk.{il}.attn_norm.weight"])
+        k = (h @ w[f"blk.{il}.attn_k.weight"].T).view(len(x), info.n_head_kv[il], info.head_dim_k)
+        v = (h @ w[f"blk.{il}.attn_v.weight"].T).view(len(x), info.n_head_kv[il], info.head_dim_v)
+        k = self._rope(self._norm(k, w[f"blk.{il}.attn_k_norm.weight"]), positions, il)
+        return h, k, v
+
+    def forward(self, tokens, n_logits: int = 1, kv_override=None):
+        """Logits (float32) of the last ``n_logits`` positions of ``tokens`` (a 1-D sequence
+        starting at position 0), and every layer's (K, V). ``kv_override[il] = (K, V)``
+        replaces layer il's K and V at every position (a predicted cache)."""
+        torch = _torch()
+        info, w = self.info, self.w
+        tokens = torch.as_tensor(tokens, device=self.device)
+        n = len(tokens)
+        positions = torch.arange(n, device=self.device)
+        x = w["token_embd.weight"][tokens] * math.sqrt(info.n_embd)
+        dist = positions[:, None] - positions[None, :]
+        causal = dist >= 0
+        caches = []
+        for il in range(info.n_layer):
+            h, k, v = self.layer_kv(x, il, positions)
+            if kv_override is not None and il in kv_override:
+                k, v = kv_override[il]
+            caches.append((k, v))
+            q = (h @ w[f"blk.{il}.attn_q.weight"].T).view(n, info.n_head[il], info.head_dim_k)
+            q = self._rope(self._norm(q, w[f"blk.{il}.attn_q_norm.weight"]), positions, il)
+            group = info.n_head[il] // info.n_head_kv[il]
+            kk, vv = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            scores = torch.einsum("thd,shd->hts", q * self.attn_scale, kk)
+            allowed = causal & (dist < info.n_swa) if info.is_swa[il] else causal
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            att = torch.einsum("hts,shd->thd", scores.softmax(-1), vv).reshape(n, -1)
+            x = x + self._norm(att @ w[f"blk.{il}.attn_output.weight"].T,
+                               w[f"blk.{il}.post_attention_norm.weight"])
+            h = self._norm(x, w[f"blk.{il}.ffn_norm.weight"])
+            gate = torch.nn.functional.gelu(h @ w[f"blk.{il}.ffn_gate.weight"].T, approximate="tanh")
+            ffn = (gate * (h @ w[f"blk.{il}.ffn_up.weight"].T)) @ w[f"blk.{il}.ffn_down.weight"].T
+            x = x + self._norm(ffn, w[f"blk.{il}.post_ffw_norm.weight"])
+        out = self._norm(x[-n_logits:], w["output_norm.weight"])
+        logits = out @ w.get("output.weight", w["token_embd.weight"]).T
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits, caches
