@@ -84,11 +84,15 @@ def gpt_shape(fields: dict) -> OpenELMShape:
                       ("share_input_output_layers", True)):
         if cfg.get(key, want) != want:
             raise CorenetError(f"general_gpt {key} = {cfg[key]!r} is not supported (OpenELM: {want!r})")
-    n, d, hd, groups = (int(cfg[k]) for k in ("num_transformer_layers", "model_dim", "head_dim",
-                                              "num_gqa_groups"))
+    n, d, hd, groups, divisor = (int(cfg[k]) for k in (
+        "num_transformer_layers", "model_dim", "head_dim", "num_gqa_groups", "ffn_dim_divisor"))
+    if min(n, d, hd, groups, divisor, int(cfg["vocab_size"])) < 1:
+        raise CorenetError("num_transformer_layers, model_dim, head_dim, num_gqa_groups, "
+                           "ffn_dim_divisor and vocab_size must be positive integers")
     q_heads = [make_divisible(d * m, hd * groups) // hd for m in _per_layer(cfg["qkv_multipliers"], n)]
-    ffn = [make_divisible(m * d, int(cfg["ffn_dim_divisor"]))
-           for m in _per_layer(cfg["ffn_multipliers"], n)]
+    ffn = [make_divisible(m * d, divisor) for m in _per_layer(cfg["ffn_multipliers"], n)]
+    if min(q_heads) < 1 or min(ffn) < 1:
+        raise CorenetError("the multipliers give a layer with no heads or no FFN width")
     select = cfg.get("select_layers")
     if select is not None:  # a layer-pruned model: these layers of the full one
         if not select or not all(0 <= int(i) < n for i in select):
@@ -136,7 +140,7 @@ def read_config(path: str | Path) -> KVPConfig:
         return _read_config(path)
     except CorenetError:
         raise
-    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ArithmeticError) as exc:
         raise CorenetError(f"the config {path} has a value of the wrong kind ({type(exc).__name__}: "
                            f"{exc})") from None
 

@@ -219,8 +219,12 @@ class Engine:
         k = self.aux_info.n_layer
         path = cache_dir() / "aux" / f"{self.base_info.fingerprint}-prefix{k}.gguf"
         if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            cut_auxiliary(self.base_info.path, path, prefix_layers(k))
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                cut_auxiliary(self.base_info.path, path, prefix_layers(k))
+            except OSError as exc:
+                raise KvcliError(f"cannot write the auxiliary's cut into {path.parent}: "
+                                 f"{exc.strerror or exc}") from None
         if read_model_info(path, "auxiliary").fingerprint != self.aux_info.fingerprint:
             raise IncompatibleError(f"the cut auxiliary {path} is not the base's first {k} layers;"
                                     " delete it and run again")

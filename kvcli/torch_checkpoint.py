@@ -26,6 +26,11 @@ STORAGE_DTYPES = {
 }
 
 
+# The pickle of a state dict (names, shapes, storage references) is kilobytes; a cap keeps a
+# hostile one from growing without bound (a zip bomb, or dict keys built to collide).
+MAX_PICKLE_BYTES = 16 << 20
+
+
 class CheckpointError(ModelFileError):
     """The file is not a checkpoint kvcli can read, or it asks for more than tensors."""
 
@@ -47,6 +52,10 @@ def _rebuild_tensor(storage: _Storage, offset: int, size, stride, *_ignored) -> 
     needed = offset + 1 + sum((n - 1) * s for n, s in zip(size, stride))
     if offset < 0 or needed > len(base) or any(n < 0 or s < 0 for n, s in zip(size, stride)):
         raise CheckpointError(f"a tensor of shape {tuple(size)} reaches past its storage")
+    if any(s == 0 and n > 1 for n, s in zip(size, stride)):
+        # a broadcast view (expand()): not in a model's weights, and copying one out of a
+        # few bytes of storage is how a small file would exhaust memory
+        raise CheckpointError(f"a tensor of shape {tuple(size)} repeats its storage (stride 0)")
     view = np.lib.stride_tricks.as_strided(
         base[offset:], shape=tuple(size), strides=tuple(s * base.itemsize for s in stride))
     if view.flags.c_contiguous:
@@ -119,6 +128,10 @@ def load_checkpoint(path: str | Path) -> dict:
                     cache[key] = _member_bytes(zf, info, whole)
                 return cache[key]
 
+            info = zf.getinfo(pkl[0])
+            if info.file_size > MAX_PICKLE_BYTES:
+                raise CheckpointError(f"the checkpoint's pickle is {info.file_size} bytes; a state "
+                                      f"dict's is far below {MAX_PICKLE_BYTES}: {path}")
             return _Unpickler(zf.read(pkl[0]), read_record).load()
     except CheckpointError:
         raise
@@ -132,8 +145,9 @@ def load_checkpoint(path: str | Path) -> dict:
 def _member_bytes(zf: zipfile.ZipFile, info: zipfile.ZipInfo, whole: np.memmap):
     """A zip member's bytes: a view of the mapped file for a stored (uncompressed) member,
     as torch.save writes them, so a checkpoint larger than memory can still be read."""
-    if info.compress_type != zipfile.ZIP_STORED:
-        return zf.read(info)
+    if info.compress_type != zipfile.ZIP_STORED:  # torch.save never compresses them
+        raise CheckpointError(f"tensor storage {info.filename} is compressed; torch.save writes "
+                              "them stored")
     header = bytes(whole[info.header_offset : info.header_offset + 30])
     if len(header) < 30 or header[:4] != b"PK\x03\x04":
         raise CheckpointError("a tensor storage's zip entry is damaged")

@@ -92,7 +92,7 @@ def test_import_through_the_converter_then_generate_and_inspect(corenet_files, t
                               tmp_path / "b")).stdout)
     assert gen["mode"] == "kvp" and gen["n_gen"] == 4
     bench = json.loads(ok(kvcli("bench-ttft", "--bundle", tmp_path / "b", "-p", "32", "-r", "1",
-                                "--no-memory", "--json")).stdout)
+                                "--aux-load", "all", "--no-memory", "--json")).stdout)
     assert {r["mode"] for r in bench["rows"]} == {"base", "kvp", "truncate"}
     chat = ok(kvcli("chat", "--bundle", tmp_path / "b", "-n", "3", input="hello fox\n"))
     assert "TTFT" in chat.stderr + chat.stdout
@@ -130,7 +130,7 @@ def test_bad_input(corenet_files, tmp_path):
     for broken in (good.replace("num_transformer_layers: 4", "num_transformer_layers: four"),
                    good.replace("auxkv_num_layers_to_basekv_num_layers:",
                                 "auxkv_num_layers_to_basekv_num_layers: 3\n      other:"),
-                   "model: [1, 2\n"):
+                   "model: [1, 2\n", good.replace("head_dim: 16", "head_dim: 0")):
         other["config"].write_text(broken)
         res = _import(other, tmp_path / "o5")
         assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from torch_zip import save_torch_zip
+from torch_zip import Strided, save_torch_zip
 
 from kvcli.torch_checkpoint import CheckpointError, load_checkpoint, state_dict_of
 
@@ -73,3 +73,20 @@ def test_bad_files(tmp_path):
     (tmp_path / "trunc.pt").write_bytes(truncated)
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "trunc.pt")
+
+
+def test_a_small_file_cannot_ask_for_much_memory(tmp_path, monkeypatch):
+    """A broadcast view (stride 0) over a few bytes, deflated storages and an oversized pickle
+    are refused: each would let a small file allocate without bound."""
+    from kvcli import torch_checkpoint
+
+    tiny = np.ones(1, np.float32)
+    path = save_torch_zip(tmp_path / "b.pt", {"w": Strided(tiny, (25_000_000,), (0,))})
+    with pytest.raises(CheckpointError, match="stride 0"):
+        load_checkpoint(path)
+    path = save_torch_zip(tmp_path / "z.pt", {"w": np.ones((4, 4), np.float32)}, compress=True)
+    with pytest.raises(CheckpointError, match="compressed"):
+        load_checkpoint(path)
+    monkeypatch.setattr(torch_checkpoint, "MAX_PICKLE_BYTES", 64)
+    with pytest.raises(CheckpointError, match="far below"):
+        load_checkpoint(SAMPLE)

@@ -18,6 +18,13 @@ STORAGE_NAMES = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float16): "Ha
                  np.dtype(np.int64): "LongStorage", np.dtype(np.int32): "IntStorage"}
 
 
+class Strided:
+    """A tensor written with this shape and these strides over ``data`` (e.g. stride 0)."""
+
+    def __init__(self, data: np.ndarray, shape: tuple, stride: tuple):
+        self.data, self.shape, self.stride = np.ascontiguousarray(data), shape, stride
+
+
 class _Writer:
     def __init__(self):
         self.out = bytearray(pickle.PROTO + bytes([2]))
@@ -57,8 +64,10 @@ class _Writer:
                 self.value(v)
             self.op(pickle.SETITEMS)
 
-    def tensor(self, a: np.ndarray) -> None:
+    def tensor(self, a: np.ndarray, shape=None, stride=None) -> None:
         a = np.ascontiguousarray(a)
+        shape = a.shape if shape is None else shape
+        stride = [s // a.itemsize for s in a.strides] if stride is None else stride
         key = str(len(self.storages))
         self.storages.append(a.astype(a.dtype.newbyteorder("<")).tobytes())
         self.global_("torch._utils", "_rebuild_tensor_v2")
@@ -72,8 +81,8 @@ class _Writer:
         self.op(pickle.TUPLE)
         self.op(pickle.BINPERSID)
         self.int_(0)
-        self.tuple_(a.shape)
-        self.tuple_([s // a.itemsize for s in a.strides] if a.ndim else [])
+        self.tuple_(shape)
+        self.tuple_(stride if len(shape) else [])
         self.op(pickle.NEWFALSE)
         self.ordered_dict({})
         self.op(pickle.TUPLE)
@@ -82,6 +91,8 @@ class _Writer:
     def value(self, v) -> None:
         if isinstance(v, np.ndarray):
             self.tensor(v)
+        elif isinstance(v, Strided):
+            self.tensor(v.data, v.shape, v.stride)
         elif isinstance(v, dict):
             self.ordered_dict(v)
         elif isinstance(v, str):
@@ -97,9 +108,10 @@ class _Writer:
 
 
 def save_torch_zip(path: Path, obj: dict, *, archive: str = "archive",
-                   raw_pickle: bytes | None = None) -> Path:
+                   raw_pickle: bytes | None = None, compress: bool = False) -> Path:
     """``obj`` (nested dicts of numpy arrays, str, int) as torch.save would write it;
-    ``raw_pickle`` replaces the pickle (to write a hostile one)."""
+    ``raw_pickle`` replaces the pickle (to write a hostile one); ``compress`` deflates the
+    storages (torch never does)."""
     w = _Writer()
     w.value(obj)
     w.op(pickle.STOP)
@@ -107,6 +119,7 @@ def save_torch_zip(path: Path, obj: dict, *, archive: str = "archive",
         zf.writestr(f"{archive}/data.pkl", raw_pickle if raw_pickle is not None else bytes(w.out))
         zf.writestr(f"{archive}/byteorder", "little")
         for i, data in enumerate(w.storages):
-            zf.writestr(f"{archive}/data/{i}", data)
+            zf.writestr(f"{archive}/data/{i}", data,
+                        compress_type=zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED)
         zf.writestr(f"{archive}/version", "3\n")
     return path

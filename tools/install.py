@@ -7,10 +7,11 @@ install kvcli.
 
 The pinned llama-cpp-python sdist is downloaded from PyPI and checked against its sha256, each
 file in patches/ is applied to it in name order, and the result is built (a plain native
-source build, ~8 minutes on 2 cores) into a wheel cached under $XDG_CACHE_HOME/kvcli/wheels,
+source build, 4-5 minutes on 2 cores here) into a wheel cached under $XDG_CACHE_HOME/kvcli/wheels,
 so that a second run installs in seconds. The wheel's version carries a local label,
-0.3.36+kvcli.<patches digest>: kvcli reads it to know its prefix view is available, and it
-still satisfies kvcli's own `llama-cpp-python==0.3.36`, so `pip install .` keeps it.
+0.3.36+kvcli.<digest of the patches and of the build variables set, e.g. CMAKE_ARGS>: kvcli
+reads it to know its prefix view is available, and it still satisfies kvcli's own
+`llama-cpp-python==0.3.36`, so `pip install .` keeps it.
 
 Only the standard library is used: this runs before anything else is installed. CMAKE_ARGS
 and other llama-cpp-python build variables in the environment are passed through.
@@ -55,11 +56,19 @@ def patch_files() -> list[Path]:
     return sorted(PATCHES.glob("*.patch"))
 
 
+# llama-cpp-python's build reads these; a wheel built under other values is another build
+BUILD_VARIABLES = ("CMAKE_ARGS", "FORCE_CMAKE", "CMAKE_BUILD_TYPE", "CC", "CXX")
+
+
 def patched_version() -> str:
+    """The version label of this build: the patches and the build variables set."""
     digest = hashlib.sha256()
     for path in patch_files():
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
+    for name in BUILD_VARIABLES:
+        if os.environ.get(name):
+            digest.update(f"{name}={os.environ[name]}".encode())
     return f"{LLAMA_CPP_PYTHON}+kvcli.{digest.hexdigest()[:10]}"
 
 
@@ -93,6 +102,7 @@ def sha256_of(path: Path) -> str:
 def fetch_sdist(downloads: Path) -> Path:
     sdist = downloads / SDIST_NAME
     if not sdist.exists() or sha256_of(sdist) != SDIST_SHA256:
+        sdist.unlink(missing_ok=True)  # pip would keep a damaged file of that name
         say(f"downloading llama-cpp-python {LLAMA_CPP_PYTHON} (source)")
         pip("download", "--no-deps", "--no-binary", ":all:", "--dest", str(downloads),
             f"llama-cpp-python=={LLAMA_CPP_PYTHON}")

@@ -31,6 +31,9 @@ def profile(e: Engine, n: int, repeats: int) -> dict[str, float]:
     tokens = bench_prompts(e, n, 1)[0]
     layout, bos = e.base_layout()
     n_pred, pred, times = n - 1, e.predictor, {}
+    if pred.raw_keys:
+        raise SystemExit("profile_predict breaks down kvcli's own (ridge) predictors; this one reads "
+                         "raw keys (an imported corenet predictor)")
 
     def timed(name, fn, *args):
         start = time.perf_counter()
@@ -43,7 +46,7 @@ def profile(e: Engine, n: int, repeats: int) -> dict[str, float]:
         if e.aux.capture is not None:
             e.aux.capture.clear()
         e.aux.decode(tokens[:n_pred])
-        hidden = e.aux.capture.take(n_pred) if e.aux.capture is not None else []
+        hidden, _ = e.take_captured(n_pred)
         raw = timed("state get", e.aux.get_state, -1)
         state = timed("parse", parse_seq_state, raw)
         aux_layers = layers_by_index(state, e.aux_state_info)

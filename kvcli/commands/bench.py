@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from kvcli.cli import BundleOpt, JsonOpt, ThreadsOpt
-from kvcli.errors import KvcliError
+from kvcli.errors import IncompatibleError, KvcliError
 
 HELP = """Measure time to first token (TTFT) of the base alone, of predicted prefill (kvp) and
 of truncation, on prompts of exactly N tokens of held-out text, the modes interleaved round
@@ -120,9 +120,15 @@ def command(
         engines.append(engine)
         extra = {}
         for load in loads[1:]:
-            if load != engine.aux_load:
+            if load == engine.aux_load:
+                continue
+            try:
                 extra[load] = Engine.from_bundle(b, settings=settings, aux_load=load)
-                engines.append(extra[load])
+            except IncompatibleError:
+                if aux_load != "all":
+                    raise
+                continue  # "all": only the loads this bundle and build can use
+            engines.append(extra[load])
         n_methods += len(extra)
         rows, prompts, keeps = _run(engine, extra, length_list, mode_list, tail_list,
                                     repeats, warmup, n_methods)
@@ -158,8 +164,8 @@ def _aux_loads(text: str) -> list[str]:
     from kvcli.engine import AUX_LOADS
     from kvcli.runtime import prefix_view_supported
 
-    if text == "all":
-        return (["partial"] if prefix_view_supported() else []) + ["view", "file"]
+    if text == "all":  # the main engine picks its own; the others are tried beside it
+        return ["auto", *(["partial"] if prefix_view_supported() else []), "view", "file"]
     loads = [x for x in text.split(",") if x]
     if not loads or set(loads) - set(AUX_LOADS) or len(set(loads)) < len(loads):
         raise KvcliError(f"--aux-load takes one or more of {', '.join(AUX_LOADS)}, or all")
