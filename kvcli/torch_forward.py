@@ -1,5 +1,5 @@
-"""A PyTorch forward of a Gemma 3 GGUF, as llama.cpp computes it (src/models/gemma3.cpp):
-the starting point for training a predictor through the frozen base (issue 9).
+"""A PyTorch forward of a GGUF model as llama.cpp computes it (src/models/gemma3.cpp,
+llama.cpp, qwen2.cpp): the starting point for training a predictor through the frozen base.
 
 Weights are read from the GGUF with gguf-py and dequantized to float32 once; llama.cpp
 multiplies by the quantized weights (and quantized activations), so the two agree closely
@@ -40,14 +40,16 @@ def read_weights(path: str | Path, names=None) -> dict[str, np.ndarray]:
     return out
 
 
-class Gemma3:
-    """Gemma 3 (iSWA, query/key norms, post-norms, GELU FFN, tied output) in PyTorch."""
+class TorchModel:
+    """Gemma 3 (iSWA, query/key norms, post-norms, GELU FFN, scaled embeddings), Llama and
+    Qwen 2 (QKV biases) in PyTorch, the output tied where the file has no ``output``."""
 
     def __init__(self, path: str | Path, device: str = "cpu"):
         torch = _torch()
         self.info = read_model_info(path, "model")
-        if self.info.arch != "gemma3":
-            raise KvcliError(f"the PyTorch forward supports gemma3, not {self.info.arch}")
+        if self.info.arch not in ("gemma3", "llama", "qwen2"):
+            raise KvcliError(f"the PyTorch forward supports gemma3, llama and qwen2, not {self.info.arch}")
+        self.gemma = self.info.arch == "gemma3"
         self.device = device
         self.w = {k: torch.tensor(v, device=device) for k, v in read_weights(self.info.path).items()}
         for p in self.w.values():
@@ -55,7 +57,7 @@ class Gemma3:
         from kvcli.gguf_header import read_header
 
         header = read_header(self.info.path)
-        self.softcap = float(header.get("gemma3.final_logit_softcapping", 0.0) or 0.0)
+        self.softcap = float(header.get(f"{self.info.arch}.final_logit_softcapping", 0.0) or 0.0)
         self.eps = self.info.rms_eps
         self.attn_scale = 1.0 / math.sqrt(self.info.head_dim_k)
 
@@ -64,25 +66,36 @@ class Gemma3:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * w
 
     def _rope(self, x, positions, il: int):
-        """NEOX RoPE of (T, heads, d) with layer ``il``'s frequency base."""
+        """RoPE of (T, heads, d) with layer ``il``'s parameters: NEOX pairs i with i + n/2,
+        the normal layout 2i with 2i + 1; dimensions past n_rot are left as they are."""
         torch = _torch()
         p = self.info.rope[il]
         half = p.n_rot // 2
         inv = p.freq_base ** (-torch.arange(half, dtype=torch.float64, device=x.device) * 2 / p.n_rot)
         ang = (positions.to(torch.float64)[:, None] * p.freq_scale) * inv[None, :]
         cos, sin = ang.cos().to(x.dtype)[:, None, :], ang.sin().to(x.dtype)[:, None, :]
-        a, b = x[..., :half], x[..., half : 2 * half]
-        rotated = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+        if p.neox:
+            a, b = x[..., :half], x[..., half : 2 * half]
+            rotated = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+        else:
+            a, b = x[..., 0 : 2 * half : 2], x[..., 1 : 2 * half : 2]
+            rotated = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
         return torch.cat([rotated, x[..., 2 * half :]], dim=-1)
+
+    def _proj(self, h, il: int, name: str):
+        out = h @ self.w[f"blk.{il}.{name}.weight"].T
+        bias = self.w.get(f"blk.{il}.{name}.bias")
+        return out if bias is None else out + bias
 
     def layer_kv(self, x, il: int, positions):
         """K (normed, roped) and V of layer ``il`` for residual rows ``x``: (T, kv heads, d)."""
         info, w = self.info, self.w
         h = self._norm(x, w[f"blk.{il}.attn_norm.weight"])
-        k = (h @ w[f"blk.{il}.attn_k.weight"].T).view(len(x), info.n_head_kv[il], info.head_dim_k)
-        v = (h @ w[f"blk.{il}.attn_v.weight"].T).view(len(x), info.n_head_kv[il], info.head_dim_v)
-        k = self._rope(self._norm(k, w[f"blk.{il}.attn_k_norm.weight"]), positions, il)
-        return h, k, v
+        k = self._proj(h, il, "attn_k").view(len(x), info.n_head_kv[il], info.head_dim_k)
+        v = self._proj(h, il, "attn_v").view(len(x), info.n_head_kv[il], info.head_dim_v)
+        if self.gemma:
+            k = self._norm(k, w[f"blk.{il}.attn_k_norm.weight"])
+        return h, self._rope(k, positions, il), v
 
     def forward(self, tokens, n_logits: int = 1, kv_override=None):
         """Logits (float32) of the last ``n_logits`` positions of ``tokens`` (a 1-D sequence
@@ -93,7 +106,7 @@ class Gemma3:
         tokens = torch.as_tensor(tokens, device=self.device)
         n = len(tokens)
         positions = torch.arange(n, device=self.device)
-        x = w["token_embd.weight"][tokens] * math.sqrt(info.n_embd)
+        x = w["token_embd.weight"][tokens] * (math.sqrt(info.n_embd) if self.gemma else 1.0)
         dist = positions[:, None] - positions[None, :]
         causal = dist >= 0
         caches = []
@@ -102,20 +115,23 @@ class Gemma3:
             if kv_override is not None and il in kv_override:
                 k, v = kv_override[il]
             caches.append((k, v))
-            q = (h @ w[f"blk.{il}.attn_q.weight"].T).view(n, info.n_head[il], info.head_dim_k)
-            q = self._rope(self._norm(q, w[f"blk.{il}.attn_q_norm.weight"]), positions, il)
+            q = self._proj(h, il, "attn_q").view(n, info.n_head[il], info.head_dim_k)
+            if self.gemma:
+                q = self._norm(q, w[f"blk.{il}.attn_q_norm.weight"])
+            q = self._rope(q, positions, il)
             group = info.n_head[il] // info.n_head_kv[il]
             kk, vv = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
             scores = torch.einsum("thd,shd->hts", q * self.attn_scale, kk)
-            allowed = causal & (dist < info.n_swa) if info.is_swa[il] else causal
+            allowed = causal & (dist < info.n_swa) if info.n_swa and info.is_swa[il] else causal
             scores = scores.masked_fill(~allowed, float("-inf"))
             att = torch.einsum("hts,shd->thd", scores.softmax(-1), vv).reshape(n, -1)
-            x = x + self._norm(att @ w[f"blk.{il}.attn_output.weight"].T,
-                               w[f"blk.{il}.post_attention_norm.weight"])
+            att = self._proj(att, il, "attn_output")
+            x = x + (self._norm(att, w[f"blk.{il}.post_attention_norm.weight"]) if self.gemma else att)
             h = self._norm(x, w[f"blk.{il}.ffn_norm.weight"])
-            gate = torch.nn.functional.gelu(h @ w[f"blk.{il}.ffn_gate.weight"].T, approximate="tanh")
-            ffn = (gate * (h @ w[f"blk.{il}.ffn_up.weight"].T)) @ w[f"blk.{il}.ffn_down.weight"].T
-            x = x + self._norm(ffn, w[f"blk.{il}.post_ffw_norm.weight"])
+            act = (torch.nn.functional.gelu(self._proj(h, il, "ffn_gate"), approximate="tanh")
+                   if self.gemma else torch.nn.functional.silu(self._proj(h, il, "ffn_gate")))
+            ffn = self._proj(act * self._proj(h, il, "ffn_up"), il, "ffn_down")
+            x = x + (self._norm(ffn, w[f"blk.{il}.post_ffw_norm.weight"]) if self.gemma else ffn)
         out = self._norm(x[-n_logits:], w["output_norm.weight"])
         logits = out @ w.get("output.weight", w["token_embd.weight"]).T
         if self.softcap:

@@ -1,4 +1,4 @@
-"""The PyTorch forward of Gemma 3 (kvcli[train]) against llama.cpp on the same GGUF."""
+"""The PyTorch forward (kvcli[train]) against llama.cpp on the same GGUF."""
 
 import numpy as np
 import pytest
@@ -11,20 +11,24 @@ from kvcli.state_codec import parse_seq_state
 
 torch = pytest.importorskip("torch", reason="the PyTorch forward needs kvcli[train]")
 
-from kvcli.torch_forward import Gemma3  # noqa: E402
+from kvcli.torch_forward import TorchModel  # noqa: E402
 
 
-def test_gemma3_forward_matches_llama_cpp(tiny_gemma3):
+@pytest.mark.parametrize("fixture", ["tiny_gemma3", "tiny_llama", "tiny_qwen2"])
+def test_forward_matches_llama_cpp(fixture, request):
     """On float32 weights llama.cpp multiplies in float32 too: logits and every layer's
-    cache agree to float rounding and ggml's table GELU (on float16 inputs), over a prompt
-    longer than the sliding window."""
-    model = Gemma3(tiny_gemma3)
+    cache agree to float rounding and ggml's table GELU (on float16 inputs); for Gemma 3
+    over a prompt longer than the sliding window, for Llama (normal RoPE) and Qwen 2 (QKV
+    biases) as they are."""
+    path = request.getfixturevalue(fixture)
+    model = TorchModel(path)
     settings = ContextSettings(n_ctx=128, type_k="f32", type_v="f32")
-    with Engine(tiny_gemma3, settings=settings) as engine:
+    with Engine(path, settings=settings) as engine:
         tokens = random_prompt(70, engine.model.n_vocab, engine.model.bos, low=3)
         logits = engine.prefill(tokens, mode="base")[1]
         cells = layers_by_index(parse_seq_state(engine.base.get_state(0)), engine.base_info)
-    assert model.info.n_swa and len(tokens) > 2 * model.info.n_swa
+    if fixture == "tiny_gemma3":
+        assert model.info.n_swa and len(tokens) > 2 * model.info.n_swa
     with torch.no_grad():
         ours, caches = model.forward(tokens)
     scale = np.abs(logits).max()

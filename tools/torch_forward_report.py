@@ -26,7 +26,7 @@ def main() -> None:
     from kvcli.kv_layout import layers_by_index
     from kvcli.runtime import ContextSettings
     from kvcli.state_codec import parse_seq_state
-    from kvcli.torch_forward import Gemma3
+    from kvcli.torch_forward import TorchModel
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None)
@@ -38,7 +38,7 @@ def main() -> None:
     path = args.model or embedded_model_path()
     lengths = [int(x) for x in args.lengths.split(",")]
     start = time.perf_counter()
-    model = Gemma3(path)
+    model = TorchModel(path)
     print(f"loaded and dequantized in {time.perf_counter() - start:.1f} s")
     settings = ContextSettings(n_ctx=max(lengths) + 64, type_k="f32", type_v="f32")
     rows = []
