@@ -87,7 +87,7 @@ class TorchModel:
         bias = self.w.get(f"blk.{il}.{name}.bias")
         return out if bias is None else out + bias
 
-    def layer_kv(self, x, il: int, positions):
+    def layer_kv(self, x, il: int, positions, trace: dict | None = None):
         """K (normed, roped) and V of layer ``il`` for residual rows ``x``: (T, kv heads, d)."""
         info, w = self.info, self.w
         h = self._norm(x, w[f"blk.{il}.attn_norm.weight"])
@@ -95,12 +95,18 @@ class TorchModel:
         v = self._proj(h, il, "attn_v").view(len(x), info.n_head_kv[il], info.head_dim_v)
         if self.gemma:
             k = self._norm(k, w[f"blk.{il}.attn_k_norm.weight"])
+        if trace is not None:
+            trace[f"k_pre_rope-{il}"], trace[f"v-{il}"] = k.reshape(len(x), -1), v.reshape(len(x), -1)
         return h, self._rope(k, positions, il), v
 
-    def forward(self, tokens, n_logits: int = 1, kv_override=None):
+    def forward(self, tokens, n_logits: int = 1, kv_override=None, trace: dict | None = None,
+                n_layers: int | None = None):
         """Logits (float32) of the last ``n_logits`` positions of ``tokens`` (a 1-D sequence
         starting at position 0), and every layer's (K, V). ``kv_override[il] = (K, V)``
-        replaces layer il's K and V at every position (a predicted cache)."""
+        replaces layer il's K and V at every position (a predicted cache). ``trace``: filled
+        per layer with the residual entering it (``l_in-N``, llama.cpp's l_out-(N-1)), its
+        K before RoPE and V (``k_pre_rope-N``, ``v-N``) and its attention output before the
+        output projection (``kqv_out-N``). ``n_layers``: run only the first layers (no logits)."""
         torch = _torch()
         info, w = self.info, self.w
         tokens = torch.as_tensor(tokens, device=self.device)
@@ -110,8 +116,10 @@ class TorchModel:
         dist = positions[:, None] - positions[None, :]
         causal = dist >= 0
         caches = []
-        for il in range(info.n_layer):
-            h, k, v = self.layer_kv(x, il, positions)
+        for il in range(info.n_layer if n_layers is None else n_layers):
+            if trace is not None:
+                trace[f"l_in-{il}"] = x
+            h, k, v = self.layer_kv(x, il, positions, trace)
             if kv_override is not None and il in kv_override:
                 k, v = kv_override[il]
             caches.append((k, v))
@@ -125,6 +133,8 @@ class TorchModel:
             allowed = causal & (dist < info.n_swa) if info.n_swa and info.is_swa[il] else causal
             scores = scores.masked_fill(~allowed, float("-inf"))
             att = torch.einsum("hts,shd->thd", scores.softmax(-1), vv).reshape(n, -1)
+            if trace is not None:
+                trace[f"kqv_out-{il}"] = att
             att = self._proj(att, il, "attn_output")
             x = x + (self._norm(att, w[f"blk.{il}.post_attention_norm.weight"]) if self.gemma else att)
             h = self._norm(x, w[f"blk.{il}.ffn_norm.weight"])
@@ -132,6 +142,8 @@ class TorchModel:
                    if self.gemma else torch.nn.functional.silu(self._proj(h, il, "ffn_gate")))
             ffn = self._proj(act * self._proj(h, il, "ffn_up"), il, "ffn_down")
             x = x + (self._norm(ffn, w[f"blk.{il}.post_ffw_norm.weight"]) if self.gemma else ffn)
+        if n_layers is not None:
+            return None, caches
         out = self._norm(x[-n_logits:], w["output_norm.weight"])
         logits = out @ w.get("output.weight", w["token_embd.weight"]).T
         if self.softcap:
