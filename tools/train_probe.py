@@ -6,7 +6,8 @@ true K, V) on the default bundle's closed-form predictor, a few AdamW steps, and
 
     python tools/train_probe.py [--tokens 256] [--steps 4] [--logits 64] [--lambda 0.055]
 
-A probe, not `kvcli train`: it does not save anything. Needs PyTorch (kvcli[train]).
+A probe, not `kvcli train`: no checkpoints or resume; `--save DIR` writes a bundle with the
+trained predictor so that `kvcli eval --bundle DIR` can judge it. Needs PyTorch (kvcli[train]).
 The auxiliary's features are computed in PyTorch too (the base's first k layers, which is
 what the default bundle's prefix auxiliary is), so gradients reach only the predictor.
 """
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save", default=None, help="write a bundle with the trained predictor here")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -99,9 +101,31 @@ def main() -> None:
                      "kv_l1": round(l1.item(), 4),
                      "seconds": round(seconds, 2), "tokens_per_s": round(len(tokens) / seconds, 1)})
         print(json.dumps(rows[-1]), flush=True)
+    if args.save:
+        save_bundle(b, pred, params, args.save)
     tps = [r["tokens_per_s"] for r in rows[1:]] or [rows[0]["tokens_per_s"]]
     print(json.dumps({"tokens": args.tokens, "steps": args.steps,
                       "median_tokens_per_s_after_first": float(np.median(tps))}))
+
+
+def save_bundle(bundle, pred, params, folder) -> None:
+    """The bundle's base and auxiliary with the trained matrices as its predictor."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from kvcli.atomic import building_folder, write_text_atomically
+    from kvcli.bundle import MANIFEST, _manifest
+    from kvcli.predictor import save_predictor
+
+    trained = dataclasses.replace(
+        pred, weights={il: w.detach().numpy().copy() for il, (w, _) in params.items()},
+        biases={il: b.detach().numpy().copy() for il, (_, b) in params.items()},
+        calibration_source=pred.calibration_source + " + train_probe")
+    with building_folder(Path(folder)) as work:
+        save_predictor(trained, work / "predictor.gguf", "f32")
+        files = {"base": bundle.base.resolve(), "aux": bundle.aux_source, "predictor": Path("predictor.gguf")}
+        write_text_atomically(work / MANIFEST, json.dumps(_manifest(work, files), indent=2) + "\n")
 
 
 if __name__ == "__main__":
