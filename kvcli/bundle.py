@@ -173,6 +173,13 @@ def _manifest(folder: Path, files: dict[str, Path | int]) -> dict:
     return manifest
 
 
+def write_manifest(folder: Path, files: dict[str, Path | int], extra: dict | None = None) -> None:
+    """Check the parts against each other and write the folder's manifest (atomically);
+    ``extra``: more top-level entries (e.g. an imported bundle's origin)."""
+    manifest = {**_manifest(folder, files), **(extra or {})}
+    write_text_atomically(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
 def _place(src: Path, dest: Path) -> None:
     """Hard-link ``src`` as ``dest`` (same filesystem), else copy it."""
     try:
@@ -186,7 +193,7 @@ def pack_bundle(folder: str | Path, *, base: Path, aux: Path, predictor: Path,
     """Put the three files (checked against each other) and a manifest in ``folder``.
 
     ``reference_base``: name the base by its absolute path instead of placing it inside.
-    The files are checked against each other (``_manifest``) before the folder appears."""
+    The files are checked against each other (``write_manifest``) before the folder appears."""
     with building_folder(folder) as tmp:
         files = {}
         for role, src in (("base", base), ("aux", aux), ("predictor", predictor)):
@@ -197,7 +204,7 @@ def pack_bundle(folder: str | Path, *, base: Path, aux: Path, predictor: Path,
             name = src.name if src.name not in {f.name for f in files.values()} else f"{role}-{src.name}"
             _place(src, tmp / name)
             files[role] = Path(name)
-        write_text_atomically(tmp / MANIFEST, json.dumps(_manifest(tmp, files), indent=2) + "\n")
+        write_manifest(tmp, files)
     return load_bundle(folder)
 
 
@@ -238,7 +245,7 @@ def build_bundle(base_path: str | Path, folder: str | Path, *, n_aux_layers: int
         else:
             files["base"] = Path(base_info.path.name)
             _place(base_info.path, work / files["base"])
-        write_text_atomically(work / MANIFEST, json.dumps(_manifest(work, files), indent=2) + "\n")
+        write_manifest(work, files)
     return load_bundle(folder)
 
 

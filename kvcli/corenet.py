@@ -243,10 +243,9 @@ def import_checkpoint(checkpoint: str | Path, config: str | Path, tokenizer: str
     """A kvcli bundle from a corenet KV-prediction checkpoint: the base and the auxiliary as
     OpenELM GGUFs llama.cpp loads, the predictor (keys predicted before the base's key norm,
     from the auxiliary's raw keys) and a manifest naming the checkpoint as the origin."""
-    import json
 
-    from kvcli.atomic import building_folder, write_text_atomically
-    from kvcli.bundle import MANIFEST, _manifest, load_bundle, sha256_file
+    from kvcli.atomic import building_folder
+    from kvcli.bundle import load_bundle, sha256_file, write_manifest
     from kvcli.model_info import read_model_info
     from kvcli.openelm import SentencePieceVocab, gguf_tensors, write_gguf
     from kvcli.predictor import save_predictor
@@ -292,13 +291,10 @@ def import_checkpoint(checkpoint: str | Path, config: str | Path, tokenizer: str
         aux_info = read_model_info(work / files["aux"])
         pred = corenet_predictor(matrices, cfg, base_info.fingerprint, aux_info.fingerprint, origin)
         files["predictor"] = Path(save_predictor(pred, work / "predictor.gguf", "f32").name)
-        manifest = _manifest(work, files)
-        manifest["origin"] = {"kind": "corenet", "checkpoint": checkpoint.name,
-                              "checkpoint_sha256": sha256_file(checkpoint),
-                              "config": Path(config).name, "base_model": cfg.base_name,
-                              "aux_model": cfg.aux_name, "tokenizer_pieces": vocab.n_pieces,
-                              "outtype": outtype}
-        write_text_atomically(work / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        write_manifest(work, files, {"origin": {
+            "kind": "corenet", "checkpoint": checkpoint.name, "checkpoint_sha256": sha256_file(checkpoint),
+            "config": Path(config).name, "base_model": cfg.base_name, "aux_model": cfg.aux_name,
+            "tokenizer_pieces": vocab.n_pieces, "outtype": outtype}})
     return load_bundle(output)
 
 

@@ -181,10 +181,9 @@ class Engine:
             return [], {}
         rows = self.aux.capture.take(n_rows)
         n_hidden = len(self.predictor.hidden_kinds)
-        raw_kv = {}
+        raw_kv, info = {}, self.aux_info
         for src, qkv in zip(self.predictor.feature_layers if self.predictor.raw_keys else [],
                             rows[n_hidden:]):
-            info = self.aux_info
             q, kv = info.n_head[src] * info.head_dim_k, info.n_embd_k(src)
             if qkv.shape[1] != q + kv + info.n_embd_v(src):
                 raise IncompatibleError(f"auxiliary layer {src}'s QKV projection has {qkv.shape[1]} "

@@ -111,11 +111,10 @@ def main() -> None:
 def save_bundle(bundle, pred, params, folder) -> None:
     """The bundle's base and auxiliary with the trained matrices as its predictor."""
     import dataclasses
-    import json
     from pathlib import Path
 
-    from kvcli.atomic import building_folder, write_text_atomically
-    from kvcli.bundle import MANIFEST, _manifest
+    from kvcli.atomic import building_folder
+    from kvcli.bundle import write_manifest
     from kvcli.predictor import save_predictor
 
     trained = dataclasses.replace(
@@ -125,7 +124,7 @@ def save_bundle(bundle, pred, params, folder) -> None:
     with building_folder(Path(folder)) as work:
         save_predictor(trained, work / "predictor.gguf", "f32")
         files = {"base": bundle.base.resolve(), "aux": bundle.aux_source, "predictor": Path("predictor.gguf")}
-        write_text_atomically(work / MANIFEST, json.dumps(_manifest(work, files), indent=2) + "\n")
+        write_manifest(work, files)
 
 
 if __name__ == "__main__":
