@@ -4,6 +4,9 @@
 - ``kvp``: the auxiliary decodes t[0..N-2-W] without logits; its state is read (seq -1,
   every cell), the base's cache is predicted and written into the base context; the base
   decodes the last W+1 prompt tokens itself (W = ``tail``) and generates every later token.
+  With ``spans`` S, the base first recomputes S short spans of the prompt over the predicted
+  cache, chosen where the prompt's last tokens attend (kvcli.focus), and their exact K, V
+  replace the predicted ones.
 - ``truncate``: the base decodes BOS + only the last M prompt tokens.
 - ``aux``: the auxiliary alone prefills and generates.
 
@@ -23,13 +26,20 @@ from kvcli.capture import TensorCapture, hidden_tensor_names
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
 from kvcli.kv_layout import CacheLayout, layers_by_index
 from kvcli.model_info import has_per_layer_arrays, key_norm_weights, prefix_view_info, read_model_info
-from kvcli.predict_state import BosCell, needed_positions, predicted_state_bytes
+from kvcli.focus import QueryProjector, attention_peaks, choose_spans, spans_supported
+from kvcli.predict_state import (BosCell, SpanRows, needed_positions, predict_base_kv,
+                                 predicted_state_bytes, span_group_positions, state_bytes)
 from kvcli.predictor import load_predictor
 from kvcli.runtime import Context, ContextSettings, Model, llama_cpp_version, prefix_view_supported
 from kvcli.sampling import Sampler
 from kvcli.state_codec import parse_seq_state
 
 MODES = ("base", "kvp", "truncate", "aux")
+SPAN_WIDTH = 24  # tokens per recomputed span: a stated fact and its words around it
+N_QUERY = 16  # the prompt's last tokens whose attention chooses the spans
+# predicted sliding-window cells a span sees before it: the span's own tokens are exact, and
+# far predicted cells add little but prediction time
+SPAN_CONTEXT = int(__import__("os").environ.get("KVCLI_SPAN_CONTEXT", "64"))
 # How a prefix auxiliary (the base's layers 0..k-1) is run:
 # - "partial": the base's file loaded again as a k-layer model (needs kvcli's patches/, built by
 #   tools/install.py); its weights share the base's pages;
@@ -68,6 +78,7 @@ class Timings:
     state_get_ms: float = 0.0
     predict_ms: float = 0.0
     state_set_ms: float = 0.0
+    recompute_ms: float = 0.0
     base_decode_ms: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
@@ -162,6 +173,7 @@ class Engine:
             raise
         self._layout: CacheLayout | None = None
         self._bos: BosCell | None = None
+        self._projector: QueryProjector | None = None
         if self.predictor is not None:
             self.base_layout()  # once, outside any timed prefill
 
@@ -289,8 +301,13 @@ class Engine:
             raise KvcliError("the prompt is empty")
 
     def prefill(self, tokens: list[int], *, mode: str = "kvp", tail: int = 0,
-                keep: int | None = None) -> tuple[Context, np.ndarray, Timings]:
-        """Prefill by ``mode``; returns the context that continues, the last logits, timings."""
+                keep: int | None = None, spans: int = 0, span_width: int = SPAN_WIDTH,
+                recompute: list[tuple[int, int]] | None = None
+                ) -> tuple[Context, np.ndarray, Timings]:
+        """Prefill by ``mode``; returns the context that continues, the last logits, timings.
+
+        kvp: ``spans`` spans of ``span_width`` tokens chosen and recomputed by the base, or
+        the given ``recompute`` ranges [a, b) (1 <= a < b <= N - 1 - tail, in order)."""
         if mode not in MODES:
             raise KvcliError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
         self._check_fits(len(tokens))
@@ -315,7 +332,7 @@ class Engine:
             aux.decode(tokens, logits_last=True)
             t.aux_prefill_ms = clock.lap()
             return aux, aux.last_logits(), t
-        return self.base, self._kvp(tokens, tail, t), t
+        return self.base, self._kvp(tokens, tail, t, spans, span_width, recompute), t
 
     def _plain(self, ctx: Context, tokens: list[int], t: Timings) -> np.ndarray:
         clock = _Clock()
@@ -325,31 +342,43 @@ class Engine:
         t.base_decode_ms = clock.lap()
         return logits
 
-    def _kvp(self, tokens: list[int], tail: int, t: Timings) -> np.ndarray:
+    def _kvp(self, tokens: list[int], tail: int, t: Timings, spans: int = 0,
+             span_width: int = SPAN_WIDTH, recompute: list[tuple[int, int]] | None = None
+             ) -> np.ndarray:
         if self.predictor is None:
             raise KvcliError("mode kvp needs a predictor (use a bundle)")
         n_pred = len(tokens) - 1 - max(0, tail)
         if n_pred < 1:
             return self._plain(self.base, tokens, t)
+        choose = spans > 0 and recompute is None
+        if choose:
+            self._check_spans()
         layout, bos = self.base_layout()
         clock = _Clock()
         self.aux.clear()
         if self.aux.capture is not None:
             self.aux.capture.clear()
-        self.aux.decode(tokens[:n_pred])
+        # choosing spans needs the auxiliary's rows of the prompt's last tokens, tail included
+        n_aux = len(tokens) - 1 if choose else n_pred
+        self.aux.decode(tokens[:n_aux])
         t.aux_prefill_ms = clock.lap()
-        hidden, raw_kv = self.take_captured(n_pred)
+        hidden, raw_kv = self.take_captured(n_aux)
         needs_state = self.predictor.copied_layers or not self.predictor.raw_keys
         raw = self.aux.get_state(-1) if needs_state else None
         t.state_get_ms = clock.lap()
         aux_layers = layers_by_index(parse_seq_state(raw), self.aux_state_info) if needs_state else {}
-        group_positions = needed_positions(self.base_info, n_pred, first_query=n_pred)
-        data = predicted_state_bytes(
-            layout, aux_layers=aux_layers, aux=self.aux_info, base=self.base_info,
-            predictor=self.predictor, group_positions=group_positions,
-            bos=bos if tokens[0] == self.model.bos else None, key_norms=self.key_norms,
-            hidden=hidden, raw_kv=raw_kv)
-        t.predict_ms = clock.lap()
+        common = dict(aux_layers=aux_layers, aux=self.aux_info, base=self.base_info,
+                      predictor=self.predictor, bos=bos if tokens[0] == self.model.bos else None,
+                      key_norms=self.key_norms, hidden=hidden, raw_kv=raw_kv)
+        if choose:
+            recompute = self._choose_spans(hidden, n_aux, n_pred, spans, span_width, common)
+        if recompute:
+            data = self._recompute_spans(tokens, n_pred, _checked_ranges(recompute, n_pred),
+                                         layout, common, t, clock)
+        else:
+            group_positions = needed_positions(self.base_info, n_pred, first_query=n_pred)
+            data = predicted_state_bytes(layout, group_positions=group_positions, **common)
+            t.predict_ms = clock.lap()
         self.base.set_state(data, 0, n_past=n_pred)
         t.state_set_ms = clock.lap()
         self.base.decode(tokens[n_pred:], start=n_pred, logits_last=True)
@@ -357,15 +386,60 @@ class Engine:
         t.base_decode_ms = clock.lap()
         return logits
 
+    # -- recomputed spans ----------------------------------------------------------------
+
+    def _check_spans(self) -> None:
+        if not (self.predictor.uses_hidden and spans_supported(self.predictor.hidden_kinds)):
+            raise IncompatibleError("choosing spans needs a predictor fit on the auxiliary's hidden "
+                                    "state (kvcli's default recipe)")
+        if self._prefix_of_base() == 0:
+            raise IncompatibleError("choosing spans needs a prefix auxiliary cut from this base")
+        if self._projector is None:
+            self._projector = QueryProjector.for_base(self.base_info, self.aux_info.n_layer)
+
+    def _choose_spans(self, hidden, n_aux: int, n_pred: int, spans: int, span_width: int,
+                      common: dict) -> list[tuple[int, int]]:
+        """The spans the prompt's last tokens attend to most in base layer k, the first after
+        the prefix: its keys predicted (nearly exact from the hidden state), its queries
+        computed from the same captured rows (kvcli.focus)."""
+        proj = self._projector
+        layer = proj.layer
+        full = [np.arange(n_pred, dtype=np.int32)] * len(self.base_info.cache_layer_groups)
+        keys_k = predict_base_kv(group_positions=full, only=[layer], **common)[layer][0]
+        kinds = list(self.predictor.hidden_kinds)
+        rows = slice(max(0, n_aux - N_QUERY), n_aux)
+        residual = proj.residual(hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)][rows],
+                                 hidden[kinds.index(keys.FEATURE_AUX_ATTN)][rows])
+        queries = proj.queries(residual, np.arange(rows.start, rows.stop))
+        scores = attention_peaks(queries, keys_k)
+        # BOS draws attention from every query; the last tokens are the question itself
+        return choose_spans(scores, spans, span_width, lo=1, hi=max(1, n_pred - N_QUERY))
+
+    def _recompute_spans(self, tokens: list[int], n_pred: int, ranges: list[tuple[int, int]],
+                         layout: CacheLayout, common: dict, t: Timings, clock: _Clock) -> bytearray:
+        """The base decodes each range [a, b) over the predicted cache of positions < a (and
+        the exact rows of earlier ranges); returns the state of positions < n_pred."""
+        info = self.base_info
+        positions = span_group_positions(info, n_pred, [a for a, _ in ranges], SPAN_CONTEXT)
+        rows = SpanRows(info, positions, predict_base_kv(group_positions=positions, **common))
+        t.predict_ms = clock.lap()
+        for a, b in ranges:
+            self.base.set_state(state_bytes(layout, *rows.before(a)), 0, n_past=a)
+            self.base.decode(tokens[a:b], start=a)
+            rows.replace(layers_by_index(parse_seq_state(self.base.get_state(0)), info), a, b)
+        data = state_bytes(layout, *rows.before(n_pred))
+        t.recompute_ms = clock.lap()
+        return data
+
     # -- generation ----------------------------------------------------------------------
 
     def generate(self, tokens: list[int], *, mode: str = "kvp", n_predict: int = 64,
-                 tail: int = 0, keep: int | None = None, sampler: Sampler | None = None,
-                 on_token=None) -> Generation:
+                 tail: int = 0, keep: int | None = None, spans: int = 0,
+                 sampler: Sampler | None = None, on_token=None) -> Generation:
         """Prefill, then generate up to ``n_predict`` tokens (stops at end of generation)."""
         sampler = sampler or Sampler()
         start = time.perf_counter()
-        ctx, logits, timings = self.prefill(tokens, mode=mode, tail=tail, keep=keep)
+        ctx, logits, timings = self.prefill(tokens, mode=mode, tail=tail, keep=keep, spans=spans)
         first_logits = logits
         token = sampler.sample(logits)
         ttft_ms = (time.perf_counter() - start) * 1e3
@@ -385,3 +459,15 @@ class Engine:
                           tokens=out, text=ctx.model.detokenize(out),
                           gen_ms=(time.perf_counter() - gen_start) * 1e3,
                           first_logits=first_logits)
+
+
+def _checked_ranges(ranges, n_pred: int) -> list[tuple[int, int]]:
+    out, end = [], 1
+    for a, b in ranges:
+        a, b = int(a), int(b)
+        if not (end <= a < b <= n_pred):
+            raise KvcliError(f"recomputed ranges must be ordered, disjoint and within 1..{n_pred}: "
+                             f"got {list(ranges)}")
+        out.append((a, b))
+        end = b
+    return out

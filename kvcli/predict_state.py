@@ -43,15 +43,74 @@ class BosCell:
     v: dict[int, np.ndarray]
 
 
+def _sliding(info: ModelInfo, group: list[int]) -> bool:
+    return bool(group) and info.n_swa > 0 and all(info.is_swa[il] for il in group)
+
+
+def _window_start(info: ModelInfo, first_query: int) -> int:
+    return max(0, first_query - info.n_swa + 1)  # llama.cpp masks p1 - p0 >= n_swa
+
+
 def needed_positions(info: ModelInfo, n_cells: int, first_query: int) -> list[np.ndarray]:
     """Per cache group of ``info``: positions 0..n_cells-1 that queries at >= first_query see."""
+    return [np.arange(_window_start(info, first_query) if _sliding(info, group) else 0, n_cells,
+                      dtype=np.int32) for group in info.cache_layer_groups]
+
+
+def span_group_positions(info: ModelInfo, n_cells: int, starts: list[int],
+                         span_context: int | None = None) -> list[np.ndarray]:
+    """Per cache group: the positions < n_cells that a recomputed span starting at each of
+    ``starts``, or the base's own tokens from n_cells on, can see; in sliding-window groups
+    only the last ``span_context`` cells before a span (default: the whole window)."""
     out = []
     for group in info.cache_layer_groups:
-        lo = 0
-        if group and info.n_swa > 0 and all(info.is_swa[il] for il in group):
-            lo = max(0, first_query - info.n_swa + 1)  # llama.cpp masks p1 - p0 >= n_swa
-        out.append(np.arange(lo, n_cells, dtype=np.int32))
+        if not _sliding(info, group):
+            out.append(np.arange(n_cells, dtype=np.int32))
+            continue
+        seen = np.zeros(n_cells, dtype=bool)
+        for start in starts:
+            lo = _window_start(info, start)
+            seen[lo if span_context is None else max(lo, start - span_context) : start] = True
+        seen[_window_start(info, n_cells) :] = True
+        out.append(np.flatnonzero(seen).astype(np.int32))
     return out
+
+
+class SpanRows:
+    """Per base layer, K and V rows at its cache group's positions: predicted, then
+    overwritten with the base's own rows of each span it recomputes."""
+
+    def __init__(self, info: ModelInfo, group_positions: list[np.ndarray],
+                 kv: dict[int, tuple[np.ndarray, np.ndarray]]):
+        self.info, self.positions = info, group_positions
+        self.group_of = {il: g for g, group in enumerate(info.cache_layer_groups) for il in group}
+        self.kv = {il: (np.array(k), np.array(v)) for il, (k, v) in kv.items()}  # writable
+
+    def before(self, limit: int) -> tuple[list[np.ndarray], dict[int, tuple[np.ndarray, np.ndarray]]]:
+        """Positions and rows that a query at ``limit`` (and later) can see, per group."""
+        bounds = []
+        for group, pos in zip(self.info.cache_layer_groups, self.positions):
+            lo = _window_start(self.info, limit) if _sliding(self.info, group) else 0
+            bounds.append((int(np.searchsorted(pos, lo)), int(np.searchsorted(pos, limit))))
+        kv = {}
+        for il, (k, v) in self.kv.items():
+            i0, i1 = bounds[self.group_of[il]]
+            kv[il] = (k[i0:i1], v[i0:i1])
+        return [pos[i0:i1] for pos, (i0, i1) in zip(self.positions, bounds)], kv
+
+    def replace(self, layers: dict[int, LayerCells], start: int, stop: int) -> None:
+        """Overwrite the rows of positions start..stop-1 with ``layers``' (a parsed state)."""
+        for il, cells in layers.items():
+            if il not in self.kv:
+                continue
+            pos = self.positions[self.group_of[il]]
+            mask = (cells.positions >= start) & (cells.positions < stop)
+            idx = np.searchsorted(pos, cells.positions[mask])
+            held = idx < len(pos)
+            held[held] = pos[idx[held]] == cells.positions[mask][held]
+            k, v = self.kv[il]
+            k[idx[held]] = cells.k[mask][held]
+            v[idx[held]] = cells.v[mask][held]
 
 
 def rescale_to_key_norm(k: np.ndarray, weight: np.ndarray, head_dim: int) -> np.ndarray:
@@ -79,16 +138,20 @@ def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: Mod
                     predictor: Predictor, group_positions: list[np.ndarray],
                     bos: BosCell | None = None, key_norms: dict[int, np.ndarray] | None = None,
                     hidden: list[np.ndarray] = (), hidden_start: int = 0,
-                    raw_kv: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
-                    ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+                    raw_kv: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+                    only: list[int] | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """K (post-RoPE) and V rows per base layer, for the positions of its cache group.
 
     The auxiliary's cells must hold positions 0..n-1; ``hidden`` rows start at position
     ``hidden_start`` (a conversation's auxiliary decodes only its new tokens). ``raw_kv``:
     per auxiliary layer, its keys and values straight out of the QKV projection (captured
-    like ``hidden``, from the same position), for a predictor that reads raw keys."""
+    like ``hidden``, from the same position), for a predictor that reads raw keys. ``only``:
+    just these layers."""
     out, jobs = _layer_jobs(aux_layers, aux, base, predictor, group_positions, bos, key_norms,
                             hidden, hidden_start, raw_kv)
+    if only is not None:
+        out = {il: kv for il, kv in out.items() if il in only}
+        jobs = {il: job for il, job in jobs.items() if il in only}
     # numpy releases the GIL in its kernels: layers run in parallel on single-threaded BLAS
     out.update(zip(jobs, _pool().map(lambda job: job(), jobs.values())))
     return out

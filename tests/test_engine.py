@@ -7,8 +7,9 @@ from conftest import random_prompt
 from kvcli.aux_cut import cut_auxiliary
 from kvcli.calibrate import calibrate
 from kvcli.engine import Engine
-from kvcli.errors import ContextError, IncompatibleError
+from kvcli.errors import ContextError, IncompatibleError, KvcliError
 from kvcli.model_info import read_model_info
+from kvcli.predict_state import predict_base_kv
 from kvcli.predictor import Predictor, save_predictor
 from kvcli.runtime import Context, ContextSettings, llama_cpp_version, prefix_view_supported
 
@@ -45,6 +46,46 @@ def test_kvp_fed_the_true_cache_is_exact(fixture, tail, request, tmp_path):
         assert t.aux_prefill_ms > 0 and t.predict_ms > 0
         want = split_reference(eng.base, tokens, len(tokens) - 1 - tail)
         np.testing.assert_array_equal(logits, want)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gemma3", "tiny_llama"])
+def test_recomputed_spans_over_the_true_cache_are_exact(fixture, request, tmp_path, monkeypatch):
+    """Every layer copied, two spans recomputed by the base (the sliding cells before each
+    span cut to SPAN_CONTEXT, the spans' own rows spliced into the state): still the base's
+    own logits, up to the rounding of other batch shapes (a span decoded alone is not
+    bit-identical to the same rows out of one long batch). The copied rows inside the spans
+    are spoiled first: only the base's recomputed rows can restore them."""
+    import kvcli.engine
+
+    spans = [(10, 30), (70, 90)]
+
+    def spoiled(group_positions, **kwargs):
+        out = predict_base_kv(group_positions=group_positions, **kwargs)
+        groups = read_model_info(base).cache_layer_groups
+        for g, positions in zip(groups, group_positions):
+            inside = np.zeros(len(positions), bool)
+            for a, b in spans:
+                inside |= (positions >= a) & (positions < b)
+            for il in g:
+                k, v = (np.array(x, np.float32) for x in out[il])
+                k[inside], v[inside] = 3.0, -3.0
+                out[il] = (k, v)
+        return out
+
+    monkeypatch.setattr(kvcli.engine, "predict_base_kv", spoiled)
+    base = request.getfixturevalue(fixture)
+    n_layer = read_model_info(base).n_layer
+    aux = cut_auxiliary(base, tmp_path / "aux.gguf", list(range(n_layer)))
+    with Engine(base, aux_path=aux, settings=SETTINGS) as eng:
+        eng.predictor = copy_everything_predictor(base, aux)
+        tokens = random_prompt(120, eng.model.n_vocab, eng.model.bos, low=3)
+        _, logits, t = eng.prefill(tokens, mode="kvp", tail=5, recompute=spans)
+        assert t.recompute_ms > 0
+        want = split_reference(eng.base, tokens, len(tokens) - 6)
+        np.testing.assert_allclose(logits, want, rtol=0, atol=1e-5)
+        assert np.abs(want).max() > 0.1
+        with pytest.raises(KvcliError, match="ordered, disjoint"):
+            eng.prefill(tokens, mode="kvp", tail=5, recompute=[(70, 90), (10, 30)])
 
 
 @pytest.fixture(scope="module")
