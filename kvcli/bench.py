@@ -31,6 +31,7 @@ class Method:
     mode: str
     tail: int = 0
     keep: int | None = None
+    spans: int = 0
     aux_load: str = ""  # kvp: set when it runs on one of the extra engines (by its aux_load)
 
 
@@ -54,7 +55,8 @@ def bench_prompts(engine: Engine, n_tokens: int, count: int) -> list[list[int]]:
 
 def _prefill(engine: Engine, tokens: list[int], m: Method):
     start = time.perf_counter()
-    ctx, logits, timings = engine.prefill(tokens, mode=m.mode, tail=m.tail, keep=m.keep)
+    ctx, logits, timings = engine.prefill(tokens, mode=m.mode, tail=m.tail, keep=m.keep,
+                                          spans=m.spans)
     first = int(np.argmax(logits))
     return ctx, logits, first, timings, (time.perf_counter() - start) * 1e3
 
@@ -68,17 +70,19 @@ def _matched_keep(engine: Engine, tokens: list[int], base_ms: float, kvp_ms: flo
     return max(16, min(n - 1, round(keep * kvp_ms / trunc)))
 
 
-def bench_length(engine: Engine, n_tokens: int, *, modes: list[str], tails: list[int],
-                 repeats: int, warmup: int, progress: Callable[[], None] | None = None,
+def bench_length(engine: Engine, n_tokens: int, *, modes: list[str],
+                 kvp: list[tuple[int, int]], repeats: int, warmup: int,
+                 progress: Callable[[], None] | None = None,
                  extra_engines: dict[str, Engine] | None = None
                  ) -> tuple[dict[Method, Runs], list[list[int]]]:
-    """``extra_engines``: aux_load -> an engine that loads the auxiliary that way; kvp (tail 0)
-    is also timed on each, side by side with the main engine's."""
+    """``kvp``: its (tail, spans) settings, each a method; truncation is matched to the
+    TTFT of the last. ``extra_engines``: aux_load -> an engine that loads the auxiliary that
+    way; kvp (tail 0) is also timed on each, side by side with the main engine's."""
     extra_engines = extra_engines or {}
     prompts = bench_prompts(engine, n_tokens, repeats)
     methods = [Method("base")] if "base" in modes else []
     if "kvp" in modes:
-        methods += [Method("kvp", tail=t) for t in tails]
+        methods += [Method("kvp", tail=t, spans=s) for t, s in kvp]
         methods += [Method("kvp", aux_load=load) for load in extra_engines]
 
     def pick(m: Method) -> Engine:
@@ -96,9 +100,10 @@ def bench_length(engine: Engine, n_tokens: int, *, modes: list[str], tails: list
                 progress()
         if i == 0 and "truncate" in modes:
             keep = n_tokens // 3
-            if Method("base") in runs and Method("kvp") in runs:
+            matched = Method("kvp", tail=kvp[-1][0], spans=kvp[-1][1]) if kvp else None
+            if Method("base") in runs and matched in runs:
                 keep = _matched_keep(engine, tokens, runs[Method("base")].ttft_ms[0],
-                                     runs[Method("kvp")].ttft_ms[0])
+                                     runs[matched].ttft_ms[0])
             methods.append(Method("truncate", keep=keep))
             runs[methods[-1]] = Runs()
             _prefill(engine, tokens, methods[-1])  # untimed: its first run
@@ -131,7 +136,7 @@ def summarize(n_tokens: int, runs: dict[Method, Runs]) -> list[dict]:
     for m, r in runs.items():
         mean = statistics.fmean(r.ttft_ms)
         row = {
-            "n_prompt": n_tokens, "mode": m.mode, "tail": m.tail, "keep": m.keep,
+            "n_prompt": n_tokens, "mode": m.mode, "tail": m.tail, "spans": m.spans, "keep": m.keep,
             "aux_load": m.aux_load or None,
             "repeats": len(r.ttft_ms), "ttft_ms_mean": round(mean, 2),
             "ttft_ms_std": round(statistics.stdev(r.ttft_ms), 2) if len(r.ttft_ms) > 1 else 0.0,
@@ -145,7 +150,8 @@ def summarize(n_tokens: int, runs: dict[Method, Runs]) -> list[dict]:
             parts = {k: round(statistics.fmean(t.as_dict()[k] for t in r.timings), 2)
                      for k in r.timings[0].as_dict()}
             floor = parts["aux_prefill_ms"] + parts["base_decode_ms"]
-            overhead = parts["state_get_ms"] + parts["predict_ms"] + parts["state_set_ms"]
+            overhead = (parts["state_get_ms"] + parts["predict_ms"] + parts["state_set_ms"]
+                        + parts["recompute_ms"])
             row.update(breakdown_ms=parts, floor_ms=round(floor, 2),
                        floor_ratio=round(mean / floor, 4),
                        overhead_share=round(overhead / mean, 4))

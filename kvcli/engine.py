@@ -24,11 +24,18 @@ import numpy as np
 from kvcli import keys
 from kvcli.capture import TensorCapture, hidden_tensor_names
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
+from kvcli.focus import QueryProjector, attention_peaks, choose_spans, spans_supported
 from kvcli.kv_layout import CacheLayout, layers_by_index
 from kvcli.model_info import has_per_layer_arrays, key_norm_weights, prefix_view_info, read_model_info
-from kvcli.focus import QueryProjector, attention_peaks, choose_spans, spans_supported
-from kvcli.predict_state import (BosCell, SpanRows, needed_positions, predict_base_kv,
-                                 predicted_state_bytes, span_group_positions, state_bytes)
+from kvcli.predict_state import (
+    BosCell,
+    SpanRows,
+    needed_positions,
+    predict_base_kv,
+    predicted_state_bytes,
+    span_group_positions,
+    state_bytes,
+)
 from kvcli.predictor import load_predictor
 from kvcli.runtime import Context, ContextSettings, Model, llama_cpp_version, prefix_view_supported
 from kvcli.sampling import Sampler
@@ -36,10 +43,19 @@ from kvcli.state_codec import parse_seq_state
 
 MODES = ("base", "kvp", "truncate", "aux")
 SPAN_WIDTH = 24  # tokens per recomputed span: a stated fact and its words around it
-N_QUERY = 16  # the prompt's last tokens whose attention chooses the spans
-# predicted sliding-window cells a span sees before it: the span's own tokens are exact, and
-# far predicted cells add little but prediction time
-SPAN_CONTEXT = int(__import__("os").environ.get("KVCLI_SPAN_CONTEXT", "64"))
+DEFAULT_SPANS = 1
+DEFAULT_SPANS_TAIL = 24  # with spans, the base also decodes the question itself
+# the prompt's last tokens whose attention chooses the spans: the very last one, whose logits
+# give the answer's first token, was the best chooser measured (passkey, multikey, document
+# at 1024 and 2048 tokens, n = 10 each: the top span held the fact in 60/60 prompts; the max
+# over the last 4 in 57/60, over the last 16 in 52/60)
+N_QUERY = 1
+# With spans, the predicted sliding-window cells written: the last SPAN_CONTEXT before each
+# span and the last TAIL_CONTEXT before the base's own tail, not the whole window. Measured
+# (1024 tokens, 2 spans, tail 24, n = 10): passkey/multikey/document 1.0/1.0/0.9 with the
+# whole window, 0.9/1.0/0.9 with these, and the predict step 130 -> 90 ms.
+SPAN_CONTEXT = 64
+TAIL_CONTEXT = 128
 # How a prefix auxiliary (the base's layers 0..k-1) is run:
 # - "partial": the base's file loaded again as a k-layer model (needs kvcli's patches/, built by
 #   tools/install.py); its weights share the base's pages;
@@ -95,6 +111,9 @@ class Generation:
     text: str = ""
     gen_ms: float = 0.0
     first_logits: np.ndarray | None = None
+    tail: int = 0
+    spans: int = 0
+    recomputed: list[tuple[int, int]] = field(default_factory=list)
 
 
 class _Clock:
@@ -174,6 +193,7 @@ class Engine:
         self._layout: CacheLayout | None = None
         self._bos: BosCell | None = None
         self._projector: QueryProjector | None = None
+        self.last_recomputed: list[tuple[int, int]] = []  # kvp's spans in the last prefill
         if self.predictor is not None:
             self.base_layout()  # once, outside any timed prefill
 
@@ -359,7 +379,7 @@ class Engine:
         if self.aux.capture is not None:
             self.aux.capture.clear()
         # choosing spans needs the auxiliary's rows of the prompt's last tokens, tail included
-        n_aux = len(tokens) - 1 if choose else n_pred
+        n_aux = len(tokens) if choose else n_pred
         self.aux.decode(tokens[:n_aux])
         t.aux_prefill_ms = clock.lap()
         hidden, raw_kv = self.take_captured(n_aux)
@@ -370,11 +390,14 @@ class Engine:
         common = dict(aux_layers=aux_layers, aux=self.aux_info, base=self.base_info,
                       predictor=self.predictor, bos=bos if tokens[0] == self.model.bos else None,
                       key_norms=self.key_norms, hidden=hidden, raw_kv=raw_kv)
+        known = {}
+        self.last_recomputed = []
         if choose:
-            recompute = self._choose_spans(hidden, n_aux, n_pred, spans, span_width, common)
+            recompute, known = self._choose_spans(hidden, n_aux, n_pred, spans, span_width, common)
         if recompute:
-            data = self._recompute_spans(tokens, n_pred, _checked_ranges(recompute, n_pred),
-                                         layout, common, t, clock)
+            self.last_recomputed = _checked_ranges(recompute, n_pred)
+            data = self._recompute_spans(tokens, n_pred, self.last_recomputed, layout, common, t,
+                                         clock, known)
         else:
             group_positions = needed_positions(self.base_info, n_pred, first_query=n_pred)
             data = predicted_state_bytes(layout, group_positions=group_positions, **common)
@@ -388,7 +411,27 @@ class Engine:
 
     # -- recomputed spans ----------------------------------------------------------------
 
+    @property
+    def spans_supported(self) -> bool:
+        """Whether kvp can choose spans here (``prefill(spans=...)``)."""
+        try:
+            self._check_spans()
+        except IncompatibleError:
+            return False
+        return True
+
+    def kvp_settings(self, tail: int | None = None, spans: int | None = None) -> dict[str, int]:
+        """kvp's tail and spans, defaults filled in: DEFAULT_SPANS spans where they can be
+        chosen, else none; tail DEFAULT_SPANS_TAIL with spans, else 0."""
+        if spans is None:
+            spans = DEFAULT_SPANS if self.predictor is not None and self.spans_supported else 0
+        if tail is None:
+            tail = DEFAULT_SPANS_TAIL if spans else 0
+        return {"tail": tail, "spans": spans}
+
     def _check_spans(self) -> None:
+        if self.predictor is None:
+            raise IncompatibleError("choosing spans needs a predictor (use a bundle)")
         if not (self.predictor.uses_hidden and spans_supported(self.predictor.hidden_kinds)):
             raise IncompatibleError("choosing spans needs a predictor fit on the auxiliary's hidden "
                                     "state (kvcli's default recipe)")
@@ -398,30 +441,38 @@ class Engine:
             self._projector = QueryProjector.for_base(self.base_info, self.aux_info.n_layer)
 
     def _choose_spans(self, hidden, n_aux: int, n_pred: int, spans: int, span_width: int,
-                      common: dict) -> list[tuple[int, int]]:
+                      common: dict) -> tuple[list[tuple[int, int]], dict]:
         """The spans the prompt's last tokens attend to most in base layer k, the first after
         the prefix: its keys predicted (nearly exact from the hidden state), its queries
-        computed from the same captured rows (kvcli.focus)."""
+        computed from the same captured rows (kvcli.focus). Also returns layer k's predicted
+        rows (every position: it is a full-attention layer), not to predict them twice."""
         proj = self._projector
         layer = proj.layer
         full = [np.arange(n_pred, dtype=np.int32)] * len(self.base_info.cache_layer_groups)
-        keys_k = predict_base_kv(group_positions=full, only=[layer], **common)[layer][0]
+        known = predict_base_kv(group_positions=full, only=[layer], **common)
+        keys_k = known[layer][0]
         kinds = list(self.predictor.hidden_kinds)
         rows = slice(max(0, n_aux - N_QUERY), n_aux)
         residual = proj.residual(hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)][rows],
                                  hidden[kinds.index(keys.FEATURE_AUX_ATTN)][rows])
         queries = proj.queries(residual, np.arange(rows.start, rows.stop))
         scores = attention_peaks(queries, keys_k)
-        # BOS draws attention from every query; the last tokens are the question itself
-        return choose_spans(scores, spans, span_width, lo=1, hi=max(1, n_pred - N_QUERY))
+        # position 0 (BOS) draws attention from every query
+        return choose_spans(scores, spans, span_width, lo=1, hi=n_pred), known
 
     def _recompute_spans(self, tokens: list[int], n_pred: int, ranges: list[tuple[int, int]],
-                         layout: CacheLayout, common: dict, t: Timings, clock: _Clock) -> bytearray:
+                         layout: CacheLayout, common: dict, t: Timings, clock: _Clock,
+                         known: dict | None = None) -> bytearray:
         """The base decodes each range [a, b) over the predicted cache of positions < a (and
-        the exact rows of earlier ranges); returns the state of positions < n_pred."""
+        the exact rows of earlier ranges); returns the state of positions < n_pred.
+        ``known``: full-attention layers' rows already predicted for every position."""
         info = self.base_info
-        positions = span_group_positions(info, n_pred, [a for a, _ in ranges], SPAN_CONTEXT)
-        rows = SpanRows(info, positions, predict_base_kv(group_positions=positions, **common))
+        known = known or {}
+        positions = span_group_positions(info, n_pred, [a for a, _ in ranges], SPAN_CONTEXT,
+                                         TAIL_CONTEXT)
+        rest = [il for il in range(info.n_layer) if il not in known]
+        rows = SpanRows(info, positions,
+                        {**known, **predict_base_kv(group_positions=positions, only=rest, **common)})
         t.predict_ms = clock.lap()
         for a, b in ranges:
             self.base.set_state(state_bytes(layout, *rows.before(a)), 0, n_past=a)
@@ -458,7 +509,8 @@ class Engine:
         return Generation(mode=mode, n_prompt=len(tokens), ttft_ms=ttft_ms, timings=timings,
                           tokens=out, text=ctx.model.detokenize(out),
                           gen_ms=(time.perf_counter() - gen_start) * 1e3,
-                          first_logits=first_logits)
+                          first_logits=first_logits, tail=tail, spans=spans,
+                          recomputed=list(self.last_recomputed) if mode == "kvp" else [])
 
 
 def _checked_ranges(ranges, n_pred: int) -> list[tuple[int, int]]:

@@ -28,6 +28,7 @@ ANSWER_TOKENS = 8
 class MethodStats:
     method: str
     tail: int | None = None
+    spans: int | None = None
     keep: int | None = None
     correct: list[bool] = field(default_factory=list)
     first_agree: list[bool] = field(default_factory=list)
@@ -99,8 +100,8 @@ def score_method(engine: Engine, tokens: list[int], ref: BaseReference, stats: M
                  example: Example) -> None:
     """One method on one example: answer, first token, teacher-forced KL and top-1."""
     mode = stats.method
-    ctx, logits, first, ttft = _timed_prefill(engine, tokens, mode=mode,
-                                               tail=stats.tail or 0, keep=stats.keep)
+    ctx, logits, first, ttft = _timed_prefill(engine, tokens, mode=mode, tail=stats.tail or 0,
+                                               spans=stats.spans or 0, keep=stats.keep)
     n_past = ctx.n_past
     kl, top1 = forced_scores(ctx, logits, ref)
     stats.kl.append(kl)
@@ -116,8 +117,9 @@ def score_method(engine: Engine, tokens: list[int], ref: BaseReference, stats: M
         stats.correct.append(is_correct(_answer_text(ctx.model, greedy), example.answer))
 
 
-def matched_keep(engine: Engine, tokens: list[int], repeats: int = 2, rounds: int = 3) -> int:
-    """Prompt tokens the base can prefill in kvp's TTFT (tail 0), measured on ``tokens``.
+def matched_keep(engine: Engine, tokens: list[int], repeats: int = 2, rounds: int = 3,
+                 **kvp) -> int:
+    """Prompt tokens the base can prefill in kvp's TTFT (settings ``kvp``), measured on ``tokens``.
 
     Prefill time is not proportional to length (the one LM-head row, fixed costs), so M is
     corrected from truncation's own measured TTFT a few times.
@@ -126,7 +128,7 @@ def matched_keep(engine: Engine, tokens: list[int], repeats: int = 2, rounds: in
         _timed_prefill(engine, tokens, **kwargs)  # warm-up: a new batch shape allocates
         return statistics.median(_timed_prefill(engine, tokens, **kwargs)[3] for _ in range(repeats))
 
-    target = median_ttft(mode="kvp")
+    target = median_ttft(mode="kvp", **kvp)
     keep = len(tokens) - 1
     for _ in range(rounds):
         measured = median_ttft(mode="truncate", keep=keep)
@@ -135,12 +137,15 @@ def matched_keep(engine: Engine, tokens: list[int], repeats: int = 2, rounds: in
 
 
 def evaluate_task(engine: Engine, task: str, n_tokens: int, *, n: int, tails: list[int],
-                  seed: int = 0, progress: Callable[[int, int], None] | None = None) -> list[dict]:
+                  spans: list[int] = (0,), seed: int = 0,
+                  progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Rows of base, kvp at each (tail, spans), truncation matched to the TTFT of the
+    costliest kvp setting, the auxiliary alone."""
     examples = make_examples(task, n=n, n_tokens=n_tokens, tokenize=engine.tokenize, seed=seed)
     prompts = [engine.tokenize(ex.prompt) for ex in examples]
-    keep = matched_keep(engine, prompts[0])
+    keep = matched_keep(engine, prompts[0], tail=max(tails), spans=max(spans))
     base = MethodStats("base")
-    methods = [MethodStats("kvp", tail=t) for t in tails]
+    methods = [MethodStats("kvp", tail=t, spans=s) for s in spans for t in tails]
     methods += [MethodStats("truncate", keep=keep), MethodStats("aux")]
     for i, (ex, tokens) in enumerate(zip(examples, prompts)):
         ref, ttft = base_reference(engine, tokens)
@@ -162,7 +167,7 @@ def evaluate_task(engine: Engine, task: str, n_tokens: int, *, n: int, tails: li
         ttft = statistics.median(stats.ttft_ms)
         rows.append({
             "task": task, "n_prompt": n_tokens, "method": stats.method, "tail": stats.tail,
-            "keep": stats.keep, "n": len(examples), "accuracy": acc,
+            "spans": stats.spans, "keep": stats.keep, "n": len(examples), "accuracy": acc,
             "retention": (acc / base_acc) if acc is not None and base_acc else None,
             "first_token_agreement": float(np.mean(stats.first_agree)),
             "kl_mean": float(np.mean(stats.kl)), "top1_agreement": float(np.mean(stats.top1)),

@@ -77,7 +77,7 @@ class QueryProjector:
                                                "attn_q_norm.weight")]
         w = _read_tensors(info.path, set(names))
         missing = [n for n in names if n not in w and not n.endswith(".bias")
-                   and (info.arch == "gemma3" or "post_" not in n and "q_norm" not in n)]
+                   and (info.arch == "gemma3" or ("post_" not in n and "q_norm" not in n))]
         if missing:
             raise IncompatibleError(f"{info.path.name} has no tensor {missing[0]}")
         return cls(info, layer, w)
@@ -121,7 +121,7 @@ def attention_peaks(queries: np.ndarray, cached_keys: np.ndarray) -> np.ndarray:
     ``queries`` (rows, n_head, d) all come after every key (no mask); ``cached_keys``
     (n_keys, n_head_kv * d), heads grouped as llama.cpp groups them (query head h reads KV
     head h // (n_head / n_head_kv))."""
-    n_q, n_head, d = queries.shape
+    _, n_head, d = queries.shape
     kv = cached_keys.reshape(len(cached_keys), -1, d)
     group = n_head // kv.shape[1]
     peaks = np.zeros(len(kv), dtype=np.float32)

@@ -29,7 +29,8 @@ def eval_pareto(rows: list[dict], path: Path) -> Path:
         ax.set_visible(False)
     for ax, (task, n_prompt) in zip(axes.flat, groups):
         for r in (r for r in rows if (r["task"], r["n_prompt"]) == (task, n_prompt)):
-            label = r["method"] + (f" tail {r['tail']}" if r["tail"] else "")
+            label = r["method"] + (f" tail {r['tail']}" if r["tail"] else "") + (
+                f" spans {r['spans']}" if r.get("spans") else "")
             y = r["accuracy"] if r["accuracy"] is not None else r["top1_agreement"]
             ax.scatter(r["ttft_ratio"], y, label=label, s=40)
         metric = "accuracy" if any(r["accuracy"] is not None for r in rows if r["task"] == task) \

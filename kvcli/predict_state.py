@@ -57,21 +57,20 @@ def needed_positions(info: ModelInfo, n_cells: int, first_query: int) -> list[np
                       dtype=np.int32) for group in info.cache_layer_groups]
 
 
-def span_group_positions(info: ModelInfo, n_cells: int, starts: list[int],
-                         span_context: int | None = None) -> list[np.ndarray]:
-    """Per cache group: the positions < n_cells that a recomputed span starting at each of
-    ``starts``, or the base's own tokens from n_cells on, can see; in sliding-window groups
-    only the last ``span_context`` cells before a span (default: the whole window)."""
+def span_group_positions(info: ModelInfo, n_cells: int, starts: list[int], span_context: int,
+                         tail_context: int) -> list[np.ndarray]:
+    """Per cache group, the predicted positions < n_cells written when the base recomputes
+    spans starting at ``starts``: every position in full-attention groups; in sliding-window
+    groups only the last ``span_context`` cells before each span and the last
+    ``tail_context`` before n_cells (each within the window), fewer than the window holds."""
     out = []
     for group in info.cache_layer_groups:
         if not _sliding(info, group):
             out.append(np.arange(n_cells, dtype=np.int32))
             continue
         seen = np.zeros(n_cells, dtype=bool)
-        for start in starts:
-            lo = _window_start(info, start)
-            seen[lo if span_context is None else max(lo, start - span_context) : start] = True
-        seen[_window_start(info, n_cells) :] = True
+        for start, context in [*((s, span_context) for s in starts), (n_cells, tail_context)]:
+            seen[max(_window_start(info, start), start - context) : start] = True
         out.append(np.flatnonzero(seen).astype(np.int32))
     return out
 

@@ -87,7 +87,8 @@ def test_json_and_batch_on_the_embedded_bundle(gemma_bundle, tmp_path):
     out = json.loads(res.stdout)
     assert out["mode"] == "kvp" and out["n_prompt"] > 1 and out["ttft_ms"] > 0
     assert set(out["breakdown"]) == {"aux_prefill_ms", "state_get_ms", "predict_ms",
-                                     "state_set_ms", "base_decode_ms"}
+                                     "state_set_ms", "recompute_ms", "base_decode_ms"}
+    assert (out["tail"], out["spans"]) == (24, 1)  # the default where spans can be chosen
     assert len(out["tokens"]) == out["n_gen"] <= 8 and isinstance(out["text"], str)
 
     batch = tmp_path / "prompts.jsonl"

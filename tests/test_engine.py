@@ -1,5 +1,7 @@
 """The kvp path on real llama.cpp: exact when nothing is predicted, runs end to end."""
 
+import re
+
 import numpy as np
 import pytest
 from conftest import random_prompt
@@ -136,6 +138,35 @@ def test_embedded_model_kvp_past_the_sliding_window(gemma_bundle):
                    t.base_decode_ms) > 0
         assert len(kvp.tokens) == 4 and len(base.tokens) == 4
         assert max(eng.predictor.heldout_rel_error) < 1.0
+
+
+def test_spans_hold_the_stated_fact_and_bring_back_the_answer(gemma_bundle):
+    """Real retrieval on the embedded model: at 1024 tokens the plain prediction loses a code
+    stated once, early (DESIGN.md 5b); the span kvp chooses holds the statement, and with it
+    recomputed the base answers. The last prompt token is decoded by the base in both."""
+    from kvcli.tasks import is_correct, make_examples
+
+    with Engine.from_bundle(gemma_bundle, settings=ContextSettings(n_ctx=1100)) as eng:
+        assert eng.spans_supported and eng.kvp_settings() == {"tail": 24, "spans": 1}
+        wins = {"plain": 0, "spans": 0}
+        for ex in make_examples("multikey", n=3, n_tokens=1024, tokenize=eng.tokenize, seed=1):
+            tokens = eng.tokenize(ex.prompt)
+            who = re.search(r"secret code of (\w+)\?", ex.prompt).group(1)
+            starts = np.cumsum([0] + [len(eng.model.token_bytes(t)) for t in tokens])
+            text = b"".join(eng.model.token_bytes(t) for t in tokens)
+            stated = f"{who} is {ex.answer}".encode()  # the name and its code
+            c = text.index(b"secret code of " + stated) + len(b"secret code of ")
+            first, last = np.searchsorted(starts, [c, c + len(stated) - 1], side="right") - 1
+            for name, kw in (("plain", {"tail": 24}), ("spans", eng.kvp_settings())):
+                ctx, logits, _ = eng.prefill(tokens, mode="kvp", **kw)
+                answer = [int(np.argmax(logits))]
+                for _ in range(7):
+                    ctx.decode(answer[-1:], logits_last=True)
+                    answer.append(int(np.argmax(ctx.last_logits())))
+                wins[name] += is_correct(eng.model.detokenize(answer), ex.answer)
+            (a, b), = eng.last_recomputed
+            assert a <= first and last < b, (eng.last_recomputed, first, last)
+        assert wins["spans"] == 3 and wins["plain"] < 3, wins
 
 
 def test_calibration_captures_the_auxiliary_hidden_tensors(tiny_gemma3, tiny_bundle):

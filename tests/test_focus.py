@@ -36,7 +36,8 @@ def test_queries_match_llama_cpp(fixture, layer, request):
         got = proj.queries(proj.residual(into[rows], attention[rows]), rows)
         want = want.reshape(-1, n_head, d)[rows]
         assert np.abs(want).max() > 0.1
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max())  # ggml: GELU from an f16 table
+        # ggml computes GELU from an f16 table
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max())
     finally:
         ctx.close()
         model.close()

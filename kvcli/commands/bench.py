@@ -58,9 +58,12 @@ def _print_table(result: dict) -> None:
     for r in result["rows"]:
         b = r.get("breakdown_ms")
         breakdown = ("/".join(f"{b[k]:.0f}" for k in ("aux_prefill_ms", "state_get_ms", "predict_ms",
-                                                       "state_set_ms", "base_decode_ms")) if b else "-")
-        mode = r["mode"] + (f" ({r['aux_load']})" if r.get("aux_load") else "") + \
-            (f" tail {r['tail']}" if r["tail"] else "") + (f" keep {r['keep']}" if r["keep"] else "")
+                                                       "state_set_ms", "recompute_ms", "base_decode_ms"))
+                     if b else "-")
+        mode = (r["mode"] + (f" ({r['aux_load']})" if r.get("aux_load") else "")
+                + (f" tail {r['tail']}" if r["tail"] else "")
+                + (f" spans {r['spans']}" if r.get("spans") else "")
+                + (f" keep {r['keep']}" if r["keep"] else ""))
         rows.append([str(r["n_prompt"]), mode, f"{r['ttft_ms_mean']:.1f} ± {r['ttft_ms_std']:.1f}",
                      f"{r['ttft_ms_median']:.1f}", _fmt(r["ttft_ratio"], ".3f"), breakdown,
                      _fmt(r.get("floor_ms"), ".1f"), _fmt(r.get("floor_ratio"), ".3f"),
@@ -71,7 +74,7 @@ def _print_table(result: dict) -> None:
              f"{s['n_batch']} n_ubatch {s['n_ubatch']} type_k {s['type_k']} type_v {s['type_v']} "
              f"flash_attn {int(s['flash_attn'])} | llama-cpp-python {s['llama_cpp_python']}")
     ui.out.print(ui.table(title, ["N", "mode", "TTFT ms", "median", "x base",
-                                  "aux/get/pred/set/dec ms", "floor ms", "x floor", "first tok",
+                                  "aux/get/pred/set/spans/dec ms", "floor ms", "x floor", "first tok",
                                   "KL", "peak RSS MiB", "peak PSS MiB"], rows))
     ui.err.print(f"[dim]build: {s['build_info']}[/dim]")
 
@@ -86,6 +89,10 @@ def command(
     = "base,kvp,truncate",
     tails: Annotated[str, typer.Option("--tails", help="kvp tails: prompt tokens the base "
                                        "recomputes itself.")] = "0",
+    spans: Annotated[Optional[str], typer.Option(
+        "--spans", help="Numbers of spans the base recomputes, each with each tail [default: "
+        "kvp at each tail without spans, then at the default settings (tail 24, 1 span) where "
+        "the bundle can choose spans].")] = None,
     aux_load: Annotated[str, typer.Option(
         "--aux-load", help="How kvp loads a prefix auxiliary: auto (partial if this build has "
         "kvcli's patch, else view), partial (the base's file loaded as its first k layers), view "
@@ -105,19 +112,28 @@ def command(
     from kvcli.runtime import ContextSettings
 
     length_list, tail_list = _ints(lengths, "-p"), _ints(tails, "--tails")
+    span_list = _ints(spans, "--spans") if spans is not None else None
     mode_list = [m for m in modes.split(",") if m]
     if not mode_list or set(mode_list) - set(BENCH_MODES):
         raise KvcliError(f"--modes takes a comma list of {', '.join(BENCH_MODES)}")
     loads = _aux_loads(aux_load)
-    if repeats < 1 or warmup < 0 or min(length_list) < 16 or min(tail_list) < 0:
-        raise KvcliError("need -r >= 1, --warmup >= 0, N >= 16 and tails >= 0")
+    if repeats < 1 or warmup < 0 or min(length_list) < 16 or min(tail_list) < 0 or (
+            span_list and min(span_list) < 0):
+        raise KvcliError("need -r >= 1, --warmup >= 0, N >= 16, tails >= 0 and spans >= 0")
     b = resolve_bundle(bundle)
     settings = ContextSettings(n_ctx=max(length_list) + 64, n_threads=threads)
-    n_methods = len(mode_list) + (len(tail_list) - 1 if "kvp" in mode_list else 0)
     engines = []
     try:
         engine = notice_aux_load(Engine.from_bundle(b, settings=settings, aux_load=loads[0]))
         engines.append(engine)
+        if span_list is None:
+            kvp = [(t, 0) for t in tail_list]
+            default = engine.kvp_settings()
+            if default["spans"] and (default["tail"], default["spans"]) not in kvp:
+                kvp.append((default["tail"], default["spans"]))
+        else:
+            kvp = [(t, s) for s in span_list for t in tail_list]
+        n_methods = len(mode_list) + (len(kvp) - 1 if "kvp" in mode_list else 0)
         extra = {}
         for load in loads[1:]:
             if load == engine.aux_load:
@@ -130,7 +146,7 @@ def command(
                 continue  # "all": only the loads this bundle and build can use
             engines.append(extra[load])
         n_methods += len(extra)
-        rows, prompts, keeps = _run(engine, extra, length_list, mode_list, tail_list,
+        rows, prompts, keeps = _run(engine, extra, length_list, mode_list, kvp,
                                     repeats, warmup, n_methods)
     finally:
         for e in engines:
@@ -172,7 +188,7 @@ def _aux_loads(text: str) -> list[str]:
     return loads
 
 
-def _run(engine, extra, length_list, mode_list, tail_list, repeats, warmup, n_methods):
+def _run(engine, extra, length_list, mode_list, kvp, repeats, warmup, n_methods):
     from kvcli import ui
     from kvcli.bench import bench_length, summarize
 
@@ -185,7 +201,7 @@ def _run(engine, extra, length_list, mode_list, tail_list, repeats, warmup, n_me
                 done[0] += 1
                 report(stage, done[0], repeats * n_methods)
 
-            runs, ps = bench_length(engine, n, modes=mode_list, tails=tail_list, repeats=repeats,
+            runs, ps = bench_length(engine, n, modes=mode_list, kvp=kvp, repeats=repeats,
                                     warmup=warmup, progress=tick, extra_engines=extra)
             prompts[n] = ps[0]
             keeps[n] = next((m.keep for m in runs if m.mode == "truncate"), None)

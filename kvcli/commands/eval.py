@@ -18,8 +18,9 @@ HELP = """Measure the quality each prefill method keeps, on tasks where early pr
 decides the answer (fact retrieval, questions about a document, code that uses early
 definitions) and on held-out text (continuation).
 
-Per task, prompt length and method (base; kvp at each tail; truncate, keeping the last M
-tokens with M matched to kvp's measured TTFT; the auxiliary alone): strict accuracy,
+Per task, prompt length and method (base; kvp at each tail and number of recomputed spans;
+truncate, keeping the last M tokens with M matched to the measured TTFT of the costliest kvp
+setting; the auxiliary alone): strict accuracy,
 retention (accuracy / base accuracy), first-token agreement with the base, mean KL(base ||
 method) and top-1 agreement teacher-forced over the base's greedy next 32 tokens, and the
 measured TTFT ratio to the base.
@@ -36,7 +37,10 @@ def command(
         "--tasks", help=f"Comma list of: {', '.join(TASKS)}.")] = ",".join(TASKS),
     lengths: Annotated[str, typer.Option("--lengths", help="Prompt lengths in tokens.")] = "1024",
     n: Annotated[int, typer.Option("--n", help="Prompts per task and length.")] = 10,
-    tails: Annotated[str, typer.Option("--tails", help="kvp tails to evaluate.")] = "0,32",
+    tails: Annotated[str, typer.Option("--tails", help="kvp tails to evaluate.")] = "0,24",
+    spans: Annotated[Optional[str], typer.Option(
+        "--spans", help="Numbers of recomputed spans to evaluate (each with each tail); "
+        "default 0,1 where the bundle can choose spans, else 0.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the task generators.")] = 0,
     quick: Annotated[bool, typer.Option("--quick", help="A fast check of the pipeline.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for results.json.")] = None,
@@ -55,20 +59,26 @@ def command(
         task_list = [t for t in tasks.split(",") if t]
         length_list = [int(x) for x in lengths.split(",")]
         tail_list = [int(x) for x in tails.split(",")]
+        span_list = None if spans is None else [int(x) for x in spans.split(",")]
     except ValueError:
-        raise KvcliError("--lengths and --tails take comma-separated integers") from None
+        raise KvcliError("--lengths, --tails and --spans take comma-separated integers") from None
+    if min(tail_list) < 0 or (span_list and min(span_list) < 0):
+        raise KvcliError("--tails and --spans must be >= 0")
     unknown = set(task_list) - set(TASKS)
     if unknown:
         raise KvcliError(f"unknown task(s) {', '.join(sorted(unknown))} (one of {', '.join(TASKS)})")
     settings = ContextSettings(n_ctx=max(length_list) + 64, n_threads=threads)
     rows = []
     with open_engine(bundle=bundle, model=None, mode="kvp", settings=settings) as engine:
+        if span_list is None:
+            span_list = [0, 1] if engine.spans_supported else [0]
         with ui.progress_reporter() as report:
             for length in length_list:
                 for task in task_list:
                     stage = f"{task} @ {length}"
-                    rows += evaluate_task(engine, task, length, n=n, tails=tail_list, seed=seed,
-                                          progress=lambda i, total, s=stage: report(s, i, total))
+                    rows += evaluate_task(
+                        engine, task, length, n=n, tails=tail_list, spans=span_list, seed=seed,
+                        progress=lambda i, total, s=stage: report(s, i, total))
     result = {"settings": {**settings.__dict__, "n": n, "seed": seed}, "rows": rows}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -82,6 +92,7 @@ def command(
         return
     table_rows = [[r["task"], str(r["n_prompt"]),
                    r["method"] + (f" tail {r['tail']}" if r["tail"] else "")
+                   + (f" spans {r['spans']}" if r.get("spans") else "")
                    + (f" keep {r['keep']}" if r["keep"] else ""),
                    _fmt(r["accuracy"]), _fmt(r["retention"]), _fmt(r["first_token_agreement"]),
                    _fmt(r["kl_mean"], 3), _fmt(r["top1_agreement"]), _fmt(r["ttft_ratio"])]

@@ -29,7 +29,9 @@ writes one JSON object per prompt to stdout."""
 
 def result_json(gen: Generation, **extra) -> dict:
     return {
-        **extra, "mode": gen.mode, "n_prompt": gen.n_prompt, "ttft_ms": round(gen.ttft_ms, 3),
+        **extra, "mode": gen.mode, "tail": gen.tail, "spans": gen.spans,
+        "recomputed": [list(r) for r in gen.recomputed],
+        "n_prompt": gen.n_prompt, "ttft_ms": round(gen.ttft_ms, 3),
         "breakdown": gen.timings.as_dict(), "n_gen": len(gen.tokens), "tokens": gen.tokens,
         "text": gen.text,
         "gen_tokens_per_s": round(len(gen.tokens) / (gen.gen_ms / 1e3), 2) if gen.gen_ms else None,
@@ -60,7 +62,10 @@ def _run_batch(engine: Engine, batch: Path, defaults: dict) -> None:
             prompt = item["prompt"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise KvcliError(f"{batch}:{lineno}: expected a JSON object with a 'prompt'") from None
-        opts = {**defaults, **{k: item[k] for k in ("mode", "n_predict", "tail", "keep") if k in item}}
+        opts = {**defaults, **{k: item[k] for k in ("mode", "n_predict", "tail", "spans", "keep")
+                               if k in item}}
+        if opts["mode"] == "kvp":
+            opts.update(engine.kvp_settings(opts["tail"], opts["spans"]))
         sampler = Sampler(temperature=opts.pop("temp", 0.0))
         try:
             gen = engine.generate(engine.tokenize(prompt), sampler=sampler, **opts)
@@ -77,8 +82,13 @@ def command(
     batch: Annotated[Optional[Path], typer.Option("--batch", help="JSONL file of prompts.")] = None,
     mode: Annotated[str, typer.Option("--mode", help=f"One of {', '.join(MODES)}.")] = "kvp",
     n_predict: Annotated[int, typer.Option("-n", "--n-predict", help="Tokens to generate at most.")] = 64,
-    tail: Annotated[int, typer.Option(
-        "--tail", help="kvp: the base recomputes the last W prompt tokens.")] = 0,
+    tail: Annotated[Optional[int], typer.Option(
+        "--tail", help="kvp: the base recomputes the last W prompt tokens [default: 24 with "
+        "spans, else 0].")] = None,
+    spans: Annotated[Optional[int], typer.Option(
+        "--spans", help="kvp: the base also recomputes S spans of 24 tokens, those the last "
+        "prompt token attends to most in its first layer after the auxiliary [default: 1 "
+        "where the bundle can choose them, else 0].")] = None,
     keep: Annotated[Optional[int], typer.Option(
         "--keep", help="truncate: keep the last M prompt tokens.")] = None,
     temp: Annotated[float, typer.Option("--temp", help="Sampling temperature (0: greedy).")] = 0.0,
@@ -106,8 +116,14 @@ def command(
         except (OSError, UnicodeDecodeError) as exc:
             raise KvcliError(f"cannot read the prompt file: {exc}") from None
     settings = ContextSettings(n_ctx=ctx, n_threads=threads, type_k=cache_type_k, type_v=cache_type_v)
-    opts = {"mode": mode, "n_predict": n_predict, "tail": tail, "keep": keep}
+    if (tail is not None and tail < 0) or (spans is not None and spans < 0):
+        raise KvcliError("--tail and --spans must be >= 0")
+    opts = {"mode": mode, "n_predict": n_predict, "tail": tail, "spans": spans, "keep": keep}
     with open_engine(bundle=bundle, model=model, mode=mode, settings=settings) as engine:
+        if mode == "kvp":
+            opts.update(engine.kvp_settings(tail, spans))
+        else:
+            opts.update(tail=0, spans=0)
         if batch is not None:
             _run_batch(engine, batch, {**opts, "temp": temp})
             return
@@ -126,7 +142,8 @@ def command(
 
         t = gen.timings
         detail = (f" (aux prefill {t.aux_prefill_ms:.0f} + get {t.state_get_ms:.0f} + predict "
-                  f"{t.predict_ms:.0f} + set {t.state_set_ms:.0f} + base {t.base_decode_ms:.0f} ms)"
+                  f"{t.predict_ms:.0f} + spans {t.recompute_ms:.0f} + set {t.state_set_ms:.0f} + "
+                  f"base {t.base_decode_ms:.0f} ms; tail {opts['tail']}, spans {opts['spans']})"
                   if mode == "kvp" else "")
         ui.err.print(f"[dim]{mode}: {gen.n_prompt} prompt tokens, TTFT {gen.ttft_ms:.0f} ms{detail}, "
                      f"{len(gen.tokens)} tokens generated[/dim]")
