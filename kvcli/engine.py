@@ -45,11 +45,10 @@ MODES = ("base", "kvp", "truncate", "aux")
 SPAN_WIDTH = 24  # tokens per recomputed span: a stated fact and its words around it
 DEFAULT_SPANS = 1
 DEFAULT_SPANS_TAIL = 24  # with spans, the base also decodes the question itself
-# the prompt's last tokens whose attention chooses the spans: the very last one, whose logits
-# give the answer's first token, was the best chooser measured (passkey, multikey, document
-# at 1024 and 2048 tokens, n = 10 each: the top span held the fact in 60/60 prompts; the max
-# over the last 4 in 57/60, over the last 16 in 52/60)
-N_QUERY = 1
+# Spans are chosen by the last prompt token's query alone (Engine.spans_for), the best
+# chooser measured (passkey, multikey, document at 1024 and 2048 tokens, n = 10 each): the
+# top span held the fact in 60/60 prompts; by the largest weight any of the 4 tokens before
+# it gives, in 57/60; of the 16 before it, 52/60.
 # With spans, the predicted sliding-window cells written: the last SPAN_CONTEXT before each
 # span and the last TAIL_CONTEXT before the base's own tail, not the whole window. Measured
 # (1024 tokens, 2 spans, tail 24, n = 10): passkey/multikey/document 1.0/1.0/0.9 with the
@@ -442,45 +441,63 @@ class Engine:
 
     def _choose_spans(self, hidden, n_aux: int, n_pred: int, spans: int, span_width: int,
                       common: dict) -> tuple[list[tuple[int, int]], dict]:
-        """The spans the prompt's last tokens attend to most in base layer k, the first after
-        the prefix: its keys predicted (nearly exact from the hidden state), its queries
-        computed from the same captured rows (kvcli.focus). Also returns layer k's predicted
-        rows (every position: it is a full-attention layer), not to predict them twice."""
-        proj = self._projector
-        layer = proj.layer
+        """``spans_for`` the last prompt token (row n_aux - 1 of ``hidden``) over base layer
+        k's predicted keys; also returns layer k's predicted rows (every position: it is a
+        full-attention layer), not to predict them twice."""
+        layer = self._projector.layer
         full = [np.arange(n_pred, dtype=np.int32)] * len(self.base_info.cache_layer_groups)
         known = predict_base_kv(group_positions=full, only=[layer], **common)
-        keys_k = known[layer][0]
-        kinds = list(self.predictor.hidden_kinds)
-        rows = slice(max(0, n_aux - N_QUERY), n_aux)
+        return self.spans_for(hidden, [n_aux - 1], [n_aux - 1], known[layer][0], n_pred, spans,
+                              span_width), known
+
+    def spans_for(self, hidden: list[np.ndarray], rows: list[int], positions: list[int],
+                  keys_k: np.ndarray, n_pred: int, spans: int, span_width: int = SPAN_WIDTH
+                  ) -> list[tuple[int, int]]:
+        """The spans in 1..n_pred-1 that the tokens at ``positions`` (rows ``rows`` of the
+        captured ``hidden`` tensors) attend to most in base layer k, the first after the
+        prefix: their queries computed from the captured rows (kvcli.focus), ``keys_k`` layer
+        k's cached keys of positions 0..n_pred-1, a position scored by the largest weight any
+        query head gives it. Position 0 (BOS) draws attention from every query and is never
+        chosen."""
+        self._check_spans()
+        proj, kinds = self._projector, list(self.predictor.hidden_kinds)
         residual = proj.residual(hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)][rows],
                                  hidden[kinds.index(keys.FEATURE_AUX_ATTN)][rows])
-        queries = proj.queries(residual, np.arange(rows.start, rows.stop))
-        scores = attention_peaks(queries, keys_k)
-        # position 0 (BOS) draws attention from every query
-        return choose_spans(scores, spans, span_width, lo=1, hi=n_pred), known
+        scores = attention_peaks(proj.queries(residual, np.asarray(positions)), keys_k)
+        return choose_spans(scores, spans, span_width, lo=1, hi=n_pred)
 
     def _recompute_spans(self, tokens: list[int], n_pred: int, ranges: list[tuple[int, int]],
                          layout: CacheLayout, common: dict, t: Timings, clock: _Clock,
                          known: dict | None = None) -> bytearray:
-        """The base decodes each range [a, b) over the predicted cache of positions < a (and
-        the exact rows of earlier ranges); returns the state of positions < n_pred.
-        ``known``: full-attention layers' rows already predicted for every position."""
+        """Predicts the cells the spans and the tail see (``known``: full-attention layers'
+        rows already predicted for every position), then ``run_spans``."""
         info = self.base_info
         known = known or {}
         positions = span_group_positions(info, n_pred, [a for a, _ in ranges], SPAN_CONTEXT,
                                          TAIL_CONTEXT)
         rest = [il for il in range(info.n_layer) if il not in known]
         rows = SpanRows(info, positions,
-                        {**known, **predict_base_kv(group_positions=positions, only=rest, **common)})
+                        {**known, **predict_base_kv(group_positions=positions, only=rest, **common)},
+                        exact=self._exact_layers())
         t.predict_ms = clock.lap()
+        data = self.run_spans(tokens, n_pred, ranges, rows, layout)
+        t.recompute_ms = clock.lap()
+        return data
+
+    def _exact_layers(self) -> list[int]:
+        """Layers whose rows kvp writes are already the base's own: a prefix auxiliary's."""
+        return list(self.predictor.copied_layers)
+
+    def run_spans(self, tokens: list[int], n_pred: int, ranges: list[tuple[int, int]],
+                  rows: SpanRows, layout: CacheLayout) -> bytearray:
+        """The base decodes each range [a, b) over the cells of ``rows`` before a (predicted,
+        and earlier ranges' exact rows), whose rows its own then replace; returns the state
+        bytes of positions < n_pred."""
         for a, b in ranges:
             self.base.set_state(state_bytes(layout, *rows.before(a)), 0, n_past=a)
             self.base.decode(tokens[a:b], start=a)
-            rows.replace(layers_by_index(parse_seq_state(self.base.get_state(0)), info), a, b)
-        data = state_bytes(layout, *rows.before(n_pred))
-        t.recompute_ms = clock.lap()
-        return data
+            rows.replace(layers_by_index(parse_seq_state(self.base.get_state(0)), self.base_info), a, b)
+        return state_bytes(layout, *rows.before(n_pred))
 
     # -- generation ----------------------------------------------------------------------
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvcli.engine import Engine
+from kvcli.kv_layout import LayerCells, layers_by_index
+from kvcli.state_codec import parse_seq_state
 from kvcli.tasks import Example, is_correct, make_examples
 
 FORCED = 32
@@ -35,6 +37,30 @@ class MethodStats:
     kl: list[float] = field(default_factory=list)
     top1: list[float] = field(default_factory=list)
     ttft_ms: list[float] = field(default_factory=list)
+    k_err: list[list[float]] = field(default_factory=list)  # per example, per base layer
+    v_err: list[list[float]] = field(default_factory=list)
+
+
+def kv_relative_errors(got: dict[int, LayerCells], want: dict[int, LayerCells], below: int
+                       ) -> tuple[list[float], list[float]]:
+    """Per layer, ||got - want|| / ||want|| of K and of V over the positions < ``below``
+    that both caches hold (a sliding-window layer holds only its window)."""
+    k_err, v_err = [], []
+    for il in sorted(want):
+        g, w = got[il], want[il]
+        common, gi, wi = np.intersect1d(g.positions, w.positions, return_indices=True)
+        keep = common < below
+        gi, wi = gi[keep], wi[keep]
+        for out, a, b in ((k_err, g.k, w.k), (v_err, g.v, w.v)):
+            ref = b[wi].astype(np.float32)
+            out.append(float(np.linalg.norm(a[gi].astype(np.float32) - ref)
+                             / max(float(np.linalg.norm(ref)), 1e-12)))
+    return k_err, v_err
+
+
+def cache_layers(engine: Engine) -> dict[int, LayerCells]:
+    """The base context's cache (seq 0), by layer."""
+    return layers_by_index(parse_seq_state(engine.base.get_state(0)), engine.base_info)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -67,9 +93,12 @@ def _answer_text(model, tokens: list[int]) -> str:
     return model.detokenize(answer)
 
 
-def base_reference(engine: Engine, tokens: list[int]) -> tuple[BaseReference, float]:
+def base_reference(engine: Engine, tokens: list[int]
+                   ) -> tuple[BaseReference, float, dict[int, LayerCells]]:
+    """The base's reference, its TTFT and its cache right after the prefill."""
     ctx, logits, _, ttft = _timed_prefill(engine, tokens, mode="base")
-    return reference_after_prefill(ctx, logits), ttft
+    cache = cache_layers(engine)
+    return reference_after_prefill(ctx, logits), ttft, cache
 
 
 def reference_after_prefill(ctx, logits: np.ndarray) -> BaseReference:
@@ -97,12 +126,19 @@ def forced_scores(ctx, logits: np.ndarray, ref: BaseReference) -> tuple[float, f
 
 
 def score_method(engine: Engine, tokens: list[int], ref: BaseReference, stats: MethodStats,
-                 example: Example) -> None:
-    """One method on one example: answer, first token, teacher-forced KL and top-1."""
+                 example: Example, true_cache: dict[int, LayerCells] | None = None) -> None:
+    """One method on one example: answer, first token, teacher-forced KL and top-1; for kvp
+    with ``true_cache`` (the base's own after its prefill), per-layer K, V errors over the
+    positions kvp did not decode with the base itself at the end (spans included)."""
     mode = stats.method
     ctx, logits, first, ttft = _timed_prefill(engine, tokens, mode=mode, tail=stats.tail or 0,
                                                spans=stats.spans or 0, keep=stats.keep)
     n_past = ctx.n_past
+    if mode == "kvp" and true_cache is not None:
+        k_err, v_err = kv_relative_errors(cache_layers(engine), true_cache,
+                                          below=len(tokens) - 1 - (stats.tail or 0))
+        stats.k_err.append(k_err)
+        stats.v_err.append(v_err)
     kl, top1 = forced_scores(ctx, logits, ref)
     stats.kl.append(kl)
     stats.top1.append(top1)
@@ -148,7 +184,7 @@ def evaluate_task(engine: Engine, task: str, n_tokens: int, *, n: int, tails: li
     methods = [MethodStats("kvp", tail=t, spans=s) for s in spans for t in tails]
     methods += [MethodStats("truncate", keep=keep), MethodStats("aux")]
     for i, (ex, tokens) in enumerate(zip(examples, prompts)):
-        ref, ttft = base_reference(engine, tokens)
+        ref, ttft, true_cache = base_reference(engine, tokens)
         base.ttft_ms.append(ttft)
         base.first_agree.append(True)
         base.kl.append(0.0)
@@ -156,7 +192,7 @@ def evaluate_task(engine: Engine, task: str, n_tokens: int, *, n: int, tails: li
         if ex.answer is not None:
             base.correct.append(is_correct(ref.answer, ex.answer))
         for stats in methods:
-            score_method(engine, tokens, ref, stats, ex)
+            score_method(engine, tokens, ref, stats, ex, true_cache)
         if progress:
             progress(i + 1, len(examples))
     base_ttft = statistics.median(base.ttft_ms)
@@ -172,5 +208,19 @@ def evaluate_task(engine: Engine, task: str, n_tokens: int, *, n: int, tails: li
             "first_token_agreement": float(np.mean(stats.first_agree)),
             "kl_mean": float(np.mean(stats.kl)), "top1_agreement": float(np.mean(stats.top1)),
             "ttft_ms_median": ttft, "ttft_ratio": ttft / base_ttft,
+            "k_rel_err": _layer_means(stats.k_err), "v_rel_err": _layer_means(stats.v_err),
+            "kv_rel_err_predicted_layers": _predicted_mean(engine, stats),
         })
     return rows
+
+
+def _predicted_mean(engine: Engine, stats: MethodStats) -> list[float] | None:
+    """Mean K and V relative error over the layers the predictor predicts."""
+    if not stats.k_err or engine.predictor is None:
+        return None
+    layers = engine.predictor.predicted_layers
+    return [round(float(np.mean(np.asarray(e)[:, layers])), 4) for e in (stats.k_err, stats.v_err)]
+
+
+def _layer_means(per_example: list[list[float]]) -> list[float] | None:
+    return [round(float(x), 4) for x in np.mean(per_example, axis=0)] if per_example else None

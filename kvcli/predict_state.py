@@ -80,8 +80,11 @@ class SpanRows:
     overwritten with the base's own rows of each span it recomputes."""
 
     def __init__(self, info: ModelInfo, group_positions: list[np.ndarray],
-                 kv: dict[int, tuple[np.ndarray, np.ndarray]]):
-        self.info, self.positions = info, group_positions
+                 kv: dict[int, tuple[np.ndarray, np.ndarray]], exact: list[int] = ()):
+        """``exact``: layers whose rows are already the base's own (a prefix auxiliary's
+        copied layers): a span recomputed over fewer sliding-window cells than the base saw
+        would make them worse, so they are kept."""
+        self.info, self.positions, self.exact = info, group_positions, set(exact)
         self.group_of = {il: g for g, group in enumerate(info.cache_layer_groups) for il in group}
         self.kv = {il: (np.array(k), np.array(v)) for il, (k, v) in kv.items()}  # writable
 
@@ -100,7 +103,7 @@ class SpanRows:
     def replace(self, layers: dict[int, LayerCells], start: int, stop: int) -> None:
         """Overwrite the rows of positions start..stop-1 with ``layers``' (a parsed state)."""
         for il, cells in layers.items():
-            if il not in self.kv:
+            if il not in self.kv or il in self.exact:
                 continue
             pos = self.positions[self.group_of[il]]
             mask = (cells.positions >= start) & (cells.positions < stop)

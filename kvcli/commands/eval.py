@@ -23,9 +23,12 @@ truncate, keeping the last M tokens with M matched to the measured TTFT of the c
 setting; the auxiliary alone): strict accuracy,
 retention (accuracy / base accuracy), first-token agreement with the base, mean KL(base ||
 method) and top-1 agreement teacher-forced over the base's greedy next 32 tokens, and the
-measured TTFT ratio to the base.
+measured TTFT ratio to the base. For kvp, K/V err: ||predicted - base's|| / ||base's|| of
+the cache kvp wrote (spans included, its tail not), mean over the predicted layers; the
+JSON has it per layer.
 
---quick: passkey retrieval at 512 tokens on 3 prompts, a check of the pipeline."""
+--quick: passkey retrieval at 512 tokens on 3 prompts, kvp without spans: a check of the
+pipeline."""
 
 
 def _fmt(value, digits=2) -> str:
@@ -55,6 +58,7 @@ def command(
 
     if quick:
         tasks, lengths, n, tails = "passkey", "512", 3, "0"
+        spans = "0"
     try:
         task_list = [t for t in tasks.split(",") if t]
         length_list = [int(x) for x in lengths.split(",")]
@@ -95,7 +99,10 @@ def command(
                    + (f" spans {r['spans']}" if r.get("spans") else "")
                    + (f" keep {r['keep']}" if r["keep"] else ""),
                    _fmt(r["accuracy"]), _fmt(r["retention"]), _fmt(r["first_token_agreement"]),
-                   _fmt(r["kl_mean"], 3), _fmt(r["top1_agreement"]), _fmt(r["ttft_ratio"])]
+                   _fmt(r["kl_mean"], 3), _fmt(r["top1_agreement"]),
+                   "/".join(f"{e:.2f}" for e in r["kv_rel_err_predicted_layers"])
+                   if r.get("kv_rel_err_predicted_layers") else "-", _fmt(r["ttft_ratio"])]
                   for r in rows]
     ui.out.print(ui.table("kvcli eval", ["task", "N", "method", "accuracy", "retention",
-                                         "first token", "KL", "top-1", "TTFT / base"], table_rows))
+                                         "first token", "KL", "top-1", "K/V err", "TTFT / base"],
+                          table_rows))
