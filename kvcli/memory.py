@@ -71,10 +71,11 @@ class PssSampler:
 
 def measure_in_child(mode: str, bundle: Path, lengths: list[int], prompts: dict[int, list[int]],
                      settings: dict, tail: int = 0, keep: dict[int, int] | None = None,
-                     aux_load: str = "auto") -> dict[int, dict]:
+                     aux_load: str = "auto", spans: int = 0) -> dict[int, dict]:
     """Per prompt length: {peak_rss_mib, peak_pss_mib, pss_mib} of ``mode`` in a fresh process."""
     job = {"mode": mode, "bundle": str(bundle), "lengths": lengths, "settings": settings,
            "prompts": {str(n): prompts[n] for n in lengths}, "tail": tail, "aux_load": aux_load,
+           "spans": spans,
            "keep": {str(n): k for n, k in (keep or {}).items()}}
     res = subprocess.run([sys.executable, "-m", "kvcli.memory"], input=json.dumps(job),
                          capture_output=True, text=True, timeout=900)
@@ -101,7 +102,7 @@ def _child() -> None:
             reset_peak()
             with PssSampler() as sampler:
                 engine.prefill(job["prompts"][str(n)], mode=job["mode"], tail=job["tail"],
-                               keep=job["keep"].get(str(n)))
+                               keep=job["keep"].get(str(n)), spans=job["spans"])
             out[n] = {"peak_rss_mib": peak_rss_mib(), "peak_pss_mib": round(sampler.peak, 1),
                       "pss_mib": pss_mib()}
     print(json.dumps(out))

@@ -154,14 +154,18 @@ def command(
     if memory:
         from kvcli.memory import measure_in_child
 
-        targets = [(m, engine.aux_load) for m in mode_list]
-        targets += [("kvp", load) for load in extra]
-        for mode, load in targets:
+        # (mode, aux_load, tail, spans): every kvp setting on the main engine's load, tail 0
+        # on the others, as timed
+        targets = [(m, engine.aux_load, 0, 0) for m in mode_list if m != "kvp"]
+        targets += [("kvp", engine.aux_load, t, sp) for t, sp in kvp] if "kvp" in mode_list else []
+        targets += [("kvp", load, 0, 0) for load in extra]
+        for mode, load, t, sp in targets:
             measured = measure_in_child(mode, b.folder, length_list, prompts, settings.__dict__,
                                         keep=keeps if mode == "truncate" else None,
-                                        aux_load=load)
+                                        aux_load=load, tail=t, spans=sp)
             for r in rows:
-                if r["mode"] == mode and r.get("aux_load") in (None, load):
+                if r["mode"] == mode and r.get("aux_load") in (None, load) and (
+                        mode != "kvp" or (r["tail"], r["spans"]) == (t, sp)):
                     r.update(measured[r["n_prompt"]])
     result = {"settings": {**_settings_info(settings, b), "repeats": repeats, "warmup": warmup},
               "rows": rows}
