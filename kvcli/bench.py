@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvcli.corpus import token_chunks
-from kvcli.engine import Engine, Timings
+from kvcli.engine import Engine
 from kvcli.errors import KvcliError
 from kvcli.evaluate import forced_scores, reference_after_prefill
+from kvcli.timings import Timings
 
 BENCH_MODES = ("base", "kvp", "truncate")
 

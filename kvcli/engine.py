@@ -5,7 +5,7 @@
   every cell), the base's cache is predicted and written into the base context; the base
   decodes the last W+1 prompt tokens itself (W = ``tail``) and generates every later token.
   With ``spans`` S, the base first recomputes S short spans of the prompt over the predicted
-  cache, chosen where the prompt's last tokens attend (kvcli.focus), and their exact K, V
+  cache, chosen where the prompt's last token attends (kvcli.spans), and their exact K, V
   replace the predicted ones.
 - ``truncate``: the base decodes BOS + only the last M prompt tokens.
 - ``aux``: the auxiliary alone prefills and generates.
@@ -16,115 +16,25 @@ TTFT is measured from having the prompt tokens to having the first sampled token
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from kvcli import keys
+from kvcli.aux_load import AUX_LOADS, choose_aux_load
 from kvcli.capture import TensorCapture, hidden_tensor_names
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
-from kvcli.focus import QueryProjector, attention_peaks, choose_spans, spans_supported
 from kvcli.kv_layout import CacheLayout, layers_by_index
 from kvcli.model_info import has_per_layer_arrays, key_norm_weights, prefix_view_info, read_model_info
-from kvcli.predict_state import (
-    BosCell,
-    SpanRows,
-    needed_positions,
-    predict_base_kv,
-    predicted_state_bytes,
-    span_group_positions,
-    state_bytes,
-)
+from kvcli.predict_state import BosCell, needed_positions, predicted_state_bytes
 from kvcli.predictor import load_predictor
-from kvcli.runtime import Context, ContextSettings, Model, llama_cpp_version, prefix_view_supported
+from kvcli.runtime import Context, ContextSettings, Model
 from kvcli.sampling import Sampler
+from kvcli.spans import DEFAULT_SPANS, DEFAULT_SPANS_TAIL, SPAN_WIDTH, SpanRecompute, checked_ranges
 from kvcli.state_codec import parse_seq_state
+from kvcli.timings import Clock, Generation, Timings
 
 MODES = ("base", "kvp", "truncate", "aux")
-SPAN_WIDTH = 24  # tokens per recomputed span: a stated fact and its words around it
-DEFAULT_SPANS = 1
-DEFAULT_SPANS_TAIL = 24  # with spans, the base also decodes the question itself
-# Spans are chosen by the last prompt token's query alone (Engine.spans_for), the best
-# chooser measured (passkey, multikey, document at 1024 and 2048 tokens, n = 10 each): the
-# top span held the fact in 60/60 prompts; by the largest weight any of the 4 tokens before
-# it gives, in 57/60; of the 16 before it, 52/60.
-# With spans, the predicted sliding-window cells written: the last SPAN_CONTEXT before each
-# span and the last TAIL_CONTEXT before the base's own tail, not the whole window. Measured
-# (1024 tokens, 2 spans, tail 24, n = 10): passkey/multikey/document 1.0/1.0/0.9 with the
-# whole window, 0.9/1.0/0.9 with these, and the predict step 130 -> 90 ms.
-SPAN_CONTEXT = 64
-TAIL_CONTEXT = 128
-# How a prefix auxiliary (the base's layers 0..k-1) is run:
-# - "partial": the base's file loaded again as a k-layer model (needs kvcli's patches/, built by
-#   tools/install.py); its weights share the base's pages;
-# - "view": a second context on the base's own model whose graph the eval callback stops after
-#   layer k-1 (stock llama.cpp, DESIGN.md 5c);
-# - "file": the cut auxiliary file, a second copy of the shared weights.
-AUX_LOADS = ("auto", "partial", "view", "file")
-
-
-def choose_aux_load(requested: str, prefix: int, *, needs_view: bool = False,
-                    partial_ok: bool = True) -> str:
-    """The load to use for a requested one; ``prefix`` is k for a prefix auxiliary, else 0;
-    ``needs_view``: the predictor reads a tensor only the view computes at every position;
-    ``partial_ok``: False for a base file llama.cpp cannot load as k layers
-    (model_info.has_per_layer_arrays)."""
-    if requested == "file" or (requested == "auto" and not prefix):
-        return "file"
-    if not prefix:
-        raise IncompatibleError(f"--aux-load {requested} needs a prefix auxiliary cut from this base"
-                                " (and a predictor); this bundle's auxiliary is not one")
-    if requested == "partial" and not prefix_view_supported():
-        raise IncompatibleError(
-            f"--aux-load partial needs llama-cpp-python built with kvcli's patches "
-            f"(python tools/install.py); this one is {llama_cpp_version()}")
-    if requested == "partial" and not partial_ok:
-        raise IncompatibleError("--aux-load partial cannot load this base as its first layers: "
-                                "its file stores per-layer metadata arrays (use view)")
-    if requested == "auto":
-        return "partial" if prefix_view_supported() and partial_ok and not needs_view else "view"
-    return requested
-
-
-@dataclass
-class Timings:
-    aux_prefill_ms: float = 0.0
-    state_get_ms: float = 0.0
-    predict_ms: float = 0.0
-    state_set_ms: float = 0.0
-    recompute_ms: float = 0.0
-    base_decode_ms: float = 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        return {k: round(v, 3) for k, v in self.__dict__.items()}
-
-
-@dataclass
-class Generation:
-    mode: str
-    n_prompt: int
-    ttft_ms: float
-    timings: Timings
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    gen_ms: float = 0.0
-    first_logits: np.ndarray | None = None
-    tail: int = 0
-    spans: int = 0
-    recomputed: list[tuple[int, int]] = field(default_factory=list)
-
-
-class _Clock:
-    def __init__(self):
-        self.t = time.perf_counter()
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        ms, self.t = (now - self.t) * 1e3, now
-        return ms
-
-
 class Engine:
     """Owns the base (and, for kvp/aux, the auxiliary) models and contexts."""
 
@@ -191,7 +101,7 @@ class Engine:
             raise
         self._layout: CacheLayout | None = None
         self._bos: BosCell | None = None
-        self._projector: QueryProjector | None = None
+        self.spans = SpanRecompute(self)
         self.last_recomputed: list[tuple[int, int]] = []  # kvp's spans in the last prefill
         if self.predictor is not None:
             self.base_layout()  # once, outside any timed prefill
@@ -344,7 +254,7 @@ class Engine:
             raise KvcliError(f"mode {mode} needs an auxiliary model (use a bundle)")
         if mode == "aux":
             aux = self._aux_alone_context()
-            clock = _Clock()
+            clock = Clock()
             aux.clear()
             if aux.capture is not None:
                 aux.capture.clear()
@@ -354,7 +264,7 @@ class Engine:
         return self.base, self._kvp(tokens, tail, t, spans, span_width, recompute), t
 
     def _plain(self, ctx: Context, tokens: list[int], t: Timings) -> np.ndarray:
-        clock = _Clock()
+        clock = Clock()
         ctx.clear()
         ctx.decode(tokens, logits_last=True)
         logits = ctx.last_logits()
@@ -371,9 +281,9 @@ class Engine:
             return self._plain(self.base, tokens, t)
         choose = spans > 0 and recompute is None
         if choose:
-            self._check_spans()
+            self.spans.check()
         layout, bos = self.base_layout()
-        clock = _Clock()
+        clock = Clock()
         self.aux.clear()
         if self.aux.capture is not None:
             self.aux.capture.clear()
@@ -392,11 +302,11 @@ class Engine:
         known = {}
         self.last_recomputed = []
         if choose:
-            recompute, known = self._choose_spans(hidden, n_aux, n_pred, spans, span_width, common)
+            recompute, known = self.spans.choose(hidden, n_aux, n_pred, spans, span_width, common)
         if recompute:
-            self.last_recomputed = _checked_ranges(recompute, n_pred)
-            data = self._recompute_spans(tokens, n_pred, self.last_recomputed, layout, common, t,
-                                         clock, known)
+            self.last_recomputed = checked_ranges(recompute, n_pred)
+            data = self.spans.recompute(tokens, n_pred, self.last_recomputed, layout, common, t,
+                                        clock, known)
         else:
             group_positions = needed_positions(self.base_info, n_pred, first_query=n_pred)
             data = predicted_state_bytes(layout, group_positions=group_positions, **common)
@@ -413,11 +323,7 @@ class Engine:
     @property
     def spans_supported(self) -> bool:
         """Whether kvp can choose spans here (``prefill(spans=...)``)."""
-        try:
-            self._check_spans()
-        except IncompatibleError:
-            return False
-        return True
+        return self.spans.supported
 
     def kvp_settings(self, tail: int | None = None, spans: int | None = None) -> dict[str, int]:
         """kvp's tail and spans, defaults filled in: DEFAULT_SPANS spans where they can be
@@ -427,77 +333,6 @@ class Engine:
         if tail is None:
             tail = DEFAULT_SPANS_TAIL if spans else 0
         return {"tail": tail, "spans": spans}
-
-    def _check_spans(self) -> None:
-        if self.predictor is None:
-            raise IncompatibleError("choosing spans needs a predictor (use a bundle)")
-        if not (self.predictor.uses_hidden and spans_supported(self.predictor.hidden_kinds)):
-            raise IncompatibleError("choosing spans needs a predictor fit on the auxiliary's hidden "
-                                    "state (kvcli's default recipe)")
-        if self._prefix_of_base() == 0:
-            raise IncompatibleError("choosing spans needs a prefix auxiliary cut from this base")
-        if self._projector is None:
-            self._projector = QueryProjector.for_base(self.base_info, self.aux_info.n_layer)
-
-    def _choose_spans(self, hidden, n_aux: int, n_pred: int, spans: int, span_width: int,
-                      common: dict) -> tuple[list[tuple[int, int]], dict]:
-        """``spans_for`` the last prompt token (row n_aux - 1 of ``hidden``) over base layer
-        k's predicted keys; also returns layer k's predicted rows (every position: it is a
-        full-attention layer), not to predict them twice."""
-        layer = self._projector.layer
-        full = [np.arange(n_pred, dtype=np.int32)] * len(self.base_info.cache_layer_groups)
-        known = predict_base_kv(group_positions=full, only=[layer], **common)
-        return self.spans_for(hidden, [n_aux - 1], [n_aux - 1], known[layer][0], n_pred, spans,
-                              span_width), known
-
-    def spans_for(self, hidden: list[np.ndarray], rows: list[int], positions: list[int],
-                  keys_k: np.ndarray, n_pred: int, spans: int, span_width: int = SPAN_WIDTH
-                  ) -> list[tuple[int, int]]:
-        """The spans in 1..n_pred-1 that the tokens at ``positions`` (rows ``rows`` of the
-        captured ``hidden`` tensors) attend to most in base layer k, the first after the
-        prefix: their queries computed from the captured rows (kvcli.focus), ``keys_k`` layer
-        k's cached keys of positions 0..n_pred-1, a position scored by the largest weight any
-        query head gives it. Position 0 (BOS) draws attention from every query and is never
-        chosen."""
-        self._check_spans()
-        proj, kinds = self._projector, list(self.predictor.hidden_kinds)
-        residual = proj.residual(hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)][rows],
-                                 hidden[kinds.index(keys.FEATURE_AUX_ATTN)][rows])
-        scores = attention_peaks(proj.queries(residual, np.asarray(positions)), keys_k)
-        return choose_spans(scores, spans, span_width, lo=1, hi=n_pred)
-
-    def _recompute_spans(self, tokens: list[int], n_pred: int, ranges: list[tuple[int, int]],
-                         layout: CacheLayout, common: dict, t: Timings, clock: _Clock,
-                         known: dict | None = None) -> bytearray:
-        """Predicts the cells the spans and the tail see (``known``: full-attention layers'
-        rows already predicted for every position), then ``run_spans``."""
-        info = self.base_info
-        known = known or {}
-        positions = span_group_positions(info, n_pred, [a for a, _ in ranges], SPAN_CONTEXT,
-                                         TAIL_CONTEXT)
-        rest = [il for il in range(info.n_layer) if il not in known]
-        rows = SpanRows(info, positions,
-                        {**known, **predict_base_kv(group_positions=positions, only=rest, **common)},
-                        exact=self._exact_layers())
-        t.predict_ms = clock.lap()
-        data = self.run_spans(tokens, n_pred, ranges, rows, layout)
-        t.recompute_ms = clock.lap()
-        return data
-
-    def _exact_layers(self) -> list[int]:
-        """Layers whose rows kvp writes are already the base's own: a prefix auxiliary's."""
-        return list(self.predictor.copied_layers)
-
-    def run_spans(self, tokens: list[int], n_pred: int, ranges: list[tuple[int, int]],
-                  rows: SpanRows, layout: CacheLayout) -> bytearray:
-        """The base decodes each range [a, b) over the cells of ``rows`` before a (predicted,
-        and earlier ranges' exact rows), whose rows its own then replace; returns the state
-        bytes of positions < n_pred."""
-        for a, b in ranges:
-            self.base.set_state(state_bytes(layout, *rows.before(a)), 0, n_past=a)
-            self.base.decode(tokens[a:b], start=a)
-            rows.replace(layers_by_index(parse_seq_state(self.base.get_state(0)), self.base_info), a, b)
-        return state_bytes(layout, *rows.before(n_pred))
 
     # -- generation ----------------------------------------------------------------------
 
@@ -528,15 +363,3 @@ class Engine:
                           gen_ms=(time.perf_counter() - gen_start) * 1e3,
                           first_logits=first_logits, tail=tail, spans=spans,
                           recomputed=list(self.last_recomputed) if mode == "kvp" else [])
-
-
-def _checked_ranges(ranges, n_pred: int) -> list[tuple[int, int]]:
-    out, end = [], 1
-    for a, b in ranges:
-        a, b = int(a), int(b)
-        if not (end <= a < b <= n_pred):
-            raise KvcliError(f"recomputed ranges must be ordered, disjoint and within 1..{n_pred}: "
-                             f"got {list(ranges)}")
-        out.append((a, b))
-        end = b
-    return out

@@ -95,7 +95,7 @@ def describe_bundle(folder: Path, verify: bool = False) -> dict:
     is_view = (prefix.get("base_fingerprint") == base["fingerprint"]
                and prefix.get("base_layers") == list(range(aux["n_layer"])))
     # how kvcli runs the auxiliary with this llama-cpp-python build (engine.choose_aux_load)
-    from kvcli.engine import choose_aux_load
+    from kvcli.aux_load import choose_aux_load
     from kvcli.runtime import llama_cpp_version
 
     needs_view = keys.FEATURE_AUX_OUT in out["predictor"]["feature_kinds"]

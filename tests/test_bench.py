@@ -74,3 +74,20 @@ def test_prefix_auxiliary_from_the_base_weights_saves_the_cut_files_memory(gemma
                                   aux_load=load)[256]["peak_pss_mib"] for load in loads}
     for load in loads[:-1]:
         assert pss["file"] - pss[load] > 100, pss
+
+
+def test_spans_rows_and_a_bundle_that_cannot_choose_them(tiny_bundle, gemma_bundle):
+    """The embedded bundle times kvp with a span beside the plain one by default; the tiny
+    bundle (its first layer after the prefix is a sliding-window one) has no spans row, and
+    asking it for spans is a one-line error."""
+    res = kvcli("bench-ttft", "--bundle", gemma_bundle.folder, "-p", "300", "-r", "1",
+                "--warmup", "0", "--modes", "kvp", "--no-memory", "--json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)["rows"]
+    assert [(r["tail"], r["spans"]) for r in rows] == [(0, 0), (24, 1)]
+    assert rows[1]["breakdown_ms"]["recompute_ms"] > 0 == rows[0]["breakdown_ms"]["recompute_ms"]
+    res = kvcli("bench-ttft", "--bundle", tiny_bundle.folder, "-p", "64", "-r", "1", "--warmup", "0",
+                "--modes", "kvp", "--no-memory", "--json")
+    assert [(r["tail"], r["spans"]) for r in json.loads(res.stdout)["rows"]] == [(0, 0)]
+    assert_one_line_error(kvcli("generate", "the cat sat on the mat " * 8, "--spans", "1",
+                                "--bundle", tiny_bundle.folder), "sliding-window")

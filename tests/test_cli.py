@@ -119,7 +119,7 @@ def test_stock_build_notice(tiny_llama, tmp_path):
     from kvcli.bundle import build_bundle
 
     b = build_bundle(tiny_llama, tmp_path / "b", n_aux_layers=2, n_tokens=600)
-    code = ("import sys, kvcli.engine as e; e.prefix_view_supported = lambda: False; "
+    code = ("import sys, kvcli.aux_load as e; e.prefix_view_supported = lambda: False; "
             "import kvcli.commands.common as c; c.prefix_view_supported = lambda: False; "
             "import kvcli.runtime as r; r.prefix_view_supported = lambda: False; "
             "from kvcli.cli import main; "

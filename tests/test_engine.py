@@ -14,6 +14,7 @@ from kvcli.model_info import read_model_info
 from kvcli.predict_state import predict_base_kv
 from kvcli.predictor import Predictor, save_predictor
 from kvcli.runtime import Context, ContextSettings, llama_cpp_version, prefix_view_supported
+from kvcli.spans import SpanRecompute
 
 SETTINGS = ContextSettings(n_ctx=256)
 
@@ -57,7 +58,7 @@ def test_recomputed_spans_over_the_true_cache_are_exact(fixture, request, tmp_pa
     own logits, up to the rounding of other batch shapes (a span decoded alone is not
     bit-identical to the same rows out of one long batch). The copied rows inside the spans
     are spoiled first: only the base's recomputed rows can restore them."""
-    import kvcli.engine
+    import kvcli.spans
 
     spans = [(10, 30), (70, 90)]
 
@@ -74,9 +75,9 @@ def test_recomputed_spans_over_the_true_cache_are_exact(fixture, request, tmp_pa
                 out[il] = (k, v)
         return out
 
-    monkeypatch.setattr(kvcli.engine, "predict_base_kv", spoiled)
+    monkeypatch.setattr(kvcli.spans, "predict_base_kv", spoiled)
     # every layer is "copied" here; let the spans' rows replace them as predicted ones are
-    monkeypatch.setattr(Engine, "_exact_layers", lambda self: [])
+    monkeypatch.setattr(SpanRecompute, "exact_layers", lambda self: [])
     base = request.getfixturevalue(fixture)
     n_layer = read_model_info(base).n_layer
     aux = cut_auxiliary(base, tmp_path / "aux.gguf", list(range(n_layer)))
@@ -228,11 +229,11 @@ def test_prefix_auxiliary_as_a_view_of_the_base_is_exact(fixture, load, request,
 
 
 def test_partial_load_refused_clearly_on_a_stock_build(tiny_llama, tmp_path, monkeypatch):
-    from kvcli import engine as engine_module
+    from kvcli import aux_load
     from kvcli.bundle import build_bundle
 
     b = build_bundle(tiny_llama, tmp_path / "b", n_aux_layers=2, n_tokens=600)
-    monkeypatch.setattr(engine_module, "prefix_view_supported", lambda: False)
+    monkeypatch.setattr(aux_load, "prefix_view_supported", lambda: False)
     with pytest.raises(IncompatibleError, match="tools/install.py"):
         Engine.from_bundle(b, settings=SETTINGS,
                aux_load="partial")

@@ -181,7 +181,7 @@ def command(
 
 def _aux_loads(text: str) -> list[str]:
     """--aux-load: one load, a comma list (the first is the main engine's), or all."""
-    from kvcli.engine import AUX_LOADS
+    from kvcli.aux_load import AUX_LOADS
     from kvcli.runtime import prefix_view_supported
 
     if text == "all":  # the main engine picks its own; the others are tried beside it

@@ -1,0 +1,137 @@
+"""kvp's recomputed spans: the base decodes, over the predicted cache, the few prompt tokens
+the question looks for, and their exact K and V replace the predicted ones.
+
+A predicted cache loses facts stated once, far back (DESIGN.md 5b). The spans are chosen by
+the last prompt token's query in base layer k, the first after a k-layer prefix auxiliary
+(kvcli.focus), over that layer's predicted keys; each is decoded by the base over the
+predicted cells before it, then the state before the tail is written and the base decodes
+the tail itself (kvcli.engine).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvcli import keys
+from kvcli.errors import IncompatibleError, KvcliError
+from kvcli.focus import QueryProjector, attention_peaks, choose_spans, spans_supported
+from kvcli.kv_layout import CacheLayout, layers_by_index
+from kvcli.predict_state import SpanRows, predict_base_kv, span_group_positions, state_bytes
+from kvcli.state_codec import parse_seq_state
+
+SPAN_WIDTH = 24  # tokens per recomputed span: a stated fact and its words around it
+DEFAULT_SPANS = 1
+DEFAULT_SPANS_TAIL = 24  # with spans, the base also decodes the question itself
+# Spans are chosen by the last prompt token's query alone, the best chooser measured
+# (passkey, multikey, document at 1024 and 2048 tokens, n = 10 each): the top span held the
+# fact in 60/60 prompts; by the largest weight any of the 4 tokens before it gives, in
+# 57/60; of the 16 before it, 52/60.
+# The predicted sliding-window cells written: the last SPAN_CONTEXT before each span and the
+# last TAIL_CONTEXT before the base's own tail, not the whole window. Measured (1024 tokens,
+# 2 spans, tail 24, n = 10): passkey/multikey/document 1.0/1.0/0.9 with the whole window,
+# 0.9/1.0/0.9 with these, and the predict step 130 -> 90 ms.
+SPAN_CONTEXT = 64
+TAIL_CONTEXT = 128
+
+
+class SpanRecompute:
+    """The spans of one engine (kvcli.engine.Engine): whether it can choose them, the
+    choice, and the base's decode of them."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._projector: QueryProjector | None = None
+
+    @property
+    def supported(self) -> bool:
+        try:
+            self.check()
+        except IncompatibleError:
+            return False
+        return True
+
+    def check(self) -> None:
+        eng = self.engine
+        if eng.predictor is None:
+            raise IncompatibleError("choosing spans needs a predictor (use a bundle)")
+        if not (eng.predictor.uses_hidden and spans_supported(eng.predictor.hidden_kinds)):
+            raise IncompatibleError("choosing spans needs a predictor fit on the auxiliary's hidden "
+                                    "state (kvcli's default recipe)")
+        if eng._prefix_of_base() == 0:
+            raise IncompatibleError("choosing spans needs a prefix auxiliary cut from this base")
+        if self._projector is None:
+            self._projector = QueryProjector.for_base(eng.base_info, eng.aux_info.n_layer)
+
+    def choose(self, hidden, n_aux: int, n_pred: int, spans: int, span_width: int,
+               common: dict) -> tuple[list[tuple[int, int]], dict]:
+        """``spans_for`` the last prompt token (row n_aux - 1 of ``hidden``) over base layer
+        k's predicted keys; also returns layer k's predicted rows (every position: it is a
+        full-attention layer), not to predict them twice."""
+        self.check()
+        layer = self._projector.layer
+        full = [np.arange(n_pred, dtype=np.int32)] * len(self.engine.base_info.cache_layer_groups)
+        known = predict_base_kv(group_positions=full, only=[layer], **common)
+        return self.spans_for(hidden, [n_aux - 1], [n_aux - 1], known[layer][0], n_pred, spans,
+                              span_width), known
+
+    def spans_for(self, hidden: list[np.ndarray], rows: list[int], positions: list[int],
+                  keys_k: np.ndarray, n_pred: int, spans: int, span_width: int = SPAN_WIDTH
+                  ) -> list[tuple[int, int]]:
+        """The spans in 1..n_pred-1 that the tokens at ``positions`` (rows ``rows`` of the
+        captured ``hidden`` tensors) attend to most in base layer k: their queries computed
+        from the captured rows (kvcli.focus), ``keys_k`` layer k's cached keys of positions
+        0..n_pred-1, a position scored by the largest weight any query head gives it.
+        Position 0 (BOS) draws attention from every query and is never chosen."""
+        self.check()
+        proj, kinds = self._projector, list(self.engine.predictor.hidden_kinds)
+        residual = proj.residual(hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)][rows],
+                                 hidden[kinds.index(keys.FEATURE_AUX_ATTN)][rows])
+        scores = attention_peaks(proj.queries(residual, np.asarray(positions)), keys_k)
+        return choose_spans(scores, spans, span_width, lo=1, hi=n_pred)
+
+    def recompute(self, tokens: list[int], n_pred: int, ranges: list[tuple[int, int]],
+                  layout: CacheLayout, common: dict, t, clock, known: dict | None = None
+                  ) -> bytearray:
+        """Predicts the cells the spans and the tail see (``known``: full-attention layers'
+        rows already predicted for every position), then ``run``; fills ``t``'s predict and
+        recompute times from ``clock``."""
+        info = self.engine.base_info
+        known = known or {}
+        positions = span_group_positions(info, n_pred, [a for a, _ in ranges], SPAN_CONTEXT,
+                                         TAIL_CONTEXT)
+        rest = [il for il in range(info.n_layer) if il not in known]
+        rows = SpanRows(info, positions,
+                        {**known, **predict_base_kv(group_positions=positions, only=rest, **common)},
+                        exact=self.exact_layers())
+        t.predict_ms = clock.lap()
+        data = self.run(tokens, n_pred, ranges, rows, layout)
+        t.recompute_ms = clock.lap()
+        return data
+
+    def exact_layers(self) -> list[int]:
+        """Layers whose rows kvp writes are already the base's own: a prefix auxiliary's."""
+        return list(self.engine.predictor.copied_layers)
+
+    def run(self, tokens: list[int], n_pred: int, ranges: list[tuple[int, int]],
+            rows: SpanRows, layout: CacheLayout) -> bytearray:
+        """The base decodes each range [a, b) over the cells of ``rows`` before a (predicted,
+        and earlier ranges' exact rows), whose rows its own then replace; returns the state
+        bytes of positions < n_pred."""
+        base, info = self.engine.base, self.engine.base_info
+        for a, b in ranges:
+            base.set_state(state_bytes(layout, *rows.before(a)), 0, n_past=a)
+            base.decode(tokens[a:b], start=a)
+            rows.replace(layers_by_index(parse_seq_state(base.get_state(0)), info), a, b)
+        return state_bytes(layout, *rows.before(n_pred))
+
+
+def checked_ranges(ranges, n_pred: int) -> list[tuple[int, int]]:
+    out, end = [], 1
+    for a, b in ranges:
+        a, b = int(a), int(b)
+        if not (end <= a < b <= n_pred):
+            raise KvcliError(f"recomputed ranges must be ordered, disjoint and within 1..{n_pred}: "
+                             f"got {list(ranges)}")
+        out.append((a, b))
+        end = b
+    return out
