@@ -101,8 +101,11 @@ def describe_bundle(folder: Path, verify: bool = False) -> dict:
     needs_view = keys.FEATURE_AUX_OUT in out["predictor"]["feature_kinds"]
     from kvcli.model_info import has_per_layer_arrays, read_model_info
 
+    base_info = read_model_info(b.base)
     out["aux_load"] = choose_aux_load("auto", aux["n_layer"] if is_view else 0, needs_view=needs_view,
-                                      partial_ok=not has_per_layer_arrays(read_model_info(b.base)))
+                                      partial_ok=not has_per_layer_arrays(base_info))
+    out["spans"] = _spans_note(base_info, aux["n_layer"] if is_view else 0,
+                               out["predictor"]["feature_kinds"])
     out["llama_cpp_python"] = llama_cpp_version()
     try:
         check_compatible(b.base, b.aux_source, b.predictor)
@@ -114,6 +117,19 @@ def describe_bundle(folder: Path, verify: bool = False) -> dict:
     else:
         out["sha256_ok"] = dict.fromkeys(b.file_roles)
     return out
+
+
+def _spans_note(base, prefix: int, feature_kinds) -> str:
+    """Whether kvp can choose spans with this bundle (kvcli.spans), and why not."""
+    from kvcli.focus import spans_supported
+
+    if not prefix:
+        return "no: the auxiliary is not a prefix of the base"
+    if not spans_supported(feature_kinds):
+        return "no: the predictor does not read the auxiliary's hidden state"
+    if prefix >= base.n_layer or (base.n_swa and base.is_swa[prefix]):
+        return f"no: base layer {prefix}, the first after the auxiliary, is not a full-attention layer"
+    return f"yes: chosen in base layer {prefix}"
 
 
 def describe(path: str | Path, verify: bool = False) -> dict:

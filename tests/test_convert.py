@@ -161,6 +161,7 @@ def test_bundle_from_a_base_alone_and_refusals(tmp_path, tiny_gemma3, tiny_llama
     assert doctor["ok"] and [c["name"] for c in doctor["checks"][-2:]] == [
         "bundle", f"auxiliary as a view ({load})"]
     assert info["aux_load"] == load
+    assert info["spans"].startswith("no: the predictor does not read")  # 1 layer: no hidden features
     # the auxiliary alone and --aux-load file cut a file into the cache on first use
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     aux_alone = json.loads(ok(kvcli("generate", "the cat", "-n", "2", "--json", "--mode", "aux",
