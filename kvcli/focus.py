@@ -18,7 +18,7 @@ import numpy as np
 
 from kvcli import keys
 from kvcli.errors import IncompatibleError
-from kvcli.gguf_header import read_header
+from kvcli.gguf_header import read_tensors
 from kvcli.model_info import ModelInfo
 from kvcli.rope import rotate
 
@@ -35,24 +35,6 @@ def _gelu_tanh(x: np.ndarray) -> np.ndarray:
 
 def _silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
-
-
-def _read_tensors(path, names: set[str]) -> dict[str, np.ndarray]:
-    """The named tensors, dequantized to float32 rows (n_out, n_in), read by kvcli's own
-    header reader: gguf-py's GGUFReader builds an object per vocabulary string, ~600 MiB of
-    peak memory for a 262k-token vocabulary (measured)."""
-    import gguf
-    import gguf.quants
-
-    out = {}
-    for t in read_header(path).tensors:
-        if t.name in names:
-            raw = np.fromfile(path, dtype=np.uint8, count=t.nbytes, offset=t.offset)
-            rows = int(np.prod(t.shape[1:], dtype=np.int64)) if len(t.shape) > 1 else 1
-            w = gguf.quants.dequantize(raw.reshape(rows, -1), gguf.GGMLQuantizationType(t.ggml_type))
-            w = np.ascontiguousarray(w, dtype=np.float32).reshape(rows, t.shape[0])
-            out[t.name] = w[0] if len(t.shape) == 1 else w
-    return out
 
 
 @dataclass
@@ -82,7 +64,7 @@ class QueryProjector:
                                               "post_ffw_norm.weight")]
         names += [f"blk.{layer}.{n}" for n in ("attn_norm.weight", "attn_q.weight", "attn_q.bias",
                                                "attn_q_norm.weight")]
-        w = _read_tensors(info.path, set(names))
+        w = read_tensors(info.path, set(names))
         missing = [n for n in names if n not in w and not n.endswith(".bias")
                    and (info.arch == "gemma3" or ("post_" not in n and "q_norm" not in n))]
         if missing:

@@ -174,3 +174,22 @@ def _read_header(path: Path) -> GGUFHeader:
         tensors.append(t)
     return GGUFHeader(path=path, version=version, fields=fields, tensors=tensors,
                       data_offset=data_offset, file_size=size)
+
+
+def read_tensors(path: str | Path, names=None) -> dict[str, np.ndarray]:
+    """The named tensors (all with ``names`` None), dequantized with gguf-py to float32 in
+    llama.cpp's row layout (a matrix is (n_out, n_in), a vector 1-D). Read through this
+    module's header, not gguf-py's GGUFReader, which builds an object per vocabulary
+    string (~600 MiB of peak memory for a 262k-token vocabulary, measured)."""
+    import gguf
+    import gguf.quants
+
+    out = {}
+    for t in read_header(path).tensors:
+        if names is None or t.name in names:
+            raw = np.fromfile(path, dtype=np.uint8, count=t.nbytes, offset=t.offset)
+            rows = int(np.prod(t.shape[1:], dtype=np.int64))
+            w = gguf.quants.dequantize(raw.reshape(rows, -1), gguf.GGMLQuantizationType(t.ggml_type))
+            w = np.ascontiguousarray(w, dtype=np.float32).reshape(*t.shape[:0:-1], t.shape[0])
+            out[t.name] = w
+    return out

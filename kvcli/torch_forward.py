@@ -12,9 +12,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
-
 from kvcli.errors import KvcliError
+from kvcli.gguf_header import read_tensors
 from kvcli.model_info import read_model_info
 
 
@@ -24,20 +23,6 @@ def _torch():
     except ImportError:
         raise KvcliError("this needs PyTorch: pip install 'kvcli[train]'") from None
     return torch
-
-
-def read_weights(path: str | Path, names=None) -> dict[str, np.ndarray]:
-    """Every tensor of a GGUF (or those in ``names``) dequantized to float32, in llama.cpp's
-    row layout (a matrix is (n_out, n_in))."""
-    import gguf
-    import gguf.quants
-
-    out = {}
-    for t in gguf.GGUFReader(str(path)).tensors:
-        if names is None or t.name in names:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
-            out[t.name] = np.ascontiguousarray(w, dtype=np.float32)
-    return out
 
 
 class TorchModel:
@@ -51,7 +36,7 @@ class TorchModel:
             raise KvcliError(f"the PyTorch forward supports gemma3, llama and qwen2, not {self.info.arch}")
         self.gemma = self.info.arch == "gemma3"
         self.device = device
-        self.w = {k: torch.tensor(v, device=device) for k, v in read_weights(self.info.path).items()}
+        self.w = {k: torch.tensor(v, device=device) for k, v in read_tensors(self.info.path).items()}
         for p in self.w.values():
             p.requires_grad_(False)
         from kvcli.gguf_header import read_header
