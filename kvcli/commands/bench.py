@@ -90,9 +90,9 @@ def command(
     tails: Annotated[str, typer.Option("--tails", help="kvp tails: prompt tokens the base "
                                        "recomputes itself.")] = "0",
     spans: Annotated[Optional[str], typer.Option(
-        "--spans", help="Numbers of spans the base recomputes, each with each tail [default: "
-        "kvp at each tail without spans, then at the default settings (tail 24, 1 span) where "
-        "the bundle can choose spans].")] = None,
+        "--spans", help="Numbers of spans the base recomputes, each with each tail (default: "
+        "kvp at each tail without spans, then at the default settings, tail 24 and 1 span, where "
+        "the bundle can choose spans).")] = None,
     aux_load: Annotated[str, typer.Option(
         "--aux-load", help="How kvp loads a prefix auxiliary: auto (partial if this build has "
         "kvcli's patch, else view), partial (the base's file loaded as its first k layers), view "

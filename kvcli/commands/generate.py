@@ -84,12 +84,12 @@ def command(
     mode: Annotated[str, typer.Option("--mode", help=f"One of {', '.join(MODES)}.")] = "kvp",
     n_predict: Annotated[int, typer.Option("-n", "--n-predict", help="Tokens to generate at most.")] = 64,
     tail: Annotated[Optional[int], typer.Option(
-        "--tail", help="kvp: the base recomputes the last W prompt tokens [default: 24 with "
-        "spans, else 0].")] = None,
+        "--tail", help="kvp: the base recomputes the last W prompt tokens (default: 24 with "
+        "spans, else 0).")] = None,
     spans: Annotated[Optional[int], typer.Option(
         "--spans", help="kvp: the base also recomputes S spans of 24 tokens, those the last "
-        "prompt token attends to most in its first layer after the auxiliary [default: 1 "
-        "where the bundle can choose them, else 0].")] = None,
+        "prompt token attends to most in its first layer after the auxiliary (default: 1 "
+        "where the bundle can choose them, else 0).")] = None,
     keep: Annotated[Optional[int], typer.Option(
         "--keep", help="truncate: keep the last M prompt tokens.")] = None,
     temp: Annotated[float, typer.Option("--temp", help="Sampling temperature (0: greedy).")] = 0.0,
