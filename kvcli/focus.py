@@ -1,13 +1,14 @@
-"""Which prompt spans the base recomputes itself: where the prompt's last tokens look.
+"""Which prompt spans the base recomputes itself: where the prompt's last token looks.
 
 A predicted cache loses facts stated once, far back (DESIGN.md 5b); the base recomputing the
-few tokens that state them, over the predicted cache, gets them back. They are found from
-the first base layer after a prefix auxiliary, whose keys the predictor makes almost exact
-from the auxiliary's hidden state: its queries for the prompt's last tokens are computed
-here in numpy, from the same captured tensors (the residual entering the auxiliary's last
-layer and that layer's attention output: the rest of that layer, then the next layer's
-query projection), and every earlier position is scored by the largest attention weight any
-query head gives it. The spans are the best-scoring windows.
+few tokens that state them, over the predicted cache, gets them back. They are found in the
+first base layer after a prefix auxiliary. Its keys come from the predictor (0.28 relative
+error on the default bundle, measured by kvcli eval: enough to rank positions, the choice
+held the fact in 60/60 prompts); the query is computed here in numpy from the tensors the
+auxiliary already captures (the residual entering its last layer and that layer's attention
+output: the rest of that layer, then the next layer's query projection). Every earlier
+position is scored by the largest attention weight any query head gives it; the spans are
+the best-scoring windows.
 """
 
 from __future__ import annotations

@@ -27,6 +27,14 @@ def copy_everything_predictor(base, aux) -> Predictor:
                      weights={}, biases={}, k_widths={})
 
 
+def true_cache_engine(base, tmp_path) -> Engine:
+    """An engine whose auxiliary is the whole base and whose 'predictor' copies every layer."""
+    aux = cut_auxiliary(base, tmp_path / "aux.gguf", list(range(read_model_info(base).n_layer)))
+    eng = Engine(base, aux_path=aux, settings=SETTINGS)
+    eng.predictor = copy_everything_predictor(base, aux)
+    return eng
+
+
 def split_reference(ctx: Context, tokens, n_first) -> np.ndarray:
     ctx.clear()
     ctx.decode(tokens[:n_first])
@@ -40,10 +48,7 @@ def test_kvp_fed_the_true_cache_is_exact(fixture, tail, request, tmp_path):
     """Every layer copied: the predicted state (sliding cells cut to the window, BOS cell,
     layout) must give the base's own logits to the bit."""
     base = request.getfixturevalue(fixture)
-    n_layer = read_model_info(base).n_layer
-    aux = cut_auxiliary(base, tmp_path / "aux.gguf", list(range(n_layer)))
-    with Engine(base, aux_path=aux, settings=SETTINGS) as eng:
-        eng.predictor = copy_everything_predictor(base, aux)
+    with true_cache_engine(base, tmp_path) as eng:
         tokens = random_prompt(100, eng.model.n_vocab, eng.model.bos, low=3)
         _, logits, t = eng.prefill(tokens, mode="kvp", tail=tail)
         assert t.aux_prefill_ms > 0 and t.predict_ms > 0
@@ -79,10 +84,7 @@ def test_recomputed_spans_over_the_true_cache_are_exact(fixture, request, tmp_pa
     # every layer is "copied" here; let the spans' rows replace them as predicted ones are
     monkeypatch.setattr(SpanRecompute, "exact_layers", lambda self: [])
     base = request.getfixturevalue(fixture)
-    n_layer = read_model_info(base).n_layer
-    aux = cut_auxiliary(base, tmp_path / "aux.gguf", list(range(n_layer)))
-    with Engine(base, aux_path=aux, settings=SETTINGS) as eng:
-        eng.predictor = copy_everything_predictor(base, aux)
+    with true_cache_engine(base, tmp_path) as eng:
         tokens = random_prompt(120, eng.model.n_vocab, eng.model.bos, low=3)
         _, logits, t = eng.prefill(tokens, mode="kvp", tail=5, recompute=spans)
         assert t.recompute_ms > 0
