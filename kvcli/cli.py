@@ -50,10 +50,10 @@ def paragraphs(text: str) -> str:
 
 
 def _register() -> None:
-    from kvcli.commands import bench, chat, doctor, eval, generate, inspect
+    from kvcli.commands import bench, chat, doctor, eval, generate, inspect, train
 
     for name, module in (("generate", generate), ("chat", chat), ("bench-ttft", bench),
-                         ("eval", eval), ("doctor", doctor), ("inspect", inspect)):
+                         ("eval", eval), ("train", train), ("doctor", doctor), ("inspect", inspect)):
         app.command(name, help=paragraphs(module.HELP))(module.command)
 
 

@@ -85,20 +85,26 @@ class TorchModel:
         return h, self._rope(k, positions, il), v
 
     def forward(self, tokens, n_logits: int = 1, kv_override=None, trace: dict | None = None,
-                n_layers: int | None = None):
+                n_layers: int | None = None, past: dict | None = None):
         """Logits (float32) of the last ``n_logits`` positions of ``tokens`` (a 1-D sequence
         starting at position 0), and every layer's (K, V). ``kv_override[il] = (K, V)``
         replaces layer il's K and V at every position (a predicted cache). ``trace``: filled
-        per layer with the residual entering it (``l_in-N``, llama.cpp's l_out-(N-1)), its
-        K before RoPE and V (``k_pre_rope-N``, ``v-N``) and its attention output before the
-        output projection (``kqv_out-N``). ``n_layers``: run only the first layers (no logits)."""
+        per layer with the residual entering it (``l_in-N``, llama.cpp's l_out-(N-1); the
+        last layer run also gives ``l_in-`` of the next), its K before RoPE and V
+        (``k_pre_rope-N``, ``v-N``) and its attention output before the output projection
+        (``kqv_out-N``). ``n_layers``: run only the first layers (no logits).
+
+        ``past[il] = (K, V)``: every layer's cache (K roped) of positions 0..P-1, as kvp
+        leaves it; ``tokens`` are then positions P.. and attend to it as to their own. The
+        returned caches are those of ``tokens`` alone."""
         torch = _torch()
         info, w = self.info, self.w
         tokens = torch.as_tensor(tokens, device=self.device)
         n = len(tokens)
-        positions = torch.arange(n, device=self.device)
+        start = 0 if not past else len(past[0][0])
+        positions = torch.arange(start, start + n, device=self.device)
         x = w["token_embd.weight"][tokens] * (math.sqrt(info.n_embd) if self.gemma else 1.0)
-        dist = positions[:, None] - positions[None, :]
+        dist = positions[:, None] - torch.arange(start + n, device=self.device)[None, :]
         causal = dist >= 0
         caches = []
         for il in range(info.n_layer if n_layers is None else n_layers):
@@ -108,6 +114,8 @@ class TorchModel:
             if kv_override is not None and il in kv_override:
                 k, v = kv_override[il]
             caches.append((k, v))
+            if past:
+                k, v = torch.cat([past[il][0], k]), torch.cat([past[il][1], v])
             q = self._proj(h, il, "attn_q").view(n, info.n_head[il], info.head_dim_k)
             if self.gemma:
                 q = self._norm(q, w[f"blk.{il}.attn_q_norm.weight"])
@@ -127,6 +135,8 @@ class TorchModel:
                    if self.gemma else torch.nn.functional.silu(self._proj(h, il, "ffn_gate")))
             ffn = self._proj(act * self._proj(h, il, "ffn_up"), il, "ffn_down")
             x = x + (self._norm(ffn, w[f"blk.{il}.post_ffw_norm.weight"]) if self.gemma else ffn)
+        if trace is not None:
+            trace[f"l_in-{len(caches)}"] = x
         if n_layers is not None:
             return None, caches
         out = self._norm(x[-n_logits:], w["output_norm.weight"])

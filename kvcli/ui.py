@@ -42,6 +42,23 @@ def progress_reporter() -> Iterator:
         yield report
 
 
+@contextlib.contextmanager
+def training_progress(total: int) -> Iterator:
+    """A ``report(row)`` callback for training steps: one bar with the step's losses."""
+    bars = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                    console=err, transient=False)
+    task = bars.add_task("train", total=total, info="")
+
+    def report(row: dict) -> None:
+        bars.update(task, completed=row["step"], info=(
+            f"ce {row['ce']:.3f} (base {row['ce_base']:.3f})  L1 {row['kv_l1']:.2f}  "
+            f"{row['tokens_per_s']:.0f} tok/s"))
+
+    with bars:
+        yield report
+
+
 def table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
     t = Table(title=title, title_justify="left")
     for c in columns:

@@ -100,7 +100,7 @@ def test_json_and_batch_on_the_embedded_bundle(gemma_bundle, tmp_path):
     assert [(r["id"], r["mode"]) for r in rows] == [("a", "kvp"), (7, "base")]
 
 
-@pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["doctor", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["doctor", "--help"], ["train", "--help"]])
 def test_help(args):
     res = kvcli(*args)
     assert res.returncode == 0 and "Usage" in res.stdout
@@ -131,3 +131,13 @@ def test_stock_build_notice(tiny_llama, tmp_path):
     if prefix_view_supported():  # with the patch: partial, and no note
         plain = kvcli("generate", "the cat", "-n", "2", "--bundle", b.folder)
         assert plain.returncode == 0 and "note:" not in plain.stderr
+
+
+def test_train_without_pytorch_says_how_to_get_it(tmp_path):
+    """PyTorch is an optional extra (absent in CI): kvcli train says so in one line
+    (simulated here by hiding torch from the import system)."""
+    code = ("import sys; sys.modules['torch'] = None; from kvcli.cli import main; "
+            f"sys.argv = ['kvcli', 'train', '-o', {str(tmp_path / 'out')!r}]; main()")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert_one_line_error(res, "kvcli[train]")
+    assert not (tmp_path / "out").exists()

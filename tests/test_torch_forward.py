@@ -37,3 +37,20 @@ def test_forward_matches_llama_cpp(fixture, request):
         rows = cells[il].positions  # a sliding layer keeps only its window
         np.testing.assert_allclose(k.reshape(len(tokens), -1).numpy()[rows], cells[il].k, atol=2e-3)
         np.testing.assert_allclose(v.reshape(len(tokens), -1).numpy()[rows], cells[il].v, atol=2e-3)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gemma3", "tiny_llama"])
+def test_forward_over_a_past_cache_continues_the_full_forward(fixture, request):
+    """The tail of a prompt run over the cache of its head (``past``, as kvp leaves it) gives
+    the full forward's logits and cache rows; over a spoiled past cache it does not."""
+    model = TorchModel(request.getfixturevalue(fixture))
+    tokens = random_prompt(70, len(model.w["token_embd.weight"]), 1, low=3)
+    with torch.no_grad():
+        full, caches = model.forward(tokens, n_logits=6)
+        past = {il: (k[:64], v[:64]) for il, (k, v) in enumerate(caches)}
+        tail, tail_caches = model.forward(tokens[64:], n_logits=6, past=past)
+        spoiled = {il: (k, -v) for il, (k, v) in past.items()}
+        wrong, _ = model.forward(tokens[64:], n_logits=6, past=spoiled)
+    torch.testing.assert_close(tail, full, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(tail_caches[-1][1], caches[-1][1][64:], atol=1e-5, rtol=1e-5)
+    assert (wrong - full).abs().max() > 1e-2 * full.abs().max()
