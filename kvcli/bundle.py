@@ -249,11 +249,41 @@ def build_bundle(base_path: str | Path, folder: str | Path, *, n_aux_layers: int
     return load_bundle(folder)
 
 
+SHIPPED_PREDICTOR = "gemma3-270m-predictor.gguf"  # in kvcli/data: the default's predictor
+
+
+def shipped_predictor() -> Path | None:
+    """The predictor the package installs for the embedded model, if present."""
+    path = Path(__file__).parent / "data" / SHIPPED_PREDICTOR
+    return path if path.is_file() else None
+
+
+def shipped_predictor_fits(base: Path, predictor: Path | None) -> bool:
+    """Whether ``predictor`` was made for ``base`` with the default prefix auxiliary."""
+    from kvcli import keys
+    from kvcli.gguf_header import read_header
+
+    if predictor is None:
+        return False
+    try:
+        header = read_header(predictor)
+    except KvcliError:
+        return False
+    return (header.get(keys.BASE_FINGERPRINT) == read_model_info(base).fingerprint
+            and header.get(keys.AUX_FINGERPRINT) == prefix_view_info(base, DEFAULT_AUX_LAYERS).fingerprint)
+
+
 def default_bundle(progress: Progress | None = None) -> Bundle:
-    """The bundle for the embedded model, built on first use, reused afterwards."""
+    """The bundle for the embedded model, made on first use, reused afterwards: the base's
+    first layers as auxiliary and the predictor the package ships (kvcli/data), or, where
+    that file is absent or made for another base, a predictor calibrated here."""
     base = embedded_model_path()
     fingerprint = read_model_info(base).fingerprint
-    folder = cache_dir() / "bundles" / f"gemma3-270m-{fingerprint}-{DEFAULT_RECIPE}"
+    shipped = shipped_predictor()
+    use_shipped = shipped_predictor_fits(base, shipped)
+    recipe = (f"prefix{DEFAULT_AUX_LAYERS}-shipped-{sha256_file(shipped)[:12]}" if use_shipped
+              else DEFAULT_RECIPE)
+    folder = cache_dir() / "bundles" / f"gemma3-270m-{fingerprint}-{recipe}"
     if (folder / MANIFEST).is_file():
         try:
             bundle = load_bundle(folder)
@@ -261,5 +291,10 @@ def default_bundle(progress: Progress | None = None) -> Bundle:
                 return bundle
         except ModelFileError:
             pass  # damaged or stale: rebuild it
+    if use_shipped:
+        with building_folder(folder) as work:
+            write_manifest(work, {"base": base.resolve(), "aux": DEFAULT_AUX_LAYERS,
+                                  "predictor": shipped.resolve()})
+        return load_bundle(folder)
     return build_bundle(base, folder, n_aux_layers=DEFAULT_AUX_LAYERS, reference_base=True,
                         progress=progress)

@@ -19,9 +19,11 @@ fit; base and auxiliary stay frozen. Writes a bundle with the trained predictor 
 (judge it with kvcli eval --bundle).
 
 Training text: the calibration part of the standard library's sources (never used by kvcli
-eval), or --corpus. A checkpoint is saved every --save-every steps and on Ctrl-C (default:
-beside -o); --resume continues it, up to --steps in all. Deterministic for a --seed on one
-device and thread count. Needs PyTorch: pip install 'kvcli\\[train]'."""
+eval), or --corpus. Progress is measured on --validate sequences of the held-out part
+(never trained on): the cross-entropy over their tails. A checkpoint is saved every
+--save-every steps and on Ctrl-C (default: beside -o); --resume continues it, up to
+--steps in all. Deterministic for a --seed on one device and thread count. Needs PyTorch:
+pip install 'kvcli\\[train]'."""
 
 
 def command(
@@ -31,7 +33,7 @@ def command(
     tokens: Annotated[int, typer.Option("--tokens", help="Tokens per training sequence.")] = 1024,
     tail: Annotated[int, typer.Option(
         "--tail", help="Last positions of each sequence the base computes itself and is scored on.")] = 64,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate.")] = 1e-5,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate.")] = 1e-6,
     l1_weight: Annotated[Optional[float], typer.Option(
         "--l1-weight", help="Weight of the K/V L1 term (default: 1 / the base's layers).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the order of the sequences.")] = 0,
@@ -41,6 +43,10 @@ def command(
         "--checkpoint", help="Checkpoint file (default: OUTPUT.checkpoint.pt beside -o).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint.")] = False,
     save_every: Annotated[int, typer.Option("--save-every", help="Steps between checkpoints.")] = 25,
+    validate: Annotated[int, typer.Option(
+        "--validate", help="Held-out sequences scored at the start, every --validate-every steps "
+        "and at the end (0: none).")] = 4,
+    validate_every: Annotated[int, typer.Option("--validate-every", help="Steps between validations.")] = 100,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     outtype: Annotated[Optional[str], typer.Option(
         "--outtype", help="Predictor storage: f32, f16, q8_0, q4_0 (default: the bundle's).")] = None,
@@ -64,7 +70,8 @@ def command(
     with ui.training_progress(steps) as report:
         summary = train_bundle(b, output, settings=settings, steps=steps, corpus=corpus,
                                checkpoint=checkpoint, resume=resume, save_every=max(1, save_every),
-                               device=device, storage=outtype, report=report,
+                               device=device, storage=outtype, validate=validate,
+                               validate_every=validate_every, report=report,
                                notice=lambda text: ui.err.print(text, soft_wrap=True))
     if json_out:
         typer.echo(json.dumps(summary, indent=2))
@@ -75,4 +82,8 @@ def command(
                  f"{summary['ce_last_10']} (last 10; the base over its own cache: "
                  f"{summary['ce_base_last_10']}); K/V L1 {summary['kv_l1_first_10']} -> "
                  f"{summary['kv_l1_last_10']}")
+    if summary["validation"]:
+        first, last = summary["validation"][0], summary["validation"][-1]
+        ui.out.print(f"held-out cross-entropy over the tail: {first['ce']} (step {first['step']}) -> "
+                     f"{last['ce']} (step {last['step']}; the base over its own cache: {last['ce_base']})")
     ui.out.print(f"bundle: {summary['output']}  (checkpoint: {summary['checkpoint']})")
