@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+
 from kvcli import keys
 from kvcli.atomic import write_atomically
 from kvcli.errors import KvcliError
@@ -61,8 +63,12 @@ def parse_layers(spec: str, n_layer: int) -> list[int]:
     return layers
 
 
-def cut_auxiliary(base_path: str | Path, out_path: str | Path, layers: list[int]) -> Path:
-    """Write a GGUF holding only ``layers`` of the base (renumbered), atomically."""
+def cut_auxiliary(base_path: str | Path, out_path: str | Path, layers: list[int],
+                  replace: dict | None = None) -> Path:
+    """Write a GGUF holding only ``layers`` of the base (renumbered), atomically.
+
+    ``replace``: new float32 values of some tensors (by their name in the output), written
+    as F16 (matrices) or F32 (vectors): a trained auxiliary written back."""
     import gguf
 
     info = read_model_info(base_path)
@@ -101,14 +107,17 @@ def cut_auxiliary(base_path: str | Path, out_path: str | Path, layers: list[int]
             if m and int(m.group(1)) not in new_index:
                 continue
             name = f"blk.{new_index[int(m.group(1))]}.{m.group(2)}" if m else tensor.name
-            kept.append((name, tensor))
-            writer.add_tensor_info(name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
-                                   tensor.tensor_type)
+            data, qtype = tensor.data, tensor.tensor_type
+            if replace and name in replace:
+                data = np.asarray(replace[name], np.float16 if replace[name].ndim > 1 else np.float32)
+                qtype = gguf.GGMLQuantizationType.F16 if data.ndim > 1 else gguf.GGMLQuantizationType.F32
+            kept.append((name, data))
+            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for _, tensor in kept:
-            writer.write_tensor_data(tensor.data)
+        for _, data in kept:
+            writer.write_tensor_data(data)
         writer.close()
 
     return write_atomically(Path(out_path), write)

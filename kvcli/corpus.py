@@ -48,23 +48,26 @@ def corpus_texts(part: str, root: Path | None = None) -> Iterator[tuple[str, str
 
 
 def token_chunks(part: str, tokenize: Callable[[str], list[int]], *, chunk_tokens: int,
-                 n_chunks: int, bos: int | None, root: Path | None = None
+                 n_chunks: int, bos: int | None, root: Path | None = None, per_file: int = 1
                  ) -> Iterator[tuple[str, list[int]]]:
     """Up to ``n_chunks`` prompts of exactly ``chunk_tokens`` tokens (BOS first, if given).
 
-    Each comes from the start of one file, so chunks are distinct text.
-    """
+    Each comes from the start of one file, so chunks are distinct text; ``per_file`` > 1
+    cuts up to that many consecutive chunks from each file (named ``file@offset`` past
+    the first)."""
     body = chunk_tokens - (1 if bos is not None else 0)
     made = 0
     for name, text in corpus_texts(part, root):
         if made >= n_chunks:
             return
         # tokenizing a whole large file is slow; a prefix of ~8 chars per token is plenty
-        tokens = tokenize(text[: body * 8])
-        if len(tokens) < body:
-            continue
-        yield name, ([bos] if bos is not None else []) + tokens[:body]
-        made += 1
+        tokens = tokenize(text[: body * 8 * per_file])
+        for i in range(min(per_file, len(tokens) // body)):
+            if made >= n_chunks:
+                return
+            yield (f"{name}@{i * body}" if i else name), ([bos] if bos is not None else []) + tokens[
+                i * body : (i + 1) * body]
+            made += 1
 
 
 def user_texts(corpus: Path) -> Iterator[tuple[str, str]]:

@@ -24,6 +24,9 @@ from kvcli.errors import KvcliError
 from kvcli.predictor import Predictor
 
 CHECKPOINT_FORMAT = "kvcli-train-checkpoint-1"
+# consecutive training sequences cut from one file of the standard library: with only each
+# file's first 1024 tokens (364 sequences) a second epoch memorised them (README)
+FILE_CHUNKS = 8
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class PredictorTrainer:
     """The frozen base (and auxiliary) in PyTorch, the predictor's matrices as parameters."""
 
     def __init__(self, base: Path, aux: Path | int, pred: Predictor, settings: TrainSettings,
-                 *, bos: int | None, device: str = "cpu"):
+                 *, bos: int | None, device: str = "cpu", train_aux: bool = False):
         from kvcli.model_info import key_norm_weights
         from kvcli.torch_forward import TorchModel, _torch
 
@@ -86,14 +89,41 @@ class PredictorTrainer:
         self.params = {il: (torch.tensor(pred.weights[il], device=device, requires_grad=True),
                             torch.tensor(pred.biases[il], device=device, requires_grad=True))
                        for il in pred.predicted_layers}
-        self.optimizer = torch.optim.AdamW([p for pair in self.params.values() for p in pair],
-                                           lr=settings.lr, weight_decay=0.0)
+        self.aux_params = self._trainable_aux() if train_aux else {}
+        self.optimizer = torch.optim.AdamW(self._all_params(), lr=settings.lr, weight_decay=0.0)
         self.step = 0
 
-    def _features(self, base_trace: dict, tokens) -> dict:
-        """Per source layer of the auxiliary: [un-roped K, V, hidden tensors] at every position."""
+    def _trainable_aux(self) -> dict:
+        """The auxiliary's layer tensors, but for the layers that are exact copies of the
+        base's (the predictor copies their cache, so they must stay what the base has)."""
+        import re
+
+        if self.aux is self.base:
+            raise KvcliError(f"--train-aux: this bundle's auxiliary is the base's own first "
+                             f"{self.aux_layers} layers, an exact prefix: training it would change "
+                             f"the base")
+        out = {}
+        for name, tensor in self.aux.w.items():
+            m = re.match(r"blk\.(\d+)\.", name)
+            if m and int(m.group(1)) not in self.pred.copied_layers:
+                tensor.requires_grad_(True)
+                out[name] = tensor
+        if not out:
+            raise KvcliError("--train-aux: every layer of the auxiliary is a copy of the base's")
+        return out
+
+    def _all_params(self) -> list:
+        return [p for pair in self.params.values() for p in pair] + list(self.aux_params.values())
+
+    def _features(self, base_trace: dict, tokens) -> tuple[dict, object]:
+        """Per source layer of the auxiliary: [un-roped K, V, hidden tensors] at every
+        position; and, while the auxiliary trains, its logits over the tail."""
+        aux_logits = None
         if self.aux is self.base:
             trace = base_trace
+        elif self.aux_params:
+            trace = {}
+            aux_logits, _ = self.aux.forward(tokens, n_logits=self.settings.tail, trace=trace)
         else:
             trace = {}
             self.aux.forward(tokens, trace=trace, n_layers=self.aux_layers)
@@ -102,7 +132,7 @@ class PredictorTrainer:
                         keys.FEATURE_AUX_ATTN: f"kqv_out-{k - 1}", keys.FEATURE_AUX_OUT: f"l_in-{k}"}
         hidden = [trace[hidden_names[kind]] for kind in self.pred.hidden_kinds]
         return {src: self.torch.cat([trace[f"k_pre_rope-{src}"], trace[f"v-{src}"], *hidden], dim=1)
-                for src in self.pred.feature_layers}
+                for src in self.pred.feature_layers}, aux_logits
 
     def _predicted_past(self, features: dict, true_cache: list, n: int, exact_bos: bool) -> dict:
         """Every base layer's cache of positions 0..n-1 as kvp writes it."""
@@ -127,7 +157,8 @@ class PredictorTrainer:
     def losses(self, tokens: list[int]) -> dict:
         """The step's forward: the base's logits over the tail with the predicted cache before
         it (``logits``), its cross-entropy (``ce``), the base's own over the same targets
-        (``ce_base``), and the K/V L1 summed over the predicted layers (``kv_l1``)."""
+        (``ce_base``), the K/V L1 summed over the predicted layers (``kv_l1``), and while the
+        auxiliary trains its own cross-entropy over the tail (``aux_ce``, else 0)."""
         torch, s = self.torch, self.settings
         tokens_t = torch.as_tensor(tokens, device=self.device)
         n_past = len(tokens) - s.tail
@@ -136,29 +167,34 @@ class PredictorTrainer:
             trace = {}
             base_logits, true_cache = self.base.forward(tokens_t, n_logits=s.tail, trace=trace)
             ce_base = torch.nn.functional.cross_entropy(base_logits[:-1], targets)
-            features = self._features(trace, tokens_t)
+            if not self.aux_params:
+                features, _ = self._features(trace, tokens_t)
+        aux_ce = torch.zeros((), device=self.device)
+        if self.aux_params:
+            features, aux_logits = self._features(trace, tokens_t)
+            aux_ce = torch.nn.functional.cross_entropy(aux_logits[:-1], targets)
         exact_bos = self.pred.exact_bos_cell and self.bos is not None and tokens[0] == self.bos
         past = self._predicted_past(features, true_cache, n_past, exact_bos)
         logits, _ = self.base.forward(tokens_t[n_past:], n_logits=s.tail, past=past)
         l1 = sum((past[il][0] - true_cache[il][0][:n_past]).abs().mean()
                  + (past[il][1] - true_cache[il][1][:n_past]).abs().mean() for il in self.params)
         return {"logits": logits, "ce": torch.nn.functional.cross_entropy(logits[:-1], targets),
-                "ce_base": ce_base, "kv_l1": l1}
+                "ce_base": ce_base, "kv_l1": l1, "aux_ce": aux_ce}
 
     def train_step(self, tokens: list[int]) -> dict:
         """One optimizer step on one sequence; the losses are measured before the update."""
         start = time.perf_counter()
         out = self.losses(tokens)
-        loss = out["ce"] + self.l1_weight * out["kv_l1"]
+        loss = out["ce"] + out["aux_ce"] + self.l1_weight * out["kv_l1"]
         self.optimizer.zero_grad()
         loss.backward()
-        self.torch.nn.utils.clip_grad_norm_([p for pair in self.params.values() for p in pair],
-                                            self.settings.clip)
+        self.torch.nn.utils.clip_grad_norm_(self._all_params(), self.settings.clip)
         self.optimizer.step()
         self.step += 1
         seconds = time.perf_counter() - start
         return {"step": self.step, "loss": loss.item(), "ce": out["ce"].item(),
-                "ce_base": out["ce_base"].item(), "kv_l1": out["kv_l1"].item(), "seconds": seconds,
+                "ce_base": out["ce_base"].item(), "kv_l1": out["kv_l1"].item(),
+                "aux_ce": out["aux_ce"].item(), "seconds": seconds,
                 "tokens_per_s": len(tokens) / seconds}
 
     def predictor(self, source: str) -> Predictor:
@@ -174,6 +210,7 @@ class PredictorTrainer:
     def checkpoint(self, identity: dict) -> dict:
         return {"format": CHECKPOINT_FORMAT, "identity": identity, "step": self.step,
                 "params": {il: (w.detach().cpu(), b.detach().cpu()) for il, (w, b) in self.params.items()},
+                "aux_params": {name: t.detach().cpu() for name, t in self.aux_params.items()},
                 "optimizer": self.optimizer.state_dict()}
 
     def restore(self, checkpoint: dict, identity: dict) -> None:
@@ -188,6 +225,8 @@ class PredictorTrainer:
             for il, (w, b) in self.params.items():
                 w.copy_(checkpoint["params"][il][0])
                 b.copy_(checkpoint["params"][il][1])
+            for name, t in self.aux_params.items():
+                t.copy_(checkpoint["aux_params"][name])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.step = int(checkpoint["step"])
 
@@ -228,7 +267,7 @@ def training_sequences(base: Path, n_tokens: int, corpus: Path | None = None,
             source = f"{Path(corpus).name}:{len(seqs)}x{n_tokens}"
         else:
             seqs = list(token_chunks("calibration", tokenize, chunk_tokens=n_tokens,
-                                     n_chunks=limit, bos=model.bos))
+                                     n_chunks=limit, bos=model.bos, per_file=FILE_CHUNKS))
             source = f"python-stdlib-sources:{len(seqs)}x{n_tokens}"
         bos = model.bos
     finally:
@@ -271,7 +310,8 @@ def default_checkpoint(output: Path) -> Path:
 def train_bundle(bundle, output: Path, *, settings: TrainSettings, steps: int,
                  corpus: Path | None = None, checkpoint: Path | None = None, resume: bool = False,
                  save_every: int = 25, device: str = "cpu", storage: str | None = None,
-                 validate: int = 4, validate_every: int = 100, report=None, notice=None) -> dict:
+                 validate: int = 4, validate_every: int = 100, train_aux: bool = False,
+                 report=None, notice=None) -> dict:
     """Train ``bundle``'s predictor for ``steps`` steps (counted from the start of the run a
     resumed checkpoint belongs to) and write a bundle with it to ``output``. A checkpoint is
     saved every ``save_every`` steps and on Ctrl-C. ``report(row)`` after every step;
@@ -296,9 +336,10 @@ def train_bundle(bundle, output: Path, *, settings: TrainSettings, steps: int,
         raise KvcliError(f"a checkpoint of an earlier run is at {checkpoint}: --resume continues "
                          f"it; delete it to start over")
     sequences, source, bos = training_sequences(bundle.base, settings.tokens, corpus)
-    trainer = PredictorTrainer(bundle.base, bundle.aux_source, pred, settings, bos=bos, device=device)
+    trainer = PredictorTrainer(bundle.base, bundle.aux_source, pred, settings, bos=bos, device=device,
+                               train_aux=train_aux)
     identity = {"predictor_sha256": sha256_file(bundle.predictor), "source": source,
-                **dataclasses.asdict(settings), "l1_weight": trainer.l1_weight}
+                **dataclasses.asdict(settings), "l1_weight": trainer.l1_weight, "train_aux": train_aux}
     if resume:
         trainer.restore(load_checkpoint(checkpoint), identity)
         if notice:
@@ -332,7 +373,8 @@ def train_bundle(bundle, output: Path, *, settings: TrainSettings, steps: int,
         raise
     save_checkpoint(trainer.checkpoint(identity), checkpoint)
     check()
-    write_trained_bundle(bundle, trainer.predictor(source), output, storage)
+    write_trained_bundle(bundle, trainer.predictor(source), output, storage,
+                         aux_weights={k: t.detach().cpu().numpy() for k, t in trainer.aux_params.items()})
     first, last = rows[: min(10, len(rows))], rows[-min(10, len(rows)) :]
 
     def mean(key, part):
@@ -342,6 +384,7 @@ def train_bundle(bundle, output: Path, *, settings: TrainSettings, steps: int,
             "steps_this_run": len(rows), "tokens_per_sequence": settings.tokens,
             "tail": settings.tail, "sequences_available": len(sequences), "source": source,
             "l1_weight": trainer.l1_weight, "lr": settings.lr, "seed": settings.seed, "device": device,
+            "train_aux": train_aux, "aux_ce_last_10": mean("aux_ce", last) if train_aux else None,
             "ce_first_10": mean("ce", first), "ce_last_10": mean("ce", last),
             "ce_base_last_10": mean("ce_base", last), "kv_l1_first_10": mean("kv_l1", first),
             "kv_l1_last_10": mean("kv_l1", last),
@@ -351,15 +394,24 @@ def train_bundle(bundle, output: Path, *, settings: TrainSettings, steps: int,
                         for r in rows]}
 
 
-def write_trained_bundle(bundle, pred: Predictor, output: Path, storage: str | None = None) -> None:
-    """A bundle of ``bundle``'s base and auxiliary (named by absolute path, or the prefix)
-    with ``pred`` as its predictor, built atomically."""
+def write_trained_bundle(bundle, pred: Predictor, output: Path, storage: str | None = None,
+                         aux_weights: dict | None = None) -> None:
+    """A bundle of ``bundle``'s base (named by absolute path) and auxiliary (the prefix, the
+    same file, or, with ``aux_weights``, a copy of its file with those tensors trained) with
+    ``pred`` as its predictor, built atomically."""
     from kvcli.atomic import building_folder
+    from kvcli.aux_cut import cut_auxiliary
     from kvcli.bundle import write_manifest
+    from kvcli.model_info import read_model_info
     from kvcli.predictor import save_predictor
 
     aux = bundle.aux_source if isinstance(bundle.aux_source, int) else Path(bundle.aux_source).resolve()
     with building_folder(output) as work:
+        if aux_weights:
+            n_layer = read_model_info(aux).n_layer
+            aux = cut_auxiliary(aux, work / "aux.gguf", list(range(n_layer)), replace=aux_weights)
+            pred = dataclasses.replace(pred, aux_fingerprint=read_model_info(aux).fingerprint)
+            aux = Path(aux.name)
         save_predictor(pred, work / "predictor.gguf", storage)
         write_manifest(work, {"base": bundle.base.resolve(), "aux": aux,
                               "predictor": Path("predictor.gguf")})

@@ -83,7 +83,7 @@ def test_training_text_is_disjoint_from_the_evaluations(tiny_gemma3):
     and bench-ttft's prompts come from its held-out part: no file, and no text, in both."""
     seqs, source, _ = training_sequences(tiny_gemma3, 64, limit=30)
     assert len(seqs) == 30 and source.startswith("python-stdlib-sources")
-    names = {name for name, _ in seqs}
+    names = {name.split("@")[0] for name, _ in seqs}
     assert names <= {name for name, _ in corpus_texts("calibration")}
     heldout = dict(corpus_texts("heldout"))
     assert heldout and not names & set(heldout)
@@ -111,3 +111,41 @@ def test_cli_trains_writes_a_bundle_and_refuses_to_overwrite_a_checkpoint(tiny_b
     resumed = runner.invoke(app, [*args, "--steps", "3", "--resume", "--json"])
     assert resumed.exit_code == 0, resumed.output
     assert json.loads(resumed.stdout)["step"] == 3
+
+
+def test_train_aux_writes_back_an_auxiliary_llama_cpp_runs(tiny_gemma3, tiny_bundle, tmp_path):
+    """--train-aux on a strided auxiliary (base layers 0, 2, 3): its layers that are not
+    copies of the base's learn, layer 0 (a copy) stays bit for bit, the written GGUF runs in
+    llama.cpp as PyTorch runs the trained weights, and kvp runs with the new bundle. A prefix
+    auxiliary is refused: training it would change the base."""
+    from kvcli.aux_cut import cut_auxiliary, stride_layers
+    from kvcli.bundle import pack_bundle
+    from kvcli.calibrate import calibrate
+    from kvcli.errors import KvcliError
+    from kvcli.gguf_header import read_tensors
+    from kvcli.predictor import save_predictor
+    from kvcli.torch_forward import TorchModel
+
+    aux = cut_auxiliary(tiny_gemma3, tmp_path / "aux.gguf", stride_layers(4, 2))
+    pred = save_predictor(calibrate(tiny_gemma3, aux, n_tokens=600), tmp_path / "pred.gguf")
+    strided = pack_bundle(tmp_path / "strided", base=tiny_gemma3, aux=aux, predictor=pred)
+    settings = TrainSettings(tokens=64, tail=16, lr=1e-2)
+    summary = train_bundle(strided, tmp_path / "out", settings=settings, steps=2, train_aux=True, validate=0)
+    assert summary["aux_ce_last_10"] > 0
+    out = load_bundle(tmp_path / "out")
+    before, after = read_tensors(aux), read_tensors(out.aux)
+    np.testing.assert_array_equal(before["blk.0.attn_q.weight"], after["blk.0.attn_q.weight"])
+    assert np.abs(before["blk.1.attn_q.weight"] - after["blk.1.attn_q.weight"]).max() > 1e-3
+
+    settings_f32 = ContextSettings(n_ctx=128, type_k="f32", type_v="f32")
+    with Engine(out.aux, settings=settings_f32) as engine:
+        tokens = random_prompt(40, engine.model.n_vocab, engine.model.bos, low=3)
+        logits = engine.prefill(tokens, mode="base")[1]
+    with torch.no_grad():
+        ours = TorchModel(out.aux).forward(tokens)[0][0].numpy()
+    assert np.abs(ours - logits).max() < 2e-3 * np.abs(logits).max()
+    with Engine.from_bundle(out) as engine:
+        assert np.isfinite(engine.prefill(tokens, mode="kvp")[1]).all()
+
+    with pytest.raises(KvcliError, match="exact prefix"):
+        train_bundle(tiny_bundle, tmp_path / "no", settings=settings, steps=1, train_aux=True, validate=0)

@@ -15,8 +15,8 @@ does: each step runs one sequence of --tokens tokens as kvp does (the predicted 
 all but its last --tail positions, which the base computes itself over it) and lowers the
 base's cross-entropy on those positions plus --l1-weight times the L1 distance between the
 predicted and the base's own K and V. The predictor starts from the bundle's closed-form
-fit; base and auxiliary stay frozen. Writes a bundle with the trained predictor to -o
-(judge it with kvcli eval --bundle).
+fit; the base stays frozen, and the auxiliary too unless --train-aux. Writes a bundle with
+the trained predictor (and auxiliary) to -o (judge it with kvcli eval --bundle).
 
 Training text: the calibration part of the standard library's sources (never used by kvcli
 eval), or --corpus. Progress is measured on --validate sequences of the held-out part
@@ -48,6 +48,10 @@ def command(
         "and at the end (0: none).")] = 4,
     validate_every: Annotated[int, typer.Option("--validate-every", help="Steps between validations.")] = 100,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    train_aux: Annotated[bool, typer.Option(
+        "--train-aux", help="Train the auxiliary too (its layers that are not copies of the base's), "
+        "with its own cross-entropy over the tail added to the loss; written back as a GGUF "
+        "(trained matrices F16). Not for a prefix auxiliary.")] = False,
     outtype: Annotated[Optional[str], typer.Option(
         "--outtype", help="Predictor storage: f32, f16, q8_0, q4_0 (default: the bundle's).")] = None,
     threads: ThreadsOpt = 0,
@@ -71,7 +75,7 @@ def command(
         summary = train_bundle(b, output, settings=settings, steps=steps, corpus=corpus,
                                checkpoint=checkpoint, resume=resume, save_every=max(1, save_every),
                                device=device, storage=outtype, validate=validate,
-                               validate_every=validate_every, report=report,
+                               validate_every=validate_every, train_aux=train_aux, report=report,
                                notice=lambda text: ui.err.print(text, soft_wrap=True))
     if json_out:
         typer.echo(json.dumps(summary, indent=2))
