@@ -24,9 +24,6 @@ from kvcli.errors import KvcliError
 from kvcli.predictor import Predictor
 
 CHECKPOINT_FORMAT = "kvcli-train-checkpoint-1"
-# consecutive training sequences cut from one file of the standard library: with only each
-# file's first 1024 tokens (364 sequences) a second epoch memorised them (README)
-FILE_CHUNKS = 8
 
 
 @dataclass(frozen=True)
@@ -247,50 +244,6 @@ def load_checkpoint(path: Path) -> dict:
         raise KvcliError(f"cannot read the checkpoint {path} ({type(exc).__name__})") from None
 
 
-def training_sequences(base: Path, n_tokens: int, corpus: Path | None = None,
-                       limit: int = 4000) -> tuple[list[tuple[str, list[int]]], str, int | None]:
-    """(file name, tokens) of sequences of exactly ``n_tokens`` tokens (BOS first), the name
-    of their source and the BOS token:
-    the user's text, else the calibration part of the standard library's sources (corpus.py),
-    which the evaluation never uses."""
-    from kvcli.corpus import token_chunks, user_token_chunks
-    from kvcli.runtime import Model
-
-    model = Model(base, what="base model")
-    try:
-        def tokenize(text: str) -> list[int]:
-            return model.tokenize(text, add_special=False)
-
-        if corpus is not None:
-            seqs = list(user_token_chunks(corpus, tokenize, chunk_tokens=n_tokens,
-                                          n_chunks=limit, bos=model.bos))
-            source = f"{Path(corpus).name}:{len(seqs)}x{n_tokens}"
-        else:
-            seqs = list(token_chunks("calibration", tokenize, chunk_tokens=n_tokens,
-                                     n_chunks=limit, bos=model.bos, per_file=FILE_CHUNKS))
-            source = f"python-stdlib-sources:{len(seqs)}x{n_tokens}"
-        bos = model.bos
-    finally:
-        model.close()
-    if not seqs:
-        raise KvcliError(f"the training text gave no sequence of {n_tokens} tokens "
-                         f"({corpus or 'the standard library'}); give more text or fewer --tokens")
-    return seqs, source, bos
-
-
-def validation_sequences(base: Path, n_tokens: int, n: int) -> list[list[int]]:
-    """``n`` sequences from the corpus' held-out part, to measure training by (never trained on)."""
-    from kvcli.corpus import token_chunks
-    from kvcli.runtime import Model
-
-    model = Model(base, what="base model")
-    try:
-        return [t for _, t in token_chunks("heldout", lambda s: model.tokenize(s, add_special=False),
-                                           chunk_tokens=n_tokens, n_chunks=n, bos=model.bos)]
-    finally:
-        model.close()
-
-
 def validation_losses(trainer: PredictorTrainer, sequences: list[list[int]]) -> dict | None:
     """Mean cross-entropy over the tail of held-out sequences: over the predicted cache, and
     the base's over its own."""
@@ -335,6 +288,8 @@ def train_bundle(bundle, output: Path, *, settings: TrainSettings, steps: int,
     if not resume and checkpoint.exists():
         raise KvcliError(f"a checkpoint of an earlier run is at {checkpoint}: --resume continues "
                          f"it; delete it to start over")
+    from kvcli.train_data import training_sequences, validation_sequences
+
     sequences, source, bos = training_sequences(bundle.base, settings.tokens, corpus)
     trainer = PredictorTrainer(bundle.base, bundle.aux_source, pred, settings, bos=bos, device=device,
                                train_aux=train_aux)

@@ -20,8 +20,8 @@ from kvcli.train import (  # noqa: E402
     TrainSettings,
     order_of_sequences,
     train_bundle,
-    training_sequences,
 )
+from kvcli.train_data import training_sequences  # noqa: E402
 
 
 @pytest.fixture(scope="module")

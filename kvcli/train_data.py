@@ -1,0 +1,57 @@
+"""The text kvcli train learns from and is measured on: sequences of one length from the
+user's corpus or the calibration part of the standard library's sources, and held-out
+sequences (the part kvcli eval and bench-ttft use) for validation only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvcli.errors import KvcliError
+
+# consecutive training sequences cut from one file of the standard library: with only each
+# file's first 1024 tokens (364 sequences) a second epoch memorised them (README)
+FILE_CHUNKS = 8
+
+
+def training_sequences(base: Path, n_tokens: int, corpus: Path | None = None,
+                       limit: int = 4000) -> tuple[list[tuple[str, list[int]]], str, int | None]:
+    """(file name, tokens) of sequences of exactly ``n_tokens`` tokens (BOS first), the name
+    of their source and the BOS token:
+    the user's text, else the calibration part of the standard library's sources (corpus.py),
+    which the evaluation never uses."""
+    from kvcli.corpus import token_chunks, user_token_chunks
+    from kvcli.runtime import Model
+
+    model = Model(base, what="base model")
+    try:
+        def tokenize(text: str) -> list[int]:
+            return model.tokenize(text, add_special=False)
+
+        if corpus is not None:
+            seqs = list(user_token_chunks(corpus, tokenize, chunk_tokens=n_tokens,
+                                          n_chunks=limit, bos=model.bos))
+            source = f"{Path(corpus).name}:{len(seqs)}x{n_tokens}"
+        else:
+            seqs = list(token_chunks("calibration", tokenize, chunk_tokens=n_tokens,
+                                     n_chunks=limit, bos=model.bos, per_file=FILE_CHUNKS))
+            source = f"python-stdlib-sources:{len(seqs)}x{n_tokens}"
+        bos = model.bos
+    finally:
+        model.close()
+    if not seqs:
+        raise KvcliError(f"the training text gave no sequence of {n_tokens} tokens "
+                         f"({corpus or 'the standard library'}); give more text or fewer --tokens")
+    return seqs, source, bos
+
+
+def validation_sequences(base: Path, n_tokens: int, n: int) -> list[list[int]]:
+    """``n`` sequences from the corpus' held-out part, to measure training by (never trained on)."""
+    from kvcli.corpus import token_chunks
+    from kvcli.runtime import Model
+
+    model = Model(base, what="base model")
+    try:
+        return [t for _, t in token_chunks("heldout", lambda s: model.tokenize(s, add_special=False),
+                                           chunk_tokens=n_tokens, n_chunks=n, bos=model.bos)]
+    finally:
+        model.close()
