@@ -22,7 +22,7 @@ import numpy as np
 
 from kvcli import keys
 from kvcli.capture import TensorCapture, hidden_feature_width, hidden_tensor_names
-from kvcli.corpus import token_chunks, user_token_chunks
+from kvcli.corpus import named_chunks
 from kvcli.errors import IncompatibleError, KvcliError
 from kvcli.kv_layout import layers_by_index
 from kvcli.model_info import ModelInfo, read_model_info
@@ -182,14 +182,8 @@ def collect(base_path, aux_path, *, n_tokens: int = DEFAULT_TOKENS, chunk_tokens
         def tokenize(text: str) -> list[int]:
             return model.tokenize(text, add_special=False)
 
-        if corpus is not None:
-            chunks = list(user_token_chunks(corpus, tokenize, chunk_tokens=chunk_tokens,
-                                            n_chunks=n_chunks, bos=model.bos))
-            source = f"{Path(corpus).name}:{len(chunks)}x{chunk_tokens}"
-        else:
-            chunks = list(token_chunks("calibration", tokenize, chunk_tokens=chunk_tokens,
-                                       n_chunks=n_chunks, bos=model.bos))
-            source = f"python-stdlib-sources:{len(chunks)}x{chunk_tokens}"
+        chunks, source = named_chunks(corpus, tokenize, chunk_tokens=chunk_tokens,
+                                      n_chunks=n_chunks, bos=model.bos)
         if len(chunks) < n_chunks:
             raise KvcliError(f"the calibration corpus gave {len(chunks)} prompts of "
                              f"{chunk_tokens} tokens, {n_chunks} needed (give more text or "

@@ -96,3 +96,17 @@ def user_token_chunks(corpus: Path, tokenize: Callable[[str], list[int]], *, chu
                 return
             yield f"{name}@{at}", ([bos] if bos is not None else []) + tokens[at : at + body]
             made += 1
+
+
+def named_chunks(corpus: Path | None, tokenize: Callable[[str], list[int]], *, chunk_tokens: int,
+                 n_chunks: int, bos: int | None, per_file: int = 1
+                 ) -> tuple[list[tuple[str, list[int]]], str]:
+    """Up to ``n_chunks`` (name, tokens) prompts from the user's ``corpus``, else from the
+    calibration part of the standard library's sources, and the name of their source."""
+    if corpus is not None:
+        chunks = list(user_token_chunks(corpus, tokenize, chunk_tokens=chunk_tokens,
+                                        n_chunks=n_chunks, bos=bos))
+        return chunks, f"{Path(corpus).name}:{len(chunks)}x{chunk_tokens}"
+    chunks = list(token_chunks("calibration", tokenize, chunk_tokens=chunk_tokens,
+                               n_chunks=n_chunks, bos=bos, per_file=per_file))
+    return chunks, f"python-stdlib-sources:{len(chunks)}x{chunk_tokens}"

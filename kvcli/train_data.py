@@ -19,7 +19,7 @@ def training_sequences(base: Path, n_tokens: int, corpus: Path | None = None,
     of their source and the BOS token:
     the user's text, else the calibration part of the standard library's sources (corpus.py),
     which the evaluation never uses."""
-    from kvcli.corpus import token_chunks, user_token_chunks
+    from kvcli.corpus import named_chunks
     from kvcli.runtime import Model
 
     model = Model(base, what="base model")
@@ -27,14 +27,8 @@ def training_sequences(base: Path, n_tokens: int, corpus: Path | None = None,
         def tokenize(text: str) -> list[int]:
             return model.tokenize(text, add_special=False)
 
-        if corpus is not None:
-            seqs = list(user_token_chunks(corpus, tokenize, chunk_tokens=n_tokens,
-                                          n_chunks=limit, bos=model.bos))
-            source = f"{Path(corpus).name}:{len(seqs)}x{n_tokens}"
-        else:
-            seqs = list(token_chunks("calibration", tokenize, chunk_tokens=n_tokens,
-                                     n_chunks=limit, bos=model.bos, per_file=FILE_CHUNKS))
-            source = f"python-stdlib-sources:{len(seqs)}x{n_tokens}"
+        seqs, source = named_chunks(corpus, tokenize, chunk_tokens=n_tokens, n_chunks=limit,
+                                    bos=model.bos, per_file=FILE_CHUNKS)
         bos = model.bos
     finally:
         model.close()
