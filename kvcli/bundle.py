@@ -11,6 +11,7 @@ embedded Gemma 3 270M into the user's cache folder ($XDG_CACHE_HOME/kvcli, else
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -298,3 +299,23 @@ def default_bundle(progress: Progress | None = None) -> Bundle:
         return load_bundle(folder)
     return build_bundle(base, folder, n_aux_layers=DEFAULT_AUX_LAYERS, reference_base=True,
                         progress=progress)
+
+
+def bundle_with_predictor(bundle: Bundle, pred, output: Path, storage: str | None = None,
+                          aux_weights: dict | None = None) -> None:
+    """A bundle of ``bundle``'s base (named by absolute path) and auxiliary (the prefix, the
+    same file, or, with ``aux_weights``, a copy of its file with those tensors trained) with
+    ``pred`` as its predictor, built atomically."""
+    from kvcli.aux_cut import cut_auxiliary
+    from kvcli.predictor import save_predictor
+
+    aux = bundle.aux_source if isinstance(bundle.aux_source, int) else Path(bundle.aux_source).resolve()
+    with building_folder(output) as work:
+        if aux_weights:
+            n_layer = read_model_info(aux).n_layer
+            aux = cut_auxiliary(aux, work / "aux.gguf", list(range(n_layer)), replace=aux_weights)
+            pred = dataclasses.replace(pred, aux_fingerprint=read_model_info(aux).fingerprint)
+            aux = Path(aux.name)
+        save_predictor(pred, work / "predictor.gguf", storage)
+        write_manifest(work, {"base": bundle.base.resolve(), "aux": aux,
+                              "predictor": Path("predictor.gguf")})

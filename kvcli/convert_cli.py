@@ -1,6 +1,7 @@
 """The converter's commands (run as ``python tools/convert_gguf.py``): thin over kvcli/.
 
-make-aux, calibrate, quantize and bundle build every file a kvcli bundle holds; import-corenet
+make-aux, calibrate, quantize and bundle build every file a kvcli bundle holds; factor makes a
+bundle's predictor cheaper to run; import-corenet
 turns a corenet KV-prediction checkpoint into a bundle. Each output
 is written atomically: a converter stopped at any moment leaves no partial file.
 """
@@ -162,6 +163,62 @@ def quantize_cmd(
 
         out = quantize_model(src, dest, qtype, threads=threads, allow_requantize=allow_requantize)
     typer.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+
+
+@command("factor")
+def factor_cmd(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to create.")],
+    rank: Annotated[int, typer.Option("--rank", help="Columns of the shared basis.")] = 512,
+    bundle: Annotated[Optional[Path], typer.Option(
+        "--bundle", help="Bundle folder whose predictor to factor (default: the embedded "
+        "Gemma 3 270M bundle).")] = None,
+    keep_full: Annotated[Optional[str], typer.Option(
+        "--keep-full", help="Predicted layers to leave unfactored, comma-separated (default: "
+        "none).")] = None,
+    corpus: Corpus = None,
+    tokens: Tokens = None,
+    predictor_type: Annotated[Optional[str], typer.Option(
+        "--predictor-type", help="How the per-layer matrices are stored: f32, f16, q8_0 or q4_0 "
+        "(default: as the bundle's; the basis is kept F32).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")] = False,
+    threads: ThreadsOpt = 0,
+) -> None:
+    """Factor a bundle's predictor through one shared basis per auxiliary source layer
+    (reduced-rank regression over calibration text): its layers then read --rank columns
+    instead of every feature, which makes the predict step cheaper at some loss of accuracy.
+    Prints each layer's held-out relative error of K and V before and after; writes a
+    bundle with the base, the same auxiliary and the factored predictor."""
+    import json
+
+    from kvcli import ui
+    from kvcli.commands.common import resolve_bundle
+    from kvcli.factor import factor_bundle
+    from kvcli.runtime import ContextSettings
+
+    try:
+        full = [int(x) for x in keep_full.split(",") if x.strip()] if keep_full else []
+    except ValueError:
+        raise KvcliError(f"cannot read --keep-full {keep_full!r}: layer numbers, comma-separated") from None
+    if corpus is not None and not corpus.exists():
+        raise KvcliError(f"corpus not found: {corpus}")
+    b = resolve_bundle(bundle)
+    with ui.progress_reporter() as report:
+        result = factor_bundle(b, output, rank=rank, full_layers=full, n_tokens=tokens,
+                               corpus=corpus, storage=predictor_type,
+                               settings=ContextSettings(n_threads=threads),
+                               progress=lambda i, n: report("calibrate", i, n))
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    errors = result["heldout_rel_error"]
+    for il, e in errors.items():
+        typer.echo(f"layer {il:3d}: K {e['before'][0]:.3f} -> {e['after'][0]:.3f}   "
+                   f"V {e['before'][1]:.3f} -> {e['after'][1]:.3f}")
+    means = {(when, i): sum(e[when][i] for e in errors.values()) / max(len(errors), 1)
+             for when in ("before", "after") for i in (0, 1)}
+    typer.echo(f"wrote bundle {output} (rank {rank}, {len(result['factored_layers'])} layers "
+               f"factored; held-out mean K {means['before', 0]:.3f} -> {means['after', 0]:.3f}, "
+               f"V {means['before', 1]:.3f} -> {means['after', 1]:.3f})")
 
 
 @command("bundle")

@@ -298,7 +298,7 @@ class Engine:
         aux_layers = layers_by_index(parse_seq_state(raw), self.aux_state_info) if needs_state else {}
         common = dict(aux_layers=aux_layers, aux=self.aux_info, base=self.base_info,
                       predictor=self.predictor, bos=bos if tokens[0] == self.model.bos else None,
-                      key_norms=self.key_norms, hidden=hidden, raw_kv=raw_kv)
+                      key_norms=self.key_norms, hidden=hidden, raw_kv=raw_kv, cache={})
         known = {}
         self.last_recomputed = []
         if choose:

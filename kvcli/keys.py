@@ -25,6 +25,7 @@ HELDOUT_REL_ERROR = f"{PREFIX}.ridge.heldout_rel_error"
 CALIBRATION_TOKENS = f"{PREFIX}.calibration.tokens"
 CALIBRATION_SOURCE = f"{PREFIX}.calibration.source"
 STORAGE_TYPE = f"{PREFIX}.storage_type"  # f32, f16, q8_0 or q4_0: how the matrices are stored
+FACTORED_LAYERS = f"{PREFIX}.factored_layers"  # predicted layers that read their source's basis
 
 # an auxiliary cut from a base by kvcli records where it came from
 AUX_BASE_LAYERS = "kvcli.aux.base_layers"  # per aux layer: the base layer it was cut from
@@ -38,6 +39,12 @@ def weight_name(layer: int) -> str:
 
 def bias_name(layer: int) -> str:
     return f"kvp.blk.{layer}.bias"
+
+
+def basis_name(source: int) -> str:
+    """A factored predictor's shared basis of auxiliary layer ``source``'s features:
+    ggml shape (n_features, rank)."""
+    return f"kvp.src.{source}.basis"
 
 
 # feature kinds and key spaces

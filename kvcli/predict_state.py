@@ -25,13 +25,13 @@ from kvcli.rope import rotate, unrotate
 from kvcli.state_codec import Pending
 
 _POOL: ThreadPoolExecutor | None = None
+_WORKERS = min(os.cpu_count() or 1, 8)
 
 
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 8),
-                                   thread_name_prefix="kvcli-predict")
+        _POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="kvcli-predict")
     return _POOL
 
 
@@ -141,19 +141,18 @@ def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: Mod
                     bos: BosCell | None = None, key_norms: dict[int, np.ndarray] | None = None,
                     hidden: list[np.ndarray] = (), hidden_start: int = 0,
                     raw_kv: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
-                    only: list[int] | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+                    only: list[int] | None = None, cache: dict | None = None
+                    ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """K (post-RoPE) and V rows per base layer, for the positions of its cache group.
 
     The auxiliary's cells must hold positions 0..n-1; ``hidden`` rows start at position
     ``hidden_start`` (a conversation's auxiliary decodes only its new tokens). ``raw_kv``:
     per auxiliary layer, its keys and values straight out of the QKV projection (captured
     like ``hidden``, from the same position), for a predictor that reads raw keys. ``only``:
-    just these layers."""
+    just these layers. ``cache``: a dict kept across calls on the same prompt, where a
+    factored predictor's basis products are reused."""
     out, jobs = _layer_jobs(aux_layers, aux, base, predictor, group_positions, bos, key_norms,
-                            hidden, hidden_start, raw_kv)
-    if only is not None:
-        out = {il: kv for il, kv in out.items() if il in only}
-        jobs = {il: job for il, job in jobs.items() if il in only}
+                            hidden, hidden_start, raw_kv, only, cache)
     # numpy releases the GIL in its kernels: layers run in parallel on single-threaded BLAS
     out.update(zip(jobs, _pool().map(lambda job: job(), jobs.values())))
     return out
@@ -182,8 +181,10 @@ def _layer_jobs(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: ModelIn
                 predictor: Predictor, group_positions: list[np.ndarray],
                 bos: BosCell | None = None, key_norms: dict[int, np.ndarray] | None = None,
                 hidden: list[np.ndarray] = (), hidden_start: int = 0,
-                raw_kv: dict[int, tuple[np.ndarray, np.ndarray]] | None = None):
-    """The copied layers' rows, and per predicted layer a function that computes its rows."""
+                raw_kv: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+                only: list[int] | None = None, cache: dict | None = None):
+    """The copied layers' rows, and per predicted layer a function that computes its rows
+    (``only``: just these layers; ``cache``: see ``predict_base_kv``)."""
     n_cells = max((len(p) and int(p[-1]) + 1) for p in group_positions)
     first = min((int(p[0]) for p in group_positions if len(p)), default=n_cells)
     if hidden and not (hidden_start <= first and hidden_start + len(hidden[0]) >= n_cells):
@@ -203,8 +204,9 @@ def _layer_jobs(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: ModelIn
                 n_cells and int(cells.positions[n_cells - 1]) != n_cells - 1):
             raise IncompatibleError(f"auxiliary layer {il} does not hold positions 0..{n_cells - 1}")
 
+    wanted = (lambda il: True) if only is None else (lambda il: il in only)
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for il in predictor.copied_layers:
+    for il in filter(wanted, predictor.copied_layers):
         rows = _positions_of(base, group_positions, il)
         out[il] = (aux_layers[il].k[rows], aux_layers[il].v[rows])
 
@@ -220,10 +222,23 @@ def _layer_jobs(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: ModelIn
             kv = {src: (unrotate(cells.k[first:n_cells], positions, aux.rope[src]),
                         cells.v[first:n_cells])}
         features[src] = build_features(kv, src, [h[h0 : h0 + n_cells - first] for h in hidden])
+    layers = list(filter(wanted, predictor.predicted_layers))
+    reduced = {}
+    for src in predictor.sources_with_basis(layers):
+        key = ("basis", src, first, n_cells)
+        if cache is None or key not in cache:
+            product = _times_basis(features[src], predictor.bases[src])
+            if cache is None:
+                reduced[src] = product
+                continue
+            cache[key] = product
+        reduced[src] = cache[key]
 
     def predict_one(il: int) -> tuple[np.ndarray, np.ndarray]:
         rows = _positions_of(base, group_positions, il)
-        k, v = predictor.predict_layer(features[predictor.layer_map[il]], il, rows - first)
+        src = predictor.layer_map[il]
+        x = reduced[src] if il in predictor.factored_layers else features[src]
+        k, v = predictor.predict_layer(x, il, rows - first)
         if predictor.key_space == keys.KEY_SPACE_PRE_NORM:
             k = apply_key_norm(k, key_norms[il], base.head_dim_k, base.rms_eps)
         elif key_norms is not None:
@@ -233,7 +248,17 @@ def _layer_jobs(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: ModelIn
             k[0], v[0] = bos.k[il], bos.v[il]
         return k, v
 
-    return out, {il: partial(predict_one, il) for il in predictor.predicted_layers}
+    return out, {il: partial(predict_one, il) for il in layers}
+
+
+def _times_basis(features: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """features @ basis, its rows split over the pool (BLAS runs single-threaded there)."""
+    n_parts = min(_WORKERS, len(features) // 256)
+    if n_parts < 2:
+        return features @ basis
+    bounds = np.linspace(0, len(features), n_parts + 1).astype(int)
+    return np.concatenate(list(_pool().map(lambda i: features[bounds[i] : bounds[i + 1]] @ basis,
+                                           range(n_parts))))
 
 
 def state_bytes(layout: CacheLayout, group_positions: list[np.ndarray],

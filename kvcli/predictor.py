@@ -9,6 +9,10 @@ then its values. Copied layers (a prefix auxiliary's own layers) are not predict
 Stored as a GGUF written with gguf-py: ``general.type = kvcli-predictor``, the fingerprints
 of the base and auxiliary it was fit for, the layer map and the feature kinds (keys.py), and
 one weight matrix per predicted layer in F32, F16, Q8_0 or Q4_0 (dequantized once at load).
+
+A factored predictor (kvcli.factor) first maps a source layer's features through one shared
+basis (n_features x rank, stored F32), and its factored layers' matrices read those rank
+columns: the basis product is paid once per position, not once per layer.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ class Predictor:
     # KEY_SPACE_PRE_NORM: the base layer's key norm is applied to them, then RoPE (corenet)
     key_space: str = keys.KEY_SPACE_PRE_ROPE
     origin: str = ""  # where the matrices came from, if not kvcli's own fit (e.g. corenet)
+    bases: dict[int, np.ndarray] = field(default_factory=dict)  # source -> (n_features, rank)
+    factored_layers: list[int] = field(default_factory=list)  # weights read the basis' columns
 
     @property
     def exact_bos_cell(self) -> bool:
@@ -85,7 +91,12 @@ class Predictor:
         return bool(self.hidden_kinds)
 
     def n_features(self, layer: int) -> int:
+        """The width of the features layer ``layer`` reads (a factored layer: the rank)."""
         return self.weights[layer].shape[0]
+
+    def sources_with_basis(self, layers) -> list[int]:
+        """The source layers whose basis columns some of ``layers`` read."""
+        return sorted({self.layer_map[il] for il in layers if il in self.factored_layers})
 
     def check_models(self, base: ModelInfo, aux: ModelInfo) -> None:
         if base.fingerprint != self.base_fingerprint or aux.fingerprint != self.aux_fingerprint:
@@ -100,6 +111,12 @@ class Predictor:
         for il in self.predicted_layers:
             src = self.layer_map[il]
             want_in = aux.n_embd_k(src) + aux.n_embd_v(src) + hidden
+            if il in self.factored_layers:
+                basis = self.bases.get(src)
+                if basis is None or basis.shape[0] != want_in:
+                    raise IncompatibleError(f"predictor layer {il} is factored but its source "
+                                            f"{src} has no basis of {want_in} features")
+                want_in = basis.shape[1]
             want_out = base.n_embd_k(il) + base.n_embd_v(il)
             if self.weights[il].shape != (want_in, want_out) or self.k_widths[il] != base.n_embd_k(il):
                 raise IncompatibleError(f"predictor layer {il} has shape {self.weights[il].shape}, "
@@ -109,7 +126,8 @@ class Predictor:
                       ) -> tuple[np.ndarray, np.ndarray]:
         """Pre-RoPE keys and values of one predicted base layer at feature ``rows``, float32.
 
-        ``features``: the rows of this layer's source (``build_features``)."""
+        ``features``: the rows of this layer's source (``build_features``; for a factored
+        layer, times its source's basis)."""
         if rows is not None and len(rows) and rows[-1] - rows[0] + 1 == len(rows):
             rows = slice(int(rows[0]), int(rows[-1]) + 1)  # a view, not an 18 MB gather at 2048
         x = features if rows is None else features[rows]
@@ -145,6 +163,8 @@ def save_predictor(pred: Predictor, path: str | Path, storage_type: str | None =
                                  f"{block}; layer {il} has {w.shape[1]} (use f16 or f32)")
         tensors.append((keys.weight_name(il), gguf.quants.quantize(w, qtype)))
         tensors.append((keys.bias_name(il), np.ascontiguousarray(pred.biases[il], np.float32)))
+    for src, basis in sorted(pred.bases.items()):  # kept F32: its columns span large ranges
+        tensors.append((keys.basis_name(src), np.ascontiguousarray(basis.T, np.float32)))
 
     def write(tmp: Path) -> None:
         w = gguf.GGUFWriter(tmp, "kvcli")
@@ -165,6 +185,8 @@ def save_predictor(pred: Predictor, path: str | Path, storage_type: str | None =
         w.add_uint64(keys.CALIBRATION_TOKENS, int(pred.calibration_tokens))
         w.add_string(keys.CALIBRATION_SOURCE, pred.calibration_source)
         w.add_string(keys.STORAGE_TYPE, storage)
+        if pred.factored_layers:
+            w.add_array(keys.FACTORED_LAYERS, [int(x) for x in pred.factored_layers])
         for name, data in tensors:
             w.add_tensor(name, data, raw_dtype=qtype if name.endswith(".weight") else None)
         w.write_header_to_file()
@@ -228,6 +250,19 @@ def _parse(path: Path) -> Predictor:
             raise ModelFileError(f"predictor layer {il}'s matrices disagree in shape: {path}")
         if not (np.isfinite(weights[il]).all() and np.isfinite(biases[il]).all()):
             raise ModelFileError(f"predictor layer {il} holds NaN or infinite values: {path}")
+    factored = [int(x) for x in get(keys.FACTORED_LAYERS, [])]
+    bases = {}
+    for src in sorted({layer_map[il] for il in factored if il in weights}):
+        t = tensors.get(keys.basis_name(src))
+        if t is None:
+            raise ModelFileError(f"predictor file lacks the basis of source layer {src}: {path}")
+        basis = np.array(t.data, np.float32).reshape(-1, int(t.shape[0]))
+        bases[src] = np.ascontiguousarray(basis.T)
+        if not np.isfinite(bases[src]).all():
+            raise ModelFileError(f"predictor basis {src} holds NaN or infinite values: {path}")
+    for il in factored:
+        if il not in weights or weights[il].shape[0] != bases[layer_map[il]].shape[1]:
+            raise ModelFileError(f"predictor layer {il} does not fit its basis: {path}")
     storage = str(get(keys.STORAGE_TYPE, "f32"))
     key_space = str(get(keys.KEY_SPACE, keys.KEY_SPACE_PRE_ROPE))
     if key_space not in keys.KEY_SPACES:
@@ -243,4 +278,5 @@ def _parse(path: Path) -> Predictor:
         feature_kinds=tuple(str(x) for x in get(keys.FEATURE_KINDS)),
         storage_type=storage if storage in STORAGE_TYPES else "f32",
         key_space=key_space, origin=str(get(keys.ORIGIN, "")),
+        bases=bases, factored_layers=factored,
     )

@@ -48,6 +48,9 @@ def trainable_reason(pred: Predictor) -> str | None:
     if pred.origin or pred.raw_keys or pred.key_space != keys.KEY_SPACE_PRE_ROPE:
         return (f"kvcli trains its own fits (keys as llama.cpp caches them, less RoPE); this "
                 f"predictor is {pred.origin or 'fed raw keys'}")
+    if pred.factored_layers:
+        return ("this predictor is factored through a shared basis; train the full one, then "
+                "factor it (tools/convert_gguf.py factor)")
     return None
 
 
@@ -270,7 +273,7 @@ def train_bundle(bundle, output: Path, *, settings: TrainSettings, steps: int,
     saved every ``save_every`` steps and on Ctrl-C. ``report(row)`` after every step;
     ``notice(text)`` for what the user should know. ``validate`` held-out sequences are
     scored at the start, every ``validate_every`` steps and at the end."""
-    from kvcli.bundle import check_compatible, sha256_file
+    from kvcli.bundle import bundle_with_predictor, check_compatible, sha256_file
     from kvcli.predictor import load_predictor
 
     output = Path(output)
@@ -328,8 +331,8 @@ def train_bundle(bundle, output: Path, *, settings: TrainSettings, steps: int,
         raise
     save_checkpoint(trainer.checkpoint(identity), checkpoint)
     check()
-    write_trained_bundle(bundle, trainer.predictor(source), output, storage,
-                         aux_weights={k: t.detach().cpu().numpy() for k, t in trainer.aux_params.items()})
+    bundle_with_predictor(bundle, trainer.predictor(source), output, storage,
+                          aux_weights={k: t.detach().cpu().numpy() for k, t in trainer.aux_params.items()})
     first, last = rows[: min(10, len(rows))], rows[-min(10, len(rows)) :]
 
     def mean(key, part):
@@ -347,26 +350,3 @@ def train_bundle(bundle, output: Path, *, settings: TrainSettings, steps: int,
             "validation": validation,
             "history": [{k: round(r[k], 4) for k in ("step", "ce", "ce_base", "kv_l1", "seconds")}
                         for r in rows]}
-
-
-def write_trained_bundle(bundle, pred: Predictor, output: Path, storage: str | None = None,
-                         aux_weights: dict | None = None) -> None:
-    """A bundle of ``bundle``'s base (named by absolute path) and auxiliary (the prefix, the
-    same file, or, with ``aux_weights``, a copy of its file with those tensors trained) with
-    ``pred`` as its predictor, built atomically."""
-    from kvcli.atomic import building_folder
-    from kvcli.aux_cut import cut_auxiliary
-    from kvcli.bundle import write_manifest
-    from kvcli.model_info import read_model_info
-    from kvcli.predictor import save_predictor
-
-    aux = bundle.aux_source if isinstance(bundle.aux_source, int) else Path(bundle.aux_source).resolve()
-    with building_folder(output) as work:
-        if aux_weights:
-            n_layer = read_model_info(aux).n_layer
-            aux = cut_auxiliary(aux, work / "aux.gguf", list(range(n_layer)), replace=aux_weights)
-            pred = dataclasses.replace(pred, aux_fingerprint=read_model_info(aux).fingerprint)
-            aux = Path(aux.name)
-        save_predictor(pred, work / "predictor.gguf", storage)
-        write_manifest(work, {"base": bundle.base.resolve(), "aux": aux,
-                              "predictor": Path("predictor.gguf")})
