@@ -159,6 +159,9 @@ def factor_bundle(bundle, output, *, rank: int, full_layers: list[int] = (), n_t
         raise KvcliError("the calibration's layers or features differ from the predictor's")
     factored = factor_predictor(pred, data.fit, rank, full_layers)
     before, after = heldout_errors(pred, data.heldout), heldout_errors(factored, data.heldout)
+    factored = dataclasses.replace(
+        factored, heldout_rel_error=[e for il in factored.predicted_layers for e in after[il]],
+        calibration_source=f"{pred.calibration_source} + factored to rank {rank} on {data.source}")
     bundle_with_predictor(bundle, factored, Path(output), storage)
     return {"rank": rank, "factored_layers": factored.factored_layers,
             "heldout_rel_error": {il: {"before": before[il], "after": after[il]} for il in before},

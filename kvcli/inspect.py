@@ -73,6 +73,8 @@ def describe_predictor(path: Path) -> dict:
         "copied_layers": pred.copied_layers, "predicted_layers": predicted,
         "layer_map": pred.layer_map, "feature_kinds": list(pred.feature_kinds),
         "n_features": _compact(pred.n_features(il) for il in predicted) if predicted else 0,
+        "factored_layers": pred.factored_layers,
+        "basis_shape": {src: list(b.shape) for src, b in pred.bases.items()},
         "storage_type": pred.storage_type, "key_space": pred.key_space, "origin": pred.origin or None,
         "calibration_tokens": pred.calibration_tokens,
         "calibration_source": pred.calibration_source,

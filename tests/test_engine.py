@@ -147,8 +147,8 @@ def test_embedded_model_kvp_past_the_sliding_window(gemma_bundle):
 
 def test_spans_hold_the_stated_fact_and_bring_back_the_answer(gemma_bundle):
     """Real retrieval on the embedded model: at 1024 tokens the plain prediction loses a code
-    stated once, early (DESIGN.md 5b); the span kvp chooses holds the statement, and with it
-    recomputed the base answers. The last prompt token is decoded by the base in both."""
+    stated once, early (DESIGN.md 5b); the span kvp chooses holds the code where it is stated,
+    and with it recomputed the base answers. The last prompt token is decoded by the base in both."""
     from kvcli.tasks import is_correct, make_examples
 
     with Engine.from_bundle(gemma_bundle, settings=ContextSettings(n_ctx=1100)) as eng:
@@ -159,9 +159,9 @@ def test_spans_hold_the_stated_fact_and_bring_back_the_answer(gemma_bundle):
             who = re.search(r"secret code of (\w+)\?", ex.prompt).group(1)
             starts = np.cumsum([0] + [len(eng.model.token_bytes(t)) for t in tokens])
             text = b"".join(eng.model.token_bytes(t) for t in tokens)
-            stated = f"{who} is {ex.answer}".encode()  # the name and its code
-            c = text.index(b"secret code of " + stated) + len(b"secret code of ")
-            first, last = np.searchsorted(starts, [c, c + len(stated) - 1], side="right") - 1
+            statement = f"secret code of {who} is ".encode()
+            c = text.index(statement + ex.answer.encode()) + len(statement)  # the code itself
+            first, last = np.searchsorted(starts, [c, c + len(ex.answer) - 1], side="right") - 1
             for name, kw in (("plain", {"tail": 24}), ("spans", eng.kvp_settings())):
                 ctx, logits, _ = eng.prefill(tokens, mode="kvp", **kw)
                 answer = [int(np.argmax(logits))]
