@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from kvcli.cli import ThreadsOpt, paragraphs, run, set_debug
+from kvcli.cli import BundleOpt, JsonOpt, ThreadsOpt, paragraphs, run, set_debug
 from kvcli.errors import KvcliError
 
 app = typer.Typer(
@@ -169,9 +169,7 @@ def quantize_cmd(
 def factor_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to create.")],
     rank: Annotated[int, typer.Option("--rank", help="Columns of the shared basis.")] = 512,
-    bundle: Annotated[Optional[Path], typer.Option(
-        "--bundle", help="Bundle folder whose predictor to factor (default: the embedded "
-        "Gemma 3 270M bundle).")] = None,
+    bundle: BundleOpt = None,
     keep_full: Annotated[Optional[str], typer.Option(
         "--keep-full", help="Predicted layers to leave unfactored, comma-separated (default: "
         "none).")] = None,
@@ -180,7 +178,7 @@ def factor_cmd(
     predictor_type: Annotated[Optional[str], typer.Option(
         "--predictor-type", help="How the per-layer matrices are stored: f32, f16, q8_0 or q4_0 "
         "(default: as the bundle's; the basis is kept F32).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")] = False,
+    json_out: JsonOpt = False,
     threads: ThreadsOpt = 0,
 ) -> None:
     """Factor a bundle's predictor through one shared basis per auxiliary source layer

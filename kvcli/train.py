@@ -48,9 +48,6 @@ def trainable_reason(pred: Predictor) -> str | None:
     if pred.origin or pred.raw_keys or pred.key_space != keys.KEY_SPACE_PRE_ROPE:
         return (f"kvcli trains its own fits (keys as llama.cpp caches them, less RoPE); this "
                 f"predictor is {pred.origin or 'fed raw keys'}")
-    if pred.factored_layers:
-        return ("this predictor is factored through a shared basis; train the full one, then "
-                "factor it (tools/convert_gguf.py factor)")
     return None
 
 
@@ -89,6 +86,9 @@ class PredictorTrainer:
         self.params = {il: (torch.tensor(pred.weights[il], device=device, requires_grad=True),
                             torch.tensor(pred.biases[il], device=device, requires_grad=True))
                        for il in pred.predicted_layers}
+        # a factored predictor's shared bases train with the matrices that read them
+        self.bases = {src: torch.tensor(b, device=device, requires_grad=True)
+                      for src, b in pred.bases.items()}
         self.aux_params = self._trainable_aux() if train_aux else {}
         self.optimizer = torch.optim.AdamW(self._all_params(), lr=settings.lr, weight_decay=0.0)
         self.step = 0
@@ -113,7 +113,8 @@ class PredictorTrainer:
         return out
 
     def _all_params(self) -> list:
-        return [p for pair in self.params.values() for p in pair] + list(self.aux_params.values())
+        return ([p for pair in self.params.values() for p in pair] + list(self.bases.values())
+                + list(self.aux_params.values()))
 
     def _features(self, base_trace: dict, tokens) -> tuple[dict, object]:
         """Per source layer of the auxiliary: [un-roped K, V, hidden tensors] at every
@@ -139,8 +140,10 @@ class PredictorTrainer:
         torch, info, pred = self.torch, self.base.info, self.pred
         positions = torch.arange(n, device=self.device)
         past = {il: (k[:n], v[:n]) for il, (k, v) in enumerate(true_cache) if il in pred.copied_layers}
+        reduced = {src: features[src][:n] @ basis for src, basis in self.bases.items()}
         for il, (w, b) in self.params.items():
-            y = features[pred.layer_map[il]][:n] @ w + b
+            src = pred.layer_map[il]
+            y = (reduced[src] if il in pred.factored_layers else features[src][:n]) @ w + b
             kw = pred.k_widths[il]
             k = y[:, :kw].reshape(n, info.n_head_kv[il], info.head_dim_k)
             if self.inv_norms is not None:  # predict_state.rescale_to_key_norm
@@ -203,6 +206,7 @@ class PredictorTrainer:
         return dataclasses.replace(
             p, weights={il: w.detach().cpu().numpy().copy() for il, (w, _) in self.params.items()},
             biases={il: b.detach().cpu().numpy().copy() for il, (_, b) in self.params.items()},
+            bases={src: b.detach().cpu().numpy().copy() for src, b in self.bases.items()},
             heldout_rel_error=[],  # the ridge's figures describe the closed-form fit only
             calibration_source=f"{p.calibration_source} + trained {self.step} steps x "
                                f"{self.settings.tokens} tokens on {source}")
@@ -210,6 +214,7 @@ class PredictorTrainer:
     def checkpoint(self, identity: dict) -> dict:
         return {"format": CHECKPOINT_FORMAT, "identity": identity, "step": self.step,
                 "params": {il: (w.detach().cpu(), b.detach().cpu()) for il, (w, b) in self.params.items()},
+                "bases": {src: b.detach().cpu() for src, b in self.bases.items()},
                 "aux_params": {name: t.detach().cpu() for name, t in self.aux_params.items()},
                 "optimizer": self.optimizer.state_dict()}
 
@@ -225,6 +230,8 @@ class PredictorTrainer:
             for il, (w, b) in self.params.items():
                 w.copy_(checkpoint["params"][il][0])
                 b.copy_(checkpoint["params"][il][1])
+            for src, basis in self.bases.items():
+                basis.copy_(checkpoint["bases"][src])
             for name, t in self.aux_params.items():
                 t.copy_(checkpoint["aux_params"][name])
         self.optimizer.load_state_dict(checkpoint["optimizer"])

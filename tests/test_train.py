@@ -149,3 +149,35 @@ def test_train_aux_writes_back_an_auxiliary_llama_cpp_runs(tiny_gemma3, tiny_bun
 
     with pytest.raises(KvcliError, match="exact prefix"):
         train_bundle(tiny_bundle, tmp_path / "no", settings=settings, steps=1, train_aux=True, validate=0)
+
+
+def test_a_factored_predictor_trains_its_basis_on_kvps_path_and_resumes(tiny_bundle, tmp_path):
+    """The factored forward (features, shared basis, per-layer matrices) gives kvcli's
+    llama.cpp kvp logits; training moves the basis too, and a resumed run restores it."""
+    from kvcli.factor import factor_bundle
+
+    factor_bundle(tiny_bundle, tmp_path / "f", rank=16, n_tokens=600)
+    factored = load_bundle(tmp_path / "f")
+    start = load_predictor(factored.predictor)
+    assert start.factored_layers and start.bases
+    settings = ContextSettings(n_ctx=256, type_k="f32", type_v="f32")
+    with Engine.from_bundle(factored, settings=settings) as engine:
+        tokens = random_prompt(100, engine.model.n_vocab, engine.model.bos, low=3)
+        kvp = engine.prefill(tokens, mode="kvp", tail=7)[1]
+        bos = engine.model.bos
+    trainer = PredictorTrainer(factored.base, factored.aux_source, start,
+                               TrainSettings(tokens=100, tail=8), bos=bos)
+    with torch.no_grad():
+        ours = trainer.losses(tokens)["logits"][-1].numpy()
+    assert np.abs(ours - kvp).max() < 5e-3 * np.abs(kvp).max()
+
+    torch.set_num_threads(1)
+    settings = TrainSettings(tokens=64, tail=16, lr=1e-3, seed=3)
+    train_bundle(factored, tmp_path / "a", settings=settings, steps=3)
+    train_bundle(factored, tmp_path / "c", settings=settings, steps=1)
+    train_bundle(factored, tmp_path / "c", settings=settings, steps=3, resume=True)
+    a, c = (load_predictor(load_bundle(tmp_path / x).predictor) for x in "ac")
+    for src, basis in start.bases.items():
+        assert not np.array_equal(a.bases[src], basis)
+        np.testing.assert_array_equal(a.bases[src], c.bases[src])
+    assert a.factored_layers == start.factored_layers

@@ -56,9 +56,11 @@ def profile(e: Engine, n: int, repeats: int) -> dict[str, float]:
         c = aux_layers[src]
         k0 = timed("un-RoPE features", unrotate, c.k[:n_pred], c.positions[:n_pred], e.aux_info.rope[src])
         x = timed("build features", build_features, {src: (k0, c.v[:n_pred])}, src, hidden)
+        reduced = timed("basis product", np.matmul, x, pred.bases[src]) if src in pred.bases else None
         kv = {}
         for il in pred.predicted_layers:
-            k, v = timed("matmul", pred.predict_layer, x, il, rows[il])
+            feats = reduced if il in pred.factored_layers else x
+            k, v = timed("matmul", pred.predict_layer, feats, il, rows[il])
             if e.key_norms is not None:
                 k = timed("key-norm rescale", rescale_to_key_norm, np.ascontiguousarray(k),
                           e.key_norms[il], e.base_info.head_dim_k)

@@ -13,6 +13,7 @@ import typer
 from kvcli.cli import BundleOpt, CtxOpt, JsonOpt, ModelOpt, SeedOpt, ThreadsOpt
 from kvcli.commands.common import open_engine
 from kvcli.engine import MODES, Engine
+from kvcli.spans import SPAN_WIDTH
 from kvcli.errors import KvcliError
 from kvcli.runtime import ContextSettings
 from kvcli.sampling import Sampler
@@ -87,7 +88,7 @@ def command(
         "--tail", help="kvp: the base recomputes the last W prompt tokens (default: 24 with "
         "spans, else 0).")] = None,
     spans: Annotated[Optional[int], typer.Option(
-        "--spans", help="kvp: the base also recomputes S spans of 24 tokens, those the last "
+        "--spans", help=f"kvp: the base also recomputes S spans of {SPAN_WIDTH} tokens, those the last "
         "prompt token attends to most in its first layer after the auxiliary (default: 1 "
         "where the bundle can choose them, else 0).")] = None,
     keep: Annotated[Optional[int], typer.Option(
