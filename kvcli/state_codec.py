@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvcli.fp16 import cast_into
+
 from kvcli.errors import StateFormatError
 
 STATE_MAGIC = 0xAF143CD8
@@ -231,7 +233,7 @@ class _Writer:
                     if src.compute not in computed:
                         computed[src.compute] = src.compute()
                     src = computed[src.compute][src.index]
-                dest[...] = src.T if transpose else src
+                cast_into(dest, src, transpose)
 
         for _ in map_fn(run, self.jobs):
             pass
