@@ -11,8 +11,11 @@ base then decodes the last W+1 prompt tokens and the reply itself.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,14 +119,16 @@ class Conversation:
         ctx, out, interrupted = self.engine.base, [], False
         gen_start = time.perf_counter()
         try:
-            while not ctx.model.is_eog(token) and len(out) < self.n_predict:
-                out.append(token)
-                if on_token is not None:
-                    on_token(token)
-                if ctx.n_past + 1 >= ctx.n_ctx:
-                    break
-                ctx.decode([token], logits_last=True)
-                token = self.sampler.sample(ctx.last_logits())
+            with _ctrl_c_as_flag() as stop:
+                while not ctx.model.is_eog(token) and len(out) < self.n_predict:
+                    out.append(token)
+                    if on_token is not None:
+                        on_token(token)
+                    if ctx.n_past + 1 >= ctx.n_ctx or stop.is_set():
+                        break
+                    ctx.decode([token], logits_last=True)
+                    token = self.sampler.sample(ctx.last_logits())
+                interrupted = stop.is_set()
         except KeyboardInterrupt:
             interrupted = True
         finally:
@@ -186,3 +191,21 @@ class Conversation:
                 k, v = kv[il]
                 kv[il] = (np.concatenate([old[il].k[keep], k]), np.concatenate([old[il].v[keep], v]))
         eng.base.set_state(state_bytes(layout, merged_positions, kv), 0, n_past=n_pred)
+
+
+@contextmanager
+def _ctrl_c_as_flag() -> Iterator[threading.Event]:
+    """While a reply streams, Ctrl-C sets the returned event instead of raising: a
+    KeyboardInterrupt raised wherever Python happened to be (a callback, a finalizer) can be
+    swallowed there, and the reply would run on; the loop checks the event every token.
+    Outside the main thread (no signal handlers there) the event is never set."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
