@@ -208,4 +208,3 @@ def _ctrl_c_as_flag() -> Iterator[threading.Event]:
         yield stop
     finally:
         signal.signal(signal.SIGINT, previous)
-

@@ -223,15 +223,12 @@ def _layer_jobs(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: ModelIn
                         cells.v[first:n_cells])}
         features[src] = build_features(kv, src, [h[h0 : h0 + n_cells - first] for h in hidden])
     layers = list(filter(wanted, predictor.predicted_layers))
+    cache = {} if cache is None else cache
     reduced = {}
     for src in predictor.sources_with_basis(layers):
         key = ("basis", src, first, n_cells)
-        if cache is None or key not in cache:
-            product = _times_basis(features[src], predictor.bases[src])
-            if cache is None:
-                reduced[src] = product
-                continue
-            cache[key] = product
+        if key not in cache:
+            cache[key] = _times_basis(features[src], predictor.bases[src])
         reduced[src] = cache[key]
 
     def predict_one(il: int) -> tuple[np.ndarray, np.ndarray]:
