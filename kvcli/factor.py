@@ -131,16 +131,20 @@ def factor_bundle(bundle, output, *, rank: int, full_layers: list[int] = (), n_t
     from kvcli.aux_cut import cut_auxiliary, prefix_layers
     from kvcli.bundle import bundle_with_predictor, check_compatible
     from kvcli.calibrate import DEFAULT_TOKENS, collect
-    from kvcli.predictor import load_predictor
+    from kvcli.predictor import STORAGE_TYPES, load_predictor, storage_block
 
     check_compatible(bundle.base, bundle.aux_source, bundle.predictor)
     pred = load_predictor(bundle.predictor)
-    storage = storage or pred.storage_type
-    block = {"q8_0": 32, "q4_0": 32}.get(storage, 1)
-    if rank % block:
-        raise KvcliError(f"predictor type {storage} needs a rank divisible by {block}, not {rank}")
+    if pred.factored_layers:
+        raise KvcliError("this bundle's predictor is already factored")
     if pred.raw_keys or pred.origin:
         raise KvcliError(f"kvcli factors its own fits, not a predictor {pred.origin or 'fed raw keys'}")
+    storage = storage or pred.storage_type
+    if storage not in STORAGE_TYPES:
+        raise KvcliError(f"--predictor-type must be one of {', '.join(STORAGE_TYPES)}")
+    block = storage_block(storage)
+    if rank % block:
+        raise KvcliError(f"predictor type {storage} needs a rank divisible by {block}, not {rank}")
     widest = max((pred.n_features(il) for il in pred.predicted_layers), default=0)
     if not 0 < rank < widest:
         raise KvcliError(f"the rank must be between 1 and {widest - 1}, not {rank}")

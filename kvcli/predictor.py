@@ -36,6 +36,13 @@ def _ggml_type(storage: str):
     return {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[storage]
 
 
+def storage_block(storage: str) -> int:
+    """How many features one quantization block of ``storage`` spans (1: unquantized)."""
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[_ggml_type(storage)][0]
+
+
 @dataclass
 class Predictor:
     base_fingerprint: str
@@ -154,7 +161,7 @@ def save_predictor(pred: Predictor, path: str | Path, storage_type: str | None =
     if storage not in STORAGE_TYPES:
         raise ModelFileError(f"unknown predictor type {storage!r} (one of {', '.join(STORAGE_TYPES)})")
     qtype = _ggml_type(storage)
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    block = storage_block(storage)
     tensors = []
     for il in pred.predicted_layers:
         w = np.ascontiguousarray(pred.weights[il].T, np.float32)  # (n_targets, n_features)

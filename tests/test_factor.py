@@ -151,3 +151,12 @@ def test_factor_command_refusals(tiny_prefix_bundle, tmp_path):
                   "--predictor-type", "q8_0")
     assert_one_line_error(res, "q8_0 needs a rank divisible by 32")
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_an_already_factored_bundle_is_refused(tmp_path):
+    from kvcli.bundle import default_bundle
+
+    assert load_predictor(default_bundle().predictor).factored_layers  # the shipped one
+    res = convert("factor", "-o", tmp_path / "again", "--rank", "256")
+    assert_one_line_error(res, "already factored")
+    assert not (tmp_path / "again").exists()
