@@ -45,10 +45,11 @@ class Runs:
 
 
 def bench_prompts(engine: Engine, n_tokens: int, count: int) -> list[list[int]]:
-    """``count`` distinct held-out prompts of exactly ``n_tokens`` tokens (BOS first)."""
+    """``count`` distinct held-out prompts of exactly ``n_tokens`` tokens (BOS first where
+    the model adds one)."""
     model = engine.model
     prompts = [t for _, t in token_chunks("heldout", lambda s: model.tokenize(s, add_special=False),
-                                          chunk_tokens=n_tokens, n_chunks=count, bos=model.bos)]
+                                          chunk_tokens=n_tokens, n_chunks=count, bos=model.prompt_bos)]
     if len(prompts) < count:
         raise KvcliError(f"the held-out corpus has only {len(prompts)} texts of {n_tokens} tokens")
     return prompts

@@ -4,8 +4,9 @@ Per calibration prompt both models prefill it; their states are read (seq -1, ev
 and parsed; each predicted base layer's targets are its un-roped keys and its values, its
 inputs the un-roped keys and values of the auxiliary layer the layer map names (plus the
 captured hidden tensors). Rows go into ridge sufficient statistics, one set per auxiliary
-source layer (one prompt in five held out, for choosing the penalty); position 0 (BOS) is
-left out, since it is copied exactly at run time.
+source layer (one prompt in five held out, for choosing the penalty). The prompts start as
+the model's own do (with BOS only where it adds one); position 0 is left out, since it is
+copied exactly at run time (predict_state.FirstCell).
 
 Which layers are copied: an auxiliary cut by kvcli records its base layers and the base's
 fingerprint; its leading layers 0..j that are the base's layers 0..j hold the base's exact
@@ -183,7 +184,7 @@ def collect(base_path, aux_path, *, n_tokens: int = DEFAULT_TOKENS, chunk_tokens
             return model.tokenize(text, add_special=False)
 
         chunks, source = named_chunks(corpus, tokenize, chunk_tokens=chunk_tokens,
-                                      n_chunks=n_chunks, bos=model.bos)
+                                      n_chunks=n_chunks, bos=model.prompt_bos)
         if len(chunks) < n_chunks:
             raise KvcliError(f"the calibration corpus gave {len(chunks)} prompts of "
                              f"{chunk_tokens} tokens, {n_chunks} needed (give more text or "

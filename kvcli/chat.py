@@ -173,10 +173,10 @@ class Conversation:
         self.aux_tokens = tokens[:n_pred]
         hidden, raw_kv = eng.take_captured(n_pred - a0)
         aux_layers = layers_by_index(parse_seq_state(aux.get_state(-1)), eng.aux_state_info)
-        layout, bos = eng.base_layout()
+        layout = eng.base_layout()
         new_positions = [p[p >= p0] for p in needed_positions(eng.base_info, n_pred, first_query=n_pred)]
         kv = predict_base_kv(aux_layers, eng.aux_info, eng.base_info, eng.predictor, new_positions,
-                             bos=bos if tokens[0] == eng.model.bos else None,
+                             first_cell=eng.first_cell(tokens[0]) if p0 == 0 else None,
                              key_norms=eng.key_norms, hidden=hidden, hidden_start=a0, raw_kv=raw_kv)
         old = layers_by_index(parse_seq_state(eng.base.get_state(0)), eng.base_info) if p0 else {}
         merged_positions = []

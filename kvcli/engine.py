@@ -26,7 +26,7 @@ from kvcli.capture import TensorCapture, hidden_tensor_names
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
 from kvcli.kv_layout import CacheLayout, layers_by_index
 from kvcli.model_info import has_per_layer_arrays, key_norm_weights, prefix_view_info, read_model_info
-from kvcli.predict_state import BosCell, needed_positions, predicted_state_bytes
+from kvcli.predict_state import FirstCell, needed_positions, predicted_state_bytes
 from kvcli.predictor import load_predictor
 from kvcli.runtime import Context, ContextSettings, Model
 from kvcli.sampling import Sampler
@@ -100,11 +100,12 @@ class Engine:
             self.close()
             raise
         self._layout: CacheLayout | None = None
-        self._bos: BosCell | None = None
+        self._first_cells: dict[int, FirstCell] = {}
         self.spans = SpanRecompute(self)
         self.last_recomputed: list[tuple[int, int]] = []  # kvp's spans in the last prefill
         if self.predictor is not None:
             self.base_layout()  # once, outside any timed prefill
+            self.first_cell(self.model.bos)
 
     def _capture_names(self) -> list[str]:
         """The auxiliary's graph tensors the predictor reads: hidden tensors, then (for raw
@@ -209,18 +210,26 @@ class Engine:
 
     # -- prefill -------------------------------------------------------------------------
 
-    def base_layout(self) -> tuple[CacheLayout, BosCell]:
-        """Probe the base context's own state layout and its BOS cell once."""
+    def base_layout(self) -> CacheLayout:
+        """Probe the base context's own state layout once."""
         if self._layout is None:
+            self.first_cell(self.model.bos)
+        return self._layout
+
+    def first_cell(self, token: int) -> FirstCell:
+        """The base's own cell at position 0 for ``token``, decoded once per token (one
+        token's forward: the base context is cleared, so call it before a prefill)."""
+        if token not in self._first_cells:
             self.base.clear()
-            self.base.decode([self.model.bos])
+            self.base.decode([token])
             state = parse_seq_state(self.base.get_state(0))
             layers = layers_by_index(state, self.base_info)
-            self._layout = CacheLayout.probe(state, self.base_info)
-            self._bos = BosCell(k={il: c.k[0].copy() for il, c in layers.items()},
-                                v={il: c.v[0].copy() for il, c in layers.items()})
+            if self._layout is None:
+                self._layout = CacheLayout.probe(state, self.base_info)
+            self._first_cells[token] = FirstCell(token, k={il: c.k[0].copy() for il, c in layers.items()},
+                                                 v={il: c.v[0].copy() for il, c in layers.items()})
             self.base.clear()
-        return self._layout, self._bos
+        return self._first_cells[token]
 
     def _check_fits(self, n: int) -> None:
         if n > self.base.n_ctx:
@@ -282,8 +291,9 @@ class Engine:
         choose = spans > 0 and recompute is None
         if choose:
             self.spans.check()
-        layout, bos = self.base_layout()
+        layout = self.base_layout()
         clock = Clock()
+        first_cell = self.first_cell(tokens[0])  # counted in TTFT: a new first token costs a decode
         self.aux.clear()
         if self.aux.capture is not None:
             self.aux.capture.clear()
@@ -297,7 +307,7 @@ class Engine:
         t.state_get_ms = clock.lap()
         aux_layers = layers_by_index(parse_seq_state(raw), self.aux_state_info) if needs_state else {}
         common = dict(aux_layers=aux_layers, aux=self.aux_info, base=self.base_info,
-                      predictor=self.predictor, bos=bos if tokens[0] == self.model.bos else None,
+                      predictor=self.predictor, first_cell=first_cell,
                       key_norms=self.key_norms, hidden=hidden, raw_kv=raw_kv, cache={})
         known = {}
         self.last_recomputed = []

@@ -3,8 +3,9 @@
 Copied layers take the auxiliary's cached rows as they are (same RoPE). Predicted layers:
 un-RoPE the keys of the auxiliary layer the layer map names, predict pre-RoPE keys and
 values, RoPE the keys with the base layer's own parameters. A sliding-window layer gets only
-the cells that the base's later tokens can still see. The BOS cell, the same for every
-prompt, is copied exactly from the base's own cache when the prompt starts with BOS.
+the cells that the base's later tokens can still see. The first cell (position 0) depends on
+the first token alone; it is copied exactly from the base's own cache of that token (its
+features are unlike every other position's: see FirstCell).
 """
 
 from __future__ import annotations
@@ -36,9 +37,18 @@ def _pool() -> ThreadPoolExecutor:
 
 
 @dataclass
-class BosCell:
-    """The base's own K, V at position 0 for the BOS token, per layer."""
+class FirstCell:
+    """The base's own K, V at position 0 for one token, per layer.
 
+    Position 0 attends only to itself, so its cells are a function of its token; most models
+    park attention there (an attention sink) and their hidden state at position 0 carries
+    activations orders of magnitude above every other position's. A predictor fit on other
+    positions maps those to keys and values hundreds of times too large: measured on
+    Qwen2.5-Coder 1.5B (a prefix of 7 layers, whose prompts start with no BOS), the predicted
+    position-0 cell was off by 10-570x its norm (K) and 44-210x (V) in every predicted layer,
+    and the base's output was garbage; with this cell exact it was text again."""
+
+    token: int
     k: dict[int, np.ndarray]
     v: dict[int, np.ndarray]
 
@@ -138,7 +148,7 @@ def apply_key_norm(k: np.ndarray, weight: np.ndarray, head_dim: int, eps: float)
 
 def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: ModelInfo,
                     predictor: Predictor, group_positions: list[np.ndarray],
-                    bos: BosCell | None = None, key_norms: dict[int, np.ndarray] | None = None,
+                    first_cell: FirstCell | None = None, key_norms: dict[int, np.ndarray] | None = None,
                     hidden: list[np.ndarray] = (), hidden_start: int = 0,
                     raw_kv: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
                     only: list[int] | None = None, cache: dict | None = None
@@ -151,7 +161,7 @@ def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: Mod
     like ``hidden``, from the same position), for a predictor that reads raw keys. ``only``:
     just these layers. ``cache``: a dict kept across calls on the same prompt, where a
     factored predictor's basis products are reused."""
-    out, jobs = _layer_jobs(aux_layers, aux, base, predictor, group_positions, bos, key_norms,
+    out, jobs = _layer_jobs(aux_layers, aux, base, predictor, group_positions, first_cell, key_norms,
                             hidden, hidden_start, raw_kv, only, cache)
     # numpy releases the GIL in its kernels: layers run in parallel on single-threaded BLAS
     out.update(zip(jobs, _pool().map(lambda job: job(), jobs.values())))
@@ -179,7 +189,7 @@ def _positions_of(base: ModelInfo, group_positions: list[np.ndarray], il: int) -
 
 def _layer_jobs(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: ModelInfo,
                 predictor: Predictor, group_positions: list[np.ndarray],
-                bos: BosCell | None = None, key_norms: dict[int, np.ndarray] | None = None,
+                first_cell: FirstCell | None = None, key_norms: dict[int, np.ndarray] | None = None,
                 hidden: list[np.ndarray] = (), hidden_start: int = 0,
                 raw_kv: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
                 only: list[int] | None = None, cache: dict | None = None):
@@ -241,8 +251,8 @@ def _layer_jobs(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: ModelIn
         elif key_norms is not None:
             k = rescale_to_key_norm(np.ascontiguousarray(k), key_norms[il], base.head_dim_k)
         k = rotate(k, rows, base.rope[il])
-        if bos is not None and predictor.exact_bos_cell and len(rows) and rows[0] == 0:
-            k[0], v[0] = bos.k[il], bos.v[il]
+        if first_cell is not None and predictor.exact_first_cell and len(rows) and rows[0] == 0:
+            k[0], v[0] = first_cell.k[il], first_cell.v[il]
         return k, v
 
     return out, {il: partial(predict_one, il) for il in layers}

@@ -68,9 +68,10 @@ class Predictor:
     factored_layers: list[int] = field(default_factory=list)  # weights read the basis' columns
 
     @property
-    def exact_bos_cell(self) -> bool:
-        """kvcli's own fits replace the predicted cell of a leading BOS by the base's true one;
-        an imported predictor (corenet) runs as its authors ran it, predicting that cell too."""
+    def exact_first_cell(self) -> bool:
+        """kvcli's own fits replace the predicted cell of position 0 by the base's true one
+        (predict_state.FirstCell); an imported predictor (corenet) runs as its authors ran
+        it, predicting that cell too."""
         return not self.origin
 
     @property

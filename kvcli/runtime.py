@@ -117,6 +117,12 @@ class Model:
         self.bos = lib.llama_vocab_bos(self.vocab)
         self.add_bos = bool(lib.llama_vocab_get_add_bos(self.vocab))
 
+    @property
+    def prompt_bos(self) -> int | None:
+        """The token a prompt starts with: BOS where the model adds one (Gemma, Llama), else
+        None (Qwen2 prompts start with their own first token)."""
+        return self.bos if self.add_bos else None
+
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         data = text.encode("utf-8")
         n_max = len(data) + 16

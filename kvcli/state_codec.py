@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvcli.fp16 import cast_into
-
 from kvcli.errors import StateFormatError
+from kvcli.fp16 import cast_into
 
 STATE_MAGIC = 0xAF143CD8
 

@@ -2,7 +2,7 @@
 cross_entropy_for_kv_prediction.py): the base's cross-entropy on a continuation run over
 the predicted cache, plus lambda times the L1 distance between predicted and true K, V.
 
-Run as kvcli runs a prompt: positions 0..P-1 get the predicted cache (a leading BOS's cell
+Run as kvcli runs a prompt: positions 0..P-1 get the predicted cache (the first cell
 and a prefix auxiliary's own layers exact), the base computes the last ``tail`` positions
 itself over it (``TorchModel.forward(past=...)``), and only those positions' next tokens are
 scored. The auxiliary is the frozen base prefix (its own cross-entropy is a constant) or a
@@ -62,7 +62,7 @@ class PredictorTrainer:
     """The frozen base (and auxiliary) in PyTorch, the predictor's matrices as parameters."""
 
     def __init__(self, base: Path, aux: Path | int, pred: Predictor, settings: TrainSettings,
-                 *, bos: int | None, device: str = "cpu", train_aux: bool = False):
+                 *, device: str = "cpu", train_aux: bool = False):
         from kvcli.model_info import key_norm_weights
         from kvcli.torch_forward import TorchModel, _torch
 
@@ -73,7 +73,7 @@ class PredictorTrainer:
         if reason:
             raise KvcliError(reason)
         settings.check()
-        self.settings, self.pred, self.bos, self.device = settings, pred, bos, device
+        self.settings, self.pred, self.device = settings, pred, device
         self.base = TorchModel(base, device)
         self.aux = self.base if isinstance(aux, int) else TorchModel(aux, device)
         self.aux_layers = aux if isinstance(aux, int) else self.aux.info.n_layer
@@ -135,7 +135,7 @@ class PredictorTrainer:
         return {src: self.torch.cat([trace[f"k_pre_rope-{src}"], trace[f"v-{src}"], *hidden], dim=1)
                 for src in self.pred.feature_layers}, aux_logits
 
-    def _predicted_past(self, features: dict, true_cache: list, n: int, exact_bos: bool) -> dict:
+    def _predicted_past(self, features: dict, true_cache: list, n: int, exact_first: bool) -> dict:
         """Every base layer's cache of positions 0..n-1 as kvp writes it."""
         torch, info, pred = self.torch, self.base.info, self.pred
         positions = torch.arange(n, device=self.device)
@@ -151,7 +151,7 @@ class PredictorTrainer:
                 visible = max(int((inv != 0).sum()), 1)
                 k = k / ((k * inv).pow(2).sum(-1, keepdim=True) / visible).sqrt().clamp_min(1e-6)
             k, v = self.base._rope(k, positions, il), y[:, kw:].reshape(n, info.n_head_kv[il], -1)
-            if exact_bos:
+            if exact_first:
                 k = torch.cat([true_cache[il][0][:1], k[1:]])
                 v = torch.cat([true_cache[il][1][:1], v[1:]])
             past[il] = (k, v)
@@ -176,8 +176,7 @@ class PredictorTrainer:
         if self.aux_params:
             features, aux_logits = self._features(trace, tokens_t)
             aux_ce = torch.nn.functional.cross_entropy(aux_logits[:-1], targets)
-        exact_bos = self.pred.exact_bos_cell and self.bos is not None and tokens[0] == self.bos
-        past = self._predicted_past(features, true_cache, n_past, exact_bos)
+        past = self._predicted_past(features, true_cache, n_past, self.pred.exact_first_cell)
         logits, _ = self.base.forward(tokens_t[n_past:], n_logits=s.tail, past=past)
         l1 = sum((past[il][0] - true_cache[il][0][:n_past]).abs().mean()
                  + (past[il][1] - true_cache[il][1][:n_past]).abs().mean() for il in self.params)
@@ -300,8 +299,8 @@ def train_bundle(bundle, output: Path, *, settings: TrainSettings, steps: int,
                          f"it; delete it to start over")
     from kvcli.train_data import training_sequences, validation_sequences
 
-    sequences, source, bos = training_sequences(bundle.base, settings.tokens, corpus)
-    trainer = PredictorTrainer(bundle.base, bundle.aux_source, pred, settings, bos=bos, device=device,
+    sequences, source = training_sequences(bundle.base, settings.tokens, corpus)
+    trainer = PredictorTrainer(bundle.base, bundle.aux_source, pred, settings, device=device,
                                train_aux=train_aux)
     identity = {"predictor_sha256": sha256_file(bundle.predictor), "source": source,
                 **dataclasses.asdict(settings), "l1_weight": trainer.l1_weight, "train_aux": train_aux}

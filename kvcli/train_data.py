@@ -14,9 +14,9 @@ FILE_CHUNKS = 8
 
 
 def training_sequences(base: Path, n_tokens: int, corpus: Path | None = None,
-                       limit: int = 4000) -> tuple[list[tuple[str, list[int]]], str, int | None]:
-    """(file name, tokens) of sequences of exactly ``n_tokens`` tokens (BOS first), the name
-    of their source and the BOS token:
+                       limit: int = 4000) -> tuple[list[tuple[str, list[int]]], str]:
+    """(file name, tokens) of sequences of exactly ``n_tokens`` tokens (BOS first where the
+    model adds one to its prompts) and the name of their source:
     the user's text, else the calibration part of the standard library's sources (corpus.py),
     which the evaluation never uses."""
     from kvcli.corpus import named_chunks
@@ -28,14 +28,13 @@ def training_sequences(base: Path, n_tokens: int, corpus: Path | None = None,
             return model.tokenize(text, add_special=False)
 
         seqs, source = named_chunks(corpus, tokenize, chunk_tokens=n_tokens, n_chunks=limit,
-                                    bos=model.bos, per_file=FILE_CHUNKS)
-        bos = model.bos
+                                    bos=model.prompt_bos, per_file=FILE_CHUNKS)
     finally:
         model.close()
     if not seqs:
         raise KvcliError(f"the training text gave no sequence of {n_tokens} tokens "
                          f"({corpus or 'the standard library'}); give more text or fewer --tokens")
-    return seqs, source, bos
+    return seqs, source
 
 
 def validation_sequences(base: Path, n_tokens: int, n: int) -> list[list[int]]:
@@ -46,6 +45,6 @@ def validation_sequences(base: Path, n_tokens: int, n: int) -> list[list[int]]:
     model = Model(base, what="base model")
     try:
         return [t for _, t in token_chunks("heldout", lambda s: model.tokenize(s, add_special=False),
-                                           chunk_tokens=n_tokens, n_chunks=n, bos=model.bos)]
+                                           chunk_tokens=n_tokens, n_chunks=n, bos=model.prompt_bos)]
     finally:
         model.close()

@@ -46,3 +46,28 @@ def gemma_bundle(tmp_path_factory, gemma_path):
 def random_prompt(n: int, n_vocab: int, bos: int, seed: int = 0, low: int = 300) -> list[int]:
     rng = np.random.default_rng(seed)
     return [bos] + [int(x) for x in rng.integers(low, n_vocab, size=n - 1)]
+
+
+def _real_model(name: str) -> Path:
+    from kvcli.real_models import real_model_path
+
+    path = real_model_path(name)
+    if path is None:
+        pytest.skip(f"{name} is not fetched (python tools/fetch_models.py)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen_base() -> Path:
+    """Qwen2.5-Coder 1.5B Instruct, when tools/fetch_models.py has fetched it."""
+    from kvcli.real_models import QWEN_BASE
+
+    return _real_model(QWEN_BASE)
+
+
+@pytest.fixture(scope="session")
+def qwen_aux() -> Path:
+    """Qwen2.5-Coder 0.5B Instruct (its KVP-C auxiliary), when fetched."""
+    from kvcli.real_models import QWEN_AUX
+
+    return _real_model(QWEN_AUX)

@@ -68,8 +68,8 @@ def test_three_incremental_turns_equal_prediction_from_scratch(tiny_bundle):
         hidden = aux.capture.take(n_pred)
         aux_layers = layers_by_index(parse_seq_state(aux.get_state(-1)), eng.aux_state_info)
         positions = needed_positions(info, n_pred, first_query=n_pred)
-        _, bos = eng.base_layout()
-        scratch = predict_base_kv(aux_layers, eng.aux_info, info, eng.predictor, positions, bos=bos,
+        scratch = predict_base_kv(aux_layers, eng.aux_info, info, eng.predictor, positions,
+                                  first_cell=eng.first_cell(tokens[0]),
                                   key_norms=eng.key_norms, hidden=hidden)
         predicted = np.concatenate([np.arange(a, b) for a, b in conv.predicted_spans])
         group_of = {il: g for g, group in enumerate(info.cache_layer_groups) for il in group}
@@ -97,7 +97,7 @@ def test_three_incremental_turns_equal_prediction_from_scratch(tiny_bundle):
                 k[np.searchsorted(c.positions, both)] = scratch[il][0][np.searchsorted(pos, both)]
                 v[np.searchsorted(c.positions, both)] = scratch[il][1][np.searchsorted(pos, both)]
             rebuilt[il] = (k, v)
-        layout, _ = eng.base_layout()
+        layout = eng.base_layout()
         group_positions = [after[g[0]].positions for g in info.cache_layer_groups]
         eng.base.set_state(write_seq_state(layout.build_state(group_positions, rebuilt)), 0,
                            n_past=n_pred)

@@ -100,7 +100,8 @@ def test_json_and_batch_on_the_embedded_bundle(gemma_bundle, tmp_path):
     assert [(r["id"], r["mode"]) for r in rows] == [("a", "kvp"), (7, "base")]
 
 
-@pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["doctor", "--help"], ["train", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["doctor", "--help"],
+                                  ["train", "--help"]])
 def test_help(args):
     res = kvcli(*args)
     assert res.returncode == 0 and "Usage" in res.stdout

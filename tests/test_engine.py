@@ -10,11 +10,13 @@ from kvcli.aux_cut import cut_auxiliary
 from kvcli.calibrate import calibrate
 from kvcli.engine import Engine
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
+from kvcli.kv_layout import layers_by_index
 from kvcli.model_info import read_model_info
 from kvcli.predict_state import predict_base_kv
 from kvcli.predictor import Predictor, save_predictor
 from kvcli.runtime import Context, ContextSettings, llama_cpp_version, prefix_view_supported
 from kvcli.spans import SpanRecompute
+from kvcli.state_codec import parse_seq_state
 
 SETTINGS = ContextSettings(n_ctx=256)
 
@@ -108,6 +110,34 @@ def test_calibrated_predictor_shapes_and_heldout_error(tiny_gemma3, tiny_bundle)
     assert pred.copied_layers == [0, 1] and pred.predicted_layers == [2, 3]
     assert pred.calibration_tokens >= 600
     assert len(pred.heldout_rel_error) == 4 and all(0 < e < 1 for e in pred.heldout_rel_error)
+
+
+@pytest.mark.parametrize("first", ["bos", "other"])
+def test_the_first_cell_kvp_writes_is_the_bases_own(tiny_gemma3, tiny_bundle, first):
+    """Position 0 is an attention sink with activations unlike any other position's: its
+    predicted cell is replaced by the base's own for that token, BOS or not (Qwen2's
+    prompts start with no BOS)."""
+    aux, pred_path, _ = tiny_bundle
+    with Engine(tiny_gemma3, aux_path=aux, predictor_path=pred_path, settings=SETTINGS) as eng:
+        tokens = random_prompt(60, eng.model.n_vocab, eng.model.bos, low=3)
+        if first == "other":
+            tokens = tokens[1:]
+        eng.prefill(tokens, mode="base")
+        want = layers_by_index(parse_seq_state(eng.base.get_state(0)), eng.base_info)
+        eng.prefill(tokens, mode="kvp")
+        got = layers_by_index(parse_seq_state(eng.base.get_state(0)), eng.base_info)
+        checked = 0
+        for il in eng.predictor.predicted_layers:
+            if got[il].positions[0] != 0:
+                continue  # a sliding-window layer that no longer holds position 0
+            # the cell comes from a one-token decode: kernels of another batch size may round
+            # the last float16 bit differently
+            for a, b in ((got[il].k[0], want[il].k[0]), (got[il].v[0], want[il].v[0])):
+                np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32),
+                                           rtol=2e-3, atol=1e-4)
+            assert not np.array_equal(got[il].v[1], want[il].v[1])  # the rest is predicted
+            checked += 1
+        assert checked
 
 
 def test_all_modes_generate_on_tiny_gemma3(tiny_gemma3, tiny_bundle):

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 from conftest import random_prompt
-from test_convert import convert, ok
 from test_cli import assert_one_line_error
+from test_convert import convert, ok
 
 from kvcli.engine import Engine
 from kvcli.errors import KvcliError, ModelFileError
@@ -54,7 +54,7 @@ def test_a_basis_of_the_matrices_own_rank_loses_nothing():
 
 
 def test_a_smaller_basis_loses_more_and_the_covariance_decides_what_to_keep():
-    pred, stats, x = synthetic(rank_of_truth=16, anisotropic=True)
+    pred, stats, _ = synthetic(rank_of_truth=16, anisotropic=True)
     errors = []
     for rank in (12, 8, 4):
         factored = factor_predictor(pred, stats, rank=rank)

@@ -39,10 +39,8 @@ def test_training_forward_gives_the_logits_kvp_gives(tiny_bundle):
         tokens = random_prompt(100, engine.model.n_vocab, engine.model.bos, low=3)
         kvp = engine.prefill(tokens, mode="kvp", tail=7)[1]
         base = engine.prefill(tokens, mode="base")[1]
-        bos = engine.model.bos
     trainer = PredictorTrainer(tiny_bundle.base, tiny_bundle.aux_source,
-                               load_predictor(tiny_bundle.predictor), TrainSettings(tokens=100, tail=8),
-                               bos=bos)
+                               load_predictor(tiny_bundle.predictor), TrainSettings(tokens=100, tail=8))
     with torch.no_grad():
         ours = trainer.losses(tokens)["logits"][-1].numpy()
     scale = np.abs(kvp).max()
@@ -81,7 +79,7 @@ def test_sequence_order_covers_every_sequence_each_epoch():
 def test_training_text_is_disjoint_from_the_evaluations(tiny_gemma3):
     """The default training text is the corpus' calibration part; kvcli eval's continuation
     and bench-ttft's prompts come from its held-out part: no file, and no text, in both."""
-    seqs, source, _ = training_sequences(tiny_gemma3, 64, limit=30)
+    seqs, source = training_sequences(tiny_gemma3, 64, limit=30)
     assert len(seqs) == 30 and source.startswith("python-stdlib-sources")
     names = {name.split("@")[0] for name, _ in seqs}
     assert names <= {name for name, _ in corpus_texts("calibration")}
@@ -164,9 +162,8 @@ def test_a_factored_predictor_trains_its_basis_on_kvps_path_and_resumes(tiny_bun
     with Engine.from_bundle(factored, settings=settings) as engine:
         tokens = random_prompt(100, engine.model.n_vocab, engine.model.bos, low=3)
         kvp = engine.prefill(tokens, mode="kvp", tail=7)[1]
-        bos = engine.model.bos
     trainer = PredictorTrainer(factored.base, factored.aux_source, start,
-                               TrainSettings(tokens=100, tail=8), bos=bos)
+                               TrainSettings(tokens=100, tail=8))
     with torch.no_grad():
         ours = trainer.losses(tokens)["logits"][-1].numpy()
     assert np.abs(ours - kvp).max() < 5e-3 * np.abs(kvp).max()

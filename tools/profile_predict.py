@@ -29,7 +29,7 @@ from kvcli.state_codec import parse_seq_state, write_seq_state
 
 def profile(e: Engine, n: int, repeats: int) -> dict[str, float]:
     tokens = bench_prompts(e, n, 1)[0]
-    layout, bos = e.base_layout()
+    layout, first_cell = e.base_layout(), e.first_cell(tokens[0])
     n_pred, pred, times = n - 1, e.predictor, {}
     if pred.raw_keys:
         raise SystemExit("profile_predict breaks down kvcli's own (ridge) predictors; this one reads "
@@ -72,7 +72,8 @@ def profile(e: Engine, n: int, repeats: int) -> dict[str, float]:
         timed("state set", e.base.set_state, data, 0)
         timed("engine predict step (pool)", partial(
             predicted_state_bytes, layout, aux_layers=aux_layers, aux=e.aux_info, base=e.base_info,
-            predictor=pred, group_positions=positions, bos=bos, key_norms=e.key_norms, hidden=hidden))
+            predictor=pred, group_positions=positions, first_cell=first_cell, key_norms=e.key_norms,
+            hidden=hidden))
     # per repeat: sum over layers
     n_runs = repeats + 1
     return {k: float(np.median(np.add.reduceat(v, np.arange(0, len(v), len(v) // n_runs))[1:]))

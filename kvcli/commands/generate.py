@@ -13,10 +13,10 @@ import typer
 from kvcli.cli import BundleOpt, CtxOpt, JsonOpt, ModelOpt, SeedOpt, ThreadsOpt
 from kvcli.commands.common import open_engine
 from kvcli.engine import MODES, Engine
-from kvcli.spans import SPAN_WIDTH
 from kvcli.errors import KvcliError
 from kvcli.runtime import ContextSettings
 from kvcli.sampling import Sampler
+from kvcli.spans import SPAN_WIDTH
 from kvcli.timings import Generation
 
 HELP = """Generate text from a prompt with predicted prefill (mode kvp, the default).
