@@ -124,6 +124,19 @@ def load_bundle(folder: str | Path) -> Bundle:
     return Bundle(folder=folder, manifest=manifest, aux_prefix=aux_prefix, **paths)
 
 
+def record_check(bundle: Bundle, check: dict) -> Bundle:
+    """Store a self-check's figures and verdict (kvcli.self_check) in the bundle's manifest."""
+    manifest = {**bundle.manifest, "check": check}
+    write_text_atomically(bundle.folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return load_bundle(bundle.folder)
+
+
+def check_warning(bundle: Bundle) -> str | None:
+    """The warning line of the bundle's recorded self-check, if it has one."""
+    check = bundle.manifest.get("check")
+    return check.get("warning") if isinstance(check, dict) else None
+
+
 def verify_bundle(bundle: Bundle) -> dict[str, bool]:
     """Per role: whether the file's sha256 is the manifest's."""
     return {role: sha256_file(bundle.path(role)) == bundle.manifest[role]["sha256"]

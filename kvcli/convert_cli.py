@@ -239,10 +239,17 @@ def bundle_cmd(
         "By default the bundle records it as the base's first k layers and kvcli runs it from "
         "the base's own weights (a cut is made into the cache only if --aux-load file or mode "
         "aux asks for one on a stock llama-cpp-python).")] = False,
+    check: Annotated[bool, typer.Option(
+        "--check/--no-check", help="End with the bundle's check of itself (kvcli.self_check): "
+        "on held-out prose, code and a conversation, kvp's KL and top-1 agreement with the "
+        "base against truncation at the same TTFT and the auxiliary alone; the verdict is "
+        "stored in the manifest, and generate and chat repeat its warning.")] = True,
+    check_tokens: Annotated[int, typer.Option(
+        "--check-tokens", help="Prompt length of the check.")] = 512,
 ) -> None:
     """Pack a base, an auxiliary and a predictor into one folder with a manifest (sizes,
     sha256, fingerprints). With --base alone: a prefix auxiliary (no file of its own unless
-    --aux-file), a predictor calibrated for it, packed."""
+    --aux-file), a predictor calibrated for it, packed. Then the bundle checks itself."""
     from kvcli import ui
     from kvcli.bundle import build_bundle, pack_bundle
 
@@ -263,6 +270,10 @@ def bundle_cmd(
     aux_text = b.aux.name if b.aux else f"the base's layers 0-{b.aux_prefix - 1}, no file"
     typer.echo(f"wrote bundle {b.folder} (base {b.base.name}, aux {aux_text}, "
                f"predictor {b.predictor.name})")
+    if check:
+        from kvcli.commands.common import run_self_check
+
+        run_self_check(b, check_tokens)
 
 
 @command("import-corenet")

@@ -47,6 +47,27 @@ def corpus_texts(part: str, root: Path | None = None) -> Iterator[tuple[str, str
             yield str(path.relative_to(root)), text
 
 
+def docstring_texts(part: str, root: Path | None = None) -> Iterator[tuple[str, str]]:
+    """(relative name, prose) of each file of ``part`` whose docstrings (module, classes,
+    functions), joined by blank lines, run past 2000 characters: English prose, not code."""
+    import ast
+    import warnings
+
+    root = root or stdlib_root()
+    for path in corpus_files(part, root):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # invalid escapes in old sources
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+            continue
+        docs = [ast.get_docstring(node) for node in ast.walk(tree)
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        text = "\n\n".join(d for d in docs if d and len(d) > 200)
+        if len(text) > 2000:
+            yield str(path.relative_to(root)), text
+
+
 def token_chunks(part: str, tokenize: Callable[[str], list[int]], *, chunk_tokens: int,
                  n_chunks: int, bos: int | None, root: Path | None = None, per_file: int = 1
                  ) -> Iterator[tuple[str, list[int]]]:

@@ -109,6 +109,12 @@ def describe_bundle(folder: Path, verify: bool = False) -> dict:
     out["spans"] = _spans_note(base_info, aux["n_layer"] if is_view else 0,
                                out["predictor"]["feature_kinds"])
     out["llama_cpp_python"] = llama_cpp_version()
+    check = b.manifest.get("check")
+    if isinstance(check, dict) and "aux_ttft_ratio" in check:
+        from kvcli.self_check import summary_line
+
+        out["check"] = summary_line(check)
+        out["check_figures"] = check
     try:
         check_compatible(b.base, b.aux_source, b.predictor)
         out["compatible"], out["problem"] = True, None

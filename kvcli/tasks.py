@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvcli.corpus import corpus_texts
+from kvcli.corpus import corpus_texts, docstring_texts
 from kvcli.errors import KvcliError
 
 Tokenize = Callable[[str], list[int]]
@@ -144,21 +144,34 @@ def code(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
     return Example("code", _fit(build, n_tokens, tokenize), value)
 
 
-def continuation(rng: random.Random, n_tokens: int, tokenize: Tokenize,
-                 _texts: list[str] = []) -> Example:  # noqa: B006 - a cache of the corpus
-    if not _texts:
-        _texts.extend(t for _, t in corpus_texts("heldout"))
-    text = rng.choice(_texts)
+_HELDOUT: dict[str, list[str]] = {}  # a cache of the held-out texts, per kind
+
+
+def _excerpt(task: str, texts: list[str], rng: random.Random, n_tokens: int, tokenize: Tokenize
+             ) -> Example:
+    """About ``n_tokens`` tokens of one of ``texts`` from a random start, scored by KL only."""
+    text = rng.choice(texts)
     tokens_per_char = len(tokenize(text[:4000])) / max(1, len(text[:4000]))
     chars = int(n_tokens / max(tokens_per_char, 1e-3))
     start = rng.randrange(0, max(1, len(text) - chars))
-    return Example("continuation", _fit(lambda k: text[start : start + k * 16], n_tokens, tokenize),
-                   None)
+    return Example(task, _fit(lambda k: text[start : start + k * 16], n_tokens, tokenize), None)
+
+
+def continuation(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
+    """Held-out Python source: code."""
+    texts = _HELDOUT.setdefault("code", [t for _, t in corpus_texts("heldout")])
+    return _excerpt("continuation", texts, rng, n_tokens, tokenize)
+
+
+def prose(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
+    """Held-out docstrings: English prose about programs."""
+    texts = _HELDOUT.setdefault("prose", [t for _, t in docstring_texts("heldout")])
+    return _excerpt("prose", texts, rng, n_tokens, tokenize)
 
 
 TASKS: dict[str, Callable[[random.Random, int, Tokenize], Example]] = {
     "passkey": passkey, "multikey": multikey, "document": document, "code": code,
-    "continuation": continuation,
+    "continuation": continuation, "prose": prose,
 }
 
 

@@ -117,7 +117,8 @@ def test_kvp_c_pair_of_other_dimensions_end_to_end(tmp_path, tiny_llama, small_l
     assert p2["layer_map"] == [1, 1, 1] and p2["n_features"] == 16
     assert set(p2["ridge_alphas"]) <= {0.1, 1.0}
     bundle = tmp_path / "bundle"
-    ok(convert("bundle", "--base", tiny_llama, "--aux", small_llama, "--predictor", pred, "-o", bundle))
+    ok(convert("bundle", "--base", tiny_llama, "--aux", small_llama, "--predictor", pred, "-o", bundle,
+               "--no-check"))
     out = json.loads(ok(kvcli("generate", "the cat and the", "-n", "4", "--json",
                               "--bundle", bundle)).stdout)
     assert out["mode"] == "kvp" and out["breakdown"]["predict_ms"] > 0
@@ -139,16 +140,26 @@ def test_strided_aux_end_to_end_with_quantized_predictor(tmp_path, tiny_gemma3):
     ok(convert("quantize", pred, tmp_path / "pred-q4.gguf", "q4_0"))
     assert inspect_json(tmp_path / "pred-q4.gguf")["storage_type"] == "q4_0"
     bundle = tmp_path / "bundle"
-    ok(convert("bundle", "--base", tiny_gemma3, "--aux", aux, "--predictor", tmp_path / "pred-q4.gguf",
-               "-o", bundle))
+    ok(convert("bundle", "--no-check", "--base", tiny_gemma3, "--aux", aux, "--predictor",
+               tmp_path / "pred-q4.gguf", "-o", bundle))
     out = json.loads(ok(kvcli("generate", "the cat", "-n", "3", "--json", "--bundle", bundle)).stdout)
     assert out["n_prompt"] > 1
 
 
 def test_bundle_from_a_base_alone_and_refusals(tmp_path, tiny_gemma3, tiny_llama, small_llama):
     bundle = tmp_path / "bundle"
-    ok(convert("bundle", "--base", tiny_gemma3, "-o", bundle, "--tokens", "600"))
+    built = ok(convert("bundle", "--base", tiny_gemma3, "-o", bundle, "--tokens", "600",
+                       "--check-tokens", "200"))
     manifest = json.loads((bundle / "manifest.json").read_text())
+    # the bundle checked itself: figures per kind of held-out text, a verdict, one line out
+    check = manifest["check"]
+    assert set(check["kinds"]) == {"prose", "code", "conversation"} and check["n_tokens"] == 200
+    for row in check["kinds"].values():
+        assert {"kvp", "truncate", "aux"} <= set(row) and row["kvp"]["kl"] >= 0
+    assert built.stdout.strip().splitlines()[-1].startswith("auxiliary alone: ")
+    generated = ok(kvcli("generate", "the cat", "-n", "2", "--bundle", bundle))
+    warned = "this bundle's own check" in generated.stderr
+    assert warned == bool(check["warning"])
     # the prefix auxiliary is the base's own first layer: no file of its own
     assert manifest["aux"]["prefix_of_base"] == 1 and "path" not in manifest["aux"]
     assert sorted(p.name for p in bundle.iterdir()) == ["gemma3.gguf", "manifest.json", "predictor.gguf"]
@@ -156,7 +167,9 @@ def test_bundle_from_a_base_alone_and_refusals(tmp_path, tiny_gemma3, tiny_llama
     assert info["sha256_ok"] == {"base": True, "predictor": True}
     assert info["aux"]["n_layer"] == 1 and info["aux"]["path"] is None  # a quarter of 4 layers
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert info["check"].startswith("auxiliary alone: ") and info["check_figures"] == check
     doctor = json.loads(ok(kvcli("doctor", "--bundle", bundle, "--prompts", "2", "--json")).stdout)
+    assert set(doctor["self_check"]["kinds"]) == {"prose", "code", "conversation"}
     load = "partial" if prefix_view_supported() else "view"
     assert doctor["ok"] and [c["name"] for c in doctor["checks"][-2:]] == [
         "bundle", f"auxiliary as a view ({load})"]
@@ -176,12 +189,13 @@ def test_bundle_from_a_base_alone_and_refusals(tmp_path, tiny_gemma3, tiny_llama
     data = bytearray(pred.read_bytes())
     data[-1] ^= 0xFF
     pred.write_bytes(bytes(data))
-    res = kvcli("doctor", "--bundle", bundle, "--prompts", "2", "--json")
+    res = kvcli("doctor", "--bundle", bundle, "--prompts", "2", "--json", "--no-quality")
     assert res.returncode == 1 and "sha256 differs" in res.stdout and "predictor" in res.stdout
     pred.write_bytes(bytes(data) + b"x")
     assert_one_line_error(kvcli("inspect", bundle), "has changed")
     # --aux-file keeps the cut in the bundle
-    ok(convert("bundle", "--base", tiny_gemma3, "-o", tmp_path / "b3", "--tokens", "600", "--aux-file"))
+    ok(convert("bundle", "--base", tiny_gemma3, "-o", tmp_path / "b3", "--tokens", "600", "--aux-file",
+               "--no-check"))
     assert json.loads((tmp_path / "b3" / "manifest.json").read_text())["aux"]["path"] == "aux.gguf"
     assert inspect_json(tmp_path / "b3")["aux_load"] == load
     # a predictor fit for other models, and an auxiliary of another tokenizer
@@ -197,7 +211,7 @@ def test_bundle_from_a_base_alone_and_refusals(tmp_path, tiny_gemma3, tiny_llama
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
 def test_llama_and_qwen2_bundle_and_generate(fixture, request, tmp_path):
     base = request.getfixturevalue(fixture)
-    ok(convert("bundle", "--base", base, "-o", tmp_path / "b", "--tokens", "600"))
+    ok(convert("bundle", "--base", base, "-o", tmp_path / "b", "--tokens", "600", "--no-check"))
     info = inspect_json(tmp_path / "b")
     assert info["compatible"] and info["predictor"]["copied_layers"] == [0]
     assert info["base"]["rope"]["layout"] == ("neox" if fixture == "tiny_qwen2" else "normal")

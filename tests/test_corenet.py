@@ -155,10 +155,12 @@ def test_kvcli_own_bundle_on_an_imported_openelm_base(corenet_files, tmp_path):
     head counts keep llama.cpp from loading it as k layers, so the auxiliary runs as a view."""
     b = import_checkpoint(corenet_files["checkpoint"], corenet_files["config"],
                           corenet_files["tokenizer"], tmp_path / "imported", outtype="f32")
-    ok(convert("bundle", "--base", b.base, "-o", tmp_path / "own", "--tokens", "600", "--aux-layers", "2"))
+    ok(convert("bundle", "--base", b.base, "-o", tmp_path / "own", "--tokens", "600", "--aux-layers", "2",
+               "--no-check"))
     info = json.loads(ok(kvcli("inspect", tmp_path / "own", "--json")).stdout)
     assert info["aux_load"] == "view" and info["base"]["arch"] == "openelm"
-    doctor = json.loads(ok(kvcli("doctor", "--bundle", tmp_path / "own", "--prompts", "2", "--json")).stdout)
+    doctor = json.loads(ok(kvcli("doctor", "--bundle", tmp_path / "own", "--prompts", "2", "--json",
+                                 "--no-quality")).stdout)
     assert doctor["ok"] and doctor["checks"][-1]["name"] == "auxiliary as a view (view)"
     if prefix_view_supported():
         with pytest.raises(IncompatibleError, match="per-layer metadata arrays"):

@@ -169,7 +169,7 @@ def command(
 ) -> None:
     from kvcli import ui
     from kvcli.chat import CHAT_MODES, Conversation
-    from kvcli.commands.common import notice_aux_load, resolve_bundle
+    from kvcli.commands.common import notice_aux_load, resolve_bundle, warn_if_checked_worse
     from kvcli.engine import Engine
     from kvcli.runtime import ContextSettings
     from kvcli.sampling import Sampler
@@ -179,6 +179,8 @@ def command(
     if tail < 0 or n_predict < 1:
         raise KvcliError("--tail must be >= 0 and -n >= 1")
     b = resolve_bundle(bundle)
+    if mode == "kvp":
+        warn_if_checked_worse(b)
     transcript = Transcript(save)
     settings = ContextSettings(n_ctx=ctx, n_threads=threads)
     try:

@@ -21,7 +21,21 @@ def open_engine(*, bundle: Path | None, model: Path | None, mode: str,
                              "(or leave both out for the embedded default)")
         return Engine(model, settings=settings)
     b = resolve_bundle(bundle)
+    if mode == "kvp":
+        warn_if_checked_worse(b)
     return notice_aux_load(Engine.from_bundle(b, settings=settings))
+
+
+def warn_if_checked_worse(bundle: Bundle) -> None:
+    """One line on stderr when the bundle's own check (kvcli.self_check) found kvp worse
+    than a cheaper fallback."""
+    from kvcli import ui
+    from kvcli.bundle import check_warning
+
+    warning = check_warning(bundle)
+    if warning:
+        ui.err.print(f"[yellow]warning (this bundle's own check): {warning}[/yellow]", soft_wrap=True,
+                     markup=True, highlight=False)
 
 
 def notice_aux_load(engine: Engine) -> Engine:
@@ -45,3 +59,25 @@ def resolve_bundle(bundle: Path | None) -> Bundle:
 
     with ui.progress_reporter() as report:
         return default_bundle(progress=report)
+
+
+def run_self_check(b: Bundle, n_tokens: int, *, echo: bool = True) -> dict:
+    """The bundle's check of itself (kvcli.self_check), stored in its manifest; prints the
+    table on stderr and (``echo``) the verdict line on stdout; returns the check."""
+    import typer
+
+    from kvcli import ui
+    from kvcli.bundle import record_check
+    from kvcli.self_check import check_engine, summary_line
+
+    with ui.progress_reporter() as report, Engine.from_bundle(b) as engine:
+        result = check_engine(engine, n_tokens=n_tokens, progress=lambda i, n: report("check", i, n))
+    record_check(b, result)
+    rows = [[kind, method, f"{r[method]['kl']:.3f}", f"{r[method]['top1']:.2f}",
+             f"{r[method]['ttft_ratio']:.2f}"]
+            for kind, r in result["kinds"].items() for method in ("kvp", "truncate", "aux")]
+    ui.err.print(ui.table(f"self-check at {n_tokens} tokens (n = {result['n']} per kind)",
+                          ["text", "method", "KL", "top-1", "TTFT / base"], rows))
+    if echo:
+        typer.echo(summary_line(result))
+    return result

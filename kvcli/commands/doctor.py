@@ -16,7 +16,10 @@ cache, parsed, un-roped, re-roped and written back, gives logits identical to th
 attention off); (c) numpy RoPE matches llama.cpp's own position shift. With --bundle: the
 checks run on its base, its files are checked whole (sha256) and fit for each other, and a
 prefix auxiliary run as a view of the base (the base's own weights, its graph stopped after
-layer k-1) must cache exactly what the base caches in those layers.
+layer k-1) must cache exactly what the base caches in those layers, and the bundle checks
+its own quality (kvp against truncation at the same TTFT and the auxiliary alone, on
+held-out prose, code and a conversation; stored in its manifest, as `convert_gguf.py bundle`
+does): a warning there does not fail the doctor, a failed exactness check does.
 Exits non-zero when a check fails."""
 
 
@@ -25,6 +28,8 @@ def command(
     bundle: BundleOpt = None,
     prompts: Annotated[int, typer.Option("--prompts", help="Prompts for the exactness check.")] = 20,
     threads: ThreadsOpt = 0,
+    quality: Annotated[bool, typer.Option(
+        "--quality/--no-quality", help="With --bundle: end with the bundle's quality check.")] = True,
     json_out: JsonOpt = False,
 ) -> None:
     from kvcli.bundle import embedded_model_path, load_bundle
@@ -41,13 +46,25 @@ def command(
         if results[-1].ok and (view := check_view(bundle)) is not None:
             results.append(view)
     ok = all(r.ok for r in results)
+    self_check = None
+    if bundle is not None and quality and ok:
+        from kvcli.commands.common import run_self_check
+
+        self_check = run_self_check(load_bundle(bundle), 512, echo=False)
     if json_out:
         typer.echo(json.dumps({"model": str(path), "llama_cpp_python": llama_cpp_version(),
-                               "ok": ok, "checks": [r.as_dict() for r in results]}))
+                               "ok": ok, "checks": [r.as_dict() for r in results],
+                               "self_check": self_check}))
     else:
         from kvcli import ui
 
         rows = [[r.name, "[green]ok[/green]" if r.ok else "[red]FAIL[/red]", r.detail] for r in results]
+        if self_check is not None:
+            from kvcli.self_check import summary_line
+
+            rows.append(["bundle quality (self-check)",
+                         "[yellow]warn[/yellow]" if self_check["warning"] else "[green]ok[/green]",
+                         summary_line(self_check)])
         ui.out.print(ui.table(f"kvcli doctor: {path.name} (llama-cpp-python {llama_cpp_version()})",
                               ["check", "result", "detail"], rows))
     if not ok:
