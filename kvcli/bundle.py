@@ -124,9 +124,10 @@ def load_bundle(folder: str | Path) -> Bundle:
     return Bundle(folder=folder, manifest=manifest, aux_prefix=aux_prefix, **paths)
 
 
-def record_check(bundle: Bundle, check: dict) -> Bundle:
-    """Store a self-check's figures and verdict (kvcli.self_check) in the bundle's manifest."""
-    manifest = {**bundle.manifest, "check": check}
+def record_in_manifest(bundle: Bundle, **entries) -> Bundle:
+    """Store measured entries in the bundle's manifest: ``check`` (kvcli.self_check's figures
+    and verdict), ``spans`` (how kvp chooses spans, kvcli.tail_focus)."""
+    manifest = {**bundle.manifest, **entries}
     write_text_atomically(bundle.folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return load_bundle(bundle.folder)
 

@@ -63,12 +63,13 @@ class TensorCapture:
         self._asked = self._wanted | ({self._stop} if self._stop else set())
         self._rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
         self._error: str | None = None
+        self.armed = True  # off: the callback asks for nothing (a context that captures at times)
 
         @llama_cpp.ggml_backend_sched_eval_callback
         def callback(tensor, ask, user_data):
             t = ctypes.cast(tensor, ctypes.POINTER(_GGMLTensor)).contents
             if ask:
-                return t.name in self._asked
+                return self.armed and t.name in self._asked
             if t.name in self._wanted:
                 self._copy(t)
             return t.name != self._stop
@@ -82,6 +83,13 @@ class TensorCapture:
             return
         data = ctypes.cast(t.data, ctypes.POINTER(ctypes.c_float))
         self._rows[t.name.decode()].append(np.ctypeslib.as_array(data, shape=(rows, width)).copy())
+
+    def rows(self, name: str) -> np.ndarray:
+        """Every row captured of ``name`` since the last clear, in order."""
+        if self._error:
+            raise ContextError(self._error)
+        rows = self._rows[name]
+        return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
 
     def clear(self) -> None:
         for rows in self._rows.values():

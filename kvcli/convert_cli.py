@@ -270,9 +270,10 @@ def bundle_cmd(
     aux_text = b.aux.name if b.aux else f"the base's layers 0-{b.aux_prefix - 1}, no file"
     typer.echo(f"wrote bundle {b.folder} (base {b.base.name}, aux {aux_text}, "
                f"predictor {b.predictor.name})")
-    if check:
-        from kvcli.commands.common import run_self_check
+    from kvcli.commands.common import measure_spans, run_self_check
 
+    b = measure_spans(b)
+    if check:
         run_self_check(b, check_tokens)
 
 

@@ -41,10 +41,14 @@ class Engine:
     def __init__(self, base_path: str | Path, *, aux_path: str | Path | None = None,
                  predictor_path: str | Path | None = None,
                  settings: ContextSettings | None = None, key_norm_rescale: bool = True,
-                 aux_load: str = "auto", aux_prefix: int = 0):
+                 aux_load: str = "auto", aux_prefix: int = 0, tail_focus_layer: int | None = None,
+                 attention_layers: list[int] = ()):
         """``aux_load``: how a prefix auxiliary is loaded (AUX_LOADS; "auto": choose_aux_load).
         ``aux_prefix`` k instead of ``aux_path``: the auxiliary is the base's own layers
-        0..k-1, with no file (one is cut into the cache only if a mode needs it)."""
+        0..k-1, with no file (one is cut into the cache only if a mode needs it).
+        ``tail_focus_layer``: kvp's spans are chosen by this base layer's attention from the
+        tail (kvcli.tail_focus), not by kvcli.focus. ``attention_layers``: base layers whose
+        attention weights the base context can capture (``base_attention``)."""
         if aux_load not in AUX_LOADS:
             raise KvcliError(f"unknown auxiliary load {aux_load!r} (one of {', '.join(AUX_LOADS)})")
         self.base_info = read_model_info(base_path, "base model")
@@ -77,8 +81,18 @@ class Engine:
         self.view_layers = prefix if self.aux_load in ("view", "partial") else 0
         self.aux_state_info = self.base_info if self.aux_load == "view" else self.aux_info
         self._aux_alone: Context | None = None
+        self.tail_focus_layer = tail_focus_layer
+        layers = sorted({*attention_layers, *([tail_focus_layer] if tail_focus_layer is not None else [])})
+        if layers and self.base_info.n_swa:
+            raise IncompatibleError("spans chosen from the tail need a model without sliding-window "
+                                    "layers")
         try:
-            self.base = self._open(self.base_info.path, "base model")
+            from kvcli.tail_focus import attention_name
+
+            base_capture = TensorCapture([attention_name(il) for il in layers]) if layers else None
+            if base_capture is not None:
+                base_capture.armed = False
+            self.base = self._open(self.base_info.path, "base model", base_capture)
             names = self._capture_names()
             if needs_view and self.aux_load != "view":
                 raise IncompatibleError("this predictor reads the auxiliary's last-layer output, "
@@ -175,11 +189,24 @@ class Engine:
     @classmethod
     def from_bundle(cls, bundle, *, with_aux: bool = True, with_predictor: bool = True,
                     **kwargs) -> Engine:
-        """An engine over a bundle.Bundle (``with_aux`` False: the base alone)."""
+        """An engine over a bundle.Bundle (``with_aux`` False: the base alone); spans are
+        chosen as the bundle's manifest records (``spans``: ``tail_focus_layer``)."""
         with_aux = with_aux or with_predictor
+        spans = bundle.manifest.get("spans") or {}
+        if with_predictor and spans.get("chooser") == "tail" and "tail_focus_layer" not in kwargs:
+            kwargs["tail_focus_layer"] = int(spans["layer"])
         return cls(bundle.base, aux_path=bundle.aux if with_aux else None,
                    aux_prefix=bundle.aux_prefix if with_aux else 0,
                    predictor_path=bundle.predictor if with_predictor else None, **kwargs)
+
+    def base_attention(self, layers: list[int], n_query: int, n_pred: int) -> dict[int, np.ndarray]:
+        """Per layer, position scores (kvcli.tail_focus) of the base's last decode, when it
+        was run with its attention capture armed."""
+        from kvcli.tail_focus import attention_name, position_scores
+
+        capture = self.base.capture
+        return {il: position_scores(capture.rows(attention_name(il)), self.base_info.n_head[il],
+                                    n_query, n_pred) for il in layers}
 
     def _open(self, path: Path, what: str, capture=None, prefix_layers: int = 0) -> Context:
         model = Model(path, what=what, prefix_layers=prefix_layers, arch=self.base_info.arch)
@@ -289,7 +316,8 @@ class Engine:
         if n_pred < 1:
             return self._plain(self.base, tokens, t)
         choose = spans > 0 and recompute is None
-        if choose:
+        from_tail = choose and self.tail_focus_layer is not None
+        if choose and not from_tail:
             self.spans.check()
         layout = self.base_layout()
         clock = Clock()
@@ -297,8 +325,8 @@ class Engine:
         self.aux.clear()
         if self.aux.capture is not None:
             self.aux.capture.clear()
-        # choosing spans needs the auxiliary's rows of the prompt's last tokens, tail included
-        n_aux = len(tokens) if choose else n_pred
+        # choosing spans in layer k needs the auxiliary's rows of the prompt's last tokens
+        n_aux = len(tokens) if choose and not from_tail else n_pred
         self.aux.decode(tokens[:n_aux])
         t.aux_prefill_ms = clock.lap()
         hidden, raw_kv = self.take_captured(n_aux)
@@ -311,7 +339,10 @@ class Engine:
                       key_norms=self.key_norms, hidden=hidden, raw_kv=raw_kv, cache={})
         known = {}
         self.last_recomputed = []
-        if choose:
+        if from_tail:
+            recompute, known = self.spans.choose_from_tail(tokens, n_pred, spans, span_width, layout,
+                                                           common, t, clock)
+        elif choose:
             recompute, known = self.spans.choose(hidden, n_aux, n_pred, spans, span_width, common)
         if recompute:
             self.last_recomputed = checked_ranges(recompute, n_pred)

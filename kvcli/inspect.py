@@ -107,7 +107,7 @@ def describe_bundle(folder: Path, verify: bool = False) -> dict:
     out["aux_load"] = choose_aux_load("auto", aux["n_layer"] if is_view else 0, needs_view=needs_view,
                                       partial_ok=not has_per_layer_arrays(base_info))
     out["spans"] = _spans_note(base_info, aux["n_layer"] if is_view else 0,
-                               out["predictor"]["feature_kinds"])
+                               out["predictor"]["feature_kinds"], b.manifest.get("spans"))
     out["llama_cpp_python"] = llama_cpp_version()
     check = b.manifest.get("check")
     if isinstance(check, dict) and "aux_ttft_ratio" in check:
@@ -127,10 +127,13 @@ def describe_bundle(folder: Path, verify: bool = False) -> dict:
     return out
 
 
-def _spans_note(base, prefix: int, feature_kinds) -> str:
+def _spans_note(base, prefix: int, feature_kinds, measured: dict | None = None) -> str:
     """Whether kvp can choose spans with this bundle (kvcli.spans), and why not."""
     from kvcli.focus import spans_supported
 
+    if measured and measured.get("chooser") == "tail":
+        return (f"yes: from the tail, in base layer {measured['layer']} (it found the stated value "
+                f"in {measured['found']}/{measured['prompts']} needle prompts)")
     if not prefix:
         return "no: the auxiliary is not a prefix of the base"
     if not spans_supported(feature_kinds):

@@ -16,7 +16,13 @@ from kvcli import keys
 from kvcli.errors import IncompatibleError, KvcliError
 from kvcli.focus import QueryProjector, attention_peaks, choose_spans, spans_supported
 from kvcli.kv_layout import CacheLayout, layers_by_index
-from kvcli.predict_state import SpanRows, predict_base_kv, span_group_positions, state_bytes
+from kvcli.predict_state import (
+    SpanRows,
+    needed_positions,
+    predict_base_kv,
+    span_group_positions,
+    state_bytes,
+)
 from kvcli.state_codec import parse_seq_state
 
 # tokens per recomputed span: a stated fact and its words around it. 16 rather than 24: the
@@ -47,11 +53,41 @@ class SpanRecompute:
 
     @property
     def supported(self) -> bool:
+        if self.engine.predictor is not None and self.engine.tail_focus_layer is not None:
+            return True  # chosen from the tail (kvcli.tail_focus)
         try:
             self.check()
         except IncompatibleError:
             return False
         return True
+
+    def choose_from_tail(self, tokens: list[int], n_pred: int, spans: int, span_width: int,
+                         layout: CacheLayout, common: dict, t, clock
+                         ) -> tuple[list[tuple[int, int]], dict]:
+        """kvcli.tail_focus: every layer's rows predicted, written, and the base decodes the
+        tail over them once, its attention in the engine's tail-focus layer captured; the
+        spans are where it peaks. Returns them and the predicted rows (not to predict them
+        twice); the pass is counted in ``t.recompute_ms``."""
+        from kvcli.tail_focus import peak_spans
+
+        eng = self.engine
+        positions = needed_positions(eng.base_info, n_pred, first_query=n_pred)
+        known = predict_base_kv(group_positions=positions, **common)
+        t.predict_ms = clock.lap()
+        eng.base.set_state(state_bytes(layout, positions, known), 0, n_past=n_pred)
+        capture = eng.base.capture
+        capture.clear()
+        capture.armed = True
+        try:
+            eng.base.decode(tokens[n_pred:], start=n_pred)
+        finally:
+            capture.armed = False
+        layer = eng.tail_focus_layer
+        scores = eng.base_attention([layer], len(tokens) - n_pred, n_pred)[layer]
+        capture.clear()
+        ranges = peak_spans(scores, spans, span_width, n_pred)
+        t.recompute_ms = clock.lap()
+        return ranges, known
 
     def check(self) -> None:
         eng = self.engine
@@ -103,12 +139,11 @@ class SpanRecompute:
         positions = span_group_positions(info, n_pred, [a for a, _ in ranges], SPAN_CONTEXT,
                                          TAIL_CONTEXT)
         rest = [il for il in range(info.n_layer) if il not in known]
-        rows = SpanRows(info, positions,
-                        {**known, **predict_base_kv(group_positions=positions, only=rest, **common)},
-                        exact=self.exact_layers())
-        t.predict_ms = clock.lap()
+        predicted = predict_base_kv(group_positions=positions, only=rest, **common) if rest else {}
+        rows = SpanRows(info, positions, {**known, **predicted}, exact=self.exact_layers())
+        t.predict_ms += clock.lap()
         data = self.run(tokens, n_pred, ranges, rows, layout)
-        t.recompute_ms = clock.lap()
+        t.recompute_ms += clock.lap()
         return data
 
     def exact_layers(self) -> list[int]:

@@ -61,18 +61,39 @@ def resolve_bundle(bundle: Path | None) -> Bundle:
         return default_bundle(progress=report)
 
 
+def measure_spans(b: Bundle) -> Bundle:
+    """For a base without sliding-window layers: which of its layers chooses kvp's spans
+    from the tail (kvcli.tail_focus), stored in the manifest; one line on stderr."""
+    from kvcli import ui
+    from kvcli.bundle import record_in_manifest
+    from kvcli.model_info import read_model_info
+    from kvcli.tail_focus import measure_layer
+
+    if read_model_info(b.base, "base model").n_swa:
+        return b
+    with ui.progress_reporter() as report:
+        entry = measure_layer(b, progress=lambda i, n: report("spans", i, n))
+    if entry["chooser"] == "tail":
+        ui.err.print(f"spans: chosen by base layer {entry['layer']}'s attention from the tail "
+                     f"(it found the stated value in {entry['found']}/{entry['prompts']} held-out "
+                     "needle prompts)", highlight=False)
+    else:
+        ui.err.print(f"spans: none ({entry['reason']})", highlight=False)
+    return record_in_manifest(b, spans=entry)
+
+
 def run_self_check(b: Bundle, n_tokens: int, *, echo: bool = True) -> dict:
     """The bundle's check of itself (kvcli.self_check), stored in its manifest; prints the
     table on stderr and (``echo``) the verdict line on stdout; returns the check."""
     import typer
 
     from kvcli import ui
-    from kvcli.bundle import record_check
+    from kvcli.bundle import record_in_manifest
     from kvcli.self_check import check_engine, summary_line
 
     with ui.progress_reporter() as report, Engine.from_bundle(b) as engine:
         result = check_engine(engine, n_tokens=n_tokens, progress=lambda i, n: report("check", i, n))
-    record_check(b, result)
+    record_in_manifest(b, check=result)
     rows = [[kind, method, f"{r[method]['kl']:.3f}", f"{r[method]['top1']:.2f}",
              f"{r[method]['ttft_ratio']:.2f}"]
             for kind, r in result["kinds"].items() for method in ("kvp", "truncate", "aux")]

@@ -1,0 +1,85 @@
+"""kvcli.tail_focus: spans where the tail's attention peaks, on real llama.cpp attention."""
+
+import numpy as np
+import pytest
+from conftest import random_prompt
+from test_engine import SETTINGS, copy_everything_predictor, split_reference
+
+from kvcli.aux_cut import cut_auxiliary
+from kvcli.engine import Engine
+from kvcli.errors import IncompatibleError
+from kvcli.model_info import read_model_info
+from kvcli.spans import SpanRecompute
+from kvcli.tail_focus import (
+    RECENT_POSITIONS,
+    SINK_POSITIONS,
+    best_layer,
+    needle_prompts,
+    peak_spans,
+    position_scores,
+)
+
+
+def test_position_scores_read_heads_then_queries_and_leave_out_sinks_and_recent():
+    n_head, n_query, n_kv, n_pred = 3, 2, 128, 100
+    rows = np.zeros((n_head * 5, n_kv), np.float32)  # 5 query rows per head; the last 2 count
+    rows[1 * 5 + 4, 40] = 0.9  # head 1, the last query row
+    rows[2 * 5 + 0, 60] = 0.99  # head 2, an earlier query row: not the tail's
+    rows[0 * 5 + 3, 3] = 1.0  # a sink
+    rows[0 * 5 + 3, n_pred - 2] = 1.0  # just before the tail
+    rows[0 * 5 + 3, n_pred + 5] = 1.0  # past n_pred
+    scores = position_scores(rows, n_head, n_query, n_pred)
+    assert scores.shape == (n_pred,) and int(np.argmax(scores)) == 40 and scores[60] == 0
+    assert not scores[:SINK_POSITIONS].any() and not scores[n_pred - RECENT_POSITIONS:].any()
+
+
+def test_peak_spans_are_disjoint_lead_the_peak_and_stay_in_range():
+    scores = np.zeros(200)
+    scores[[50, 52, 150, 198]] = [1.0, 0.9, 0.8, 0.7]
+    assert peak_spans(scores, 2, 16, 190) == [(46, 62), (146, 162)]  # 52 is inside the first
+    assert peak_spans(scores, 3, 16, 190)[-1][1] <= 190
+    assert peak_spans(np.zeros(50), 2, 16, 50) == []
+
+
+def test_best_layer_counts_hits_then_margins():
+    hits = np.array([[1, 0, 1], [0, 0, 1], [1, 0, 0]])
+    margins = np.array([[0.5, 0.9, 0.1], [0.1, 0.9, 0.2], [0.5, 0.9, 0.0]])
+    assert best_layer(hits, margins) == 0  # 2 hits each for 0 and 2; 0 has the larger margin
+
+
+def test_needle_prompts_state_the_value_once_before_the_question(tiny_llama):
+    from kvcli.runtime import Model
+
+    model = Model(tiny_llama)
+    try:
+        prompts = needle_prompts(lambda s: model.tokenize(s, add_special=False), n=3, n_tokens=300)
+    finally:
+        model.close()
+    for prompt, value in prompts:
+        assert prompt.count(value) == 1 and prompt.index(value) < prompt.index("Question:")
+
+
+def test_spans_from_the_tail_over_the_true_cache_are_exact(tiny_llama, tmp_path, monkeypatch):
+    """Every layer copied (the true cache) and spans chosen by a layer's attention from the
+    tail: the base's own logits (to the rounding of other batch shapes), spans away from
+    the sinks and the last positions."""
+    monkeypatch.setattr(SpanRecompute, "exact_layers", lambda self: [])
+    n_layer = read_model_info(tiny_llama).n_layer
+    aux = cut_auxiliary(tiny_llama, tmp_path / "aux.gguf", list(range(n_layer)))
+    with Engine(tiny_llama, aux_path=aux, settings=SETTINGS, tail_focus_layer=n_layer - 1) as eng:
+        eng.predictor = copy_everything_predictor(tiny_llama, aux)
+        eng.base_layout()
+        assert eng.spans_supported and eng.kvp_settings() == {"tail": 24, "spans": 1}
+        tokens = random_prompt(150, eng.model.n_vocab, eng.model.bos, low=3)
+        gen = eng.generate(tokens, mode="kvp", tail=10, spans=2, n_predict=1)
+        n_pred = len(tokens) - 11
+        assert len(gen.recomputed) == 2 and gen.timings.recompute_ms > 0
+        for a, b in gen.recomputed:
+            assert SINK_POSITIONS - 4 <= a < b <= n_pred - RECENT_POSITIONS + 12
+        want = split_reference(eng.base, tokens, n_pred)
+        np.testing.assert_allclose(gen.first_logits, want, rtol=0, atol=1e-5)
+
+
+def test_tail_focus_is_refused_on_sliding_window_models(tiny_gemma3):
+    with pytest.raises(IncompatibleError, match="sliding-window"):
+        Engine(tiny_gemma3, settings=SETTINGS, tail_focus_layer=1)
