@@ -30,7 +30,14 @@ from kvcli.predict_state import FirstCell, needed_positions, predicted_state_byt
 from kvcli.predictor import load_predictor
 from kvcli.runtime import Context, ContextSettings, Model
 from kvcli.sampling import Sampler
-from kvcli.spans import DEFAULT_SPANS, DEFAULT_SPANS_TAIL, SPAN_WIDTH, SpanRecompute, checked_ranges
+from kvcli.spans import (
+    DEFAULT_SPANS,
+    DEFAULT_SPANS_TAIL,
+    DEFAULT_TAIL_SPANS,
+    SPAN_WIDTH,
+    SpanRecompute,
+    checked_ranges,
+)
 from kvcli.state_codec import parse_seq_state
 from kvcli.timings import Clock, Generation, Timings
 
@@ -41,12 +48,12 @@ class Engine:
     def __init__(self, base_path: str | Path, *, aux_path: str | Path | None = None,
                  predictor_path: str | Path | None = None,
                  settings: ContextSettings | None = None, key_norm_rescale: bool = True,
-                 aux_load: str = "auto", aux_prefix: int = 0, tail_focus_layer: int | None = None,
+                 aux_load: str = "auto", aux_prefix: int = 0, tail_focus_layers: list[int] = (),
                  attention_layers: list[int] = ()):
         """``aux_load``: how a prefix auxiliary is loaded (AUX_LOADS; "auto": choose_aux_load).
         ``aux_prefix`` k instead of ``aux_path``: the auxiliary is the base's own layers
         0..k-1, with no file (one is cut into the cache only if a mode needs it).
-        ``tail_focus_layer``: kvp's spans are chosen by this base layer's attention from the
+        ``tail_focus_layers``: kvp's spans are chosen by these base layers' attention from the
         tail (kvcli.tail_focus), not by kvcli.focus. ``attention_layers``: base layers whose
         attention weights the base context can capture (``base_attention``)."""
         if aux_load not in AUX_LOADS:
@@ -81,8 +88,8 @@ class Engine:
         self.view_layers = prefix if self.aux_load in ("view", "partial") else 0
         self.aux_state_info = self.base_info if self.aux_load == "view" else self.aux_info
         self._aux_alone: Context | None = None
-        self.tail_focus_layer = tail_focus_layer
-        layers = sorted({*attention_layers, *([tail_focus_layer] if tail_focus_layer is not None else [])})
+        self.tail_focus_layers = list(tail_focus_layers)
+        layers = sorted({*attention_layers, *tail_focus_layers})
         if layers and self.base_info.n_swa:
             raise IncompatibleError("spans chosen from the tail need a model without sliding-window "
                                     "layers")
@@ -190,11 +197,12 @@ class Engine:
     def from_bundle(cls, bundle, *, with_aux: bool = True, with_predictor: bool = True,
                     **kwargs) -> Engine:
         """An engine over a bundle.Bundle (``with_aux`` False: the base alone); spans are
-        chosen as the bundle's manifest records (``spans``: ``tail_focus_layer``)."""
+        chosen as the bundle's manifest records (``spans``: ``tail_focus_layers``)."""
         with_aux = with_aux or with_predictor
         spans = bundle.manifest.get("spans") or {}
-        if with_predictor and spans.get("chooser") == "tail" and "tail_focus_layer" not in kwargs:
-            kwargs["tail_focus_layer"] = int(spans["layer"])
+        if (with_predictor and spans.get("chooser") == "tail" and isinstance(spans.get("layers"), list)
+                and "tail_focus_layers" not in kwargs):
+            kwargs["tail_focus_layers"] = [int(il) for il in spans["layers"]]
         return cls(bundle.base, aux_path=bundle.aux if with_aux else None,
                    aux_prefix=bundle.aux_prefix if with_aux else 0,
                    predictor_path=bundle.predictor if with_predictor else None, **kwargs)
@@ -316,7 +324,7 @@ class Engine:
         if n_pred < 1:
             return self._plain(self.base, tokens, t)
         choose = spans > 0 and recompute is None
-        from_tail = choose and self.tail_focus_layer is not None
+        from_tail = choose and bool(self.tail_focus_layers)
         if choose and not from_tail:
             self.spans.check()
         layout = self.base_layout()
@@ -370,7 +378,8 @@ class Engine:
         """kvp's tail and spans, defaults filled in: DEFAULT_SPANS spans where they can be
         chosen, else none; tail DEFAULT_SPANS_TAIL with spans, else 0."""
         if spans is None:
-            spans = DEFAULT_SPANS if self.predictor is not None and self.spans_supported else 0
+            spans = ((DEFAULT_TAIL_SPANS if self.tail_focus_layers else DEFAULT_SPANS)
+                     if self.predictor is not None and self.spans_supported else 0)
         if tail is None:
             tail = DEFAULT_SPANS_TAIL if spans else 0
         return {"tail": tail, "spans": spans}

@@ -132,8 +132,8 @@ def _spans_note(base, prefix: int, feature_kinds, measured: dict | None = None) 
     from kvcli.focus import spans_supported
 
     if measured and measured.get("chooser") == "tail":
-        return (f"yes: from the tail, in base layer {measured['layer']} (it found the stated value "
-                f"in {measured['found']}/{measured['prompts']} needle prompts)")
+        return (f"yes: from the tail, in base layers {measured['layers']} (each found the asked "
+                f"value in {measured['found']} of {measured['prompts']} prompts)")
     if not prefix:
         return "no: the auxiliary is not a prefix of the base"
     if not spans_supported(feature_kinds):

@@ -30,6 +30,11 @@ from kvcli.state_codec import parse_seq_state
 # shipped predictor: 1.0 / 1.0 / 0.8 / 1.0 with either), 0.005-0.008x less TTFT (README)
 SPAN_WIDTH = 16
 DEFAULT_SPANS = 1
+# spans chosen from the tail (kvcli.tail_focus): two, as its layers disagree by kind of
+# prompt (Qwen 1.5B prefix 7, 6 prompts each, scratch run over dumped attention: layers
+# 2,5,6 combined put the pass key in the first span 2/6, in one of two 5/6, and the asked
+# record among look-alikes 6/6 with either)
+DEFAULT_TAIL_SPANS = 2
 DEFAULT_SPANS_TAIL = 24  # with spans, the base also decodes the question itself
 # Spans are chosen by the last prompt token's query alone, the best chooser measured
 # (passkey, multikey, document at 1024 and 2048 tokens, n = 10 each): the top span held the
@@ -53,7 +58,7 @@ class SpanRecompute:
 
     @property
     def supported(self) -> bool:
-        if self.engine.predictor is not None and self.engine.tail_focus_layer is not None:
+        if self.engine.predictor is not None and self.engine.tail_focus_layers:
             return True  # chosen from the tail (kvcli.tail_focus)
         try:
             self.check()
@@ -65,10 +70,10 @@ class SpanRecompute:
                          layout: CacheLayout, common: dict, t, clock
                          ) -> tuple[list[tuple[int, int]], dict]:
         """kvcli.tail_focus: every layer's rows predicted, written, and the base decodes the
-        tail over them once, its attention in the engine's tail-focus layer captured; the
-        spans are where it peaks. Returns them and the predicted rows (not to predict them
+        tail over them once, its attention in the engine's tail-focus layers captured; the
+        spans are where their combined scores peak. Returns them and the predicted rows (not to predict them
         twice); the pass is counted in ``t.recompute_ms``."""
-        from kvcli.tail_focus import peak_spans
+        from kvcli.tail_focus import combined_scores, peak_spans
 
         eng = self.engine
         positions = needed_positions(eng.base_info, n_pred, first_query=n_pred)
@@ -82,8 +87,7 @@ class SpanRecompute:
             eng.base.decode(tokens[n_pred:], start=n_pred)
         finally:
             capture.armed = False
-        layer = eng.tail_focus_layer
-        scores = eng.base_attention([layer], len(tokens) - n_pred, n_pred)[layer]
+        scores = combined_scores(eng.base_attention(eng.tail_focus_layers, len(tokens) - n_pred, n_pred))
         capture.clear()
         ranges = peak_spans(scores, spans, span_width, n_pred)
         t.recompute_ms = clock.lap()

@@ -8,8 +8,10 @@ with a 7-layer prefix, layer 7's last-token attention ranked the pass key 57th-1
 do look: over the *predicted* cache, with the base decoding the 25 last tokens itself,
 layer 22's attention ranked the pass key first or second (6 prompts, positions < 8 and the
 16 before the tail left out: the first draw every layer's attention whatever the question,
-an attention sink, and the last are what any next token looks at). Which layer is measured
-per model (``measure_layer``) on needle prompts of kvcli's own, in held-out prose.
+an attention sink, and the last are what any next token looks at), while among look-alike
+records the prefix's own layer 5 found the asked one where layer 22 did not. Which layers
+are measured per model (``measure_layer``) on prompts of kvcli's own, in held-out prose,
+with several records of one shape and one asked for by name; the best N_LAYERS combined.
 
 Needs llama.cpp's attention weights (``kq_soft_max-L``, present with flash attention off,
 kvcli's default) and a model without sliding-window layers (the tail's layer sees every
@@ -28,8 +30,11 @@ from kvcli.tasks import prose
 SINK_POSITIONS = 8  # positions never chosen: the first (attention sinks)
 RECENT_POSITIONS = 16  # ... nor the last before the tail (what every next token attends to)
 SPAN_LEAD = 4  # a span starts this many tokens before the peak: a value and its name before it
-MEASURE_PROMPTS = 4
+MEASURE_PROMPTS = 8
+N_LAYERS = 3  # layers combined: one layer's choice differs by kind of prompt
 MEASURE_TOKENS = 1024
+PLACES = ["the archive", "the workshop", "the north gate", "the old mill", "the harbour office",
+          "the east wing", "the boiler room", "the chapel", "the west tower", "the granary"]
 
 
 def attention_name(layer: int) -> str:
@@ -66,29 +71,43 @@ def peak_spans(scores: np.ndarray, n_spans: int, width: int, hi: int) -> list[tu
 
 
 def needle_prompts(tokenize: Callable[[str], list[int]], n: int = MEASURE_PROMPTS,
-                   n_tokens: int = MEASURE_TOKENS, seed: int = 11) -> list[tuple[str, str]]:
-    """(prompt, value) pairs: held-out prose with one sentence stating a value stated at a
-    random depth, and a question asking for it at the end (kvcli's own format, not the judge's)."""
+                   n_tokens: int = MEASURE_TOKENS, seed: int = 11, n_records: int = 4
+                   ) -> list[tuple[str, str]]:
+    """(prompt, value) pairs: held-out prose with ``n_records`` sentences of the same shape
+    (a place and its number) at random depths, and a question asking for one of them by name
+    at the end: a layer that merely finds the salient sentences does not pass; one that
+    matches the name does (kvcli's own format, not the judge's)."""
     rng = random.Random(f"tail-focus:{seed}")
     out = []
     for _ in range(n):
-        name = rng.choice(["the archive", "the workshop", "the north gate", "the old mill",
-                           "the harbour office", "the east wing"])
-        value = str(rng.randrange(10000, 99999))
-        question = f"\n\nQuestion: what is the access number of {name}? Answer: the access number is"
-        text = prose(rng, n_tokens - 60, tokenize).prompt
-        cut = rng.randrange(len(text) // 8, len(text) * 5 // 8)
-        cut = text.rfind(". ", 0, cut) + 2 if text.rfind(". ", 0, cut) > 0 else cut
-        fact = f"The access number of {name} is {value}. "
-        out.append((text[:cut] + fact + text[cut:] + question, value))
+        text = prose(rng, n_tokens - 30 * n_records, tokenize).prompt
+        names = rng.sample(PLACES, n_records)
+        values = [str(rng.randrange(10000, 99999)) for _ in names]
+        cuts = sorted(rng.sample(range(len(text) // 10, len(text) * 9 // 10), n_records))
+        pieces, at = [], 0
+        for cut, name, value in zip(cuts, names, values):
+            cut = max(at, text.rfind(". ", at, cut) + 2) if text.rfind(". ", at, cut) > 0 else cut
+            pieces += [text[at:cut], f"The access number of {name} is {value}. "]
+            at = cut
+        asked = rng.randrange(n_records)
+        question = (f"\n\nQuestion: what is the access number of {names[asked]}? Answer: the "
+                    "access number is")
+        out.append(("".join(pieces) + text[at:] + question, values[asked]))
     return out
 
 
-def best_layer(hits: np.ndarray, margins: np.ndarray) -> int:
-    """The layer whose attention peak fell in the stated value most often (ties: the larger
-    mean margin of the value's score over the best elsewhere). ``hits``, ``margins``: (prompts,
-    layers)."""
-    return int(np.lexsort((-margins.mean(axis=0), -hits.sum(axis=0)))[0])
+def best_layers(hits: np.ndarray, margins: np.ndarray, n: int = N_LAYERS) -> list[int]:
+    """The ``n`` layers whose attention peak fell in the asked value most often (ties: the
+    larger mean margin of the value's score over the best elsewhere), best first.
+    ``hits``, ``margins``: (prompts, layers)."""
+    order = np.lexsort((-margins.mean(axis=0), -hits.sum(axis=0)))
+    return [int(il) for il in order[:n] if hits[:, il].any()]
+
+
+def combined_scores(per_layer: dict[int, np.ndarray]) -> np.ndarray:
+    """The layers' position scores, each scaled to its own maximum, summed: a layer's peak
+    counts the same whatever its attention's sharpness."""
+    return sum(s / s.max() if s.max() > 0 else s for s in per_layer.values())
 
 
 def measure_layer(bundle, *, tail: int = 24, width: int = 16,
@@ -99,7 +118,8 @@ def measure_layer(bundle, *, tail: int = 24, width: int = 16,
     ``tail`` and the layer, or chooser ``none`` and why."""
     from kvcli.engine import Engine
 
-    with Engine.from_bundle(bundle, attention_layers=list(range(_n_layer(bundle)))) as eng:
+    with Engine.from_bundle(bundle, attention_layers=list(range(_n_layer(bundle))),
+                            tail_focus_layers=()) as eng:
         layers = list(range(eng.base_info.n_layer))
         prompts = needle_prompts(eng.tokenize)
         hits = np.zeros((len(prompts), len(layers)))
@@ -128,14 +148,13 @@ def measure_layer(bundle, *, tail: int = 24, width: int = 16,
                 margins[i, j] = s[lo:hi].max() - (outside.max() if len(outside) else 0.0)
             if progress:
                 progress(i + 1, len(prompts))
-    layer = best_layer(hits, margins)
-    found = int(hits[:, layer].sum())
+    chosen = best_layers(hits, margins)
     per_layer = [int(h) for h in hits.sum(axis=0)]
-    if found == 0:
+    if not chosen:
         return {"chooser": "none", "hits_per_layer": per_layer, "prompts": len(prompts),
-                "reason": "no layer's attention from the tail found the stated value"}
-    return {"chooser": "tail", "layer": layer, "found": found, "prompts": len(prompts),
-            "hits_per_layer": per_layer}
+                "reason": "no layer's attention from the tail found the asked value"}
+    return {"chooser": "tail", "layers": chosen, "found": [per_layer[il] for il in chosen],
+            "prompts": len(prompts), "hits_per_layer": per_layer}
 
 
 def _n_layer(bundle) -> int:

@@ -13,7 +13,8 @@ from kvcli.spans import SpanRecompute
 from kvcli.tail_focus import (
     RECENT_POSITIONS,
     SINK_POSITIONS,
-    best_layer,
+    best_layers,
+    combined_scores,
     needle_prompts,
     peak_spans,
     position_scores,
@@ -41,10 +42,16 @@ def test_peak_spans_are_disjoint_lead_the_peak_and_stay_in_range():
     assert peak_spans(np.zeros(50), 2, 16, 50) == []
 
 
-def test_best_layer_counts_hits_then_margins():
+def test_best_layers_count_hits_then_margins_and_never_take_a_layer_that_missed():
     hits = np.array([[1, 0, 1], [0, 0, 1], [1, 0, 0]])
     margins = np.array([[0.5, 0.9, 0.1], [0.1, 0.9, 0.2], [0.5, 0.9, 0.0]])
-    assert best_layer(hits, margins) == 0  # 2 hits each for 0 and 2; 0 has the larger margin
+    assert best_layers(hits, margins, n=3) == [0, 2]  # 2 hits each; 0 has the larger margin
+
+
+def test_combined_scores_weigh_each_layers_peak_alike():
+    sharp, flat = np.array([0.0, 0.9, 0.0]), np.array([0.0, 0.0, 0.05])
+    assert int(np.argmax(sharp + flat + flat)) == 1  # raw weights: the sharp layer decides
+    assert int(np.argmax(combined_scores({3: sharp, 7: flat, 9: flat}))) == 2  # two layers of three
 
 
 def test_needle_prompts_state_the_value_once_before_the_question(tiny_llama):
@@ -66,10 +73,10 @@ def test_spans_from_the_tail_over_the_true_cache_are_exact(tiny_llama, tmp_path,
     monkeypatch.setattr(SpanRecompute, "exact_layers", lambda self: [])
     n_layer = read_model_info(tiny_llama).n_layer
     aux = cut_auxiliary(tiny_llama, tmp_path / "aux.gguf", list(range(n_layer)))
-    with Engine(tiny_llama, aux_path=aux, settings=SETTINGS, tail_focus_layer=n_layer - 1) as eng:
+    with Engine(tiny_llama, aux_path=aux, settings=SETTINGS, tail_focus_layers=[n_layer - 1]) as eng:
         eng.predictor = copy_everything_predictor(tiny_llama, aux)
         eng.base_layout()
-        assert eng.spans_supported and eng.kvp_settings() == {"tail": 24, "spans": 1}
+        assert eng.spans_supported and eng.kvp_settings() == {"tail": 24, "spans": 2}
         tokens = random_prompt(150, eng.model.n_vocab, eng.model.bos, low=3)
         gen = eng.generate(tokens, mode="kvp", tail=10, spans=2, n_predict=1)
         n_pred = len(tokens) - 11
@@ -82,4 +89,4 @@ def test_spans_from_the_tail_over_the_true_cache_are_exact(tiny_llama, tmp_path,
 
 def test_tail_focus_is_refused_on_sliding_window_models(tiny_gemma3):
     with pytest.raises(IncompatibleError, match="sliding-window"):
-        Engine(tiny_gemma3, settings=SETTINGS, tail_focus_layer=1)
+        Engine(tiny_gemma3, settings=SETTINGS, tail_focus_layers=[1])

@@ -74,9 +74,9 @@ def measure_spans(b: Bundle) -> Bundle:
     with ui.progress_reporter() as report:
         entry = measure_layer(b, progress=lambda i, n: report("spans", i, n))
     if entry["chooser"] == "tail":
-        ui.err.print(f"spans: chosen by base layer {entry['layer']}'s attention from the tail "
-                     f"(it found the stated value in {entry['found']}/{entry['prompts']} held-out "
-                     "needle prompts)", highlight=False)
+        ui.err.print(f"spans: chosen by base layers {entry['layers']}' attention from the tail "
+                     f"(each found the asked value in {entry['found']} of {entry['prompts']} held-out "
+                     "prompts)", highlight=False)
     else:
         ui.err.print(f"spans: none ({entry['reason']})", highlight=False)
     return record_in_manifest(b, spans=entry)
