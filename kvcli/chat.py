@@ -20,17 +20,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvcli import keys
 from kvcli.engine import Engine
 from kvcli.errors import ContextError, KvcliError
 from kvcli.kv_layout import layers_by_index
 from kvcli.predict_state import needed_positions, predict_base_kv, state_bytes
 from kvcli.runtime import apply_chat_template, model_chat_template
 from kvcli.sampling import Sampler
+from kvcli.spans import sink_positions
 from kvcli.state_codec import parse_seq_state
 
 # the template of an architecture whose GGUF stores none (llama.cpp's built-in names)
 ARCH_TEMPLATES = {"gemma3": "gemma", "qwen2": "chatml", "llama": "llama2", "openelm": "llama2"}
 CHAT_MODES = ("kvp", "base")
+# a turn's attention sinks within its first SINK_HEAD new positions are decoded by the base
+SINK_HEAD = 64
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -159,6 +163,17 @@ class Conversation:
         self.base_tokens = list(tokens)
         return base.last_logits(), n_new, n_predicted
 
+    def _sink_head(self, hidden: list[np.ndarray], a0: int, p0: int, n_pred: int) -> int:
+        """One past the last attention sink among the new positions' first SINK_HEAD
+        (kvcli.spans.sink_positions: a chat template's first newlines and the like, whose
+        predicted cells are garbage), else p0. Needs the residual feature and 16 new rows."""
+        kinds = list(self.engine.predictor.hidden_kinds)
+        if keys.FEATURE_AUX_RESIDUAL not in kinds or n_pred - a0 < 16:
+            return p0
+        sinks = [a0 + p for p in sink_positions(hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)])]
+        sinks = [p for p in sinks if p0 <= p < min(n_pred, p0 + SINK_HEAD)]
+        return max(sinks) + 1 if sinks else p0
+
     def _predict_into_base(self, tokens: list[int], p0: int, n_pred: int) -> None:
         eng = self.engine
         aux = eng.aux
@@ -172,6 +187,12 @@ class Conversation:
         aux.decode(tokens[a0:n_pred], start=a0)
         self.aux_tokens = tokens[:n_pred]
         hidden, raw_kv = eng.take_captured(n_pred - a0)
+        head = self._sink_head(hidden, a0, p0, n_pred)
+        if head > p0:  # the base decodes the turn's head itself, through its last attention sink
+            eng.base.decode(tokens[p0:head], start=p0)
+            if head == n_pred:
+                return
+            p0 = head
         aux_layers = layers_by_index(parse_seq_state(aux.get_state(-1)), eng.aux_state_info)
         layout = eng.base_layout()
         new_positions = [p[p >= p0] for p in needed_positions(eng.base_info, n_pred, first_query=n_pred)]

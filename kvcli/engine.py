@@ -37,6 +37,8 @@ from kvcli.spans import (
     SPAN_WIDTH,
     SpanRecompute,
     checked_ranges,
+    merge_ranges,
+    sink_positions,
 )
 from kvcli.state_codec import parse_seq_state
 from kvcli.timings import Clock, Generation, Timings
@@ -307,6 +309,14 @@ class Engine:
             return aux, aux.last_logits(), t
         return self.base, self._kvp(tokens, tail, t, spans, span_width, recompute), t
 
+    def _sink_ranges(self, hidden: list[np.ndarray], n_pred: int) -> list[tuple[int, int]]:
+        """Positions 1..n_pred-1 the base recomputes because they are attention sinks
+        (kvcli.spans.sink_positions), as one-token ranges; none without the residual feature."""
+        kinds = list(self.predictor.hidden_kinds)
+        if keys.FEATURE_AUX_RESIDUAL not in kinds:
+            return []
+        return [(p, p + 1) for p in sink_positions(hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)][:n_pred])]
+
     def _plain(self, ctx: Context, tokens: list[int], t: Timings) -> np.ndarray:
         clock = Clock()
         ctx.clear()
@@ -347,19 +357,22 @@ class Engine:
                       key_norms=self.key_norms, hidden=hidden, raw_kv=raw_kv, cache={})
         known = {}
         self.last_recomputed = []
+        sinks = self._sink_ranges(hidden, n_pred)
         if from_tail:
-            recompute, known = self.spans.choose_from_tail(tokens, n_pred, spans, span_width, layout,
-                                                           common, t, clock)
-        elif choose:
-            recompute, known = self.spans.choose(hidden, n_aux, n_pred, spans, span_width, common)
-        if recompute:
-            self.last_recomputed = checked_ranges(recompute, n_pred)
-            data = self.spans.recompute(tokens, n_pred, self.last_recomputed, layout, common, t,
-                                        clock, known)
+            data, chosen = self.spans.from_tail(tokens, n_pred, spans, span_width, layout, common, t,
+                                                clock, sinks)
+            self.last_recomputed = merge_ranges(chosen, sinks)
         else:
-            group_positions = needed_positions(self.base_info, n_pred, first_query=n_pred)
-            data = predicted_state_bytes(layout, group_positions=group_positions, **common)
-            t.predict_ms = clock.lap()
+            if choose:
+                recompute, known = self.spans.choose(hidden, n_aux, n_pred, spans, span_width, common)
+            self.last_recomputed = merge_ranges(checked_ranges(recompute or [], n_pred), sinks)
+            if self.last_recomputed:
+                data = self.spans.recompute(tokens, n_pred, self.last_recomputed, layout, common, t,
+                                            clock, known)
+            else:
+                group_positions = needed_positions(self.base_info, n_pred, first_query=n_pred)
+                data = predicted_state_bytes(layout, group_positions=group_positions, **common)
+                t.predict_ms = clock.lap()
         self.base.set_state(data, 0, n_past=n_pred)
         t.state_set_ms = clock.lap()
         self.base.decode(tokens[n_pred:], start=n_pred, logits_last=True)

@@ -66,20 +66,21 @@ class SpanRecompute:
             return False
         return True
 
-    def choose_from_tail(self, tokens: list[int], n_pred: int, spans: int, span_width: int,
-                         layout: CacheLayout, common: dict, t, clock
-                         ) -> tuple[list[tuple[int, int]], dict]:
-        """kvcli.tail_focus: every layer's rows predicted, written, and the base decodes the
-        tail over them once, its attention in the engine's tail-focus layers captured; the
-        spans are where their combined scores peak. Returns them and the predicted rows (not to predict them
-        twice); the pass is counted in ``t.recompute_ms``."""
+    def from_tail(self, tokens: list[int], n_pred: int, spans: int, span_width: int,
+                  layout: CacheLayout, common: dict, t, clock, sinks: list[tuple[int, int]]
+                  ) -> tuple[bytearray, list[tuple[int, int]]]:
+        """kvcli.tail_focus: every layer's rows predicted and the ``sinks`` recomputed; the
+        base decodes the tail over them once, its attention in the engine's tail-focus layers
+        captured; the spans where their combined scores peak are recomputed. Returns the
+        state bytes of positions < n_pred and the spans; the choice counts as recompute time."""
         from kvcli.tail_focus import combined_scores, peak_spans
 
         eng = self.engine
         positions = needed_positions(eng.base_info, n_pred, first_query=n_pred)
-        known = predict_base_kv(group_positions=positions, **common)
+        rows = SpanRows(eng.base_info, positions, predict_base_kv(group_positions=positions, **common),
+                        exact=self.exact_layers())
         t.predict_ms = clock.lap()
-        eng.base.set_state(state_bytes(layout, positions, known), 0, n_past=n_pred)
+        eng.base.set_state(self.run(tokens, n_pred, sinks, rows, layout), 0, n_past=n_pred)
         capture = eng.base.capture
         capture.clear()
         capture.armed = True
@@ -89,9 +90,10 @@ class SpanRecompute:
             capture.armed = False
         scores = combined_scores(eng.base_attention(eng.tail_focus_layers, len(tokens) - n_pred, n_pred))
         capture.clear()
-        ranges = peak_spans(scores, spans, span_width, n_pred)
+        chosen = peak_spans(scores, spans, span_width, n_pred)
+        data = self.run(tokens, n_pred, chosen, rows, layout)
         t.recompute_ms = clock.lap()
-        return ranges, known
+        return data, chosen
 
     def check(self) -> None:
         eng = self.engine
@@ -165,6 +167,37 @@ class SpanRecompute:
             base.decode(tokens[a:b], start=a)
             rows.replace(layers_by_index(parse_seq_state(base.get_state(0)), info), a, b)
         return state_bytes(layout, *rows.before(n_pred))
+
+
+# A position whose residual (the auxiliary's captured ``l_out-(k-2)``) is this many times the
+# prompt's median norm is an attention sink with massive activations: its predicted K and V
+# are garbage (Qwen2.5-Coder 1.5B prefix 7, a chat-templated prompt: the first newlines,
+# "You" and "." at positions 2-13 had residual norms 29-37x the median and predicted K/V
+# 9-12x their own norm off; on the 0.5B as auxiliary the same positions stood at 3.3-3.5x).
+# Elsewhere the largest ratio seen was 2.5 (Gemma 3 270M, a conversation) and 1.7 (Qwen).
+SINK_RATIO = 3.0
+MAX_SINKS = 16
+
+
+def sink_positions(residual: np.ndarray) -> list[int]:
+    """Positions >= 1 whose residual norm is SINK_RATIO times the median or more (the first
+    MAX_SINKS); position 0 is the first cell, always exact (predict_state.FirstCell)."""
+    norms = np.linalg.norm(residual.astype(np.float32), axis=1)
+    if len(norms) < 2:
+        return []
+    ratio = norms / max(float(np.median(norms)), 1e-12)
+    return [int(p) for p in np.flatnonzero(ratio[1:] >= SINK_RATIO)[:MAX_SINKS] + 1]
+
+
+def merge_ranges(*groups: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The union of ranges [a, b), as ordered disjoint ranges (touching ones joined)."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(r for group in groups for r in group):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def checked_ranges(ranges, n_pred: int) -> list[tuple[int, int]]:

@@ -45,3 +45,17 @@ def test_qwen_prefix_bundle_continues_text_not_garbage(qwen_prefix_bundle):
         ctx, logits, _ = eng.prefill(tokens, mode="kvp", tail=0)
         kl, top1 = forced_scores(ctx, logits, ref)
         assert kl < 3.0 and top1 > 0.3, (kl, top1)
+
+
+def test_qwen_chat_template_sinks_are_recomputed(qwen_prefix_bundle):
+    """A chat-templated prompt's first newlines are attention sinks with massive residuals;
+    predicted, their cells made the base's output garbage (KL 11 over its next tokens)."""
+    from kvcli.self_check import check_prompts
+
+    with Engine.from_bundle(qwen_prefix_bundle, settings=SETTINGS) as eng:
+        tokens = check_prompts(eng, 400, 1)["conversation"][0]
+        ref, _, _ = base_reference(eng, tokens)
+        ctx, logits, _ = eng.prefill(tokens, mode="kvp", tail=0)
+        assert any(b - a == 1 for a, b in eng.last_recomputed)  # one-token sink ranges
+        kl, _ = forced_scores(ctx, logits, ref)
+        assert kl < 3.0, kl

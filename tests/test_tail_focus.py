@@ -90,3 +90,23 @@ def test_spans_from_the_tail_over_the_true_cache_are_exact(tiny_llama, tmp_path,
 def test_tail_focus_is_refused_on_sliding_window_models(tiny_gemma3):
     with pytest.raises(IncompatibleError, match="sliding-window"):
         Engine(tiny_gemma3, settings=SETTINGS, tail_focus_layers=[1])
+
+
+def test_sink_positions_are_the_massive_residuals_after_the_first():
+    from kvcli.spans import MAX_SINKS, SINK_RATIO, sink_positions
+
+    rng = np.random.default_rng(0)
+    residual = rng.normal(size=(300, 64)).astype(np.float32)
+    residual[0] *= 200  # position 0: the first cell, exact anyway
+    residual[[3, 9]] *= 30  # a chat template's first newlines, as on Qwen2.5
+    residual[40] *= SINK_RATIO * 0.8  # large, not massive
+    assert sink_positions(residual) == [3, 9]
+    residual[100 : 100 + 2 * MAX_SINKS] *= 30
+    assert len(sink_positions(residual)) == MAX_SINKS
+
+
+def test_merge_ranges_joins_overlapping_and_touching():
+    from kvcli.spans import merge_ranges
+
+    assert merge_ranges([(10, 26), (40, 56)], [(3, 4), (25, 27), (56, 57)]) == [(3, 4), (10, 27), (40, 57)]
+    assert merge_ranges([], []) == []
