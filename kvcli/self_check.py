@@ -102,12 +102,17 @@ def verdict(check: dict) -> dict:
     aux_ratio = statistics.median(r["aux"]["ttft_ratio"] for r in kinds.values())
     kvp_ratio = statistics.median(r["kvp"]["ttft_ratio"] for r in kinds.values())
     warning = None
+    if kvp_ratio >= 1.0:
+        warning = f"kvp takes {kvp_ratio:.2f}x the base's TTFT: slower than the base alone"
     if losing:
         worst = max(losing, key=lambda k: kinds[k]["kvp"]["kl"] - kinds[k]["truncate"]["kl"])
-        warning = (f"kvp loses to truncation at the same TTFT on {', '.join(losing)} (KL "
-                   f"{kinds[worst]['kvp']['kl']:.3f} vs {kinds[worst]['truncate']['kl']:.3f} on "
-                   f"{worst}): its predicted cache is worse than cutting the prompt")
-    aux_closer = [k for k, r in kinds.items() if r["aux"]["kl"] <= r["kvp"]["kl"]]
+        losing_line = (f"kvp loses to truncation at the same TTFT on {', '.join(losing)} (KL "
+                       f"{kinds[worst]['kvp']['kl']:.3f} vs {kinds[worst]['truncate']['kl']:.3f} on "
+                       f"{worst}): its predicted cache is worse than cutting the prompt")
+        warning = f"{warning}; {losing_line}" if warning else losing_line
+    # closer than kvp and than truncation: a model of its own, not two failures compared
+    aux_closer = [k for k, r in kinds.items()
+                  if r["aux"]["kl"] <= min(r["kvp"]["kl"], r["truncate"]["kl"])]
     if kvp_ratio >= aux_ratio and aux_closer:
         more = (f"the auxiliary alone is closer to the base on {', '.join(aux_closer)} and cheaper "
                 f"({aux_ratio:.2f}x the base's TTFT against kvp's {kvp_ratio:.2f}x): use it instead")
