@@ -215,8 +215,9 @@ def test_llama_and_qwen2_bundle_and_generate(fixture, request, tmp_path):
     info = inspect_json(tmp_path / "b")
     assert info["compatible"] and info["predictor"]["copied_layers"] == [0]
     assert info["base"]["rope"]["layout"] == ("neox" if fixture == "tiny_qwen2" else "normal")
-    out = json.loads(ok(kvcli("generate", "the cat", "-n", "3", "--json", "--bundle",
-                              tmp_path / "b")).stdout)
+    # long enough to predict past the default tail (24 where spans are chosen from the tail)
+    out = json.loads(ok(kvcli("generate", "the cat sat on the mat. " * 12, "-n", "3", "--json",
+                              "--bundle", tmp_path / "b")).stdout)
     assert out["mode"] == "kvp" and out["breakdown"]["predict_ms"] > 0
 
 
