@@ -91,7 +91,8 @@ def command(
                                        "recomputes itself.")] = "0",
     spans: Annotated[Optional[str], typer.Option(
         "--spans", help="Numbers of spans the base recomputes, each with each tail (default: "
-        "kvp at each tail without spans, then at the default settings, tail 24 and 1 span, where "
+        "kvp at each tail without spans, then at the default settings, tail 24 and 1 span (2 "
+        "where spans are chosen from the tail), where "
         "the bundle can choose spans).")] = None,
     aux_load: Annotated[str, typer.Option(
         "--aux-load", help="How kvp loads a prefix auxiliary: auto (partial if this build has "

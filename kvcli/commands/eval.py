@@ -43,7 +43,8 @@ def command(
     tails: Annotated[str, typer.Option("--tails", help="kvp tails to evaluate.")] = "0,24",
     spans: Annotated[Optional[str], typer.Option(
         "--spans", help="Numbers of recomputed spans to evaluate (each with each tail); "
-        "default 0,1 where the bundle can choose spans, else 0.")] = None,
+        "default 0 and the bundle's default (1; 2 where spans are chosen from the tail) where "
+        "the bundle can choose spans, else 0.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the task generators.")] = 0,
     quick: Annotated[bool, typer.Option("--quick", help="A fast check of the pipeline.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for results.json.")] = None,
@@ -74,8 +75,8 @@ def command(
     settings = ContextSettings(n_ctx=max(length_list) + 64, n_threads=threads)
     rows = []
     with open_engine(bundle=bundle, model=None, mode="kvp", settings=settings) as engine:
-        if span_list is None:
-            span_list = [0, 1] if engine.spans_supported else [0]
+        if span_list is None:  # none, and the bundle's default number of spans
+            span_list = [0, engine.kvp_settings()["spans"]] if engine.spans_supported else [0]
         with ui.progress_reporter() as report:
             for length in length_list:
                 for task in task_list:
