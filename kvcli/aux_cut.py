@@ -5,7 +5,7 @@ head stay, so the auxiliary also runs alone. The auxiliary records which base la
 holds and the base's fingerprint (keys.py): a calibration then knows which of its layers are
 exact copies of the base's. For Gemma 3 the per-layer attention type is
 written as a bool array (``sliding_window_pattern``): without it llama.cpp would derive the
-pattern from the new layer index, which is wrong for a strided layer set (DESIGN.md 4).
+pattern from the new layer index, which is wrong for a strided layer set (docs/design.md).
 """
 
 from __future__ import annotations

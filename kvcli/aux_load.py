@@ -3,7 +3,7 @@
 - "partial": the base's file loaded again as a k-layer model (needs kvcli's patches/, built by
   tools/install.py); its weights share the base's pages;
 - "view": a second context on the base's own model whose graph the eval callback stops after
-  layer k-1 (stock llama.cpp, DESIGN.md 5c);
+  layer k-1 (stock llama.cpp; docs/design.md, the auxiliary as a view);
 - "file": the cut auxiliary file, a second copy of the shared weights.
 """
 

@@ -25,21 +25,13 @@ from kvcli.aux_load import AUX_LOADS, choose_aux_load
 from kvcli.capture import TensorCapture, hidden_tensor_names
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
 from kvcli.kv_layout import CacheLayout, layers_by_index
+from kvcli.kvp_prefill import kvp_prefill
 from kvcli.model_info import has_per_layer_arrays, key_norm_weights, prefix_view_info, read_model_info
-from kvcli.predict_state import FirstCell, needed_positions, predicted_state_bytes
+from kvcli.predict_state import FirstCell
 from kvcli.predictor import load_predictor
 from kvcli.runtime import Context, ContextSettings, Model
 from kvcli.sampling import Sampler
-from kvcli.spans import (
-    DEFAULT_SPANS,
-    DEFAULT_SPANS_TAIL,
-    DEFAULT_TAIL_SPANS,
-    SPAN_WIDTH,
-    SpanRecompute,
-    checked_ranges,
-    merge_ranges,
-    sink_positions,
-)
+from kvcli.spans import DEFAULT_SPANS, DEFAULT_SPANS_TAIL, DEFAULT_TAIL_SPANS, SPAN_WIDTH, SpanRecompute
 from kvcli.state_codec import parse_seq_state
 from kvcli.timings import Clock, Generation, Timings
 
@@ -288,14 +280,14 @@ class Engine:
         self._check_fits(len(tokens))
         t = Timings()
         if mode == "base":
-            return self.base, self._plain(self.base, tokens, t), t
+            return self.base, self.plain_prefill(self.base, tokens, t), t
         if mode == "truncate":
             kept = list(tokens)
             if keep is not None and 0 < keep < len(tokens):
                 kept = kept[-keep:]
                 if tokens[0] == self.model.bos:
                     kept.insert(0, tokens[0])  # the model expects its BOS at position 0
-            return self.base, self._plain(self.base, kept, t), t
+            return self.base, self.plain_prefill(self.base, kept, t), t
         if self.aux is None:
             raise KvcliError(f"mode {mode} needs an auxiliary model (use a bundle)")
         if mode == "aux":
@@ -307,76 +299,14 @@ class Engine:
             aux.decode(tokens, logits_last=True)
             t.aux_prefill_ms = clock.lap()
             return aux, aux.last_logits(), t
-        return self.base, self._kvp(tokens, tail, t, spans, span_width, recompute), t
+        return self.base, kvp_prefill(self, tokens, tail, t, spans, span_width, recompute), t
 
-    def _sink_ranges(self, hidden: list[np.ndarray], n_pred: int) -> list[tuple[int, int]]:
-        """Positions 1..n_pred-1 the base recomputes because they are attention sinks
-        (kvcli.spans.sink_positions), as one-token ranges; none without the residual feature."""
-        kinds = list(self.predictor.hidden_kinds)
-        if keys.FEATURE_AUX_RESIDUAL not in kinds:
-            return []
-        return [(p, p + 1) for p in sink_positions(hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)][:n_pred])]
-
-    def _plain(self, ctx: Context, tokens: list[int], t: Timings) -> np.ndarray:
+    def plain_prefill(self, ctx: Context, tokens: list[int], t: Timings) -> np.ndarray:
+        """``ctx`` decodes ``tokens`` from position 0; returns the last logits."""
         clock = Clock()
         ctx.clear()
         ctx.decode(tokens, logits_last=True)
         logits = ctx.last_logits()
-        t.base_decode_ms = clock.lap()
-        return logits
-
-    def _kvp(self, tokens: list[int], tail: int, t: Timings, spans: int = 0,
-             span_width: int = SPAN_WIDTH, recompute: list[tuple[int, int]] | None = None
-             ) -> np.ndarray:
-        if self.predictor is None:
-            raise KvcliError("mode kvp needs a predictor (use a bundle)")
-        n_pred = len(tokens) - 1 - max(0, tail)
-        if n_pred < 1:
-            return self._plain(self.base, tokens, t)
-        choose = spans > 0 and recompute is None
-        from_tail = choose and bool(self.tail_focus_layers)
-        if choose and not from_tail:
-            self.spans.check()
-        layout = self.base_layout()
-        clock = Clock()
-        first_cell = self.first_cell(tokens[0])  # counted in TTFT: a new first token costs a decode
-        self.aux.clear()
-        if self.aux.capture is not None:
-            self.aux.capture.clear()
-        # choosing spans in layer k needs the auxiliary's rows of the prompt's last tokens
-        n_aux = len(tokens) if choose and not from_tail else n_pred
-        self.aux.decode(tokens[:n_aux])
-        t.aux_prefill_ms = clock.lap()
-        hidden, raw_kv = self.take_captured(n_aux)
-        needs_state = self.predictor.copied_layers or not self.predictor.raw_keys
-        raw = self.aux.get_state(-1) if needs_state else None
-        t.state_get_ms = clock.lap()
-        aux_layers = layers_by_index(parse_seq_state(raw), self.aux_state_info) if needs_state else {}
-        common = dict(aux_layers=aux_layers, aux=self.aux_info, base=self.base_info,
-                      predictor=self.predictor, first_cell=first_cell,
-                      key_norms=self.key_norms, hidden=hidden, raw_kv=raw_kv, cache={})
-        known = {}
-        self.last_recomputed = []
-        sinks = self._sink_ranges(hidden, n_pred)
-        if from_tail:
-            data, chosen = self.spans.from_tail(tokens, n_pred, spans, span_width, layout, common, t,
-                                                clock, sinks)
-            self.last_recomputed = merge_ranges(chosen, sinks)
-        else:
-            if choose:
-                recompute, known = self.spans.choose(hidden, n_aux, n_pred, spans, span_width, common)
-            self.last_recomputed = merge_ranges(checked_ranges(recompute or [], n_pred), sinks)
-            if self.last_recomputed:
-                data = self.spans.recompute(tokens, n_pred, self.last_recomputed, layout, common, t,
-                                            clock, known)
-            else:
-                group_positions = needed_positions(self.base_info, n_pred, first_query=n_pred)
-                data = predicted_state_bytes(layout, group_positions=group_positions, **common)
-                t.predict_ms = clock.lap()
-        self.base.set_state(data, 0, n_past=n_pred)
-        t.state_set_ms = clock.lap()
-        self.base.decode(tokens[n_pred:], start=n_pred, logits_last=True)
-        logits = self.base.last_logits()
         t.base_decode_ms = clock.lap()
         return logits
 

@@ -1,6 +1,6 @@
 """Which prompt spans the base recomputes itself: where the prompt's last token looks.
 
-A predicted cache loses facts stated once, far back (DESIGN.md 5b); the base recomputing the
+A predicted cache loses facts stated once, far back (docs/design.md); the base recomputing the
 few tokens that state them, over the predicted cache, gets them back. They are found in the
 first base layer after a prefix auxiliary. Its keys come from the predictor (0.28 relative
 error on the default bundle, measured by kvcli eval: enough to rank positions, the choice

@@ -2,7 +2,7 @@
 
 This is kvcli's only model loader. It sets ``use_extra_bufts = False``: a default source
 build of llama-cpp-python 0.3.36 enables ggml's AMX kernels, which segfault on the first
-decode on some CPUs (DESIGN.md section 2); without extra buffer types no AMX buffer is used.
+decode on some CPUs (docs/design.md, the AMX crash); without extra buffer types no AMX buffer is used.
 ``llama_cpp`` is imported lazily so that ``kvcli --help`` stays instant.
 """
 

@@ -1,7 +1,7 @@
 """kvp's recomputed spans: the base decodes, over the predicted cache, the few prompt tokens
 the question looks for, and their exact K and V replace the predicted ones.
 
-A predicted cache loses facts stated once, far back (DESIGN.md 5b). The spans are chosen by
+A predicted cache loses facts stated once, far back (docs/design.md). The spans are chosen by
 the last prompt token's query in base layer k, the first after a k-layer prefix auxiliary
 (kvcli.focus), over that layer's predicted keys; each is decoded by the base over the
 predicted cells before it, then the state before the tail is written and the base decodes

@@ -177,7 +177,7 @@ def test_embedded_model_kvp_past_the_sliding_window(gemma_bundle):
 
 def test_spans_hold_the_stated_fact_and_bring_back_the_answer(gemma_bundle):
     """Real retrieval on the embedded model: at 1024 tokens the plain prediction loses a code
-    stated once, early (DESIGN.md 5b); the span kvp chooses holds the code where it is stated,
+    stated once, early (docs/design.md); the span kvp chooses holds the code where it is stated,
     and with it recomputed the base answers. The last prompt token is decoded by the base in both."""
     from kvcli.tasks import is_correct, make_examples
 
