@@ -20,14 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvcli import keys
 from kvcli.engine import Engine
 from kvcli.errors import ContextError, KvcliError
 from kvcli.kv_layout import layers_by_index
 from kvcli.predict_state import needed_positions, predict_base_kv, state_bytes
 from kvcli.runtime import apply_chat_template, model_chat_template
 from kvcli.sampling import Sampler
-from kvcli.spans import sink_positions
+from kvcli.spans import residual_sinks
 from kvcli.state_codec import parse_seq_state
 
 # the template of an architecture whose GGUF stores none (llama.cpp's built-in names)
@@ -167,10 +166,9 @@ class Conversation:
         """One past the last attention sink among the new positions' first SINK_HEAD
         (kvcli.spans.sink_positions: a chat template's first newlines and the like, whose
         predicted cells are garbage), else p0. Needs the residual feature and 16 new rows."""
-        kinds = list(self.engine.predictor.hidden_kinds)
-        if keys.FEATURE_AUX_RESIDUAL not in kinds or n_pred - a0 < 16:
+        if n_pred - a0 < 16:
             return p0
-        sinks = [a0 + p for p in sink_positions(hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)])]
+        sinks = [a0 + p for p in residual_sinks(self.engine.predictor, hidden)]
         sinks = [p for p in sinks if p0 <= p < min(n_pred, p0 + SINK_HEAD)]
         return max(sinks) + 1 if sinks else p0
 

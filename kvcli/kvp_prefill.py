@@ -6,22 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvcli import keys
 from kvcli.errors import KvcliError
 from kvcli.kv_layout import layers_by_index
 from kvcli.predict_state import needed_positions, predicted_state_bytes
-from kvcli.spans import SPAN_WIDTH, checked_ranges, merge_ranges, sink_positions
+from kvcli.spans import SPAN_WIDTH, checked_ranges, merge_ranges, sink_ranges
 from kvcli.state_codec import parse_seq_state
 from kvcli.timings import Clock, Timings
-
-
-def sink_ranges(predictor, hidden: list[np.ndarray], n_pred: int) -> list[tuple[int, int]]:
-    """Positions 1..n_pred-1 the base recomputes because they are attention sinks
-    (kvcli.spans.sink_positions), as one-token ranges; none without the residual feature."""
-    kinds = list(predictor.hidden_kinds)
-    if keys.FEATURE_AUX_RESIDUAL not in kinds:
-        return []
-    return [(p, p + 1) for p in sink_positions(hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)][:n_pred])]
 
 
 def kvp_prefill(engine, tokens: list[int], tail: int, t: Timings, spans: int = 0,

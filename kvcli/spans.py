@@ -189,11 +189,29 @@ def sink_positions(residual: np.ndarray) -> list[int]:
     return [int(p) for p in np.flatnonzero(ratio[1:] >= SINK_RATIO)[:MAX_SINKS] + 1]
 
 
-def merge_ranges(*groups: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The union of ranges [a, b), as ordered disjoint ranges (touching ones joined)."""
+def residual_sinks(predictor, hidden: list[np.ndarray]) -> list[int]:
+    """``sink_positions`` of the captured residual rows (row 0 first); none without the
+    residual feature."""
+    kinds = list(predictor.hidden_kinds)
+    if keys.FEATURE_AUX_RESIDUAL not in kinds:
+        return []
+    return sink_positions(hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)])
+
+
+def sink_ranges(predictor, hidden: list[np.ndarray], n_pred: int) -> list[tuple[int, int]]:
+    """The sinks among positions 1..n_pred-1 as ranges the base recomputes, those less than
+    SPAN_WIDTH apart joined: each range costs a state write and a decode, and a chat
+    template's sinks come in clusters (positions 2, 3, 8, 10, 13 -> one range [2, 14))."""
+    return merge_ranges([(p, p + 1) for p in residual_sinks(predictor, hidden) if p < n_pred],
+                        gap=SPAN_WIDTH)
+
+
+def merge_ranges(*groups: list[tuple[int, int]], gap: int = 0) -> list[tuple[int, int]]:
+    """The union of ranges [a, b), as ordered disjoint ranges (those within ``gap`` of each
+    other joined)."""
     out: list[tuple[int, int]] = []
     for a, b in sorted(r for group in groups for r in group):
-        if out and a <= out[-1][1]:
+        if out and a <= out[-1][1] + gap:
             out[-1] = (out[-1][0], max(out[-1][1], b))
         else:
             out.append((a, b))

@@ -1,5 +1,5 @@
 """Spans chosen by the question itself: the base decodes the prompt's last tokens over the
-predicted cache once, and where one of its own layers' attention peaks is what it recomputes.
+predicted cache once, and where some of its own layers' attention peaks is what it recomputes.
 
 The first chooser (kvcli.focus) reads base layer k, the first after a prefix auxiliary, over
 predicted keys. That needs a prefix and a layer that looks for facts: on Qwen2.5-Coder 1.5B

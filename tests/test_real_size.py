@@ -56,6 +56,6 @@ def test_qwen_chat_template_sinks_are_recomputed(qwen_prefix_bundle):
         tokens = check_prompts(eng, 400, 1)["conversation"][0]
         ref, _, _ = base_reference(eng, tokens)
         ctx, logits, _ = eng.prefill(tokens, mode="kvp", tail=0)
-        assert any(b - a == 1 for a, b in eng.last_recomputed)  # one-token sink ranges
+        assert eng.last_recomputed and eng.last_recomputed[0][0] < 16  # the template's sinks
         kl, _ = forced_scores(ctx, logits, ref)
         assert kl < 3.0, kl

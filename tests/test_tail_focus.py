@@ -110,3 +110,4 @@ def test_merge_ranges_joins_overlapping_and_touching():
 
     assert merge_ranges([(10, 26), (40, 56)], [(3, 4), (25, 27), (56, 57)]) == [(3, 4), (10, 27), (40, 57)]
     assert merge_ranges([], []) == []
+    assert merge_ranges([(2, 3), (8, 9), (13, 14), (40, 41)], gap=16) == [(2, 14), (40, 41)]
