@@ -2,11 +2,12 @@
 
 The base context keeps its cache from turn to turn. Each turn the conversation is rendered
 with the chat template and tokenized; the tokens the base already holds (the longest common
-prefix) stay, the rest are new. With kvp the auxiliary, whose own context is kept in step
-with the conversation, decodes the new tokens but the last W+1; the base's cells of those
-positions are predicted, and the state written back holds the base's earlier cells byte for
-byte plus the predicted ones (``llama_state_seq_set_data`` replaces a whole sequence). The
-base then decodes the last W+1 prompt tokens and the reply itself.
+prefix) stay, the rest are new and go through the engine's prefill from there, as
+``generate``'s prompt does (kvcli.kvp_prefill): with kvp the auxiliary, whose own context is
+kept in step with the conversation, decodes the new tokens but the tail; their base cells
+are predicted and added to the base's, the spans the question looks for (among every
+position still predicted, this turn's or earlier) and the attention sinks are recomputed,
+and the base decodes the tail and the reply itself.
 """
 
 from __future__ import annotations
@@ -22,18 +23,13 @@ import numpy as np
 
 from kvcli.engine import Engine
 from kvcli.errors import ContextError, KvcliError
-from kvcli.kv_layout import layers_by_index
-from kvcli.predict_state import needed_positions, predict_base_kv, state_bytes
 from kvcli.runtime import apply_chat_template, model_chat_template
 from kvcli.sampling import Sampler
-from kvcli.spans import residual_sinks
-from kvcli.state_codec import parse_seq_state
+from kvcli.spans import merge_ranges
 
 # the template of an architecture whose GGUF stores none (llama.cpp's built-in names)
 ARCH_TEMPLATES = {"gemma3": "gemma", "qwen2": "chatml", "llama": "llama2", "openelm": "llama2"}
 CHAT_MODES = ("kvp", "base")
-# a turn's attention sinks within its first SINK_HEAD new positions are decoded by the base
-SINK_HEAD = 64
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -60,19 +56,23 @@ class TurnStats:
 
 class Conversation:
     def __init__(self, engine: Engine, *, system: str | None = None, template: str | None = None,
-                 mode: str = "kvp", tail: int = 0, n_predict: int = 256, drop_old: bool = False,
-                 sampler: Sampler | None = None):
+                 mode: str = "kvp", tail: int | None = None, spans: int | None = None,
+                 n_predict: int = 256, drop_old: bool = False, sampler: Sampler | None = None):
+        """``tail``, ``spans``: kvp's, as ``generate``'s (None: the engine's defaults)."""
         self.engine = engine
         self.template = template or model_chat_template(engine.model) or \
             ARCH_TEMPLATES.get(engine.base_info.arch, "chatml")
         self.system = system
-        self.tail, self.n_predict, self.drop_old = tail, n_predict, drop_old
+        settings = engine.kvp_settings(tail, spans) if engine.predictor is not None else \
+            {"tail": tail or 0, "spans": 0}
+        self.tail, self.spans = settings["tail"], settings["spans"]
+        self.n_predict, self.drop_old = n_predict, drop_old
         self.sampler = sampler or Sampler()
         self.messages: list[dict] = []
         self.base_tokens: list[int] = []  # what the base context holds, by position
         self.aux_tokens: list[int] = []  # what the auxiliary context holds
         self.history: list[TurnStats] = []
-        self.predicted_spans: list[tuple[int, int]] = []  # [p0, p1) whose base cells were predicted
+        self.predicted_spans: list[tuple[int, int]] = []  # [a, b) whose base cells are predicted
         self.mode = "base"
         self.set_mode(mode)
         self.render([{"role": "user", "content": "hi"}])  # fail early on an unknown template
@@ -145,71 +145,43 @@ class Conversation:
 
     def _prefill(self, tokens: list[int]) -> tuple[np.ndarray, int, int]:
         """Returns the last logits, the prompt tokens processed, the positions predicted."""
-        base = self.engine.base
+        eng = self.engine
         p0 = min(common_prefix(self.base_tokens, tokens), len(tokens) - 1)
-        base.truncate(p0)
         self.base_tokens = tokens[:p0]
         self.predicted_spans = [(a, min(b, p0)) for a, b in self.predicted_spans if a < p0]
-        n_new = len(tokens) - p0
         n_pred = len(tokens) - 1 - max(0, self.tail)
-        n_predicted = 0
-        if self.mode == "kvp" and n_pred > p0:
-            self._predict_into_base(tokens, p0, n_pred)
-            self.predicted_spans.append((p0, n_pred))
-            n_predicted = n_pred - p0
-            p0 = n_pred
-        base.decode(tokens[p0:], start=p0, logits_last=True)
-        self.base_tokens = list(tokens)
-        return base.last_logits(), n_new, n_predicted
-
-    def _sink_head(self, hidden: list[np.ndarray], a0: int, p0: int, n_pred: int) -> int:
-        """One past the last attention sink among the new positions' first SINK_HEAD
-        (kvcli.spans.sink_positions: a chat template's first newlines and the like, whose
-        predicted cells are garbage), else p0. Needs the residual feature and 16 new rows."""
-        if n_pred - a0 < 16:
-            return p0
-        sinks = [a0 + p for p in residual_sinks(self.engine.predictor, hidden)]
-        sinks = [p for p in sinks if p0 <= p < min(n_pred, p0 + SINK_HEAD)]
-        return max(sinks) + 1 if sinks else p0
-
-    def _predict_into_base(self, tokens: list[int], p0: int, n_pred: int) -> None:
-        eng = self.engine
-        aux = eng.aux
+        if self.mode != "kvp" or (n_pred <= p0 and not (self.spans and self.predicted_spans)):
+            _, logits, _ = eng.prefill(tokens, mode="base", start=p0)
+            self.base_tokens = list(tokens)
+            return logits, len(tokens) - p0, 0
         # the auxiliary decodes from no later than p0: an interrupted turn can leave it
         # holding positions the base does not (the features must cover p0..n_pred-1)
         a0 = min(common_prefix(self.aux_tokens, tokens[:n_pred]), p0)
-        aux.truncate(a0)
-        self.aux_tokens = tokens[:a0]
-        if aux.capture is not None:
-            aux.capture.clear()
-        aux.decode(tokens[a0:n_pred], start=a0)
-        self.aux_tokens = tokens[:n_pred]
-        hidden, raw_kv = eng.take_captured(n_pred - a0)
-        head = self._sink_head(hidden, a0, p0, n_pred)
-        if head > p0:  # the base decodes the turn's head itself, through its last attention sink
-            eng.base.decode(tokens[p0:head], start=p0)
-            if head == n_pred:
-                return
-            p0 = head
-        aux_layers = layers_by_index(parse_seq_state(aux.get_state(-1)), eng.aux_state_info)
-        layout = eng.base_layout()
-        new_positions = [p[p >= p0] for p in needed_positions(eng.base_info, n_pred, first_query=n_pred)]
-        kv = predict_base_kv(aux_layers, eng.aux_info, eng.base_info, eng.predictor, new_positions,
-                             first_cell=eng.first_cell(tokens[0]) if p0 == 0 else None,
-                             key_norms=eng.key_norms, hidden=hidden, hidden_start=a0, raw_kv=raw_kv)
-        old = layers_by_index(parse_seq_state(eng.base.get_state(0)), eng.base_info) if p0 else {}
-        merged_positions = []
-        for group, positions in zip(eng.base_info.cache_layer_groups, new_positions):
-            cells = old.get(group[0]) if group else None
-            keep = (cells.positions < p0) if cells is not None else None
-            old_positions = cells.positions[keep] if cells is not None else positions[:0]
-            merged_positions.append(np.concatenate([old_positions, positions]))
-            for il in group:
-                if cells is None:
-                    continue
-                k, v = kv[il]
-                kv[il] = (np.concatenate([old[il].k[keep], k]), np.concatenate([old[il].v[keep], v]))
-        eng.base.set_state(state_bytes(layout, merged_positions, kv), 0, n_past=n_pred)
+        if n_pred > p0:
+            self.aux_tokens = tokens[:a0]
+        _, logits, _ = eng.prefill(tokens, mode="kvp", tail=self.tail, spans=self.spans,
+                                   start=p0, aux_start=a0, earlier=self.predicted_spans)
+        if n_pred > p0:
+            self.aux_tokens = tokens[: eng.aux.n_past]
+        self.base_tokens = list(tokens)
+        exact = eng.last_recomputed
+        predicted = merge_ranges(self.predicted_spans, [(max(1, p0), n_pred)] if n_pred > p0 else [])
+        self.predicted_spans = _minus(predicted, exact)
+        return logits, len(tokens) - p0, sum(b - a for a, b in _minus([(p0, n_pred)], exact))
+
+
+def _minus(ranges: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The positions of ``ranges`` outside ``holes``, as ordered ranges."""
+    out = []
+    for a, b in ranges:
+        for h0, h1 in holes:
+            if h0 < b and a < h1:
+                if a < h0:
+                    out.append((a, h0))
+                a = max(a, h1)
+        if a < b:
+            out.append((a, b))
+    return out
 
 
 @contextmanager

@@ -36,6 +36,12 @@ from kvcli.state_codec import parse_seq_state
 from kvcli.timings import Clock, Generation, Timings
 
 MODES = ("base", "kvp", "truncate", "aux")
+# ranges kvp recomputes in one decode (each in a scratch sequence) and the cells they may
+# take beside the prompt's: 2 spans of 16 and a chat template's sinks fit in one batch
+SCRATCH_SEQS = 8
+SCRATCH_CELLS = 128
+
+
 class Engine:
     """Owns the base (and, for kvp/aux, the auxiliary) models and contexts."""
 
@@ -93,7 +99,11 @@ class Engine:
             base_capture = TensorCapture([attention_name(il) for il in layers]) if layers else None
             if base_capture is not None:
                 base_capture.armed = False
-            self.base = self._open(self.base_info.path, "base model", base_capture)
+            # kvp works on the base's cache in place (kvcli.kvp_prefill): scratch sequences
+            # and cells for the ranges it recomputes
+            scratch = (dict(scratch_seqs=SCRATCH_SEQS, scratch_cells=SCRATCH_CELLS)
+                       if self.aux_info is not None else {})
+            self.base = self._open(self.base_info.path, "base model", base_capture, **scratch)
             names = self._capture_names()
             if needs_view and self.aux_load != "view":
                 raise IncompatibleError("this predictor reads the auxiliary's last-layer output, "
@@ -210,10 +220,11 @@ class Engine:
         return {il: position_scores(capture.rows(attention_name(il)), self.base_info.n_head[il],
                                     n_query, n_pred) for il in layers}
 
-    def _open(self, path: Path, what: str, capture=None, prefix_layers: int = 0) -> Context:
+    def _open(self, path: Path, what: str, capture=None, prefix_layers: int = 0,
+              **scratch) -> Context:
         model = Model(path, what=what, prefix_layers=prefix_layers, arch=self.base_info.arch)
         self._models.append(model)
-        ctx = Context(model, self.settings, capture=capture)
+        ctx = Context(model, self.settings, capture=capture, **scratch)
         self._contexts.append(ctx)
         return ctx
 
@@ -269,16 +280,27 @@ class Engine:
 
     def prefill(self, tokens: list[int], *, mode: str = "kvp", tail: int = 0,
                 keep: int | None = None, spans: int = 0, span_width: int = SPAN_WIDTH,
-                recompute: list[tuple[int, int]] | None = None
-                ) -> tuple[Context, np.ndarray, Timings]:
+                recompute: list[tuple[int, int]] | None = None, start: int = 0,
+                aux_start: int = 0, earlier: list[tuple[int, int]] = (),
+                capture_tail: bool = False) -> tuple[Context, np.ndarray, Timings]:
         """Prefill by ``mode``; returns the context that continues, the last logits, timings.
 
         kvp: ``spans`` spans of ``span_width`` tokens chosen and recomputed by the base, or
-        the given ``recompute`` ranges [a, b) (1 <= a < b <= N - 1 - tail, in order)."""
+        the given ``recompute`` ranges [a, b) (1 <= a < b <= N - 1 - tail, in order).
+        base and kvp: ``start``: the base context already holds tokens[:start] and keeps them
+        (a conversation); kvp's ``aux_start`` and ``earlier``: kvcli.kvp_prefill."""
         if mode not in MODES:
             raise KvcliError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
         self._check_fits(len(tokens))
         t = Timings()
+        if start and mode not in ("base", "kvp"):
+            raise KvcliError(f"mode {mode} prefills from position 0 only")
+        if mode == "base" and start:
+            clock = Clock()
+            self.base.truncate(start)
+            self.base.decode(tokens[start:], start=start, logits_last=True)
+            t.base_decode_ms = clock.lap()
+            return self.base, self.base.last_logits(), t
         if mode == "base":
             return self.base, self.plain_prefill(self.base, tokens, t), t
         if mode == "truncate":
@@ -299,7 +321,9 @@ class Engine:
             aux.decode(tokens, logits_last=True)
             t.aux_prefill_ms = clock.lap()
             return aux, aux.last_logits(), t
-        return self.base, kvp_prefill(self, tokens, tail, t, spans, span_width, recompute), t
+        return self.base, kvp_prefill(self, tokens, tail, t, spans, span_width, recompute,
+                                      start=start, aux_start=aux_start, earlier=earlier,
+                                      capture_tail=capture_tail), t
 
     def plain_prefill(self, ctx: Context, tokens: list[int], t: Timings) -> np.ndarray:
         """``ctx`` decodes ``tokens`` from position 0; returns the last logits."""

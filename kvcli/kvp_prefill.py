@@ -1,6 +1,14 @@
-"""kvp's prefill: the auxiliary prefills, the base's cache is predicted (and the chosen
-spans and attention sinks recomputed by the base), written into the base's context, and the
-base decodes the tail itself (kvcli.engine runs it as mode ``kvp``)."""
+"""kvp's prefill: the auxiliary prefills, the base's cells are predicted and added to the
+base's context, the chosen spans and attention sinks are recomputed by the base in place,
+and the base decodes the tail itself. One path for ``generate`` (an empty context) and
+``chat`` (a context holding the conversation's earlier positions).
+
+The base's cache is worked on in place: predicted cells are added to seq 0 through a
+scratch sequence (a state write replaces a whole sequence), and each recomputed range is
+decoded in a scratch sequence that shares seq 0's cells before it, its new cells then put in
+place of the predicted ones (``runtime.Context.recompute``): no state is read back, and
+every range of a batch is decoded in one pass over the weights.
+"""
 
 from __future__ import annotations
 
@@ -8,66 +16,141 @@ import numpy as np
 
 from kvcli.errors import KvcliError
 from kvcli.kv_layout import layers_by_index
-from kvcli.predict_state import needed_positions, predicted_state_bytes
-from kvcli.spans import SPAN_WIDTH, checked_ranges, merge_ranges, sink_ranges
-from kvcli.state_codec import parse_seq_state
+from kvcli.predict_state import needed_positions, predicted_state_bytes, span_group_positions
+from kvcli.spans import SPAN_CONTEXT, SPAN_WIDTH, TAIL_CONTEXT, checked_ranges, merge_ranges, sink_ranges
+from kvcli.state_codec import parse_seq_state, write_seq_state
 from kvcli.timings import Clock, Timings
 
 
 def kvp_prefill(engine, tokens: list[int], tail: int, t: Timings, spans: int = 0,
-                span_width: int = SPAN_WIDTH, recompute: list[tuple[int, int]] | None = None
-                ) -> np.ndarray:
+                span_width: int = SPAN_WIDTH, recompute: list[tuple[int, int]] | None = None, *,
+                start: int = 0, aux_start: int = 0, earlier: list[tuple[int, int]] = (),
+                capture_tail: bool = False) -> np.ndarray:
     """Prefill ``tokens`` into ``engine.base`` by kvp; returns the last logits and fills ``t``.
-    ``spans`` chosen (kvcli.tail_focus where the engine has tail-focus layers, else
-    kvcli.focus) or the given ``recompute`` ranges; the last ``tail`` + 1 tokens are the base's."""
+
+    ``start``: the base context holds tokens[:start] already (its own or earlier predicted
+    cells) and keeps them; ``aux_start``: the auxiliary's context holds tokens[:aux_start]
+    (<= start). ``spans`` chosen (kvcli.tail_focus where the engine has tail-focus layers,
+    else kvcli.focus) among the new predicted positions and, from the tail, the ``earlier``
+    predicted ranges too; or the given ``recompute`` ranges. The last ``tail`` + 1 tokens are
+    the base's. ``capture_tail``: the base's capture is armed for the tail's decode."""
     if engine.predictor is None:
         raise KvcliError("mode kvp needs a predictor (use a bundle)")
-    n_pred = len(tokens) - 1 - max(0, tail)
-    if n_pred < 1:
-        return engine.plain_prefill(engine.base, tokens, t)
+    if not 0 <= aux_start <= start < len(tokens):
+        raise KvcliError(f"kvp from position {start} (auxiliary {aux_start}) of {len(tokens)} tokens")
+    base = engine.base
+    n_pred = max(start, len(tokens) - 1 - max(0, tail))
+    engine.last_recomputed = []
     choose = spans > 0 and recompute is None
     from_tail = choose and bool(engine.tail_focus_layers)
+    earlier = [(a, min(b, start)) for a, b in earlier if a < start]
+    if n_pred == start and not (from_tail and earlier):  # nothing to predict or choose
+        if start == 0:
+            return engine.plain_prefill(base, tokens, t)
+        base.truncate(start)
+        return _decode_tail(base, tokens, start, t, Clock(), capture_tail)
     if choose and not from_tail:
         engine.spans.check()
-    layout = engine.base_layout()
     clock = Clock()
-    first_cell = engine.first_cell(tokens[0])  # counted in TTFT: a new first token costs a decode
-    engine.aux.clear()
-    if engine.aux.capture is not None:
-        engine.aux.capture.clear()
-    # choosing spans in layer k needs the auxiliary's rows of the prompt's last tokens
-    n_aux = len(tokens) if choose and not from_tail else n_pred
-    engine.aux.decode(tokens[:n_aux])
+    if start == 0:
+        engine.first_cell(tokens[0])  # a new first token costs a decode (counted in TTFT)
+        base.clear()
+    else:
+        base.truncate(start)
+        if from_tail and not base.cells_in_order:
+            _put_cells_in_order(engine)
+    sinks, chosen = [], []
+    if n_pred > start:
+        sinks, chosen = _predict_into_base(engine, tokens, n_pred, t, clock, start, aux_start,
+                                           spans if choose and not from_tail else 0, span_width,
+                                           recompute)
+    if from_tail:
+        base.recompute(tokens, sinks)
+        candidates = merge_ranges(earlier, [(max(1, start), n_pred)] if n_pred > start else [])
+        chosen = engine.spans.from_tail(tokens, n_pred, spans, span_width, candidates, sinks)
+        base.recompute(tokens, chosen)
+    else:
+        base.recompute(tokens, merge_ranges(chosen, sinks))
+    engine.last_recomputed = merge_ranges(chosen, sinks)
+    t.recompute_ms = clock.lap()
+    return _decode_tail(base, tokens, n_pred, t, clock, capture_tail)
+
+
+def _predict_into_base(engine, tokens: list[int], n_pred: int, t: Timings, clock: Clock,
+                       start: int, aux_start: int, spans: int, span_width: int,
+                       recompute: list[tuple[int, int]] | None
+                       ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The auxiliary decodes tokens[aux_start:n_pred] (and the tail too where kvcli.focus
+    chooses ``spans`` from its last row), the base cells of positions start..n_pred-1 are
+    predicted and added to the base's. Returns the attention sinks and the chosen spans
+    among those positions (or the given ``recompute`` ranges), for the base to recompute."""
+    aux, base, info = engine.aux, engine.base, engine.base_info
+    if aux_start:
+        aux.truncate(aux_start)
+    else:
+        aux.clear()
+    if aux.capture is not None:
+        aux.capture.clear()
+    n_aux = len(tokens) if spans else n_pred
+    aux.decode(tokens[aux_start:n_aux], start=aux_start)
     t.aux_prefill_ms = clock.lap()
-    hidden, raw_kv = engine.take_captured(n_aux)
+    hidden, raw_kv = engine.take_captured(n_aux - aux_start)
     needs_state = engine.predictor.copied_layers or not engine.predictor.raw_keys
-    raw = engine.aux.get_state(-1) if needs_state else None
+    raw = aux.get_state(-1) if needs_state else None
     t.state_get_ms = clock.lap()
     aux_layers = layers_by_index(parse_seq_state(raw), engine.aux_state_info) if needs_state else {}
-    common = dict(aux_layers=aux_layers, aux=engine.aux_info, base=engine.base_info,
-                  predictor=engine.predictor, first_cell=first_cell,
-                  key_norms=engine.key_norms, hidden=hidden, raw_kv=raw_kv, cache={})
-    known = {}
-    engine.last_recomputed = []
-    sinks = sink_ranges(engine.predictor, hidden, n_pred)
-    if from_tail:
-        data, chosen = engine.spans.from_tail(tokens, n_pred, spans, span_width, layout, common, t,
-                                            clock, sinks)
-        engine.last_recomputed = merge_ranges(chosen, sinks)
-    else:
-        if choose:
-            recompute, known = engine.spans.choose(hidden, n_aux, n_pred, spans, span_width, common)
-        engine.last_recomputed = merge_ranges(checked_ranges(recompute or [], n_pred), sinks)
-        if engine.last_recomputed:
-            data = engine.spans.recompute(tokens, n_pred, engine.last_recomputed, layout, common, t,
-                                        clock, known)
-        else:
-            group_positions = needed_positions(engine.base_info, n_pred, first_query=n_pred)
-            data = predicted_state_bytes(layout, group_positions=group_positions, **common)
-            t.predict_ms = clock.lap()
-    engine.base.set_state(data, 0, n_past=n_pred)
+    common = dict(aux_layers=aux_layers, aux=engine.aux_info, base=info,
+                  predictor=engine.predictor,
+                  first_cell=engine.first_cell(tokens[0]) if start == 0 else None,
+                  key_norms=engine.key_norms, hidden=hidden, hidden_start=aux_start,
+                  raw_kv=raw_kv, cache={})
+    sinks = sink_ranges(engine.predictor, hidden, n_pred, first=aux_start, lo=max(1, start))
+    chosen, known = checked_ranges(recompute or [], n_pred, lo=max(1, start)), {}
+    if spans:
+        chosen, known = engine.spans.choose(hidden, n_aux, n_pred, spans, span_width, common,
+                                            start=start, first_row=aux_start)
+    starts = [a for a, _ in merge_ranges(chosen, sinks)]
+    positions = (span_group_positions(info, n_pred, starts, SPAN_CONTEXT, TAIL_CONTEXT) if starts
+                 else needed_positions(info, n_pred, first_query=n_pred))
+    positions = [p[p >= start] for p in positions]
+    data = predicted_state_bytes(engine.base_layout(), group_positions=positions, known=known,
+                                 **common)
+    t.predict_ms = clock.lap()
+    base.append_state(data, n_past=n_pred)
     t.state_set_ms = clock.lap()
-    engine.base.decode(tokens[n_pred:], start=n_pred, logits_last=True)
-    logits = engine.base.last_logits()
+    return sinks, chosen
+
+
+def _decode_tail(base, tokens: list[int], at: int, t: Timings, clock: Clock, armed: bool
+                 ) -> np.ndarray:
+    """The base decodes tokens[at:] itself; its capture armed for it with ``armed``."""
+    if armed:
+        base.capture.armed = True
+    try:
+        base.decode(tokens[at:], start=at, logits_last=True)
+    finally:
+        if armed:
+            base.capture.armed = False
+    logits = base.last_logits()
     t.base_decode_ms = clock.lap()
     return logits
+
+
+def _put_cells_in_order(engine) -> None:
+    """Rewrite seq 0 with its cells in position order: the tail's captured attention reads
+    cache cells as positions (kvcli.tail_focus), and ranges recomputed in place leave cells
+    out of order (their new cells are placed wherever the cache has room)."""
+    base, info = engine.base, engine.base_info
+    state = parse_seq_state(base.get_state(0))
+    layers = layers_by_index(state, info)
+    group_positions, kv = [], {}
+    for group in info.cache_layer_groups:
+        cells = layers[group[0]]
+        order = np.argsort(cells.positions, kind="stable")
+        group_positions.append(cells.positions[order])
+        kv.update({il: (layers[il].k[order], layers[il].v[order]) for il in group})
+    n_past = base.n_past
+    base.clear()
+    base.set_state(write_seq_state(engine.base_layout().build_state(group_positions, kv)), 0,
+                   n_past=n_past)
+    base.cells_in_order = True  # written into an empty cache: cell i holds the i-th position

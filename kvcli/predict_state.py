@@ -85,46 +85,6 @@ def span_group_positions(info: ModelInfo, n_cells: int, starts: list[int], span_
     return out
 
 
-class SpanRows:
-    """Per base layer, K and V rows at its cache group's positions: predicted, then
-    overwritten with the base's own rows of each span it recomputes."""
-
-    def __init__(self, info: ModelInfo, group_positions: list[np.ndarray],
-                 kv: dict[int, tuple[np.ndarray, np.ndarray]], exact: list[int] = ()):
-        """``exact``: layers whose rows are already the base's own (a prefix auxiliary's
-        copied layers): a span recomputed over fewer sliding-window cells than the base saw
-        would make them worse, so they are kept."""
-        self.info, self.positions, self.exact = info, group_positions, set(exact)
-        self.group_of = {il: g for g, group in enumerate(info.cache_layer_groups) for il in group}
-        self.kv = {il: (np.array(k), np.array(v)) for il, (k, v) in kv.items()}  # writable
-
-    def before(self, limit: int) -> tuple[list[np.ndarray], dict[int, tuple[np.ndarray, np.ndarray]]]:
-        """Positions and rows that a query at ``limit`` (and later) can see, per group."""
-        bounds = []
-        for group, pos in zip(self.info.cache_layer_groups, self.positions):
-            lo = _window_start(self.info, limit) if _sliding(self.info, group) else 0
-            bounds.append((int(np.searchsorted(pos, lo)), int(np.searchsorted(pos, limit))))
-        kv = {}
-        for il, (k, v) in self.kv.items():
-            i0, i1 = bounds[self.group_of[il]]
-            kv[il] = (k[i0:i1], v[i0:i1])
-        return [pos[i0:i1] for pos, (i0, i1) in zip(self.positions, bounds)], kv
-
-    def replace(self, layers: dict[int, LayerCells], start: int, stop: int) -> None:
-        """Overwrite the rows of positions start..stop-1 with ``layers``' (a parsed state)."""
-        for il, cells in layers.items():
-            if il not in self.kv or il in self.exact:
-                continue
-            pos = self.positions[self.group_of[il]]
-            mask = (cells.positions >= start) & (cells.positions < stop)
-            idx = np.searchsorted(pos, cells.positions[mask])
-            held = idx < len(pos)
-            held[held] = pos[idx[held]] == cells.positions[mask][held]
-            k, v = self.kv[il]
-            k[idx[held]] = cells.k[mask][held]
-            v[idx[held]] = cells.v[mask][held]
-
-
 def rescale_to_key_norm(k: np.ndarray, weight: np.ndarray, head_dim: int) -> np.ndarray:
     """Give each predicted key head the scale the base's key norm produces: rms(k / w) = 1.
 
@@ -168,12 +128,16 @@ def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: Mod
     return out
 
 
-def predicted_state_bytes(layout: CacheLayout, **kwargs) -> bytearray:
+def predicted_state_bytes(layout: CacheLayout, known: dict | None = None, **kwargs) -> bytearray:
     """The state bytes (seq 0, ``layout``) of ``predict_base_kv``'s rows, each predicted layer
     computed on the pool and cast into the buffer at once: only a few layers' float32 rows
-    are alive at any time."""
+    are alive at any time. ``known``: layers' rows already predicted (at these positions)."""
+    known = known or {}
     out, jobs = _layer_jobs(**kwargs)
+    out.update(known)
     for il, job in jobs.items():
+        if il in known:
+            continue
         n = len(_positions_of(kwargs["base"], kwargs["group_positions"], il))
         out[il] = (Pending((n, kwargs["base"].n_embd_k(il)), job, 0),
                    Pending((n, kwargs["base"].n_embd_v(il)), job, 1))

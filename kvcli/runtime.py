@@ -170,19 +170,24 @@ class ContextSettings:
 
 
 class Context:
-    """A llama.cpp context with one sequence (seq 0) and a reusable batch."""
+    """A llama.cpp context whose prompt and reply live in sequence 0, and a reusable batch."""
 
-    def __init__(self, model: Model, settings: ContextSettings, *, capture=None):
-        """``capture``: a capture.TensorCapture whose callback observes the graph."""
+    def __init__(self, model: Model, settings: ContextSettings, *, capture=None,
+                 scratch_seqs: int = 0, scratch_cells: int = 0):
+        """``capture``: a capture.TensorCapture whose callback observes the graph.
+        ``scratch_seqs`` sequences beside seq 0 and ``scratch_cells`` cells beyond the
+        context's size, for work on seq 0's cache in place (``recompute``, ``append_state``):
+        one unified cache, so that sequences share cells instead of copying them."""
         lib = model._lib
         for name in (settings.type_k, settings.type_v):
             if name not in KV_TYPES:
                 raise ContextError(f"unknown KV cache type {name!r} (one of {', '.join(KV_TYPES)})")
         params = lib.llama_context_default_params()
-        params.n_ctx = settings.n_ctx
+        params.n_ctx = settings.n_ctx + scratch_cells
         params.n_batch = settings.n_batch
         params.n_ubatch = settings.n_ubatch
-        params.n_seq_max = 1
+        params.n_seq_max = 1 + scratch_seqs
+        params.kv_unified = scratch_seqs > 0
         params.n_threads = params.n_threads_batch = settings.resolved_threads()
         params.flash_attn_type = 1 if settings.flash_attn else 0
         params.type_k = KV_TYPES[settings.type_k]
@@ -200,15 +205,22 @@ class Context:
         self.model = model
         self.settings = settings
         self.handle = handle
-        self.n_ctx = lib.llama_n_ctx(handle)  # llama.cpp may round the requested size up
+        # llama.cpp may round the requested size up; scratch cells are not the prompt's
+        self.n_ctx = (min(settings.n_ctx, lib.llama_n_ctx(handle) - scratch_cells) if scratch_cells
+                      else lib.llama_n_ctx(handle))
+        self.scratch_seqs, self.scratch_cells = scratch_seqs, scratch_cells
         self.n_batch = lib.llama_n_batch(handle)  # ... and clamp n_batch to the requested n_ctx
         self.memory = lib.llama_get_memory(handle)
         self._batch = lib.llama_batch_init(settings.n_batch, 0, 1)
         self.n_past = 0
+        # whether cache cell i holds position i of seq 0 (a captured attention row's columns
+        # are cells): true from empty while tokens are only appended
+        self.cells_in_order = True
 
     def clear(self) -> None:
         self._lib.llama_memory_clear(self.memory, True)
         self.n_past = 0
+        self.cells_in_order = True
 
     def decode(self, tokens: list[int] | np.ndarray, *, start: int | None = None,
                logits_last: bool = False, logits_all: bool = False) -> None:
@@ -217,23 +229,32 @@ class Context:
         Logits: for the last token with ``logits_last``, for every token with ``logits_all``
         (one batch only), else none (the LM head is skipped).
         """
-        tokens = np.asarray(tokens, dtype=np.int32)
         start = self.n_past if start is None else start
         if start + len(tokens) > self.n_ctx:
             raise ContextError(f"{start + len(tokens)} tokens do not fit the context of "
                                f"{self.n_ctx}; use a shorter prompt or a larger --ctx")
+        if logits_all and len(tokens) > min(self.n_batch, self.settings.n_batch):
+            raise ContextError(f"logits for every token need at most "
+                               f"{min(self.n_batch, self.settings.n_batch)} tokens")
+        self._decode_pieces([(tokens, start, 0)], logits_last=logits_last, logits_all=logits_all)
+        self.n_past = start + len(tokens)
+
+    def _decode_pieces(self, pieces: list[tuple[list[int] | np.ndarray, int, int]], *,
+                       logits_last: bool = False, logits_all: bool = False) -> None:
+        """Decode pieces (tokens, first position, sequence) as one stream of batches: the
+        weights are read once per batch, however many pieces it holds."""
+        tokens = np.concatenate([np.asarray(t, dtype=np.int32) for t, _, _ in pieces])
+        pos = np.concatenate([np.arange(p, p + len(t), dtype=np.int32) for t, p, _ in pieces])
+        seqs = np.concatenate([np.full(len(t), s, dtype=np.int32) for t, _, s in pieces])
         b = self._batch
         n_batch = min(self.n_batch, self.settings.n_batch)
         for lo in range(0, len(tokens), n_batch):
-            chunk = tokens[lo : lo + n_batch]
-            n = len(chunk)
-            np.ctypeslib.as_array(b.token, shape=(n,))[:] = chunk
-            np.ctypeslib.as_array(b.pos, shape=(n,))[:] = np.arange(start + lo, start + lo + n)
+            n = len(tokens[lo : lo + n_batch])
+            np.ctypeslib.as_array(b.token, shape=(n,))[:] = tokens[lo : lo + n]
+            np.ctypeslib.as_array(b.pos, shape=(n,))[:] = pos[lo : lo + n]
             np.ctypeslib.as_array(b.n_seq_id, shape=(n,))[:] = 1
             for i in range(n):
-                b.seq_id[i][0] = 0
-            if logits_all and len(tokens) > n_batch:
-                raise ContextError(f"logits for every token need at most {n_batch} tokens")
+                b.seq_id[i][0] = int(seqs[lo + i])
             want = np.full(n, 1 if logits_all else 0, dtype=np.int8)
             if logits_last and lo + n == len(tokens):
                 want[-1] = 1
@@ -241,8 +262,49 @@ class Context:
             b.n_tokens = n
             rc = self._lib.llama_decode(self.handle, b)
             if rc != 0:
-                raise ContextError(f"llama_decode failed with code {rc} at position {start + lo}")
-        self.n_past = start + len(tokens)
+                raise ContextError(f"llama_decode failed with code {rc} at position {pos[lo]}")
+
+    def recompute(self, tokens: list[int], ranges: list[tuple[int, int]]) -> None:
+        """Decode ``tokens[a:b]`` for each range [a, b) of seq 0 over the cells seq 0 holds
+        before a, and put the new cells in place of seq 0's at a..b-1: the rest of the cache
+        stays as it is (no state is read or written). Ranges are decoded together, as many as
+        the scratch sequences and cells allow per batch (a longer range in pieces), each over
+        the cells before it as they were (a later one in the same batch sees an earlier one's
+        old cells)."""
+        if not ranges:
+            return
+        if not self.scratch_seqs:
+            raise ContextError("this context has no scratch sequences to recompute in place")
+        step = self.scratch_cells
+        pieces = [(a, min(a + step, b)) for a0, b in ranges for a in range(a0, b, step)]
+        groups: list[list[tuple[int, int]]] = []
+        for a, b in pieces:
+            if groups and len(groups[-1]) < self.scratch_seqs and \
+                    sum(y - x for x, y in groups[-1]) + b - a <= self.scratch_cells:
+                groups[-1].append((a, b))
+            else:
+                groups.append([(a, b)])
+        lib, mem = self._lib, self.memory
+        for group in groups:
+            for s, (a, _) in enumerate(group, 1):
+                lib.llama_memory_seq_cp(mem, 0, s, -1, a)  # shares the cells, copies nothing
+            self._decode_pieces([(tokens[a:b], a, s) for s, (a, b) in enumerate(group, 1)])
+            for s, (a, b) in enumerate(group, 1):
+                lib.llama_memory_seq_rm(mem, 0, a, b)
+                lib.llama_memory_seq_cp(mem, s, 0, a, b)
+            for s in range(1, len(group) + 1):
+                lib.llama_memory_seq_rm(mem, s, -1, -1)
+        self.cells_in_order = False  # the new cells went wherever the cache had room
+
+    def append_state(self, data: bytes | bytearray, *, n_past: int) -> None:
+        """Add the cells of a sequence state (``get_state``'s format) to seq 0, keeping the
+        cells seq 0 holds (``set_state`` would replace them)."""
+        if not self.scratch_seqs:
+            raise ContextError("this context has no scratch sequence to append a state through")
+        self.set_state(data, 1)
+        self._lib.llama_memory_seq_cp(self.memory, 1, 0, -1, -1)
+        self._lib.llama_memory_seq_rm(self.memory, 1, -1, -1)
+        self.n_past = n_past
 
     def last_logits(self) -> np.ndarray:
         ptr = self._lib.llama_get_logits_ith(self.handle, -1)
@@ -259,6 +321,8 @@ class Context:
     def truncate(self, n_past: int) -> None:
         """Forget every cached position >= ``n_past`` (seq 0)."""
         self._lib.llama_memory_seq_rm(self.memory, 0, n_past, -1)
+        if n_past < self.n_past:
+            self.cells_in_order = False  # what comes next may fill the freed cells or not
         self.n_past = n_past
 
     def get_state(self, seq_id: int = 0) -> bytearray:
@@ -276,6 +340,8 @@ class Context:
     def set_state(self, data: bytes | bytearray, seq_id: int = 0, *, n_past: int | None = None
                   ) -> None:
         """``llama_state_seq_set_data`` into ``seq_id``; it clears that sequence first."""
+        if seq_id == 0 and self.n_past:
+            self.cells_in_order = False
         if isinstance(data, bytearray):
             buf = (ctypes.c_uint8 * len(data)).from_buffer(data)  # no copy
         else:

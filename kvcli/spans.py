@@ -3,9 +3,9 @@ the question looks for, and their exact K and V replace the predicted ones.
 
 A predicted cache loses facts stated once, far back (docs/design.md). The spans are chosen by
 the last prompt token's query in base layer k, the first after a k-layer prefix auxiliary
-(kvcli.focus), over that layer's predicted keys; each is decoded by the base over the
-predicted cells before it, then the state before the tail is written and the base decodes
-the tail itself (kvcli.engine).
+(kvcli.focus), over that layer's predicted keys, or by the base's own attention from the
+tail (kvcli.tail_focus); each is decoded by the base over the predicted cells before it, in
+place (kvcli.kvp_prefill), and the base then decodes the tail itself.
 """
 
 from __future__ import annotations
@@ -15,15 +15,7 @@ import numpy as np
 from kvcli import keys
 from kvcli.errors import IncompatibleError, KvcliError
 from kvcli.focus import QueryProjector, attention_peaks, choose_spans, spans_supported
-from kvcli.kv_layout import CacheLayout, layers_by_index
-from kvcli.predict_state import (
-    SpanRows,
-    needed_positions,
-    predict_base_kv,
-    span_group_positions,
-    state_bytes,
-)
-from kvcli.state_codec import parse_seq_state
+from kvcli.predict_state import predict_base_kv
 
 # tokens per recomputed span: a stated fact and its words around it. 16 rather than 24: the
 # same answers on kvcli eval at 1024 tokens (pass key, several keys, register, code; n = 10,
@@ -49,8 +41,8 @@ TAIL_CONTEXT = 128
 
 
 class SpanRecompute:
-    """The spans of one engine (kvcli.engine.Engine): whether it can choose them, the
-    choice, and the base's decode of them."""
+    """The spans of one engine (kvcli.engine.Engine): whether it can choose them, and the
+    choice (kvcli.kvp_prefill recomputes them)."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -67,33 +59,33 @@ class SpanRecompute:
         return True
 
     def from_tail(self, tokens: list[int], n_pred: int, spans: int, span_width: int,
-                  layout: CacheLayout, common: dict, t, clock, sinks: list[tuple[int, int]]
-                  ) -> tuple[bytearray, list[tuple[int, int]]]:
-        """kvcli.tail_focus: every layer's rows predicted and the ``sinks`` recomputed; the
-        base decodes the tail over them once, its attention in the engine's tail-focus layers
-        captured; the spans where their combined scores peak are recomputed. Returns the
-        state bytes of positions < n_pred and the spans; the choice counts as recompute time."""
+                  candidates: list[tuple[int, int]], sinks: list[tuple[int, int]]
+                  ) -> list[tuple[int, int]]:
+        """kvcli.tail_focus: with every predicted cell in the base's context (the ``sinks``
+        recomputed), the base decodes the tail once, its attention in the engine's tail-focus
+        layers captured, then forgets it; the spans where their combined scores peak among the
+        ``candidates`` ranges (predicted positions) are returned."""
         from kvcli.tail_focus import combined_scores, peak_spans
 
         eng = self.engine
-        positions = needed_positions(eng.base_info, n_pred, first_query=n_pred)
-        rows = SpanRows(eng.base_info, positions, predict_base_kv(group_positions=positions, **common),
-                        exact=self.exact_layers())
-        t.predict_ms = clock.lap()
-        eng.base.set_state(self.run(tokens, n_pred, sinks, rows, layout), 0, n_past=n_pred)
-        capture = eng.base.capture
+        base = eng.base
+        capture = base.capture
         capture.clear()
         capture.armed = True
         try:
-            eng.base.decode(tokens[n_pred:], start=n_pred)
+            base.decode(tokens[n_pred:], start=n_pred)
         finally:
             capture.armed = False
         scores = combined_scores(eng.base_attention(eng.tail_focus_layers, len(tokens) - n_pred, n_pred))
         capture.clear()
-        chosen = peak_spans(scores, spans, span_width, n_pred)
-        data = self.run(tokens, n_pred, chosen, rows, layout)
-        t.recompute_ms = clock.lap()
-        return data, chosen
+        base.truncate(n_pred)
+        allowed = np.zeros(n_pred, dtype=bool)
+        for a, b in candidates:
+            allowed[a:b] = True
+        for a, b in sinks:
+            allowed[a:b] = False
+        return peak_spans(np.where(allowed, scores, 0.0), spans, span_width, n_pred,
+                          lo=max(1, candidates[0][0]) if candidates else 1)
 
     def check(self) -> None:
         eng = self.engine
@@ -108,65 +100,35 @@ class SpanRecompute:
             self._projector = QueryProjector.for_base(eng.base_info, eng.aux_info.n_layer)
 
     def choose(self, hidden, n_aux: int, n_pred: int, spans: int, span_width: int,
-               common: dict) -> tuple[list[tuple[int, int]], dict]:
-        """``spans_for`` the last prompt token (row n_aux - 1 of ``hidden``) over base layer
-        k's predicted keys; also returns layer k's predicted rows (every position: it is a
-        full-attention layer), not to predict them twice."""
+               common: dict, start: int = 0, first_row: int = 0
+               ) -> tuple[list[tuple[int, int]], dict]:
+        """``spans_for`` the last prompt token (position n_aux - 1; ``hidden`` rows start at
+        position ``first_row``) over base layer k's predicted keys of positions start..n_pred-1;
+        also returns layer k's predicted rows (a full-attention layer: every one of those
+        positions), not to predict them twice."""
         self.check()
         layer = self._projector.layer
-        full = [np.arange(n_pred, dtype=np.int32)] * len(self.engine.base_info.cache_layer_groups)
+        full = [np.arange(start, n_pred, dtype=np.int32)] * len(self.engine.base_info.cache_layer_groups)
         known = predict_base_kv(group_positions=full, only=[layer], **common)
-        return self.spans_for(hidden, [n_aux - 1], [n_aux - 1], known[layer][0], n_pred, spans,
-                              span_width), known
+        row = n_aux - 1 - first_row
+        return self.spans_for(hidden, [row], [n_aux - 1], known[layer][0], n_pred, spans,
+                              span_width, start=start), known
 
     def spans_for(self, hidden: list[np.ndarray], rows: list[int], positions: list[int],
-                  keys_k: np.ndarray, n_pred: int, spans: int, span_width: int = SPAN_WIDTH
-                  ) -> list[tuple[int, int]]:
-        """The spans in 1..n_pred-1 that the tokens at ``positions`` (rows ``rows`` of the
-        captured ``hidden`` tensors) attend to most in base layer k: their queries computed
-        from the captured rows (kvcli.focus), ``keys_k`` layer k's cached keys of positions
-        0..n_pred-1, a position scored by the largest weight any query head gives it.
-        Position 0 (BOS) draws attention from every query and is never chosen."""
+                  keys_k: np.ndarray, n_pred: int, spans: int, span_width: int = SPAN_WIDTH,
+                  start: int = 0) -> list[tuple[int, int]]:
+        """The spans in max(1, start)..n_pred-1 that the tokens at ``positions`` (rows
+        ``rows`` of the captured ``hidden`` tensors) attend to most in base layer k: their
+        queries computed from the captured rows (kvcli.focus), ``keys_k`` layer k's cached
+        keys of positions start..n_pred-1, a position scored by the largest weight any query
+        head gives it. Position 0 (BOS) draws attention from every query and is never chosen."""
         self.check()
         proj, kinds = self._projector, list(self.engine.predictor.hidden_kinds)
         residual = proj.residual(hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)][rows],
                                  hidden[kinds.index(keys.FEATURE_AUX_ATTN)][rows])
-        scores = attention_peaks(proj.queries(residual, np.asarray(positions)), keys_k)
-        return choose_spans(scores, spans, span_width, lo=1, hi=n_pred)
-
-    def recompute(self, tokens: list[int], n_pred: int, ranges: list[tuple[int, int]],
-                  layout: CacheLayout, common: dict, t, clock, known: dict | None = None
-                  ) -> bytearray:
-        """Predicts the cells the spans and the tail see (``known``: full-attention layers'
-        rows already predicted for every position), then ``run``; fills ``t``'s predict and
-        recompute times from ``clock``."""
-        info = self.engine.base_info
-        known = known or {}
-        positions = span_group_positions(info, n_pred, [a for a, _ in ranges], SPAN_CONTEXT,
-                                         TAIL_CONTEXT)
-        rest = [il for il in range(info.n_layer) if il not in known]
-        predicted = predict_base_kv(group_positions=positions, only=rest, **common) if rest else {}
-        rows = SpanRows(info, positions, {**known, **predicted}, exact=self.exact_layers())
-        t.predict_ms += clock.lap()
-        data = self.run(tokens, n_pred, ranges, rows, layout)
-        t.recompute_ms += clock.lap()
-        return data
-
-    def exact_layers(self) -> list[int]:
-        """Layers whose rows kvp writes are already the base's own: a prefix auxiliary's."""
-        return list(self.engine.predictor.copied_layers)
-
-    def run(self, tokens: list[int], n_pred: int, ranges: list[tuple[int, int]],
-            rows: SpanRows, layout: CacheLayout) -> bytearray:
-        """The base decodes each range [a, b) over the cells of ``rows`` before a (predicted,
-        and earlier ranges' exact rows), whose rows its own then replace; returns the state
-        bytes of positions < n_pred."""
-        base, info = self.engine.base, self.engine.base_info
-        for a, b in ranges:
-            base.set_state(state_bytes(layout, *rows.before(a)), 0, n_past=a)
-            base.decode(tokens[a:b], start=a)
-            rows.replace(layers_by_index(parse_seq_state(base.get_state(0)), info), a, b)
-        return state_bytes(layout, *rows.before(n_pred))
+        scores = np.zeros(n_pred, dtype=np.float32)
+        scores[start:] = attention_peaks(proj.queries(residual, np.asarray(positions)), keys_k)
+        return choose_spans(scores, spans, span_width, lo=max(1, start), hi=n_pred)
 
 
 # A position whose residual (the auxiliary's captured ``l_out-(k-2)``) is this many times the
@@ -180,30 +142,33 @@ MAX_SINKS = 16
 
 
 def sink_positions(residual: np.ndarray) -> list[int]:
-    """Positions >= 1 whose residual norm is SINK_RATIO times the median or more (the first
-    MAX_SINKS); position 0 is the first cell, always exact (predict_state.FirstCell)."""
+    """Rows whose residual norm is SINK_RATIO times the median or more (the first
+    MAX_SINKS)."""
     norms = np.linalg.norm(residual.astype(np.float32), axis=1)
     if len(norms) < 2:
         return []
     ratio = norms / max(float(np.median(norms)), 1e-12)
-    return [int(p) for p in np.flatnonzero(ratio[1:] >= SINK_RATIO)[:MAX_SINKS] + 1]
+    return [int(p) for p in np.flatnonzero(ratio >= SINK_RATIO)[:MAX_SINKS]]
 
 
-def residual_sinks(predictor, hidden: list[np.ndarray]) -> list[int]:
-    """``sink_positions`` of the captured residual rows (row 0 first); none without the
-    residual feature."""
+def residual_sinks(predictor, hidden: list[np.ndarray], first: int = 0) -> list[int]:
+    """``sink_positions`` of the captured residual rows (row 0 is position ``first``), as
+    positions >= 1: position 0 is the first cell, always exact (predict_state.FirstCell);
+    none without the residual feature."""
     kinds = list(predictor.hidden_kinds)
     if keys.FEATURE_AUX_RESIDUAL not in kinds:
         return []
-    return sink_positions(hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)])
+    return [first + p for p in sink_positions(hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)])
+            if first + p >= 1]
 
 
-def sink_ranges(predictor, hidden: list[np.ndarray], n_pred: int) -> list[tuple[int, int]]:
-    """The sinks among positions 1..n_pred-1 as ranges the base recomputes, those less than
-    SPAN_WIDTH apart joined: each range costs a state write and a decode, and a chat
-    template's sinks come in clusters (positions 2, 3, 8, 10, 13 -> one range [2, 14))."""
-    return merge_ranges([(p, p + 1) for p in residual_sinks(predictor, hidden) if p < n_pred],
-                        gap=SPAN_WIDTH)
+def sink_ranges(predictor, hidden: list[np.ndarray], n_pred: int, first: int = 0, lo: int = 1
+                ) -> list[tuple[int, int]]:
+    """The sinks among positions lo..n_pred-1 as ranges the base recomputes, those less than
+    SPAN_WIDTH apart joined (a chat template's sinks come in clusters: positions 2, 3, 8,
+    10, 13 -> one range [2, 14)); ``first``: the position of ``hidden``'s row 0."""
+    return merge_ranges([(p, p + 1) for p in residual_sinks(predictor, hidden, first)
+                         if lo <= p < n_pred], gap=SPAN_WIDTH)
 
 
 def merge_ranges(*groups: list[tuple[int, int]], gap: int = 0) -> list[tuple[int, int]]:
@@ -218,13 +183,13 @@ def merge_ranges(*groups: list[tuple[int, int]], gap: int = 0) -> list[tuple[int
     return out
 
 
-def checked_ranges(ranges, n_pred: int) -> list[tuple[int, int]]:
-    out, end = [], 1
+def checked_ranges(ranges, n_pred: int, lo: int = 1) -> list[tuple[int, int]]:
+    out, end = [], lo
     for a, b in ranges:
         a, b = int(a), int(b)
         if not (end <= a < b <= n_pred):
-            raise KvcliError(f"recomputed ranges must be ordered, disjoint and within 1..{n_pred}: "
-                             f"got {list(ranges)}")
+            raise KvcliError(f"recomputed ranges must be ordered, disjoint and within {lo}.."
+                             f"{n_pred}: got {list(ranges)}")
         out.append((a, b))
         end = b
     return out

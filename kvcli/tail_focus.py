@@ -52,16 +52,17 @@ def position_scores(rows: np.ndarray, n_head: int, n_query: int, n_pred: int) ->
     return scores
 
 
-def peak_spans(scores: np.ndarray, n_spans: int, width: int, hi: int) -> list[tuple[int, int]]:
+def peak_spans(scores: np.ndarray, n_spans: int, width: int, hi: int, lo: int = 1
+               ) -> list[tuple[int, int]]:
     """Up to ``n_spans`` disjoint spans of ``width`` around the highest scores (each starts
-    SPAN_LEAD before its peak), within [1, hi), in position order."""
+    SPAN_LEAD before its peak), within [lo, hi), in position order."""
     scores, out = scores.copy(), []
-    width = min(width, hi - 1)
+    width = min(width, hi - lo)
     for _ in range(n_spans):
         peak = int(np.argmax(scores))
         if width < 1 or scores[peak] <= 0:
             break
-        a = min(max(1, peak - SPAN_LEAD), hi - width)
+        a = min(max(lo, peak - SPAN_LEAD), hi - width)
         if any(a < b1 and b0 < a + width for b0, b1 in out):
             scores[peak] = 0.0
             continue
@@ -129,14 +130,9 @@ def measure_layer(bundle, *, tail: int = 24, width: int = 16,
             n_pred = len(tokens) - 1 - tail
             at = len(eng.tokenize(prompt[: prompt.index(value)]))
             n_value = len(eng.model.tokenize(value, add_special=False))
-            eng.first_cell(tokens[0])  # its one-token decode must not be captured
             capture = eng.base.capture
             capture.clear()
-            capture.armed = True
-            try:
-                eng.prefill(tokens, mode="kvp", tail=tail)
-            finally:
-                capture.armed = False
+            eng.prefill(tokens, mode="kvp", tail=tail, capture_tail=True)
             scores = eng.base_attention(layers, tail + 1, n_pred)
             capture.clear()
             lo, hi = max(0, at - 2), min(n_pred, at + n_value + 2)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from kvcli.bundle import build_bundle
-from kvcli.chat import Conversation, common_prefix
+from kvcli.chat import Conversation, _minus, common_prefix
 from kvcli.engine import Engine
 from kvcli.errors import ContextError
 from kvcli.kv_layout import layers_by_index
@@ -153,3 +153,51 @@ def test_an_interrupted_prefill_leaves_a_usable_conversation(tiny_bundle):
         reply, _ = conv.send(TURNS[2])
         want, _ = clean.send(TURNS[2])
         assert reply == want
+
+
+def test_a_chat_turn_is_prefilled_as_generate_prefills_it(gemma_bundle):
+    """One prefill path: chat's first turn and ``generate`` on the same rendered prompt, with
+    the same (default) kvp settings, recompute the same spans and give the same first token."""
+    import random
+
+    from kvcli.tasks import document
+
+    with Engine.from_bundle(gemma_bundle, settings=ContextSettings(n_ctx=2048)) as eng:
+        settings = eng.kvp_settings()
+        assert settings["spans"] > 0
+        example = document(random.Random(3), 700, eng.tokenize)
+        conv = Conversation(eng, n_predict=1)
+        tokens = conv.tokens_for([{"role": "user", "content": example.prompt}])
+        gen = eng.generate(tokens, mode="kvp", n_predict=1, **settings)
+        assert gen.recomputed
+        conv.send(example.prompt)
+        assert eng.last_recomputed == gen.recomputed
+        assert conv.history[-1].n_predicted < len(tokens) - settings["tail"] - 1
+        assert conv.messages[-1]["content"] == gen.text
+        assert conv.predicted_spans == _minus([(1, len(tokens) - 1 - settings["tail"])],
+                                              gen.recomputed)
+
+
+def test_a_question_in_a_later_turn_recomputes_spans_of_an_earlier_one(tiny_llama, tmp_path):
+    """Spans chosen from the tail look among every position still predicted: a short
+    question after a long pasted turn (nothing new to predict) recomputes spans of that turn,
+    which are then no longer predicted."""
+    from kvcli.aux_cut import cut_auxiliary
+    from kvcli.model_info import read_model_info
+    from test_engine import copy_everything_predictor
+
+    n_layer = read_model_info(tiny_llama).n_layer
+    aux = cut_auxiliary(tiny_llama, tmp_path / "aux.gguf", list(range(n_layer)))
+    with Engine(tiny_llama, aux_path=aux, settings=ContextSettings(n_ctx=1024),
+                tail_focus_layers=[n_layer - 1]) as eng:
+        eng.predictor = copy_everything_predictor(tiny_llama, aux)
+        conv = Conversation(eng, tail=24, spans=2, n_predict=2)
+        conv.send(" ".join(TURNS) * 4)
+        first = list(conv.predicted_spans)
+        assert first and eng.last_recomputed
+        conv.send("cat?")
+        assert conv.history[-1].n_predicted == 0
+        assert len(eng.last_recomputed) == 2
+        for a, b in eng.last_recomputed:
+            assert any(x <= a and b <= y for x, y in first)
+        assert conv.predicted_spans == _minus(first, eng.last_recomputed)

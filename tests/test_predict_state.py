@@ -43,25 +43,13 @@ def test_sliding_layers_need_only_the_window_of_the_first_query():
     assert needed_positions(info, n_cells=10, first_query=10)[1].tolist() == list(range(10))
 
 
-def test_span_positions_and_rows_written_back():
-    """Sliding-window groups get only the cells before each span and before the tail;
-    a span's rows replace the predicted ones, except in layers marked exact."""
+def test_span_positions():
+    """Sliding-window groups get only the cells before each span and before the tail."""
     from types import SimpleNamespace
 
-    from kvcli.kv_layout import LayerCells
-    from kvcli.predict_state import SpanRows, span_group_positions
+    from kvcli.predict_state import span_group_positions
 
     info = SimpleNamespace(cache_layer_groups=[[0], [1]], n_swa=100, is_swa=[False, True])
     full, sliding = span_group_positions(info, 300, [50, 120], span_context=8, tail_context=20)
     assert np.array_equal(full, np.arange(300))
     assert np.array_equal(sliding, np.r_[42:50, 112:120, 280:300])
-    kv = {0: (np.zeros((300, 2)), np.zeros((300, 2))), 1: (np.zeros((300, 2)), np.zeros((300, 2)))}
-    rows = SpanRows(info, [full, sliding], kv, exact=[1])
-    exact = {il: LayerCells(np.arange(50, 60), np.ones((10, 2)), np.ones((10, 2)), 1, 1) for il in (0, 1)}
-    rows.replace(exact, 50, 60)
-    assert rows.kv[0][0][50:60].min() == 1 and rows.kv[0][0].sum() == 20
-    assert rows.kv[1][0].sum() == 0  # exact layer: kept
-    positions, before = rows.before(120)
-    assert np.array_equal(positions[0], np.arange(120))
-    assert np.array_equal(positions[1], np.r_[42:50, 112:120])
-    assert before[0][0].shape == (120, 2) and before[1][0].shape == (16, 2)

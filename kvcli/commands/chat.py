@@ -16,7 +16,8 @@ from kvcli.errors import KvcliError
 
 HELP = """Chat with the base model; each turn's new prompt tokens are prefilled by the
 auxiliary and predicted into the base's cache (--mode kvp, the default), which keeps the
-conversation's earlier cells as they are. The reply streams as it comes, then a dim status
+conversation's earlier cells as they are; as in generate, the base recomputes the spans the
+question looks for and decodes the turn's last tokens itself. The reply streams as it comes, then a dim status
 line: prompt tokens this turn, TTFT, tokens/s.
 
 Commands: /file PATH (a file as the next message), /reset, /mode kvp|base, /stats, /exit.
@@ -150,8 +151,13 @@ def command(
     bundle: BundleOpt = None,
     system: Annotated[Optional[str], typer.Option("--system", help="A system message.")] = None,
     mode: Annotated[str, typer.Option("--mode", help="kvp (predicted prefill) or base.")] = "kvp",
-    tail: Annotated[int, typer.Option("--tail", help="Prompt tokens of each turn the base "
-                                      "recomputes itself.")] = 0,
+    tail: Annotated[Optional[int], typer.Option(
+        "--tail", help="kvp: the last W prompt tokens of each turn the base decodes itself "
+        "(default: as generate's, 24 with spans, else 0).")] = None,
+    spans: Annotated[Optional[int], typer.Option(
+        "--spans", help="kvp: spans the base recomputes each turn, chosen where the question "
+        "looks among every position still predicted (default: the bundle's, as generate's; "
+        "0 for none).")] = None,
     n_predict: Annotated[int, typer.Option("-n", "--n-predict", help="Most tokens per reply.")] = 256,
     ctx: CtxOpt = 4096,
     save: Annotated[Optional[Path], typer.Option("--save", help="Append the transcript to this "
@@ -176,8 +182,8 @@ def command(
 
     if mode not in CHAT_MODES:
         raise KvcliError(f"--mode must be one of {', '.join(CHAT_MODES)}")
-    if tail < 0 or n_predict < 1:
-        raise KvcliError("--tail must be >= 0 and -n >= 1")
+    if (tail is not None and tail < 0) or (spans is not None and spans < 0) or n_predict < 1:
+        raise KvcliError("--tail and --spans must be >= 0 and -n >= 1")
     b = resolve_bundle(bundle)
     if mode == "kvp":
         warn_if_checked_worse(b)
@@ -186,7 +192,7 @@ def command(
     try:
         with notice_aux_load(Engine.from_bundle(b, settings=settings)) as engine:
             conv = Conversation(engine, system=system, template=chat_template, mode=mode, tail=tail,
-                                n_predict=n_predict, drop_old=drop_old,
+                                spans=spans, n_predict=n_predict, drop_old=drop_old,
                                 sampler=Sampler(temperature=temp, seed=seed))
             if sys.stdin.isatty():
                 _interactive(conv, transcript, ui.err)
