@@ -52,25 +52,29 @@ class TensorCapture:
     """Collects the rows of the named f32 tensors, ubatch by ubatch, until ``take``.
 
     ``stop_after``: a tensor after which the graph stops (the callback returns False):
-    a base model run as a view of its own prefix computes layers 0..k-1 only."""
+    a base model run as a view of its own prefix computes layers 0..k-1 only. ``extra``:
+    names captured only while ``extra_armed`` (an attention row wanted for some tokens)."""
 
-    def __init__(self, names: list[str], stop_after: str | None = None):
+    def __init__(self, names: list[str], stop_after: str | None = None, extra: list[str] = ()):
         import llama_cpp
 
         self.names = list(names)
         self._wanted = {n.encode() for n in names}
         self._stop = stop_after.encode() if stop_after else None
         self._asked = self._wanted | ({self._stop} if self._stop else set())
-        self._rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        self._extra = {n.encode() for n in extra}
+        self._rows: dict[str, list[np.ndarray]] = {n: [] for n in [*names, *extra]}
         self._error: str | None = None
         self.armed = True  # off: the callback asks for nothing (a context that captures at times)
+        self.extra_armed = False
 
         @llama_cpp.ggml_backend_sched_eval_callback
         def callback(tensor, ask, user_data):
             t = ctypes.cast(tensor, ctypes.POINTER(_GGMLTensor)).contents
+            extra = self.extra_armed and t.name in self._extra
             if ask:
-                return self.armed and t.name in self._asked
-            if t.name in self._wanted:
+                return self.armed and (t.name in self._asked or extra)
+            if t.name in self._wanted or extra:
                 self._copy(t)
             return t.name != self._stop
 

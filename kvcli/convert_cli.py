@@ -246,27 +246,34 @@ def bundle_cmd(
         "stored in the manifest, and generate and chat repeat its warning.")] = True,
     check_tokens: Annotated[int, typer.Option(
         "--check-tokens", help="Prompt length of the check.")] = 512,
+    rank: Annotated[Optional[int], typer.Option(
+        "--rank", help="Without --aux: factor the predictor through a shared basis of this "
+        "many columns where its features are wider than twice that (a cheaper predict step; "
+        "0: never).", show_default=False)] = None,
 ) -> None:
     """Pack a base, an auxiliary and a predictor into one folder with a manifest (sizes,
     sha256, fingerprints). With --base alone: a prefix auxiliary (no file of its own unless
     --aux-file), a predictor calibrated for it, packed. Then the bundle checks itself."""
     from kvcli import ui
-    from kvcli.bundle import build_bundle, pack_bundle
+    from kvcli.bundle import DEFAULT_RANK, build_bundle, pack_bundle
 
     if (aux is None) != (predictor is None):
         raise KvcliError("give both --aux and --predictor, or neither (to build them)")
     if aux is not None:
-        if aux_layers or corpus or tokens or aux_file:
-            raise KvcliError("--aux-layers, --corpus, --tokens and --aux-file build an auxiliary "
-                             "and a predictor; they do not apply with --aux and --predictor")
+        if aux_layers or corpus or tokens or aux_file or rank is not None:
+            raise KvcliError("--aux-layers, --corpus, --tokens, --aux-file and --rank build an "
+                             "auxiliary and a predictor; they do not apply with --aux and --predictor")
         b = pack_bundle(output, base=base, aux=aux, predictor=predictor, reference_base=reference_base)
     else:
         if corpus is not None and not corpus.exists():
             raise KvcliError(f"corpus not found: {corpus}")
+        if rank is not None and rank < 0:
+            raise KvcliError("--rank must be >= 0")
         with ui.progress_reporter() as report:
             b = build_bundle(base, output, n_aux_layers=aux_layers, n_tokens=tokens, corpus=corpus,
                              storage_type=predictor_type, reference_base=reference_base,
-                             aux_file=aux_file, progress=report)
+                             aux_file=aux_file, rank=DEFAULT_RANK if rank is None else rank,
+                             progress=report)
     aux_text = b.aux.name if b.aux else f"the base's layers 0-{b.aux_prefix - 1}, no file"
     typer.echo(f"wrote bundle {b.folder} (base {b.base.name}, aux {aux_text}, "
                f"predictor {b.predictor.name})")

@@ -105,6 +105,12 @@ class Engine:
                        if self.aux_info is not None else {})
             self.base = self._open(self.base_info.path, "base model", base_capture, **scratch)
             names = self._capture_names()
+            # a prefix auxiliary computes the base's own layers 0..k-1: where the tail-focus
+            # layers are among them, its decode of the tail gives the same attention as the
+            # base's pass over the predicted cache would (those layers' cells are copied)
+            self.aux_focus_layers = (self.tail_focus_layers if prefix and self.tail_focus_layers
+                                     and max(self.tail_focus_layers) < prefix else [])
+            extra = [attention_name(il) for il in self.aux_focus_layers]
             if needs_view and self.aux_load != "view":
                 raise IncompatibleError("this predictor reads the auxiliary's last-layer output, "
                                         "which only a prefix auxiliary run as a view provides")
@@ -112,15 +118,16 @@ class Engine:
             if self.aux_load == "partial":
                 # the base's file loaded again as its first k layers: its pages are shared
                 self.aux = self._open(self.base_info.path, "base model (as a prefix view)",
-                                      TensorCapture(names) if names else None, prefix_layers=prefix)
+                                      TensorCapture(names, extra=extra) if names or extra else None,
+                                      prefix_layers=prefix)
             elif self.aux_load == "view":
                 # the base's own model, stopped after layer k-1: no second copy of the weights
-                stop = TensorCapture(names, stop_after=f"l_out-{self.view_layers - 1}")
+                stop = TensorCapture(names, stop_after=f"l_out-{self.view_layers - 1}", extra=extra)
                 self.aux = Context(self.base.model, self.settings, capture=stop)
                 self._contexts.append(self.aux)
             elif self.aux_load == "file":
                 self.aux = self._open(self._aux_file(), "auxiliary",
-                                      TensorCapture(names) if names else None)
+                                      TensorCapture(names, extra=extra) if names or extra else None)
         except BaseException:
             self.close()
             raise
@@ -211,12 +218,14 @@ class Engine:
                    aux_prefix=bundle.aux_prefix if with_aux else 0,
                    predictor_path=bundle.predictor if with_predictor else None, **kwargs)
 
-    def base_attention(self, layers: list[int], n_query: int, n_pred: int) -> dict[int, np.ndarray]:
-        """Per layer, position scores (kvcli.tail_focus) of the base's last decode, when it
-        was run with its attention capture armed."""
+    def base_attention(self, layers: list[int], n_query: int, n_pred: int,
+                       ctx: Context | None = None) -> dict[int, np.ndarray]:
+        """Per layer, position scores (kvcli.tail_focus) of the base's last decode (or the
+        auxiliary's: ``ctx``, a prefix of the base), when it was run with its attention
+        capture armed."""
         from kvcli.tail_focus import attention_name, position_scores
 
-        capture = self.base.capture
+        capture = (ctx or self.base).capture
         return {il: position_scores(capture.rows(attention_name(il)), self.base_info.n_head[il],
                                     n_query, n_pred) for il in layers}
 

@@ -161,12 +161,19 @@ def factor_bundle(bundle, output, *, rank: int, full_layers: list[int] = (), n_t
                        settings=settings, progress=progress)
     if data.plan.copied_layers != pred.copied_layers or data.plan.feature_kinds != pred.feature_kinds:
         raise KvcliError("the calibration's layers or features differ from the predictor's")
+    factored, errors = factor_calibrated(pred, data, rank, full_layers)
+    bundle_with_predictor(bundle, factored, Path(output), storage)
+    return {"rank": rank, "factored_layers": factored.factored_layers, "heldout_rel_error": errors,
+            "calibration_tokens": sum(s.n_rows for s in data.fit.values()), "source": data.source}
+
+
+def factor_calibrated(pred: Predictor, data, rank: int, full_layers: list[int] = ()
+                      ) -> tuple[Predictor, dict[int, dict[str, tuple[float, float]]]]:
+    """``factor_predictor`` on calibration data (kvcli.calibrate.collect's), with its
+    held-out relative errors per layer before and after, recorded in the predictor too."""
     factored = factor_predictor(pred, data.fit, rank, full_layers)
     before, after = heldout_errors(pred, data.heldout), heldout_errors(factored, data.heldout)
     factored = dataclasses.replace(
         factored, heldout_rel_error=[e for il in factored.predicted_layers for e in after[il]],
         calibration_source=f"{pred.calibration_source} + factored to rank {rank} on {data.source}")
-    bundle_with_predictor(bundle, factored, Path(output), storage)
-    return {"rank": rank, "factored_layers": factored.factored_layers,
-            "heldout_rel_error": {il: {"before": before[il], "after": after[il]} for il in before},
-            "calibration_tokens": sum(s.n_rows for s in data.fit.values()), "source": data.source}
+    return factored, {il: {"before": before[il], "after": after[il]} for il in before}

@@ -59,31 +59,37 @@ def kvp_prefill(engine, tokens: list[int], tail: int, t: Timings, spans: int = 0
         base.truncate(start)
         if from_tail and not base.cells_in_order:
             _put_cells_in_order(engine)
-    sinks, chosen = [], []
+    sinks, chosen, scores = [], [], None
     if n_pred > start:
-        sinks, chosen = _predict_into_base(engine, tokens, n_pred, t, clock, start, aux_start,
-                                           spans if choose and not from_tail else 0, span_width,
-                                           recompute)
+        sinks, chosen, scores = _predict_into_base(
+            engine, tokens, n_pred, t, clock, start, aux_start,
+            spans if choose and not from_tail else 0, span_width, recompute, from_tail)
     if from_tail:
-        base.recompute(tokens, sinks)
         candidates = merge_ranges(earlier, [(max(1, start), n_pred)] if n_pred > start else [])
-        chosen = engine.spans.from_tail(tokens, n_pred, spans, span_width, candidates, sinks)
-        base.recompute(tokens, chosen)
+        if scores is not None:  # from the auxiliary's own pass: one batch recomputes all
+            chosen = engine.spans.pick(scores, n_pred, spans, span_width, candidates, sinks)
+            base.recompute(tokens, merge_ranges(chosen, sinks))
+        else:  # the base's pass over the predicted cache, its sinks recomputed first
+            base.recompute(tokens, sinks)
+            chosen = engine.spans.from_tail(tokens, n_pred, spans, span_width, candidates, sinks)
+            base.recompute(tokens, chosen)
     else:
         base.recompute(tokens, merge_ranges(chosen, sinks))
     engine.last_recomputed = merge_ranges(chosen, sinks)
-    t.recompute_ms = clock.lap()
+    if engine.last_recomputed or from_tail:
+        t.recompute_ms = clock.lap()
     return _decode_tail(base, tokens, n_pred, t, clock, capture_tail)
 
 
 def _predict_into_base(engine, tokens: list[int], n_pred: int, t: Timings, clock: Clock,
                        start: int, aux_start: int, spans: int, span_width: int,
-                       recompute: list[tuple[int, int]] | None
-                       ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+                       recompute: list[tuple[int, int]] | None, from_tail: bool = False):
     """The auxiliary decodes tokens[aux_start:n_pred] (and the tail too where kvcli.focus
     chooses ``spans`` from its last row), the base cells of positions start..n_pred-1 are
     predicted and added to the base's. Returns the attention sinks and the chosen spans
-    among those positions (or the given ``recompute`` ranges), for the base to recompute."""
+    among those positions (or the given ``recompute`` ranges), for the base to recompute,
+    and with ``from_tail`` the tail-focus scores where the auxiliary can give them
+    (``SpanRecompute.aux_tail_scores``), else None."""
     aux, base, info = engine.aux, engine.base, engine.base_info
     if aux_start:
         aux.truncate(aux_start)
@@ -95,6 +101,8 @@ def _predict_into_base(engine, tokens: list[int], n_pred: int, t: Timings, clock
     aux.decode(tokens[aux_start:n_aux], start=aux_start)
     t.aux_prefill_ms = clock.lap()
     hidden, raw_kv = engine.take_captured(n_aux - aux_start)
+    scores = engine.spans.aux_tail_scores(tokens, n_pred) if from_tail else None
+    t.aux_prefill_ms += clock.lap()
     needs_state = engine.predictor.copied_layers or not engine.predictor.raw_keys
     raw = aux.get_state(-1) if needs_state else None
     t.state_get_ms = clock.lap()
@@ -118,7 +126,7 @@ def _predict_into_base(engine, tokens: list[int], n_pred: int, t: Timings, clock
     t.predict_ms = clock.lap()
     base.append_state(data, n_past=n_pred)
     t.state_set_ms = clock.lap()
-    return sinks, chosen
+    return sinks, chosen, scores
 
 
 def _decode_tail(base, tokens: list[int], at: int, t: Timings, clock: Clock, armed: bool

@@ -65,7 +65,7 @@ class SpanRecompute:
         recomputed), the base decodes the tail once, its attention in the engine's tail-focus
         layers captured, then forgets it; the spans where their combined scores peak among the
         ``candidates`` ranges (predicted positions) are returned."""
-        from kvcli.tail_focus import combined_scores, peak_spans
+        from kvcli.tail_focus import combined_scores
 
         eng = self.engine
         base = eng.base
@@ -79,6 +79,37 @@ class SpanRecompute:
         scores = combined_scores(eng.base_attention(eng.tail_focus_layers, len(tokens) - n_pred, n_pred))
         capture.clear()
         base.truncate(n_pred)
+        return self.pick(scores, n_pred, spans, span_width, candidates, sinks)
+
+    def aux_tail_scores(self, tokens: list[int], n_pred: int) -> np.ndarray | None:
+        """kvcli.tail_focus's scores from the auxiliary's own decode of the tail, where the
+        tail-focus layers are a prefix auxiliary's (the same attention as the base's pass
+        would have: those layers' cells are copied) and its cells are in position order;
+        None otherwise. The auxiliary must hold tokens[:n_pred]; it then holds them all."""
+        from kvcli.tail_focus import combined_scores
+
+        eng = self.engine
+        aux = eng.aux
+        if not eng.aux_focus_layers or not aux.cells_in_order or aux.n_past != n_pred:
+            return None
+        aux.capture.clear()
+        aux.capture.extra_armed = True
+        try:
+            aux.decode(tokens[n_pred:], start=n_pred)
+        finally:
+            aux.capture.extra_armed = False
+        scores = combined_scores(eng.base_attention(eng.aux_focus_layers, len(tokens) - n_pred,
+                                                    n_pred, ctx=aux))
+        aux.capture.clear()
+        return scores
+
+    def pick(self, scores: np.ndarray, n_pred: int, spans: int, span_width: int,
+             candidates: list[tuple[int, int]], sinks: list[tuple[int, int]]
+             ) -> list[tuple[int, int]]:
+        """The spans where tail-focus ``scores`` peak among the ``candidates`` ranges, away
+        from the ``sinks``."""
+        from kvcli.tail_focus import peak_spans
+
         allowed = np.zeros(n_pred, dtype=bool)
         for a, b in candidates:
             allowed[a:b] = True

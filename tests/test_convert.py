@@ -278,3 +278,22 @@ def test_hidden_out_feature_needs_the_view(tmp_path, tiny_gemma3, tiny_llama, sm
                                   *FAST, "--hidden", "out"), "prefix auxiliary")
     assert_one_line_error(convert("calibrate", tiny_gemma3, aux, "-o", tmp_path / "x.gguf",
                                   "--hidden", "middle"), "--hidden takes")
+
+
+def test_bundle_factors_a_wide_predictor(tmp_path, tiny_llama):
+    """--rank R factors the predictor through a shared basis where its features are wider
+    than 2R (the default for real-size models: kvcli.bundle.DEFAULT_RANK); 0 never does; a
+    rank the storage type cannot block is a one-line error."""
+    from kvcli.predictor import load_predictor
+
+    for rank, factored in (("8", True), ("0", False)):
+        out = tmp_path / f"r{rank}"
+        ok(convert("bundle", "--base", tiny_llama, "-o", out, "--tokens", "600", "--aux-layers", "2",
+                   "--rank", rank, "--no-check"))
+        pred = load_predictor(out / "predictor.gguf")
+        assert bool(pred.factored_layers) == factored
+        if factored:
+            assert all(b.shape[1] == 8 for b in pred.bases.values())
+    assert_one_line_error(convert("bundle", "--base", tiny_llama, "-o", tmp_path / "bad", "--rank", "3",
+                                  "--predictor-type", "q8_0", "--no-check"), "divisible by 32")
+    assert not (tmp_path / "bad").exists()

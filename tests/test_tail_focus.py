@@ -115,3 +115,25 @@ def test_merge_ranges_joins_overlapping_and_touching():
     assert merge_ranges([(10, 26), (40, 56)], [(3, 4), (25, 27), (56, 57)]) == [(3, 4), (10, 27), (40, 57)]
     assert merge_ranges([], []) == []
     assert merge_ranges([(2, 3), (8, 9), (13, 14), (40, 41)], gap=16) == [(2, 14), (40, 41)]
+
+
+def test_a_prefix_auxiliary_scores_the_tail_as_the_base_would(tiny_llama, tmp_path):
+    """Tail-focus layers inside a prefix auxiliary: its own decode of the tail gives the
+    spans the base's pass over the predicted cache gives (those layers' cells are the
+    auxiliary's own), one decode of the base fewer."""
+    from kvcli.bundle import build_bundle
+
+    bundle = build_bundle(tiny_llama, tmp_path / "b", n_aux_layers=2, n_tokens=600)
+    tokens = None
+    chosen = {}
+    for via_aux in (True, False):
+        with Engine.from_bundle(bundle, settings=SETTINGS, tail_focus_layers=[1, 0]) as eng:
+            assert eng.aux_focus_layers == [1, 0]
+            if via_aux:
+                eng.spans.from_tail = lambda *a, **k: pytest.fail("the base's pass ran")
+            else:
+                eng.aux_focus_layers = []
+            tokens = tokens or random_prompt(150, eng.model.n_vocab, eng.model.bos, low=3)
+            eng.prefill(tokens, mode="kvp", tail=10, spans=2)
+            chosen[via_aux] = eng.last_recomputed
+    assert chosen[True] == chosen[False] and len(chosen[True]) >= 2
