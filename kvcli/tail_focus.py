@@ -1,5 +1,8 @@
 """Spans chosen by the question itself: the base decodes the prompt's last tokens over the
 predicted cache once, and where some of its own layers' attention peaks is what it recomputes.
+Where those layers are a prefix auxiliary's own (their cells are copied, not predicted), the
+auxiliary's decode of the tail gives the same attention for a fraction of the cost
+(``SpanRecompute.aux_tail_scores``).
 
 The first chooser (kvcli.focus) reads base layer k, the first after a prefix auxiliary, over
 predicted keys. That needs a prefix and a layer that looks for facts: on Qwen2.5-Coder 1.5B

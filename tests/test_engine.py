@@ -275,3 +275,27 @@ def test_partial_load_refused_clearly_on_a_stock_build(tiny_llama, tmp_path, mon
                aux_load="partial")
     with Engine.from_bundle(b, settings=SETTINGS) as eng:
         assert eng.aux_load == "view"  # auto falls back to the callback view
+
+
+def test_cells_put_back_in_position_order(tiny_llama, tmp_path):
+    """Ranges recomputed in place leave the cache's cells out of position order (a captured
+    attention row's columns are cells); kvp_prefill's reorder rewrites them in order and
+    changes nothing the base computes."""
+    from kvcli.kvp_prefill import _put_cells_in_order
+
+    with true_cache_engine(tiny_llama, tmp_path) as eng:
+        base = eng.base
+        tokens = random_prompt(120, eng.model.n_vocab, eng.model.bos, low=3)
+        eng.base_layout()
+        base.clear()
+        base.decode(tokens[:100])
+        assert base.cells_in_order
+        base.recompute(tokens, [(10, 30), (60, 70)])
+        order = parse_seq_state(base.get_state(0)).blobs[0].streams[0].positions
+        assert not base.cells_in_order and not np.all(np.diff(order) > 0)
+        _put_cells_in_order(eng)
+        order = parse_seq_state(base.get_state(0)).blobs[0].streams[0].positions
+        assert base.cells_in_order and np.array_equal(order, np.arange(100))
+        base.decode(tokens[100:], start=100, logits_last=True)
+        want = split_reference(eng.base, tokens, 100)
+        np.testing.assert_allclose(base.last_logits(), want, rtol=0, atol=1e-4)
