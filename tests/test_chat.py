@@ -182,9 +182,10 @@ def test_a_question_in_a_later_turn_recomputes_spans_of_an_earlier_one(tiny_llam
     """Spans chosen from the tail look among every position still predicted: a short
     question after a long pasted turn (nothing new to predict) recomputes spans of that turn,
     which are then no longer predicted."""
+    from test_engine import copy_everything_predictor
+
     from kvcli.aux_cut import cut_auxiliary
     from kvcli.model_info import read_model_info
-    from test_engine import copy_everything_predictor
 
     n_layer = read_model_info(tiny_llama).n_layer
     aux = cut_auxiliary(tiny_llama, tmp_path / "aux.gguf", list(range(n_layer)))
