@@ -2,11 +2,11 @@
 
 - ``base``: the base decodes the whole prompt (the reference).
 - ``kvp``: the auxiliary decodes t[0..N-2-W] without logits; its state is read (seq -1,
-  every cell), the base's cache is predicted and written into the base context; the base
+  every cell), the base's cells are predicted and added to the base context; the base
   decodes the last W+1 prompt tokens itself (W = ``tail``) and generates every later token.
   With ``spans`` S, the base first recomputes S short spans of the prompt over the predicted
-  cache, chosen where the prompt's last token attends (kvcli.spans), and their exact K, V
-  replace the predicted ones.
+  cache, in place, chosen where the question attends (kvcli.spans, kvcli.tail_focus); the
+  attention sinks too (kvcli.kvp_prefill, one path for generate and chat).
 - ``truncate``: the base decodes BOS + only the last M prompt tokens.
 - ``aux``: the auxiliary alone prefills and generates.
 

@@ -43,11 +43,15 @@ def split_reference(ctx: Context, tokens, n_first) -> np.ndarray:
     return ctx.last_logits()
 
 
-@pytest.mark.parametrize("tail", [0, 5])
+@pytest.mark.parametrize("tail,chunk", [(0, 1024), (5, 1024), (5, 32)])
 @pytest.mark.parametrize("fixture", ["tiny_gemma3", "tiny_llama"])
-def test_kvp_fed_the_true_cache_is_exact(fixture, tail, request, tmp_path):
+def test_kvp_fed_the_true_cache_is_exact(fixture, tail, chunk, request, tmp_path, monkeypatch):
     """Every layer copied: the predicted state (sliding cells cut to the window, BOS cell,
-    layout) must give the base's own logits to the bit."""
+    layout), written in one piece or in chunks of 32 positions, must give the base's own
+    logits to the bit."""
+    import kvcli.kvp_prefill
+
+    monkeypatch.setattr(kvcli.kvp_prefill, "APPEND_CHUNK", chunk)
     base = request.getfixturevalue(fixture)
     with true_cache_engine(base, tmp_path) as eng:
         tokens = random_prompt(100, eng.model.n_vocab, eng.model.bos, low=3)
