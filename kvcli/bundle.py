@@ -226,8 +226,8 @@ def pack_bundle(folder: str | Path, *, base: Path, aux: Path, predictor: Path,
 # The predictor's shared basis where the auxiliary's features are wide (kvcli.factor). On
 # Qwen2.5-Coder 1.5B with a 7-layer prefix (3584 features, 21 layers): held-out K error
 # 0.275 -> 0.295, V 0.562 -> 0.610, the same answers on kvcli eval at 1024 tokens (pass key,
-# register, code; n = 6: 0.67 / 0.83 / 0.00 with either), the predict step ~0.06x -> ~0.01x
-# of the base's TTFT (docs/real-size.md).
+# register, code; n = 6: 0.67 / 0.83 / 0.00 with either), the predict step 0.06x -> 0.017x
+# of the base's TTFT at 1024 and 2048 tokens (docs/real-size.md).
 DEFAULT_RANK = 512
 
 
