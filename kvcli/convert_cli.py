@@ -63,9 +63,11 @@ def make_aux(
 
     if (layers is None) == (stride is None):
         raise KvcliError("give exactly one of --layers and --stride")
+    if layers is not None and not layers.strip():
+        raise KvcliError("--layers is empty: give a prefix '0-4' or a list '0,4,8'")
     info = read_model_info(base, "base model")
-    kept = parse_layers(layers, info.n_layer) if layers else stride_layers(info.n_layer, stride,
-                                                                           include_last=last)
+    kept = parse_layers(layers, info.n_layer) if layers is not None else stride_layers(
+        info.n_layer, stride, include_last=last)
     if len(kept) == info.n_layer:
         raise KvcliError("the auxiliary would keep every layer of the base")
     out = cut_auxiliary(info.path, output, kept)
