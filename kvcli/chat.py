@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvcli.chat_template import apply_chat_template, model_chat_template
 from kvcli.engine import Engine
 from kvcli.errors import ContextError, KvcliError
-from kvcli.runtime import apply_chat_template, model_chat_template
 from kvcli.sampling import Sampler
 from kvcli.spans import merge_ranges
 

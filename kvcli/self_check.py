@@ -20,9 +20,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from kvcli.chat_template import apply_chat_template, model_chat_template
 from kvcli.engine import Engine
 from kvcli.evaluate import MethodStats, base_reference, matched_keep, score_method
-from kvcli.runtime import apply_chat_template, model_chat_template
 from kvcli.tasks import Example, make_examples, prose
 
 KINDS = ("prose", "code", "conversation")
