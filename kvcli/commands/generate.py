@@ -88,9 +88,9 @@ def command(
         "--tail", help="kvp: the base recomputes the last W prompt tokens (default: 24 with "
         "spans, else 0).")] = None,
     spans: Annotated[Optional[int], typer.Option(
-        "--spans", help=f"kvp: the base also recomputes S spans of {SPAN_WIDTH} tokens, those the last "
-        "prompt token attends to most in its first layer after the auxiliary (default: 1 "
-        "where the bundle can choose them, else 0).")] = None,
+        "--spans", help=f"kvp: the base also recomputes S spans of {SPAN_WIDTH} tokens, where the "
+        "question attends most (default: the bundle's, 1, or 2 where spans are chosen from the "
+        "tail; 0 where the bundle cannot choose them).")] = None,
     keep: Annotated[Optional[int], typer.Option(
         "--keep", help="truncate: keep the last M prompt tokens.")] = None,
     temp: Annotated[float, typer.Option("--temp", help="Sampling temperature (0: greedy).")] = 0.0,
