@@ -84,9 +84,9 @@ def _positions_of_seq0(ctx, info) -> list[np.ndarray]:
 def test_recompute_in_place_and_append_keep_the_base_logits(fixture, request):
     """Ranges recomputed in place (scratch sequences sharing seq 0's cells) and cells
     appended through a scratch sequence leave seq 0 holding each position once, and the base
-    then continues as if it had decoded the prompt in one go (exact cells in, exact out; on
-    the real Gemma the logits differ by 0.56 of 28.9 at most, as much as decoding the same
-    prompt in four batches instead of one does: llama.cpp's sums run in another order)."""
+    then continues as if it had decoded the prompt in one go: exact cells in, exact out, up to
+    the rounding that decoding the same prompt in other batches gives (llama.cpp's sums run
+    in another order; measured here, and the in-place result held to twice it)."""
     path = request.getfixturevalue(fixture)
     info = read_model_info(path)
     model = Model(path)
@@ -95,6 +95,10 @@ def test_recompute_in_place_and_append_keep_the_base_logits(fixture, request):
     plain = Context(model, ContextSettings(n_ctx=512))
     plain.decode(tokens, logits_last=True)
     want = plain.last_logits()
+    plain.clear()
+    for a, b in ((0, 5), (5, 21), (21, 280), (280, 300)):  # the batches the recompute below makes
+        plain.decode(tokens[a:b], start=a, logits_last=b == 300)
+    rounding = np.abs(plain.last_logits() - want).max()
 
     ctx = Context(model, ContextSettings(n_ctx=512), scratch_seqs=3, scratch_cells=40)
     ctx.decode(tokens[:n_pred])
@@ -103,7 +107,7 @@ def test_recompute_in_place_and_append_keep_the_base_logits(fixture, request):
         assert len(positions) == len(set(positions.tolist()))
     assert max(len(p) for p in _positions_of_seq0(ctx, info)) == n_pred
     ctx.decode(tokens[n_pred:], start=n_pred, logits_last=True)
-    assert np.abs(ctx.last_logits() - want).max() < 0.05 * np.abs(want).max()
+    assert np.abs(ctx.last_logits() - want).max() <= 2 * rounding + 1e-4
     assert np.argmax(ctx.last_logits()) == np.argmax(want)
 
     plain.clear()
@@ -119,7 +123,7 @@ def test_recompute_in_place_and_append_keep_the_base_logits(fixture, request):
     ctx.decode(tokens[:100])
     ctx.append_state(write_seq_state(layout.build_state(later, keep)), n_past=n_pred)
     ctx.decode(tokens[n_pred:], start=n_pred, logits_last=True)
-    assert np.abs(ctx.last_logits() - want).max() < 0.05 * np.abs(want).max()
+    assert np.abs(ctx.last_logits() - want).max() <= 2 * rounding + 1e-4
     assert np.argmax(ctx.last_logits()) == np.argmax(want)
     for c in (ctx, plain):
         c.close()
