@@ -23,6 +23,7 @@ from pathlib import Path
 
 from kvcli import __version__
 from kvcli.atomic import building_folder, write_text_atomically
+from kvcli.corpus import CalibrationText
 from kvcli.errors import IncompatibleError, KvcliError, ModelFileError
 from kvcli.model_info import prefix_view_info, read_model_info
 
@@ -233,7 +234,8 @@ DEFAULT_RANK = 512
 
 def build_bundle(base_path: str | Path, folder: str | Path, *, n_aux_layers: int | None = None,
                  n_tokens: int | None = None, corpus: Path | None = None,
-                 storage_type: str = "f32", reference_base: bool = False, aux_file: bool = False,
+                 text: CalibrationText = CalibrationText.MIXED, storage_type: str = "f32",
+                 reference_base: bool = False, aux_file: bool = False,
                  rank: int = DEFAULT_RANK, progress: Progress | None = None) -> Bundle:
     """From a base alone: a prefix auxiliary, a predictor calibrated for it, packed atomically.
     The auxiliary is recorded as the base's first k layers, with no file of its own, unless
@@ -263,7 +265,7 @@ def build_bundle(base_path: str | Path, folder: str | Path, *, n_aux_layers: int
         if progress:
             progress("cut auxiliary", 1, 1)
         data = collect(base_info.path, aux, n_tokens=n_tokens or DEFAULT_TOKENS, corpus=corpus,
-                       progress=(lambda i, n: progress("calibrate", i, n)) if progress else None)
+                       text=text, progress=(lambda i, n: progress("calibrate", i, n)) if progress else None)
         pred = fit_predictor(data)
         widest = max((pred.n_features(il) for il in pred.predicted_layers), default=0)
         if rank and widest > 2 * rank:

@@ -23,7 +23,8 @@ import numpy as np
 
 from kvcli import keys
 from kvcli.capture import TensorCapture, hidden_feature_width, hidden_tensor_names
-from kvcli.corpus import named_chunks
+from kvcli.chat_template import apply_chat_template, chat_template_for
+from kvcli.corpus import CalibrationText, named_chunks
 from kvcli.errors import IncompatibleError, KvcliError
 from kvcli.kv_layout import layers_by_index
 from kvcli.model_info import ModelInfo, read_model_info
@@ -142,10 +143,11 @@ class CalibrationData:
 
 def collect(base_path, aux_path, *, n_tokens: int = DEFAULT_TOKENS, chunk_tokens: int = DEFAULT_CHUNK,
             layer_map: list[int] | None = None, hidden: bool | tuple[str, ...] = True,
-            corpus: Path | None = None,
+            corpus: Path | None = None, text: CalibrationText = CalibrationText.MIXED,
             settings: ContextSettings | None = None,
             progress: Callable[[int, int], None] | None = None) -> CalibrationData:
-    """Prefill >= ``n_tokens`` tokens of calibration text through both models."""
+    """Prefill >= ``n_tokens`` tokens of calibration text through both models: the user's
+    ``corpus``, else the standard library's ``text`` (corpus.py)."""
     base_info = read_model_info(base_path, "base model")
     aux_info = read_model_info(aux_path, "auxiliary")
     if base_info.tokenizer_digest != aux_info.tokenizer_digest:
@@ -183,8 +185,15 @@ def collect(base_path, aux_path, *, n_tokens: int = DEFAULT_TOKENS, chunk_tokens
         def tokenize(text: str) -> list[int]:
             return model.tokenize(text, add_special=False)
 
+        render = None
+        if text == CalibrationText.MIXED:
+            template = chat_template_for(model, base_info.arch)
+
+            def render(messages: list[dict]) -> str:
+                return apply_chat_template(template, messages, add_assistant=False)
+
         chunks, source = named_chunks(corpus, tokenize, chunk_tokens=chunk_tokens,
-                                      n_chunks=n_chunks, bos=model.prompt_bos)
+                                      n_chunks=n_chunks, bos=model.prompt_bos, render=render)
         if len(chunks) < n_chunks:
             raise KvcliError(f"the calibration corpus gave {len(chunks)} prompts of "
                              f"{chunk_tokens} tokens, {n_chunks} needed (give more text or "

@@ -21,14 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvcli.chat_template import apply_chat_template, model_chat_template
+from kvcli.chat_template import apply_chat_template, chat_template_for
 from kvcli.engine import Engine
 from kvcli.errors import ContextError, KvcliError
 from kvcli.sampling import Sampler
 from kvcli.spans import merge_ranges
 
 # the template of an architecture whose GGUF stores none (llama.cpp's built-in names)
-ARCH_TEMPLATES = {"gemma3": "gemma", "qwen2": "chatml", "llama": "llama2", "openelm": "llama2"}
 CHAT_MODES = ("kvp", "base")
 
 
@@ -60,8 +59,7 @@ class Conversation:
                  n_predict: int = 256, drop_old: bool = False, sampler: Sampler | None = None):
         """``tail``, ``spans``: kvp's, as ``generate``'s (None: the engine's defaults)."""
         self.engine = engine
-        self.template = template or model_chat_template(engine.model) or \
-            ARCH_TEMPLATES.get(engine.base_info.arch, "chatml")
+        self.template = template or chat_template_for(engine.model, engine.base_info.arch)
         self.system = system
         settings = engine.kvp_settings(tail, spans) if engine.predictor is not None else \
             {"tail": tail or 0, "spans": 0}

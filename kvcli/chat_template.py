@@ -8,11 +8,19 @@ import ctypes
 from kvcli.errors import ContextError
 from kvcli.runtime import Model, _lib
 
+# llama.cpp's built-in template per architecture, for a GGUF that stores none
+ARCH_TEMPLATES = {"gemma3": "gemma", "qwen2": "chatml", "llama": "llama2", "openelm": "llama2"}
+
 
 def model_chat_template(model: Model) -> str | None:
     """The chat template stored in the model's GGUF (``tokenizer.chat_template``), if any."""
     raw = model._lib.llama_model_chat_template(model.handle, None)
     return raw.decode("utf-8", "replace") if raw else None
+
+
+def chat_template_for(model: Model, arch: str) -> str:
+    """The model's own template, else llama.cpp's built-in one for its architecture."""
+    return model_chat_template(model) or ARCH_TEMPLATES.get(arch, "chatml")
 
 
 def builtin_chat_templates() -> list[str]:

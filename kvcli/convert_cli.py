@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from kvcli.cli import BundleOpt, JsonOpt, ThreadsOpt, paragraphs, run, set_debug
+from kvcli.corpus import CalibrationText
 from kvcli.errors import KvcliError
 
 app = typer.Typer(
@@ -31,7 +32,11 @@ Tokens = Annotated[Optional[int], typer.Option(
     "--tokens", help="Calibration tokens (default 20480: 40 prompts of 512).")]
 Corpus = Annotated[Optional[Path], typer.Option(
     "--corpus", help="A text file or folder to calibrate on (default: the Python standard "
-    "library's sources, held-out files excluded).")]
+    "library's text, held-out files excluded; see --text).")]
+Text = Annotated[CalibrationText, typer.Option(
+    "--text", help="Without --corpus, the standard library's text to calibrate on: mixed "
+    "(its sources, their docstrings and conversations in the base's chat template, in turn) "
+    "or code (its sources alone).")]
 
 
 def command(name: str):
@@ -81,6 +86,7 @@ def calibrate_cmd(
                                         "another model of the same tokenizer).")],
     output: OutFile,
     corpus: Corpus = None,
+    text: Text = CalibrationText.MIXED,
     tokens: Tokens = None,
     chunk: Annotated[int, typer.Option("--chunk", help="Tokens per calibration prompt.")] = 512,
     lambdas: Annotated[Optional[str], typer.Option(
@@ -132,7 +138,7 @@ def calibrate_cmd(
     options = {"alphas": alphas} if alphas else {}
     with ui.progress_reporter() as report:
         pred = calibrate(base, aux, n_tokens=tokens or DEFAULT_TOKENS, chunk_tokens=chunk,
-                         corpus=corpus, layer_map=lmap, hidden=hidden_kinds,
+                         corpus=corpus, text=text, layer_map=lmap, hidden=hidden_kinds,
                          settings=ContextSettings(n_threads=threads),
                          progress=lambda i, n: report("calibrate", i, n), **options)
     out = save_predictor(pred, output, predictor_type)
@@ -176,6 +182,7 @@ def factor_cmd(
         "--keep-full", help="Predicted layers to leave unfactored, comma-separated (default: "
         "none).")] = None,
     corpus: Corpus = None,
+    text: Text = CalibrationText.MIXED,
     tokens: Tokens = None,
     predictor_type: Annotated[Optional[str], typer.Option(
         "--predictor-type", help="How the per-layer matrices are stored: f32, f16, q8_0 or q4_0 "
@@ -204,7 +211,7 @@ def factor_cmd(
     b = resolve_bundle(bundle)
     with ui.progress_reporter() as report:
         result = factor_bundle(b, output, rank=rank, full_layers=full, n_tokens=tokens,
-                               corpus=corpus, storage=predictor_type,
+                               corpus=corpus, text=text, storage=predictor_type,
                                settings=ContextSettings(n_threads=threads),
                                progress=lambda i, n: report("calibrate", i, n))
     if json_out:
@@ -231,6 +238,7 @@ def bundle_cmd(
         "--aux-layers", help="Without --aux: layers of the prefix auxiliary to cut (default: "
         "a quarter of the base's, rounded up).")] = None,
     corpus: Corpus = None,
+    text: Text = CalibrationText.MIXED,
     tokens: Tokens = None,
     predictor_type: PredictorType = "f32",
     reference_base: Annotated[bool, typer.Option(
@@ -273,6 +281,7 @@ def bundle_cmd(
             raise KvcliError("--rank must be >= 0")
         with ui.progress_reporter() as report:
             b = build_bundle(base, output, n_aux_layers=aux_layers, n_tokens=tokens, corpus=corpus,
+                             text=text,
                              storage_type=predictor_type, reference_base=reference_base,
                              aux_file=aux_file, rank=DEFAULT_RANK if rank is None else rank,
                              progress=report)

@@ -121,7 +121,8 @@ def heldout_errors(pred: Predictor, stats: dict[int, RidgeStats]) -> dict[int, t
 
 
 def factor_bundle(bundle, output, *, rank: int, full_layers: list[int] = (), n_tokens: int | None = None,
-                  corpus=None, storage: str | None = None, settings=None, progress=None) -> dict:
+                  corpus=None, text=None, storage: str | None = None, settings=None,
+                  progress=None) -> dict:
     """Factor ``bundle``'s predictor (``factor_predictor``) with feature statistics over
     calibration text, and write a bundle with it to ``output``. Returns held-out relative
     errors per layer before and after (the basis is fit on the other calibration prompts)."""
@@ -131,6 +132,7 @@ def factor_bundle(bundle, output, *, rank: int, full_layers: list[int] = (), n_t
     from kvcli.aux_cut import cut_auxiliary, prefix_layers
     from kvcli.bundle import bundle_with_predictor, check_compatible
     from kvcli.calibrate import DEFAULT_TOKENS, collect
+    from kvcli.corpus import CalibrationText
     from kvcli.predictor import STORAGE_TYPES, load_predictor, storage_block
 
     check_compatible(bundle.base, bundle.aux_source, bundle.predictor)
@@ -157,7 +159,8 @@ def factor_bundle(bundle, output, *, rank: int, full_layers: list[int] = (), n_t
         if isinstance(aux, int):  # calibration reads a prefix's metadata from a cut file
             aux = cut_auxiliary(bundle.base, Path(tmp) / "aux.gguf", prefix_layers(aux))
         data = collect(bundle.base, aux, n_tokens=n_tokens or DEFAULT_TOKENS, corpus=corpus,
-                       layer_map=pred.layer_map, hidden=pred.hidden_kinds or False,
+                       text=text or CalibrationText.MIXED, layer_map=pred.layer_map,
+                       hidden=pred.hidden_kinds or False,
                        settings=settings, progress=progress)
     if data.plan.copied_layers != pred.copied_layers or data.plan.feature_kinds != pred.feature_kinds:
         raise KvcliError("the calibration's layers or features differ from the predictor's")

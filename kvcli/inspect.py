@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from kvcli import keys
@@ -80,7 +81,8 @@ def describe_predictor(path: Path) -> dict:
         "calibration_source": pred.calibration_source,
         "heldout_rel_error_k": [round(e, 4) for e in errors[0::2]],
         "heldout_rel_error_v": [round(e, 4) for e in errors[1::2]],
-        "ridge_alphas": [float(f"{a:.3g}") for a in pred.alphas],
+        # inf (the mean alone, ridge.py's fallback) is "mean": JSON has no infinity
+        "ridge_alphas": ["mean" if math.isinf(a) else float(f"{a:.3g}") for a in pred.alphas],
     }
 
 

@@ -4,10 +4,13 @@ Calibration streams (features, targets) pairs through ``RidgeStats`` (float64 su
 rows never have to be kept). ``fit_ridge`` solves each output group (one base layer's K, or
 its V) with the penalty that gives the lowest error on held-out statistics, then refits on
 all of the data with that penalty. The penalty is relative: lambda = alpha * mean(diag(Cov)).
+The safe fallback is a candidate too: the targets' mean alone (alpha = inf, no weights), so a
+group whose features do not help on held-out rows is written as its mean, never worse.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,10 +51,13 @@ class RidgeStats:
 
 
 def _solve(stats: RidgeStats, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """Weights (F, T) and bias (T,) minimising ||y - xW - b||^2 + lam ||W||^2 (bias free)."""
+    """Weights (F, T) and bias (T,) minimising ||y - xW - b||^2 + lam ||W||^2 (bias free);
+    alpha = inf: no weights, the targets' mean."""
     n = stats.xx[-1, -1]
     mx = stats.xx[:-1, -1] / n
     my = stats.xy[-1] / n
+    if math.isinf(alpha):
+        return np.zeros((len(mx), len(my))), my
     cov = stats.xx[:-1, :-1] - n * np.outer(mx, mx)
     cross = stats.xy[:-1] - n * np.outer(mx, my)
     lam = alpha * max(np.trace(cov) / len(cov), 1e-12)
@@ -69,13 +75,15 @@ def squared_error(stats: RidgeStats, w: np.ndarray, b: np.ndarray) -> np.ndarray
 class RidgeFit:
     weight: np.ndarray  # (F, T) float32
     bias: np.ndarray  # (T,) float32
-    alphas: list[float]  # chosen per group
+    alphas: list[float]  # chosen per group (inf: the mean, the safe fallback)
     heldout_rel_error: list[float]  # per group: ||y - y_hat|| / ||y|| on held-out rows
 
 
 def fit_ridge(fit: RidgeStats, heldout: RidgeStats, groups: list[slice],
               alphas: tuple[float, ...] = DEFAULT_ALPHAS) -> RidgeFit:
-    """Choose alpha per target group on ``heldout``, then refit on fit + heldout."""
+    """Choose alpha per target group on ``heldout`` among ``alphas`` and the mean alone, then
+    refit on fit + heldout."""
+    alphas = (*alphas, math.inf)
     errors = []
     for alpha in alphas:
         w, b = _solve(fit, alpha)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from kvcli.chat_template import apply_chat_template, model_chat_template
+from kvcli.chat_template import apply_chat_template, chat_template_for
 from kvcli.engine import Engine
 from kvcli.evaluate import MethodStats, base_reference, matched_keep, score_method
 from kvcli.tasks import Example, make_examples, prose
@@ -34,9 +34,7 @@ SEED = 7  # not the judge's seeds: another draw of the held-out texts
 def _conversation(engine: Engine, rng: random.Random, n_tokens: int) -> Example:
     """A user turn that pastes held-out prose and asks about it, in the base's template,
     cut to about ``n_tokens`` tokens."""
-    from kvcli.chat import ARCH_TEMPLATES
-
-    template = model_chat_template(engine.model) or ARCH_TEMPLATES.get(engine.base_info.arch, "chatml")
+    template = chat_template_for(engine.model, engine.base_info.arch)
     text = prose(rng, n_tokens, engine.tokenize).prompt
     words = text.split()
     while True:

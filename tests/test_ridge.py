@@ -35,3 +35,18 @@ def test_heavy_noise_chooses_a_larger_penalty():
         stats.add(x, x[:, :1] * 0.1 + rng.normal(size=(n, 1)))
     assert fit_ridge(fit, held, [slice(0, 1)]).alphas[0] >= 0.1
 
+
+
+def test_features_that_mislead_on_heldout_rows_fall_back_to_the_mean():
+    # the fit rows' relation is reversed on the held-out rows: any weight does worse there
+    # than the targets' mean, so the group is written as its mean (alpha inf)
+    rng = np.random.default_rng(3)
+    fit, held = RidgeStats(3, 2), RidgeStats(3, 2)
+    for stats, sign in ((fit, 1.0), (held, -1.0)):
+        x = rng.normal(size=(400, 3))
+        y = np.stack([sign * x[:, 0] + 5.0, x[:, 1] + 0.1 * rng.normal(size=400)], axis=1)
+        stats.add(x, y)
+    result = fit_ridge(fit, held, [slice(0, 1), slice(1, 2)])
+    assert result.alphas[0] == np.inf and result.alphas[1] < np.inf
+    assert not result.weight[:, 0].any() and abs(result.bias[0] - 5.0) < 0.2
+    assert np.abs(result.weight[1, 1] - 1.0) < 0.05
