@@ -30,7 +30,7 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def gemma_path() -> Path:
-    from kvcli.bundle import embedded_model_path
+    from kvcli.engine.bundle import embedded_model_path
 
     return embedded_model_path()
 
@@ -38,7 +38,7 @@ def gemma_path() -> Path:
 @pytest.fixture(scope="session")
 def gemma_bundle(tmp_path_factory, gemma_path):
     """A bundle of the embedded model with a quick calibration (same code as the default)."""
-    from kvcli.bundle import build_bundle
+    from kvcli.engine.build import build_bundle
 
     return build_bundle(gemma_path, tmp_path_factory.mktemp("bundles") / "gemma", n_tokens=2048)
 
@@ -49,7 +49,7 @@ def random_prompt(n: int, n_vocab: int, bos: int, seed: int = 0, low: int = 300)
 
 
 def _real_model(name: str) -> Path:
-    from kvcli.real_models import real_model_path
+    from kvcli.models.real_models import real_model_path
 
     path = real_model_path(name)
     if path is None:
@@ -60,7 +60,7 @@ def _real_model(name: str) -> Path:
 @pytest.fixture(scope="session")
 def qwen_base() -> Path:
     """Qwen2.5-Coder 1.5B Instruct, when tools/fetch_models.py has fetched it."""
-    from kvcli.real_models import QWEN_BASE
+    from kvcli.models.real_models import QWEN_BASE
 
     return _real_model(QWEN_BASE)
 
@@ -68,6 +68,6 @@ def qwen_base() -> Path:
 @pytest.fixture(scope="session")
 def qwen_aux() -> Path:
     """Qwen2.5-Coder 0.5B Instruct (its KVP-C auxiliary), when fetched."""
-    from kvcli.real_models import QWEN_AUX
+    from kvcli.models.real_models import QWEN_AUX
 
     return _real_model(QWEN_AUX)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from torch_zip import save_torch_zip
 
-from kvcli.corenet import read_config
+from kvcli.models.corenet import read_config
 
 VOCAB_ROWS = 320  # the embedding's rows: the tokenizer's pieces padded, as OpenELM pads 32000 to 32128
 BASE = {"num_transformer_layers": 4, "model_dim": 64, "head_dim": 16, "num_gqa_groups": 2,

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from conftest import random_prompt
 
-from kvcli.aux_cut import cut_auxiliary, parse_layers
 from kvcli.errors import KvcliError
-from kvcli.kv_layout import layers_by_index
-from kvcli.model_info import read_model_info
-from kvcli.runtime import Context, ContextSettings, Model
-from kvcli.state_codec import parse_seq_state
+from kvcli.llama.runtime import Context, ContextSettings, Model
+from kvcli.models.aux_cut import cut_auxiliary, parse_layers
+from kvcli.models.model_info import read_model_info
+from kvcli.state.codec import parse_seq_state
+from kvcli.state.layout import layers_by_index
 
 
 def cache_layers(path, tokens):
@@ -55,7 +55,7 @@ def test_prefix_view_info_is_the_cut_files_info(fixture, request, tmp_path):
     reading its cut file gives, fingerprint included (the predictor is checked against it)."""
     from dataclasses import asdict
 
-    from kvcli.model_info import prefix_view_info
+    from kvcli.models.model_info import prefix_view_info
 
     base = request.getfixturevalue(fixture)
     n_layer = read_model_info(base).n_layer

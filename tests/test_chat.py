@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 
-from kvcli.bundle import build_bundle
-from kvcli.chat import Conversation, _minus, common_prefix
-from kvcli.engine import Engine
+from kvcli.engine.build import build_bundle
+from kvcli.engine.conversation import Conversation, _minus, common_prefix
+from kvcli.engine.engine import Engine
 from kvcli.errors import ContextError
-from kvcli.kv_layout import layers_by_index
-from kvcli.predict_state import needed_positions, predict_base_kv
-from kvcli.runtime import ContextSettings
-from kvcli.state_codec import parse_seq_state, write_seq_state
+from kvcli.llama.runtime import ContextSettings
+from kvcli.predict.apply import needed_positions, predict_base_kv
+from kvcli.state.codec import parse_seq_state, write_seq_state
+from kvcli.state.layout import layers_by_index
 
 TURNS = ["the cat and the dog sat on the mat in the sun and the cat ate the fish",
          "and then the man saw the cat on the mat and the dog in the sun",
@@ -160,7 +160,7 @@ def test_a_chat_turn_is_prefilled_as_generate_prefills_it(gemma_bundle):
     the same (default) kvp settings, recompute the same spans and give the same first token."""
     import random
 
-    from kvcli.tasks import document
+    from kvcli.eval.tasks import document
 
     with Engine.from_bundle(gemma_bundle, settings=ContextSettings(n_ctx=2048)) as eng:
         settings = eng.kvp_settings()
@@ -184,8 +184,8 @@ def test_a_question_in_a_later_turn_recomputes_spans_of_an_earlier_one(tiny_llam
     which are then no longer predicted."""
     from test_engine import copy_everything_predictor
 
-    from kvcli.aux_cut import cut_auxiliary
-    from kvcli.model_info import read_model_info
+    from kvcli.models.aux_cut import cut_auxiliary
+    from kvcli.models.model_info import read_model_info
 
     n_layer = read_model_info(tiny_llama).n_layer
     aux = cut_auxiliary(tiny_llama, tmp_path / "aux.gguf", list(range(n_layer)))

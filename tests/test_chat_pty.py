@@ -15,7 +15,7 @@ class Terminal:
     def __init__(self, args):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: kvcli chat on the pty's slave side
-            os.execvp(sys.executable, [sys.executable, "-m", "kvcli.cli", "chat", *args])
+            os.execvp(sys.executable, [sys.executable, "-m", "kvcli.cli.app", "chat", *args])
         self.seen = b""
 
     def expect(self, pattern: bytes, timeout: float = 180) -> bytes:

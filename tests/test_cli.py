@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from test_predictor import small_predictor
 
-from kvcli.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST
-from kvcli.predictor import save_predictor
-from kvcli.runtime import prefix_view_supported
+from kvcli.engine.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST
+from kvcli.llama.runtime import prefix_view_supported
+from kvcli.predict.predictor import save_predictor
 
 
 def kvcli(*args, input=None, env=None):
     """``env``: variables set on top of this process's environment."""
-    return subprocess.run([sys.executable, "-m", "kvcli.cli", *map(str, args)], input=input,
+    return subprocess.run([sys.executable, "-m", "kvcli.cli.app", *map(str, args)], input=input,
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, **env} if env else None)
 
@@ -117,13 +117,13 @@ def test_doctor_json_on_a_tiny_model(tiny_gemma3):
 def test_stock_build_notice(tiny_llama, tmp_path):
     """On a llama-cpp-python without kvcli's patch, kvp says in one line that the prefix
     auxiliary runs as the eval-callback view (simulated: the patch check says no)."""
-    from kvcli.bundle import build_bundle
+    from kvcli.engine.build import build_bundle
 
     b = build_bundle(tiny_llama, tmp_path / "b", n_aux_layers=2, n_tokens=600)
-    code = ("import sys, kvcli.aux_load as e; e.prefix_view_supported = lambda: False; "
-            "import kvcli.commands.common as c; c.prefix_view_supported = lambda: False; "
-            "import kvcli.runtime as r; r.prefix_view_supported = lambda: False; "
-            "from kvcli.cli import main; "
+    code = ("import sys, kvcli.engine.aux_load as e; e.prefix_view_supported = lambda: False; "
+            "import kvcli.cli.common as c; c.prefix_view_supported = lambda: False; "
+            "import kvcli.llama.runtime as r; r.prefix_view_supported = lambda: False; "
+            "from kvcli.cli.app import main; "
             f"sys.argv = ['kvcli', 'generate', 'the cat', '-n', '2', '--bundle', {str(b.folder)!r}]; main()")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
@@ -137,7 +137,7 @@ def test_stock_build_notice(tiny_llama, tmp_path):
 def test_train_without_pytorch_says_how_to_get_it(tmp_path):
     """PyTorch is an optional extra (absent in CI): kvcli train says so in one line
     (simulated here by hiding torch from the import system)."""
-    code = ("import sys; sys.modules['torch'] = None; from kvcli.cli import main; "
+    code = ("import sys; sys.modules['torch'] = None; from kvcli.cli.app import main; "
             f"sys.argv = ['kvcli', 'train', '-o', {str(tmp_path / 'out')!r}]; main()")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert_one_line_error(res, "kvcli[train]")

@@ -11,8 +11,8 @@ import pytest
 from test_cli import assert_one_line_error, kvcli
 from tiny_gguf import write_tiny_llama
 
-from kvcli.model_info import read_model_info
-from kvcli.runtime import prefix_view_supported
+from kvcli.llama.runtime import prefix_view_supported
+from kvcli.models.model_info import read_model_info
 
 CONVERT = Path(__file__).parent.parent / "tools" / "convert_gguf.py"
 FAST = ("--tokens", "600", "--chunk", "64")
@@ -259,9 +259,9 @@ def test_a_killed_converter_leaves_no_file(gemma_path, tmp_path):
 
 
 def test_hidden_out_feature_needs_the_view(tmp_path, tiny_gemma3, tiny_llama, small_llama):
-    from kvcli.engine import Engine
+    from kvcli.engine.engine import Engine
     from kvcli.errors import IncompatibleError
-    from kvcli.runtime import ContextSettings
+    from kvcli.llama.runtime import ContextSettings
 
     aux, pred = tmp_path / "aux.gguf", tmp_path / "pred.gguf"
     ok(convert("make-aux", tiny_gemma3, "-o", aux, "--layers", "0-1"))
@@ -283,9 +283,9 @@ def test_hidden_out_feature_needs_the_view(tmp_path, tiny_gemma3, tiny_llama, sm
 
 def test_bundle_factors_a_wide_predictor(tmp_path, tiny_llama):
     """--rank R factors the predictor through a shared basis where its features are wider
-    than 2R (the default for real-size models: kvcli.bundle.DEFAULT_RANK); 0 never does; a
+    than 2R (the default for real-size models: kvcli.engine.build.DEFAULT_RANK); 0 never does; a
     rank the storage type cannot block is a one-line error."""
-    from kvcli.predictor import load_predictor
+    from kvcli.predict.predictor import load_predictor
 
     for rank, factored in (("8", True), ("0", False)):
         out = tmp_path / f"r{rank}"

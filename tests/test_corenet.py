@@ -11,21 +11,21 @@ from test_cli import assert_one_line_error, kvcli
 from test_convert import convert, ok
 from torch_zip import save_torch_zip
 
-from kvcli.bundle import load_bundle
-from kvcli.corenet import (
+from kvcli.engine.build import import_checkpoint
+from kvcli.engine.bundle import load_bundle
+from kvcli.engine.engine import Engine
+from kvcli.errors import IncompatibleError
+from kvcli.llama.runtime import ContextSettings, prefix_view_supported
+from kvcli.models.corenet import (
     OPENELM_CONFIGS,
     _general_gpt_fields,
     gpt_shape,
-    import_checkpoint,
     predictor_matrices,
     read_config,
     split_checkpoint,
 )
-from kvcli.engine import Engine
-from kvcli.errors import IncompatibleError
-from kvcli.openelm import forward, gguf_tensors, kvp_forward
-from kvcli.runtime import ContextSettings, prefix_view_supported
-from kvcli.torch_checkpoint import load_checkpoint, state_dict_of
+from kvcli.models.openelm import forward, gguf_tensors, kvp_forward
+from kvcli.models.torch_checkpoint import load_checkpoint, state_dict_of
 
 SETTINGS = ContextSettings(n_ctx=128, n_batch=64, n_ubatch=64)
 

@@ -1,4 +1,11 @@
-from kvcli.corpus import PASTED_CHARS, corpus_files, corpus_texts, docstring_texts, mixed_texts, token_chunks
+from kvcli.predict.corpus import (
+    PASTED_CHARS,
+    corpus_files,
+    corpus_texts,
+    docstring_texts,
+    mixed_texts,
+    token_chunks,
+)
 
 
 def test_calibration_and_heldout_files_do_not_overlap():

@@ -1,8 +1,8 @@
 """The default bundle: the predictor the package ships for the embedded model, else a fit."""
 
 
-from kvcli import bundle as bundle_mod
-from kvcli.bundle import DEFAULT_AUX_LAYERS, default_bundle, shipped_predictor, shipped_predictor_fits
+from kvcli.engine import bundle as bundle_mod
+from kvcli.engine.bundle import DEFAULT_AUX_LAYERS, default_bundle, shipped_predictor, shipped_predictor_fits
 
 
 def test_the_shipped_predictor_is_for_the_embedded_model(gemma_path):
@@ -28,7 +28,7 @@ def test_default_bundle_uses_the_shipped_predictor_without_calibrating(gemma_bun
 
 
 def test_a_predictor_for_other_models_is_not_used(gemma_path, tiny_gemma3, tmp_path):
-    from kvcli.bundle import build_bundle
+    from kvcli.engine.build import build_bundle
 
     other = build_bundle(tiny_gemma3, tmp_path / "b", n_aux_layers=2, n_tokens=600)
     assert not shipped_predictor_fits(gemma_path, other.predictor)

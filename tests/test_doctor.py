@@ -4,10 +4,10 @@ import dataclasses
 
 import pytest
 
-from kvcli.doctor import check_prompt, check_rope, run_doctor
-from kvcli.model_info import read_model_info
-from kvcli.rope import RopeParams
-from kvcli.runtime import Context, ContextSettings, Model
+from kvcli.eval.doctor import check_prompt, check_rope, run_doctor
+from kvcli.llama.runtime import Context, ContextSettings, Model
+from kvcli.models.model_info import read_model_info
+from kvcli.state.rope import RopeParams
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma3", "tiny_qwen2"])

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 from conftest import random_prompt
 
-from kvcli.aux_cut import cut_auxiliary
-from kvcli.calibrate import calibrate
-from kvcli.engine import Engine
+from kvcli.engine.engine import Engine
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
-from kvcli.kv_layout import layers_by_index
-from kvcli.model_info import read_model_info
-from kvcli.predict_state import predict_base_kv
-from kvcli.predictor import Predictor, save_predictor
-from kvcli.runtime import Context, ContextSettings, llama_cpp_version, prefix_view_supported
-from kvcli.state_codec import parse_seq_state
+from kvcli.llama.runtime import Context, ContextSettings, llama_cpp_version, prefix_view_supported
+from kvcli.models.aux_cut import cut_auxiliary
+from kvcli.models.model_info import read_model_info
+from kvcli.predict.apply import predict_base_kv
+from kvcli.predict.calibrate import calibrate
+from kvcli.predict.predictor import Predictor, save_predictor
+from kvcli.state.codec import parse_seq_state
+from kvcli.state.layout import layers_by_index
 
 SETTINGS = ContextSettings(n_ctx=256)
 
@@ -49,9 +49,9 @@ def test_kvp_fed_the_true_cache_is_exact(fixture, tail, chunk, request, tmp_path
     """Every layer copied: the predicted state (sliding cells cut to the window, BOS cell,
     layout), written in one piece or in chunks of 32 positions, must give the base's own
     logits to the bit."""
-    import kvcli.kvp_prefill
+    import kvcli.engine.kvp_prefill
 
-    monkeypatch.setattr(kvcli.kvp_prefill, "APPEND_CHUNK", chunk)
+    monkeypatch.setattr(kvcli.engine.kvp_prefill, "APPEND_CHUNK", chunk)
     base = request.getfixturevalue(fixture)
     with true_cache_engine(base, tmp_path) as eng:
         tokens = random_prompt(100, eng.model.n_vocab, eng.model.bos, low=3)
@@ -68,8 +68,8 @@ def test_recomputed_spans_over_the_true_cache_are_exact(fixture, request, tmp_pa
     own logits, up to the rounding of other batch shapes (a span decoded alone is not
     bit-identical to the same rows out of one long batch). The copied rows inside the spans
     are spoiled first: only the base's recomputed rows can restore them."""
-    import kvcli.kvp_prefill
-    from kvcli.predict_state import state_bytes
+    import kvcli.engine.kvp_prefill
+    from kvcli.predict.apply import state_bytes
 
     spans = [(10, 30), (70, 90)]
 
@@ -89,7 +89,7 @@ def test_recomputed_spans_over_the_true_cache_are_exact(fixture, request, tmp_pa
     def spoiled_bytes(layout, known=None, **kwargs):
         return state_bytes(layout, kwargs["group_positions"], spoiled(**kwargs))
 
-    monkeypatch.setattr(kvcli.kvp_prefill, "predicted_state_bytes", spoiled_bytes)
+    monkeypatch.setattr(kvcli.engine.kvp_prefill, "predicted_state_bytes", spoiled_bytes)
     base = request.getfixturevalue(fixture)
     with true_cache_engine(base, tmp_path) as eng:
         # one range per batch: the second then sees the first's recomputed cells, not the
@@ -187,7 +187,7 @@ def test_spans_hold_the_stated_fact_and_bring_back_the_answer(gemma_bundle):
     """Real retrieval on the embedded model: at 1024 tokens the plain prediction loses a code
     stated once, early (docs/design.md); the span kvp chooses holds the code where it is stated,
     and with it recomputed the base answers. The last prompt token is decoded by the base in both."""
-    from kvcli.tasks import is_correct, make_examples
+    from kvcli.eval.tasks import is_correct, make_examples
 
     with Engine.from_bundle(gemma_bundle, settings=ContextSettings(n_ctx=1100)) as eng:
         assert eng.spans_supported and eng.kvp_settings() == {"tail": 24, "spans": 1}
@@ -214,7 +214,7 @@ def test_spans_hold_the_stated_fact_and_bring_back_the_answer(gemma_bundle):
 
 def test_calibration_captures_the_auxiliary_hidden_tensors(tiny_gemma3, tiny_bundle):
     from kvcli import keys
-    from kvcli.capture import hidden_feature_width
+    from kvcli.llama.capture import hidden_feature_width
 
     _, _, pred = tiny_bundle
     aux = read_model_info(tiny_bundle[0])
@@ -241,7 +241,7 @@ def test_prefix_auxiliary_as_a_view_of_the_base_is_exact(fixture, load, request,
     """The base's own weights run as the auxiliary (view: the base stopped after layer k-1 by
     the eval callback; partial: the base's file loaded as its first k layers, patches/) give
     the cut auxiliary's K, V and hidden tensors: kvp's logits are identical to the bit."""
-    from kvcli.bundle import build_bundle
+    from kvcli.engine.build import build_bundle
 
     if load == "partial" and not prefix_view_supported():
         pytest.skip(f"llama-cpp-python {llama_cpp_version()} is not built with patches/ "
@@ -269,8 +269,8 @@ def test_prefix_auxiliary_as_a_view_of_the_base_is_exact(fixture, load, request,
 
 
 def test_partial_load_refused_clearly_on_a_stock_build(tiny_llama, tmp_path, monkeypatch):
-    from kvcli import aux_load
-    from kvcli.bundle import build_bundle
+    from kvcli.engine import aux_load
+    from kvcli.engine.build import build_bundle
 
     b = build_bundle(tiny_llama, tmp_path / "b", n_aux_layers=2, n_tokens=600)
     monkeypatch.setattr(aux_load, "prefix_view_supported", lambda: False)
@@ -285,7 +285,7 @@ def test_cells_put_back_in_position_order(tiny_llama, tmp_path):
     """Ranges recomputed in place leave the cache's cells out of position order (a captured
     attention row's columns are cells); kvp_prefill's reorder rewrites them in order and
     changes nothing the base computes."""
-    from kvcli.kvp_prefill import _put_cells_in_order
+    from kvcli.engine.kvp_prefill import _put_cells_in_order
 
     with true_cache_engine(tiny_llama, tmp_path) as eng:
         base = eng.base

@@ -10,12 +10,12 @@ from conftest import random_prompt
 from test_cli import assert_one_line_error
 from test_convert import convert, ok
 
-from kvcli.engine import Engine
+from kvcli.engine.engine import Engine
 from kvcli.errors import KvcliError, ModelFileError
-from kvcli.factor import factor_predictor, heldout_errors, reduced_rank_basis
-from kvcli.predictor import Predictor, load_predictor, save_predictor
-from kvcli.ridge import RidgeStats
-from kvcli.runtime import ContextSettings
+from kvcli.llama.runtime import ContextSettings
+from kvcli.predict.factor import factor_predictor, heldout_errors, reduced_rank_basis
+from kvcli.predict.predictor import Predictor, load_predictor, save_predictor
+from kvcli.predict.ridge import RidgeStats
 
 
 def synthetic(n_features=32, rank_of_truth=6, n_rows=4000, seed=0, anisotropic=False):
@@ -119,7 +119,7 @@ def test_factor_command_writes_a_bundle_kvp_runs_as_its_dense_twin(tiny_prefix_b
     assert report["rank"] == 16 and report["factored_layers"]
     for e in report["heldout_rel_error"].values():
         assert 0 < e["before"][0] < 1 and 0 < e["after"][0] < 1.5
-    from kvcli.bundle import load_bundle
+    from kvcli.engine.bundle import load_bundle
 
     bundle = load_bundle(out)
     pred = load_predictor(bundle.predictor)
@@ -154,7 +154,7 @@ def test_factor_command_refusals(tiny_prefix_bundle, tmp_path):
 
 
 def test_an_already_factored_bundle_is_refused(tmp_path):
-    from kvcli.bundle import default_bundle
+    from kvcli.engine.bundle import default_bundle
 
     assert load_predictor(default_bundle().predictor).factored_layers  # the shipped one
     res = convert("factor", "-o", tmp_path / "again", "--rank", "256")

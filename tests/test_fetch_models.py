@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcli import real_models
+from kvcli.models import real_models
 
 FETCH = Path(__file__).parent.parent / "tools" / "fetch_models.py"
 

@@ -1,8 +1,8 @@
-"""kvcli.fp16: ggml's float32 -> float16 row cast gives numpy's bits, transposed or not."""
+"""kvcli.state.fp16: ggml's float32 -> float16 row cast gives numpy's bits, transposed or not."""
 
 import numpy as np
 
-from kvcli import fp16
+from kvcli.state import fp16
 
 
 def awkward_values(n_rows: int, width: int) -> np.ndarray:

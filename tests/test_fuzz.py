@@ -14,8 +14,8 @@ from test_predictor import small_predictor
 from test_state_codec import make_stream
 
 from kvcli.errors import KvcliError
-from kvcli.predictor import load_predictor, save_predictor
-from kvcli.state_codec import CacheBlob, SeqState, parse_seq_state, write_seq_state
+from kvcli.predict.predictor import load_predictor, save_predictor
+from kvcli.state.codec import CacheBlob, SeqState, parse_seq_state, write_seq_state
 
 N_MUTANTS = int(os.environ.get("KVCLI_FUZZ_N", "1000"))
 SECONDS_PER_CASE = 5
@@ -106,7 +106,7 @@ def test_mutated_torch_checkpoints(tmp_path):
     """A checkpoint torch itself wrote (tests/data), mutated: corenet imports read untrusted .pt files."""
     from pathlib import Path
 
-    from kvcli.torch_checkpoint import load_checkpoint, state_dict_of
+    from kvcli.models.torch_checkpoint import load_checkpoint, state_dict_of
 
     data = (Path(__file__).parent / "data" / "torch-2.13-sample.pt").read_bytes()
     path = tmp_path / "mutant.pt"

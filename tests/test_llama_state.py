@@ -5,10 +5,10 @@ import pytest
 from conftest import random_prompt
 
 from kvcli.errors import StateFormatError
-from kvcli.kv_layout import layers_by_index
-from kvcli.model_info import read_model_info
-from kvcli.runtime import Context, ContextSettings, Model
-from kvcli.state_codec import parse_seq_state, write_seq_state
+from kvcli.llama.runtime import Context, ContextSettings, Model
+from kvcli.models.model_info import read_model_info
+from kvcli.state.codec import parse_seq_state, write_seq_state
+from kvcli.state.layout import layers_by_index
 
 
 def decoded(path, n_tokens, **settings):
@@ -115,7 +115,7 @@ def test_recompute_in_place_and_append_keep_the_base_logits(fixture, request):
     state = parse_seq_state(plain.get_state(0))
     tail_cells = layers_by_index(state, info)
     later = [p[p >= 100] for p in (s.positions for b in state.blobs for s in b.streams)]
-    from kvcli.kv_layout import CacheLayout
+    from kvcli.state.layout import CacheLayout
 
     layout = CacheLayout.probe(state, info)
     keep = {il: (c.k[c.positions >= 100], c.v[c.positions >= 100]) for il, c in tail_cells.items()}

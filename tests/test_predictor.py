@@ -5,8 +5,8 @@ import pytest
 
 from kvcli import keys
 from kvcli.errors import IncompatibleError, ModelFileError
-from kvcli.model_info import read_model_info
-from kvcli.predictor import Predictor, load_predictor, save_predictor
+from kvcli.models.model_info import read_model_info
+from kvcli.predict.predictor import Predictor, load_predictor, save_predictor
 
 
 def small_predictor(base_fp="b" * 16, aux_fp="a" * 16) -> Predictor:

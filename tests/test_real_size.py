@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from test_engine import true_cache_engine
 
-from kvcli.bundle import build_bundle
-from kvcli.engine import Engine
-from kvcli.evaluate import base_reference, forced_scores
-from kvcli.runtime import ContextSettings
-from kvcli.tasks import make_examples
+from kvcli.engine.build import build_bundle
+from kvcli.engine.engine import Engine
+from kvcli.eval.quality import base_reference, forced_scores
+from kvcli.eval.tasks import make_examples
+from kvcli.llama.runtime import ContextSettings
 
 pytestmark = pytest.mark.realsize
 SETTINGS = ContextSettings(n_ctx=1024)
@@ -50,7 +50,7 @@ def test_qwen_prefix_bundle_continues_text_not_garbage(qwen_prefix_bundle):
 def test_qwen_chat_template_sinks_are_recomputed(qwen_prefix_bundle):
     """A chat-templated prompt's first newlines are attention sinks with massive residuals;
     predicted, their cells made the base's output garbage (KL 11 over its next tokens)."""
-    from kvcli.self_check import check_prompts
+    from kvcli.eval.self_check import check_prompts
 
     with Engine.from_bundle(qwen_prefix_bundle, settings=SETTINGS) as eng:
         tokens = check_prompts(eng, 400, 1)["conversation"][0]

@@ -1,6 +1,6 @@
 import numpy as np
 
-from kvcli.ridge import RidgeStats, fit_ridge, squared_error
+from kvcli.predict.ridge import RidgeStats, fit_ridge, squared_error
 
 
 def test_recovers_a_linear_map_and_reports_heldout_error():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from kvcli.rope import RopeParams, rotate, unrotate
+from kvcli.state.rope import RopeParams, rotate, unrotate
 
 
 def naive_rotate(keys, positions, p: RopeParams):

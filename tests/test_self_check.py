@@ -1,6 +1,6 @@
-"""kvcli.self_check's verdict: the one line a user reads before trusting a bundle."""
+"""kvcli.eval.self_check's verdict: the one line a user reads before trusting a bundle."""
 
-from kvcli.self_check import summary_line, verdict
+from kvcli.eval.self_check import summary_line, verdict
 
 
 def row(kvp, trunc, aux, kvp_ttft=0.35, aux_ttft=0.25):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kvcli.errors import StateFormatError
-from kvcli.state_codec import (
+from kvcli.state.codec import (
     STATE_MAGIC,
     CacheBlob,
     LayerKV,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvcli.tasks import TASKS, is_correct, make_examples, normalize
+from kvcli.eval.tasks import TASKS, is_correct, make_examples, normalize
 
 
 def char_tokenize(text: str) -> list[int]:

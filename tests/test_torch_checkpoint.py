@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from torch_zip import Strided, save_torch_zip
 
-from kvcli.torch_checkpoint import CheckpointError, load_checkpoint, state_dict_of
+from kvcli.models.torch_checkpoint import CheckpointError, load_checkpoint, state_dict_of
 
 SAMPLE = Path(__file__).parent / "data" / "torch-2.13-sample.pt"
 
@@ -78,7 +78,7 @@ def test_bad_files(tmp_path):
 def test_a_small_file_cannot_ask_for_much_memory(tmp_path, monkeypatch):
     """A broadcast view (stride 0) over a few bytes, deflated storages and an oversized pickle
     are refused: each would let a small file allocate without bound."""
-    from kvcli import torch_checkpoint
+    from kvcli.models import torch_checkpoint
 
     tiny = np.ones(1, np.float32)
     path = save_torch_zip(tmp_path / "b.pt", {"w": Strided(tiny, (25_000_000,), (0,))})

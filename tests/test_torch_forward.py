@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 from conftest import random_prompt
 
-from kvcli.engine import Engine
-from kvcli.kv_layout import layers_by_index
-from kvcli.runtime import ContextSettings
-from kvcli.state_codec import parse_seq_state
+from kvcli.engine.engine import Engine
+from kvcli.llama.runtime import ContextSettings
+from kvcli.state.codec import parse_seq_state
+from kvcli.state.layout import layers_by_index
 
 torch = pytest.importorskip("torch", reason="the PyTorch forward needs kvcli[train]")
 
-from kvcli.torch_forward import TorchModel  # noqa: E402
+from kvcli.train.torch_forward import TorchModel  # noqa: E402
 
 
 @pytest.mark.parametrize("fixture", ["tiny_gemma3", "tiny_llama", "tiny_qwen2"])

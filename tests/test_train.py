@@ -7,21 +7,22 @@ import pytest
 from conftest import random_prompt
 from typer.testing import CliRunner
 
-from kvcli.bundle import build_bundle, load_bundle
-from kvcli.corpus import corpus_texts
-from kvcli.engine import Engine
-from kvcli.predictor import load_predictor
-from kvcli.runtime import ContextSettings
+from kvcli.engine.build import build_bundle
+from kvcli.engine.bundle import load_bundle
+from kvcli.engine.engine import Engine
+from kvcli.llama.runtime import ContextSettings
+from kvcli.predict.corpus import corpus_texts
+from kvcli.predict.predictor import load_predictor
 
 torch = pytest.importorskip("torch", reason="training needs kvcli[train]")
 
-from kvcli.train import (  # noqa: E402
+from kvcli.train.data import training_sequences  # noqa: E402
+from kvcli.train.train import (  # noqa: E402
     PredictorTrainer,
     TrainSettings,
     order_of_sequences,
     train_bundle,
 )
-from kvcli.train_data import training_sequences  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def test_training_text_is_disjoint_from_the_evaluations(tiny_gemma3):
 
 
 def test_cli_trains_writes_a_bundle_and_refuses_to_overwrite_a_checkpoint(tiny_bundle, tmp_path):
-    from kvcli.cli import _register, app
+    from kvcli.cli.app import _register, app
 
     _register()
     runner = CliRunner()
@@ -116,13 +117,13 @@ def test_train_aux_writes_back_an_auxiliary_llama_cpp_runs(tiny_gemma3, tiny_bun
     copies of the base's learn, layer 0 (a copy) stays bit for bit, the written GGUF runs in
     llama.cpp as PyTorch runs the trained weights, and kvp runs with the new bundle. A prefix
     auxiliary is refused: training it would change the base."""
-    from kvcli.aux_cut import cut_auxiliary, stride_layers
-    from kvcli.bundle import pack_bundle
-    from kvcli.calibrate import calibrate
+    from kvcli.engine.bundle import pack_bundle
     from kvcli.errors import KvcliError
-    from kvcli.gguf_header import read_tensors
-    from kvcli.predictor import save_predictor
-    from kvcli.torch_forward import TorchModel
+    from kvcli.models.aux_cut import cut_auxiliary, stride_layers
+    from kvcli.models.gguf_header import read_tensors
+    from kvcli.predict.calibrate import calibrate
+    from kvcli.predict.predictor import save_predictor
+    from kvcli.train.torch_forward import TorchModel
 
     aux = cut_auxiliary(tiny_gemma3, tmp_path / "aux.gguf", stride_layers(4, 2))
     pred = save_predictor(calibrate(tiny_gemma3, aux, n_tokens=600), tmp_path / "pred.gguf")
@@ -152,7 +153,7 @@ def test_train_aux_writes_back_an_auxiliary_llama_cpp_runs(tiny_gemma3, tiny_bun
 def test_a_factored_predictor_trains_its_basis_on_kvps_path_and_resumes(tiny_bundle, tmp_path):
     """The factored forward (features, shared basis, per-layer matrices) gives kvcli's
     llama.cpp kvp logits; training moves the basis too, and a resumed run restores it."""
-    from kvcli.factor import factor_bundle
+    from kvcli.engine.build import factor_bundle
 
     factor_bundle(tiny_bundle, tmp_path / "f", rank=16, n_tokens=600)
     factored = load_bundle(tmp_path / "f")

@@ -14,11 +14,11 @@ import argparse
 import json
 import statistics
 
-from kvcli.bundle import default_bundle, load_bundle
-from kvcli.chat import Conversation
-from kvcli.corpus import corpus_texts
-from kvcli.engine import Engine
-from kvcli.runtime import ContextSettings
+from kvcli.engine.bundle import default_bundle, load_bundle
+from kvcli.engine.conversation import Conversation
+from kvcli.engine.engine import Engine
+from kvcli.llama.runtime import ContextSettings
+from kvcli.predict.corpus import corpus_texts
 
 
 def paste_text(engine: Engine, n_tokens: int) -> str:

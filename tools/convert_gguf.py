@@ -6,11 +6,12 @@
     python tools/convert_gguf.py quantize IN OUT TYPE
     python tools/convert_gguf.py bundle --base B [--aux A --predictor P] -o DIR
 
-Every subcommand is a thin wrapper over kvcli's own functions (kvcli/convert_cli.py), so
+The same commands as ``kvcli convert ...`` (installed with the package).
+Every subcommand is a thin wrapper over kvcli's own functions (kvcli/cli/convert.py), so
 the converter and the kvcli commands share one implementation.
 """
 
-from kvcli.convert_cli import main
+from kvcli.cli.convert import main
 
 if __name__ == "__main__":
     main()

@@ -26,11 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from corenet_fixture import AUX, BASE, LAYER_MAP, write_corenet_kvp
 
-from kvcli.corenet import import_checkpoint, predictor_matrices, read_config, split_checkpoint
-from kvcli.engine import Engine
-from kvcli.openelm import forward, gguf_tensors, kvp_forward
-from kvcli.runtime import ContextSettings
-from kvcli.torch_checkpoint import load_checkpoint, state_dict_of
+from kvcli.engine.build import import_checkpoint
+from kvcli.engine.engine import Engine
+from kvcli.llama.runtime import ContextSettings
+from kvcli.models.corenet import predictor_matrices, read_config, split_checkpoint
+from kvcli.models.openelm import forward, gguf_tensors, kvp_forward
+from kvcli.models.torch_checkpoint import load_checkpoint, state_dict_of
 
 OPENELM_270M = {"model_name": "OpenELM-270M"}
 AUX_4_LAYERS = {"num_transformer_layers": 4, "model_dim": 1280, "head_dim": 64, "num_gqa_groups": 4,

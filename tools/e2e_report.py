@@ -13,10 +13,10 @@ import argparse
 import json
 import statistics
 
-from kvcli.bundle import default_bundle, load_bundle
-from kvcli.corpus import token_chunks
-from kvcli.engine import Engine
-from kvcli.runtime import ContextSettings
+from kvcli.engine.bundle import default_bundle, load_bundle
+from kvcli.engine.engine import Engine
+from kvcli.llama.runtime import ContextSettings
+from kvcli.predict.corpus import token_chunks
 
 
 def measure(engine: Engine, n_prompt: int, n: int, tail: int = 0) -> dict:

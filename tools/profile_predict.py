@@ -16,15 +16,15 @@ from functools import partial
 
 import numpy as np
 
-from kvcli.bench import bench_prompts
-from kvcli.bundle import default_bundle, load_bundle
-from kvcli.engine import Engine
-from kvcli.kv_layout import layers_by_index
-from kvcli.predict_state import needed_positions, predicted_state_bytes, rescale_to_key_norm
-from kvcli.predictor import build_features
-from kvcli.rope import rotate, unrotate
-from kvcli.runtime import ContextSettings
-from kvcli.state_codec import parse_seq_state, write_seq_state
+from kvcli.engine.bundle import default_bundle, load_bundle
+from kvcli.engine.engine import Engine
+from kvcli.eval.ttft import bench_prompts
+from kvcli.llama.runtime import ContextSettings
+from kvcli.predict.apply import needed_positions, predicted_state_bytes, rescale_to_key_norm
+from kvcli.predict.predictor import build_features
+from kvcli.state.codec import parse_seq_state, write_seq_state
+from kvcli.state.layout import layers_by_index
+from kvcli.state.rope import rotate, unrotate
 
 
 def profile(e: Engine, n: int, repeats: int) -> dict[str, float]:

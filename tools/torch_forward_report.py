@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""How closely kvcli's PyTorch forward (kvcli/torch_forward.py) follows llama.cpp on the same
+"""How closely kvcli's PyTorch forward (kvcli/train/torch_forward.py) follows llama.cpp on the same
 GGUF: per prompt length, top-1 agreement and KL(llama.cpp || torch) of the next-token
 distribution after held-out prompts, and the relative error of every layer's cached K and V.
 
@@ -20,13 +20,13 @@ import numpy as np
 def main() -> None:
     import torch
 
-    from kvcli.bench import bench_prompts
-    from kvcli.bundle import embedded_model_path
-    from kvcli.engine import Engine
-    from kvcli.kv_layout import layers_by_index
-    from kvcli.runtime import ContextSettings
-    from kvcli.state_codec import parse_seq_state
-    from kvcli.torch_forward import TorchModel
+    from kvcli.engine.bundle import embedded_model_path
+    from kvcli.engine.engine import Engine
+    from kvcli.eval.ttft import bench_prompts
+    from kvcli.llama.runtime import ContextSettings
+    from kvcli.state.codec import parse_seq_state
+    from kvcli.state.layout import layers_by_index
+    from kvcli.train.torch_forward import TorchModel
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None)

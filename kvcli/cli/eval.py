@@ -1,0 +1,109 @@
+"""kvcli eval: what kvp keeps of the base's answers, against truncation and the aux alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kvcli.cli.common import open_engine
+from kvcli.cli.options import BundleOpt, JsonOpt, ThreadsOpt
+from kvcli.errors import KvcliError
+from kvcli.eval.tasks import TASKS
+from kvcli.llama.runtime import ContextSettings
+
+HELP = """Measure the quality each prefill method keeps, on tasks where early prompt content
+decides the answer (fact retrieval, questions about a document, code that uses early
+definitions) and on held-out text (continuation).
+
+Per task, prompt length and method (base; kvp at each tail and number of recomputed spans;
+truncate, keeping the last M tokens with M matched to the measured TTFT of the costliest kvp
+setting; the auxiliary alone): strict accuracy,
+retention (accuracy / base accuracy), first-token agreement with the base, mean KL(base ||
+method) and top-1 agreement teacher-forced over the base's greedy next 32 tokens, and the
+measured TTFT ratio to the base. For kvp, K/V err: ||predicted - base's|| / ||base's|| of
+the cache kvp wrote (spans included, its tail not), mean over the predicted layers; the
+JSON has it per layer.
+
+--quick: passkey retrieval at 512 tokens on 3 prompts, kvp without spans: a check of the
+pipeline."""
+
+
+def _fmt(value, digits=2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def command(
+    tasks: Annotated[str, typer.Option(
+        "--tasks", help=f"Comma list of: {', '.join(TASKS)}.")] = ",".join(TASKS),
+    lengths: Annotated[str, typer.Option("--lengths", help="Prompt lengths in tokens.")] = "1024",
+    n: Annotated[int, typer.Option("--n", help="Prompts per task and length.")] = 10,
+    tails: Annotated[str, typer.Option("--tails", help="kvp tails to evaluate.")] = "0,24",
+    spans: Annotated[Optional[str], typer.Option(
+        "--spans", help="Numbers of recomputed spans to evaluate (each with each tail); "
+        "default 0 and the bundle's default (1; 2 where spans are chosen from the tail) where "
+        "the bundle can choose spans, else 0.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the task generators.")] = 0,
+    quick: Annotated[bool, typer.Option("--quick", help="A fast check of the pipeline.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for results.json.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", help="PNG of accuracy against TTFT per method (needs matplotlib).")] = None,
+    threads: ThreadsOpt = 0,
+    bundle: BundleOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    from kvcli.cli import ui
+    from kvcli.eval.quality import evaluate_task
+
+    if quick:
+        tasks, lengths, n, tails = "passkey", "512", 3, "0"
+        spans = "0"
+    try:
+        task_list = [t for t in tasks.split(",") if t]
+        length_list = [int(x) for x in lengths.split(",")]
+        tail_list = [int(x) for x in tails.split(",")]
+        span_list = None if spans is None else [int(x) for x in spans.split(",")]
+    except ValueError:
+        raise KvcliError("--lengths, --tails and --spans take comma-separated integers") from None
+    if min(tail_list) < 0 or (span_list and min(span_list) < 0):
+        raise KvcliError("--tails and --spans must be >= 0")
+    unknown = set(task_list) - set(TASKS)
+    if unknown:
+        raise KvcliError(f"unknown task(s) {', '.join(sorted(unknown))} (one of {', '.join(TASKS)})")
+    settings = ContextSettings(n_ctx=max(length_list) + 64, n_threads=threads)
+    rows = []
+    with open_engine(bundle=bundle, model=None, mode="kvp", settings=settings) as engine:
+        if span_list is None:  # none, and the bundle's default number of spans
+            span_list = [0, engine.kvp_settings()["spans"]] if engine.spans_supported else [0]
+        with ui.progress_reporter() as report:
+            for length in length_list:
+                for task in task_list:
+                    stage = f"{task} @ {length}"
+                    rows += evaluate_task(
+                        engine, task, length, n=n, tails=tail_list, spans=span_list, seed=seed,
+                        progress=lambda i, total, s=stage: report(s, i, total))
+    result = {"settings": {**settings.__dict__, "n": n, "seed": seed}, "rows": rows}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    if plot is not None:
+        from kvcli.cli.plot import eval_pareto
+
+        eval_pareto(rows, plot)
+    if json_out:
+        typer.echo(json.dumps(result))
+        return
+    table_rows = [[r["task"], str(r["n_prompt"]),
+                   r["method"] + (f" tail {r['tail']}" if r["tail"] else "")
+                   + (f" spans {r['spans']}" if r.get("spans") else "")
+                   + (f" keep {r['keep']}" if r["keep"] else ""),
+                   _fmt(r["accuracy"]), _fmt(r["retention"]), _fmt(r["first_token_agreement"]),
+                   _fmt(r["kl_mean"], 3), _fmt(r["top1_agreement"]),
+                   "/".join(f"{e:.2f}" for e in r["kv_rel_err_predicted_layers"])
+                   if r.get("kv_rel_err_predicted_layers") else "-", _fmt(r["ttft_ratio"])]
+                  for r in rows]
+    ui.out.print(ui.table("kvcli eval", ["task", "N", "method", "accuracy", "retention",
+                                         "first token", "KL", "top-1", "K/V err", "TTFT / base"],
+                          table_rows))

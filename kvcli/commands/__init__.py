@@ -1,1 +1,0 @@
-"""One module per command: parse flags, call the library, render the result."""

@@ -1,0 +1,231 @@
+"""Making bundles: from a base alone (a prefix auxiliary and a predictor calibrated for it),
+from another bundle with a new predictor (factored or trained), and from a corenet
+KV-prediction checkpoint. Every bundle is built in a temporary folder and appears whole."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from kvcli import keys
+from kvcli.atomic import building_folder
+from kvcli.engine.bundle import (
+    Bundle,
+    Progress,
+    check_compatible,
+    default_aux_layers,
+    load_bundle,
+    place_file,
+    sha256_file,
+    write_manifest,
+)
+from kvcli.errors import KvcliError
+from kvcli.models.aux_cut import cut_auxiliary, prefix_layers
+from kvcli.models.corenet import (
+    CorenetError,
+    KVPConfig,
+    check_model_keys,
+    predictor_matrices,
+    read_config,
+    split_checkpoint,
+)
+from kvcli.models.model_info import read_model_info
+from kvcli.models.openelm import SentencePieceVocab, gguf_tensors, write_gguf
+from kvcli.models.torch_checkpoint import load_checkpoint, state_dict_of
+from kvcli.predict.calibrate import DEFAULT_TOKENS, collect, fit_predictor
+from kvcli.predict.corpus import CalibrationText
+from kvcli.predict.factor import factor_calibrated
+from kvcli.predict.predictor import STORAGE_TYPES, Predictor, load_predictor, save_predictor, storage_block
+
+# The predictor's shared basis where the auxiliary's features are wide (kvcli.predict.factor). On
+# Qwen2.5-Coder 1.5B with a 7-layer prefix (3584 features, 21 layers): held-out K error
+# 0.275 -> 0.295, V 0.562 -> 0.610, the same answers on kvcli eval at 1024 tokens (pass key,
+# register, code; n = 6: 0.67 / 0.83 / 0.00 with either), the predict step 0.06x -> 0.017x
+# of the base's TTFT at 1024 and 2048 tokens (docs/real-size.md).
+DEFAULT_RANK = 512
+
+
+def build_bundle(base_path: str | Path, folder: str | Path, *, n_aux_layers: int | None = None,
+                 n_tokens: int | None = None, corpus: Path | None = None,
+                 text: CalibrationText = CalibrationText.MIXED, storage_type: str = "f32",
+                 reference_base: bool = False, aux_file: bool = False,
+                 rank: int = DEFAULT_RANK, progress: Progress | None = None) -> Bundle:
+    """From a base alone: a prefix auxiliary, a predictor calibrated for it, packed atomically.
+    The auxiliary is recorded as the base's first k layers, with no file of its own, unless
+    ``aux_file`` (its cut is then kept, for a llama.cpp that should load it as a file).
+    ``rank``: the predictor is factored through a shared basis of that many columns
+    (kvcli.predict.factor) where its features are wider than twice that; 0: never."""
+    if storage_type not in STORAGE_TYPES:
+        raise KvcliError(f"unknown predictor type {storage_type!r} (one of {', '.join(STORAGE_TYPES)})")
+    if rank < 0 or rank % storage_block(storage_type):
+        raise KvcliError(f"the rank must be >= 0 and divisible by {storage_block(storage_type)} "
+                         f"(predictor type {storage_type}), not {rank}")
+    base_info = read_model_info(base_path, "base model")
+    if base_info.n_layer < 2:
+        raise KvcliError("a base of one layer has no prefix to cut an auxiliary from")
+    n_aux = n_aux_layers or default_aux_layers(base_info.n_layer)
+    if not 1 <= n_aux < base_info.n_layer:
+        raise KvcliError(f"the auxiliary needs 1..{base_info.n_layer - 1} layers, not {n_aux}")
+    with building_folder(folder) as work:
+        if progress:
+            progress("cut auxiliary", 0, 1)
+        aux = cut_auxiliary(base_info.path, work / "aux.gguf", prefix_layers(n_aux))
+        if progress:
+            progress("cut auxiliary", 1, 1)
+        data = collect(base_info.path, aux, n_tokens=n_tokens or DEFAULT_TOKENS, corpus=corpus,
+                       text=text, progress=(lambda i, n: progress("calibrate", i, n)) if progress else None)
+        pred = fit_predictor(data)
+        widest = max((pred.n_features(il) for il in pred.predicted_layers), default=0)
+        if rank and widest > 2 * rank:
+            pred, _ = factor_calibrated(pred, data, rank)
+        predictor = save_predictor(pred, work / "predictor.gguf", storage_type)
+        files = {"aux": Path(aux.name), "predictor": Path(predictor.name)}
+        if not aux_file:
+            aux.unlink()
+            files["aux"] = n_aux
+        if reference_base:
+            files["base"] = base_info.path
+        else:
+            files["base"] = Path(base_info.path.name)
+            place_file(base_info.path, work / files["base"])
+        write_manifest(work, files)
+    return load_bundle(folder)
+
+
+def bundle_with_predictor(bundle: Bundle, pred, output: Path, storage: str | None = None,
+                          aux_weights: dict | None = None) -> None:
+    """A bundle of ``bundle``'s base (named by absolute path) and auxiliary (the prefix, the
+    same file, or, with ``aux_weights``, a copy of its file with those tensors trained) with
+    ``pred`` as its predictor, built atomically. The spans chooser measured for ``bundle``
+    (its manifest's ``spans``) is kept: the same base and auxiliary; the self-check is not
+    (another predictor: run it again, ``kvcli doctor --bundle``)."""
+
+    aux = bundle.aux_source if isinstance(bundle.aux_source, int) else Path(bundle.aux_source).resolve()
+    with building_folder(output) as work:
+        if aux_weights:
+            n_layer = read_model_info(aux).n_layer
+            aux = cut_auxiliary(aux, work / "aux.gguf", list(range(n_layer)), replace=aux_weights)
+            pred = dataclasses.replace(pred, aux_fingerprint=read_model_info(aux).fingerprint)
+            aux = Path(aux.name)
+        save_predictor(pred, work / "predictor.gguf", storage)
+        spans = bundle.manifest.get("spans")
+        write_manifest(work, {"base": bundle.base.resolve(), "aux": aux,
+                              "predictor": Path("predictor.gguf")},
+                       {"spans": spans} if spans else None)
+
+
+def factor_bundle(bundle, output, *, rank: int, full_layers: list[int] = (), n_tokens: int | None = None,
+                  corpus=None, text=None, storage: str | None = None, settings=None,
+                  progress=None) -> dict:
+    """Factor ``bundle``'s predictor (``factor_predictor``) with feature statistics over
+    calibration text, and write a bundle with it to ``output``. Returns held-out relative
+    errors per layer before and after (the basis is fit on the other calibration prompts)."""
+    import tempfile
+
+    check_compatible(bundle.base, bundle.aux_source, bundle.predictor)
+    pred = load_predictor(bundle.predictor)
+    if pred.factored_layers:
+        raise KvcliError("this bundle's predictor is already factored")
+    if pred.raw_keys or pred.origin:
+        raise KvcliError(f"kvcli factors its own fits, not a predictor {pred.origin or 'fed raw keys'}")
+    storage = storage or pred.storage_type
+    if storage not in STORAGE_TYPES:
+        raise KvcliError(f"--predictor-type must be one of {', '.join(STORAGE_TYPES)}")
+    block = storage_block(storage)
+    if rank % block:
+        raise KvcliError(f"predictor type {storage} needs a rank divisible by {block}, not {rank}")
+    widest = max((pred.n_features(il) for il in pred.predicted_layers), default=0)
+    if not 0 < rank < widest:
+        raise KvcliError(f"the rank must be between 1 and {widest - 1}, not {rank}")
+    unknown = sorted(set(full_layers) - set(pred.predicted_layers))
+    if unknown:
+        raise KvcliError(f"layer {unknown[0]} is not a predicted layer of this predictor "
+                         f"({pred.predicted_layers[0]}..{pred.predicted_layers[-1]})")
+    with tempfile.TemporaryDirectory(prefix="kvcli-factor-") as tmp:
+        aux = bundle.aux_source
+        if isinstance(aux, int):  # calibration reads a prefix's metadata from a cut file
+            aux = cut_auxiliary(bundle.base, Path(tmp) / "aux.gguf", prefix_layers(aux))
+        data = collect(bundle.base, aux, n_tokens=n_tokens or DEFAULT_TOKENS, corpus=corpus,
+                       text=text or CalibrationText.MIXED, layer_map=pred.layer_map,
+                       hidden=pred.hidden_kinds or False,
+                       settings=settings, progress=progress)
+    if data.plan.copied_layers != pred.copied_layers or data.plan.feature_kinds != pred.feature_kinds:
+        raise KvcliError("the calibration's layers or features differ from the predictor's")
+    factored, errors = factor_calibrated(pred, data, rank, full_layers)
+    bundle_with_predictor(bundle, factored, Path(output), storage)
+    return {"rank": rank, "factored_layers": factored.factored_layers, "heldout_rel_error": errors,
+            "calibration_tokens": sum(s.n_rows for s in data.fit.values()), "source": data.source}
+
+
+OUTTYPES = ("f32", "f16", "q8_0", "q4_k_m")
+
+
+def import_checkpoint(checkpoint: str | Path, config: str | Path, tokenizer: str | Path,
+                      output: str | Path, *, outtype: str = "f16", progress=None):
+    """A kvcli bundle from a corenet KV-prediction checkpoint: the base and the auxiliary as
+    OpenELM GGUFs llama.cpp loads, the predictor (keys predicted before the base's key norm,
+    from the auxiliary's raw keys) and a manifest naming the checkpoint as the origin."""
+    if outtype not in OUTTYPES:
+        raise CorenetError(f"unknown --outtype {outtype!r} (one of {', '.join(OUTTYPES)})")
+    report = progress or (lambda stage, done, total: None)
+    checkpoint = Path(checkpoint)
+    cfg = read_config(config)
+    report("read checkpoint", 0, 1)
+    parts = split_checkpoint(state_dict_of(load_checkpoint(checkpoint), checkpoint))
+    report("read checkpoint", 1, 1)
+    for role, shape in (("base", cfg.base), ("auxiliary", cfg.aux)):
+        check_model_keys(parts[role], f"{role}.", shape)
+    if cfg.aux.n_vocab != cfg.base.n_vocab:
+        raise CorenetError(f"the auxiliary's vocabulary ({cfg.aux.n_vocab}) differs from the "
+                           f"base's ({cfg.base.n_vocab})")
+    tensors = {role: gguf_tensors(parts[role], shape, prefix="") for role, shape in
+               (("base", cfg.base), ("auxiliary", cfg.aux))}
+    matrices = predictor_matrices(parts["predicter"], cfg)
+    vocab = SentencePieceVocab.from_file(tokenizer, cfg.base.n_vocab)
+    origin = f"corenet:{checkpoint.name}"
+    with building_folder(Path(output)) as work:
+        files = {}
+        for i, (role, shape, name) in enumerate((("base", cfg.base, cfg.base_name),
+                                                 ("auxiliary", cfg.aux, cfg.aux_name))):
+            report("write models", i, 2)
+            stem = "base" if role == "base" else "aux"
+            write_type = outtype if outtype in ("f32", "f16") else "f16"
+            path = write_gguf(work / f"{stem}-{write_type}.gguf", shape, tensors[role], vocab,
+                              name=f"{name} ({origin})", outtype=write_type,
+                              extra={"kvcli.origin": origin})
+            if write_type != outtype:
+                from kvcli.llama.quantize import quantize_model
+
+                quantized = quantize_model(path, work / f"{stem}-{outtype}.gguf", outtype)
+                path.unlink()
+                path = quantized
+            files["base" if role == "base" else "aux"] = Path(path.name)
+        report("write models", 2, 2)
+        base_info = read_model_info(work / files["base"])
+        aux_info = read_model_info(work / files["aux"])
+        pred = corenet_predictor(matrices, cfg, base_info.fingerprint, aux_info.fingerprint, origin)
+        files["predictor"] = Path(save_predictor(pred, work / "predictor.gguf", "f32").name)
+        write_manifest(work, files, {"origin": {
+            "kind": "corenet", "checkpoint": checkpoint.name, "checkpoint_sha256": sha256_file(checkpoint),
+            "config": Path(config).name, "base_model": cfg.base_name, "aux_model": cfg.aux_name,
+            "tokenizer_pieces": vocab.n_pieces, "outtype": outtype}})
+    return load_bundle(output)
+
+
+def corenet_predictor(matrices, cfg: KVPConfig, base_fingerprint: str, aux_fingerprint: str,
+                      origin: str):
+    """kvcli's Predictor for corenet's per-layer key and value Linears: one block-diagonal
+    matrix per base layer over [raw aux keys, aux values] -> [pre-norm keys, values]."""
+    weights, biases, k_widths = {}, {}, {}
+    for il, (wk, bk, wv, bv) in matrices.items():
+        w = np.zeros((wk.shape[1] + wv.shape[1], wk.shape[0] + wv.shape[0]), np.float32)
+        w[: wk.shape[1], : wk.shape[0]] = wk.T
+        w[wk.shape[1] :, wk.shape[0] :] = wv.T
+        weights[il], biases[il], k_widths[il] = w, np.concatenate([bk, bv]), wk.shape[0]
+    return Predictor(base_fingerprint=base_fingerprint, aux_fingerprint=aux_fingerprint,
+                     base_n_layer=cfg.base.n_layer, aux_n_layer=cfg.aux.n_layer, copied_layers=[],
+                     layer_map=list(cfg.layer_map), weights=weights, biases=biases, k_widths=k_widths,
+                     feature_kinds=(keys.FEATURE_AUX_K_RAW, keys.FEATURE_AUX_V),
+                     key_space=keys.KEY_SPACE_PRE_NORM, origin=origin)

@@ -1,0 +1,397 @@
+"""The engine: prefill a prompt by one of four modes, then let the base generate.
+
+- ``base``: the base decodes the whole prompt (the reference).
+- ``kvp``: the auxiliary decodes t[0..N-2-W] without logits; its state is read (seq -1,
+  every cell), the base's cells are predicted and added to the base context; the base
+  decodes the last W+1 prompt tokens itself (W = ``tail``) and generates every later token.
+  With ``spans`` S, the base first recomputes S short spans of the prompt over the predicted
+  cache, in place, chosen where the question attends (kvcli.engine.recompute, kvcli.engine.tail_choice); the
+  attention sinks too (kvcli.engine.kvp_prefill, one path for generate and chat).
+- ``truncate``: the base decodes BOS + only the last M prompt tokens.
+- ``aux``: the auxiliary alone prefills and generates.
+
+TTFT is measured from having the prompt tokens to having the first sampled token.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kvcli import keys
+from kvcli.engine.aux_load import AUX_LOADS, choose_aux_load
+from kvcli.engine.kvp_prefill import kvp_prefill
+from kvcli.engine.recompute import (
+    DEFAULT_SPANS,
+    DEFAULT_SPANS_TAIL,
+    DEFAULT_TAIL_SPANS,
+    SPAN_WIDTH,
+    SpanRecompute,
+)
+from kvcli.engine.sampling import Sampler
+from kvcli.engine.timings import Clock, Generation, Timings
+from kvcli.errors import ContextError, IncompatibleError, KvcliError
+from kvcli.llama.capture import TensorCapture, hidden_tensor_names
+from kvcli.llama.runtime import Context, ContextSettings, Model
+from kvcli.models.model_info import has_per_layer_arrays, key_norm_weights, prefix_view_info, read_model_info
+from kvcli.predict.apply import FirstCell
+from kvcli.predict.predictor import load_predictor
+from kvcli.state.codec import parse_seq_state
+from kvcli.state.layout import CacheLayout, layers_by_index
+
+MODES = ("base", "kvp", "truncate", "aux")
+# ranges kvp recomputes in one decode (each in a scratch sequence) and the cells they may
+# take beside the prompt's: 2 spans of 16 and a chat template's sinks fit in one batch
+SCRATCH_SEQS = 8
+SCRATCH_CELLS = 128
+
+
+class Engine:
+    """Owns the base (and, for kvp/aux, the auxiliary) models and contexts."""
+
+    def __init__(self, base_path: str | Path, *, aux_path: str | Path | None = None,
+                 predictor_path: str | Path | None = None,
+                 settings: ContextSettings | None = None, key_norm_rescale: bool = True,
+                 aux_load: str = "auto", aux_prefix: int = 0, tail_focus_layers: list[int] = (),
+                 attention_layers: list[int] = ()):
+        """``aux_load``: how a prefix auxiliary is loaded (AUX_LOADS; "auto": choose_aux_load).
+        ``aux_prefix`` k instead of ``aux_path``: the auxiliary is the base's own layers
+        0..k-1, with no file (one is cut into the cache only if a mode needs it).
+        ``tail_focus_layers``: kvp's spans are chosen by these base layers' attention from the
+        tail (kvcli.engine.tail_choice), not by kvcli.engine.span_choice. ``attention_layers``:
+        base layers whose attention weights the base context can capture (``base_attention``)."""
+        if aux_load not in AUX_LOADS:
+            raise KvcliError(f"unknown auxiliary load {aux_load!r} (one of {', '.join(AUX_LOADS)})")
+        self.base_info = read_model_info(base_path, "base model")
+        self.aux_path = Path(aux_path) if aux_path else None
+        self.aux_info = (prefix_view_info(self.base_info.path, aux_prefix) if aux_prefix
+                         else read_model_info(aux_path, "auxiliary") if aux_path else None)
+        self.predictor = None
+        if self.aux_info is not None:
+            if self.aux_info.tokenizer_digest != self.base_info.tokenizer_digest:
+                raise IncompatibleError(
+                    f"the auxiliary's tokenizer differs from the base's ({self.aux_info.path.name}"
+                    f" vs {self.base_info.path.name}); an auxiliary must share the base's vocabulary")
+            if predictor_path:
+                self.predictor = load_predictor(predictor_path)
+                self.predictor.check_models(self.base_info, self.aux_info)
+        self.settings = settings or ContextSettings()
+        self.key_norms = (key_norm_weights(self.base_info)
+                          if key_norm_rescale or (self.predictor is not None and
+                                                  self.predictor.key_space == keys.KEY_SPACE_PRE_NORM)
+                          else None)
+        self._models: list[Model] = []
+        self._contexts: list[Context] = []
+        prefix = self._prefix_of_base()
+        self.needs_view = needs_view = (self.predictor is not None
+                                        and keys.FEATURE_AUX_OUT in self.predictor.hidden_kinds)
+        partial_ok = not (prefix and has_per_layer_arrays(self.base_info))
+        self.aux_load = ("none" if self.aux_info is None
+                         else choose_aux_load(aux_load, prefix, needs_view=needs_view,
+                                              partial_ok=partial_ok))
+        self.view_layers = prefix if self.aux_load in ("view", "partial") else 0
+        self.aux_state_info = self.base_info if self.aux_load == "view" else self.aux_info
+        self._aux_alone: Context | None = None
+        self.tail_focus_layers = list(tail_focus_layers)
+        layers = sorted({*attention_layers, *tail_focus_layers})
+        if layers and self.base_info.n_swa:
+            raise IncompatibleError("spans chosen from the tail need a model without sliding-window "
+                                    "layers")
+        try:
+            from kvcli.engine.tail_choice import attention_name
+
+            base_capture = TensorCapture([attention_name(il) for il in layers]) if layers else None
+            if base_capture is not None:
+                base_capture.armed = False
+            # kvp works on the base's cache in place (kvcli.engine.kvp_prefill): scratch sequences
+            # and cells for the ranges it recomputes
+            scratch = (dict(scratch_seqs=SCRATCH_SEQS, scratch_cells=SCRATCH_CELLS)
+                       if self.aux_info is not None else {})
+            self.base = self._open(self.base_info.path, "base model", base_capture, **scratch)
+            names = self._capture_names()
+            # a prefix auxiliary computes the base's own layers 0..k-1: where the tail-focus
+            # layers are among them, its decode of the tail gives the same attention as the
+            # base's pass over the predicted cache would (those layers' cells are copied)
+            self.aux_focus_layers = (self.tail_focus_layers if prefix and self.tail_focus_layers
+                                     and max(self.tail_focus_layers) < prefix else [])
+            extra = [attention_name(il) for il in self.aux_focus_layers]
+            if needs_view and self.aux_load != "view":
+                raise IncompatibleError("this predictor reads the auxiliary's last-layer output, "
+                                        "which only a prefix auxiliary run as a view provides")
+            self.aux = None
+            if self.aux_load == "partial":
+                # the base's file loaded again as its first k layers: its pages are shared
+                self.aux = self._open(self.base_info.path, "base model (as a prefix view)",
+                                      TensorCapture(names, extra=extra) if names or extra else None,
+                                      prefix_layers=prefix)
+            elif self.aux_load == "view":
+                # the base's own model, stopped after layer k-1: no second copy of the weights
+                stop = TensorCapture(names, stop_after=f"l_out-{self.view_layers - 1}", extra=extra)
+                self.aux = Context(self.base.model, self.settings, capture=stop)
+                self._contexts.append(self.aux)
+            elif self.aux_load == "file":
+                self.aux = self._open(self._aux_file(), "auxiliary",
+                                      TensorCapture(names, extra=extra) if names or extra else None)
+        except BaseException:
+            self.close()
+            raise
+        self._layout: CacheLayout | None = None
+        self._first_cells: dict[int, FirstCell] = {}
+        self.spans = SpanRecompute(self)
+        self.last_recomputed: list[tuple[int, int]] = []  # kvp's spans in the last prefill
+        if self.predictor is not None:
+            self.base_layout()  # once, outside any timed prefill
+            self.first_cell(self.model.bos)
+
+    def _capture_names(self) -> list[str]:
+        """The auxiliary's graph tensors the predictor reads: hidden tensors, then (for raw
+        keys) each feature layer's fused QKV projection output (OpenELM's ``wqkv``: raw keys
+        come only with an imported corenet predictor, whose auxiliary is an OpenELM)."""
+        pred = self.predictor
+        if pred is None:
+            return []
+        names = hidden_tensor_names(self.aux_info.n_layer, pred.hidden_kinds) if pred.uses_hidden else []
+        return names + ([f"wqkv-{src}" for src in pred.feature_layers] if pred.raw_keys else [])
+
+    def take_captured(self, n_rows: int) -> tuple[list[np.ndarray], dict[int, tuple[np.ndarray, np.ndarray]]]:
+        """The auxiliary's captured rows: (hidden tensors, raw K and V per feature layer)."""
+        if self.aux.capture is None:
+            return [], {}
+        rows = self.aux.capture.take(n_rows)
+        n_hidden = len(self.predictor.hidden_kinds)
+        raw_kv, info = {}, self.aux_info
+        for src, qkv in zip(self.predictor.feature_layers if self.predictor.raw_keys else [],
+                            rows[n_hidden:]):
+            q, kv = info.n_head[src] * info.head_dim_k, info.n_embd_k(src)
+            if qkv.shape[1] != q + kv + info.n_embd_v(src):
+                raise IncompatibleError(f"auxiliary layer {src}'s QKV projection has {qkv.shape[1]} "
+                                        f"columns, not {q + kv + info.n_embd_v(src)}")
+            raw_kv[src] = (qkv[:, q : q + kv], qkv[:, q + kv :])
+        return rows[:n_hidden], raw_kv
+
+    def _prefix_of_base(self) -> int:
+        """k when the auxiliary is the base's layers 0..k-1 (a kvcli prefix cut) and a
+        predictor is loaded: it can then run from the base's own weights (choose_aux_load)."""
+        aux = self.aux_info
+        if self.predictor is None or aux is None or aux.source_fingerprint != self.base_info.fingerprint:
+            return 0
+        k = aux.n_layer
+        return k if aux.source_layers == tuple(range(k)) and k < self.base_info.n_layer else 0
+
+    def _aux_alone_context(self) -> Context:
+        """A context that runs the auxiliary alone to its LM head (mode aux): the cut file."""
+        if self.aux_load != "view":
+            return self.aux
+        if self._aux_alone is None:
+            self._aux_alone = self._open(self._aux_file(), "auxiliary")
+        return self._aux_alone
+
+    def _aux_file(self) -> Path:
+        """The auxiliary's file; for a prefix with none, its cut, made once into the cache."""
+        if self.aux_path is not None:
+            return self.aux_path
+        from kvcli.engine.bundle import cache_dir
+        from kvcli.models.aux_cut import cut_auxiliary, prefix_layers
+
+        k = self.aux_info.n_layer
+        path = cache_dir() / "aux" / f"{self.base_info.fingerprint}-prefix{k}.gguf"
+        if not path.is_file():
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                cut_auxiliary(self.base_info.path, path, prefix_layers(k))
+            except OSError as exc:
+                raise KvcliError(f"cannot write the auxiliary's cut into {path.parent}: "
+                                 f"{exc.strerror or exc}") from None
+        if read_model_info(path, "auxiliary").fingerprint != self.aux_info.fingerprint:
+            raise IncompatibleError(f"the cut auxiliary {path} is not the base's first {k} layers;"
+                                    " delete it and run again")
+        self.aux_path = path
+        return path
+
+    @classmethod
+    def from_bundle(cls, bundle, *, with_aux: bool = True, with_predictor: bool = True,
+                    **kwargs) -> Engine:
+        """An engine over a bundle.Bundle (``with_aux`` False: the base alone); spans are
+        chosen as the bundle's manifest records (``spans``: ``tail_focus_layers``)."""
+        with_aux = with_aux or with_predictor
+        spans = bundle.manifest.get("spans") or {}
+        if (with_predictor and spans.get("chooser") == "tail" and isinstance(spans.get("layers"), list)
+                and "tail_focus_layers" not in kwargs):
+            kwargs["tail_focus_layers"] = [int(il) for il in spans["layers"]]
+        return cls(bundle.base, aux_path=bundle.aux if with_aux else None,
+                   aux_prefix=bundle.aux_prefix if with_aux else 0,
+                   predictor_path=bundle.predictor if with_predictor else None, **kwargs)
+
+    def base_attention(self, layers: list[int], n_query: int, n_pred: int,
+                       ctx: Context | None = None) -> dict[int, np.ndarray]:
+        """Per layer, position scores (kvcli.engine.tail_choice) of the base's last decode (or the
+        auxiliary's: ``ctx``, a prefix of the base), when it was run with its attention
+        capture armed."""
+        from kvcli.engine.tail_choice import attention_name, position_scores
+
+        capture = (ctx or self.base).capture
+        return {il: position_scores(capture.rows(attention_name(il)), self.base_info.n_head[il],
+                                    n_query, n_pred) for il in layers}
+
+    def _open(self, path: Path, what: str, capture=None, prefix_layers: int = 0,
+              **scratch) -> Context:
+        model = Model(path, what=what, prefix_layers=prefix_layers, arch=self.base_info.arch)
+        self._models.append(model)
+        ctx = Context(model, self.settings, capture=capture, **scratch)
+        self._contexts.append(ctx)
+        return ctx
+
+    @property
+    def model(self) -> Model:
+        return self.base.model
+
+    def close(self) -> None:
+        for ctx in self._contexts:
+            ctx.close()
+        for model in self._models:
+            model.close()
+        self._contexts, self._models = [], []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.model.tokenize(text)
+
+    # -- prefill -------------------------------------------------------------------------
+
+    def base_layout(self) -> CacheLayout:
+        """Probe the base context's own state layout once."""
+        if self._layout is None:
+            self.first_cell(self.model.bos)
+        return self._layout
+
+    def first_cell(self, token: int) -> FirstCell:
+        """The base's own cell at position 0 for ``token``, decoded once per token (one
+        token's forward: the base context is cleared, so call it before a prefill)."""
+        if token not in self._first_cells:
+            self.base.clear()
+            self.base.decode([token])
+            state = parse_seq_state(self.base.get_state(0))
+            layers = layers_by_index(state, self.base_info)
+            if self._layout is None:
+                self._layout = CacheLayout.probe(state, self.base_info)
+            self._first_cells[token] = FirstCell(token, k={il: c.k[0].copy() for il, c in layers.items()},
+                                                 v={il: c.v[0].copy() for il, c in layers.items()})
+            self.base.clear()
+        return self._first_cells[token]
+
+    def _check_fits(self, n: int) -> None:
+        if n > self.base.n_ctx:
+            raise ContextError(f"the prompt has {n} tokens but the context holds {self.base.n_ctx};"
+                               " use a shorter prompt or a larger --ctx")
+        if n < 1:
+            raise KvcliError("the prompt is empty")
+
+    def prefill(self, tokens: list[int], *, mode: str = "kvp", tail: int = 0,
+                keep: int | None = None, spans: int = 0, span_width: int = SPAN_WIDTH,
+                recompute: list[tuple[int, int]] | None = None, start: int = 0,
+                aux_start: int = 0, earlier: list[tuple[int, int]] = (),
+                capture_tail: bool = False) -> tuple[Context, np.ndarray, Timings]:
+        """Prefill by ``mode``; returns the context that continues, the last logits, timings.
+
+        kvp: ``spans`` spans of ``span_width`` tokens chosen and recomputed by the base, or
+        the given ``recompute`` ranges [a, b) (1 <= a < b <= N - 1 - tail, in order).
+        base and kvp: ``start``: the base context already holds tokens[:start] and keeps them
+        (a conversation); kvp's ``aux_start`` and ``earlier``: kvcli.engine.kvp_prefill."""
+        if mode not in MODES:
+            raise KvcliError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
+        self._check_fits(len(tokens))
+        t = Timings()
+        if start and mode not in ("base", "kvp"):
+            raise KvcliError(f"mode {mode} prefills from position 0 only")
+        if mode == "base" and start:
+            clock = Clock()
+            self.base.truncate(start)
+            self.base.decode(tokens[start:], start=start, logits_last=True)
+            t.base_decode_ms = clock.lap()
+            return self.base, self.base.last_logits(), t
+        if mode == "base":
+            return self.base, self.plain_prefill(self.base, tokens, t), t
+        if mode == "truncate":
+            kept = list(tokens)
+            if keep is not None and 0 < keep < len(tokens):
+                kept = kept[-keep:]
+                if tokens[0] == self.model.bos:
+                    kept.insert(0, tokens[0])  # the model expects its BOS at position 0
+            return self.base, self.plain_prefill(self.base, kept, t), t
+        if self.aux is None:
+            raise KvcliError(f"mode {mode} needs an auxiliary model (use a bundle)")
+        if mode == "aux":
+            aux = self._aux_alone_context()
+            clock = Clock()
+            aux.clear()
+            if aux.capture is not None:
+                aux.capture.clear()
+            aux.decode(tokens, logits_last=True)
+            t.aux_prefill_ms = clock.lap()
+            return aux, aux.last_logits(), t
+        return self.base, kvp_prefill(self, tokens, tail, t, spans, span_width, recompute,
+                                      start=start, aux_start=aux_start, earlier=earlier,
+                                      capture_tail=capture_tail), t
+
+    def plain_prefill(self, ctx: Context, tokens: list[int], t: Timings) -> np.ndarray:
+        """``ctx`` decodes ``tokens`` from position 0; returns the last logits."""
+        clock = Clock()
+        ctx.clear()
+        ctx.decode(tokens, logits_last=True)
+        logits = ctx.last_logits()
+        t.base_decode_ms = clock.lap()
+        return logits
+
+    # -- recomputed spans ----------------------------------------------------------------
+
+    @property
+    def spans_supported(self) -> bool:
+        """Whether kvp can choose spans here (``prefill(spans=...)``)."""
+        return self.spans.supported
+
+    def kvp_settings(self, tail: int | None = None, spans: int | None = None) -> dict[str, int]:
+        """kvp's tail and spans, defaults filled in: DEFAULT_SPANS spans where they can be
+        chosen, else none; tail DEFAULT_SPANS_TAIL with spans, else 0."""
+        if spans is None:
+            spans = ((DEFAULT_TAIL_SPANS if self.tail_focus_layers else DEFAULT_SPANS)
+                     if self.predictor is not None and self.spans_supported else 0)
+        if tail is None:
+            tail = DEFAULT_SPANS_TAIL if spans else 0
+        return {"tail": tail, "spans": spans}
+
+    # -- generation ----------------------------------------------------------------------
+
+    def generate(self, tokens: list[int], *, mode: str = "kvp", n_predict: int = 64,
+                 tail: int = 0, keep: int | None = None, spans: int = 0,
+                 sampler: Sampler | None = None, on_token=None) -> Generation:
+        """Prefill, then generate up to ``n_predict`` tokens (stops at end of generation)."""
+        sampler = sampler or Sampler()
+        start = time.perf_counter()
+        ctx, logits, timings = self.prefill(tokens, mode=mode, tail=tail, keep=keep, spans=spans)
+        first_logits = logits
+        token = sampler.sample(logits)
+        ttft_ms = (time.perf_counter() - start) * 1e3
+        out: list[int] = []
+        gen_start = time.perf_counter()
+        while True:
+            if ctx.model.is_eog(token):
+                break
+            out.append(token)
+            if on_token is not None:
+                on_token(token)
+            if len(out) >= n_predict or ctx.n_past + 1 > ctx.n_ctx:
+                break
+            ctx.decode([token], logits_last=True)
+            token = sampler.sample(ctx.last_logits())
+        return Generation(mode=mode, n_prompt=len(tokens), ttft_ms=ttft_ms, timings=timings,
+                          tokens=out, text=ctx.model.detokenize(out),
+                          gen_ms=(time.perf_counter() - gen_start) * 1e3,
+                          first_logits=first_logits, tail=tail, spans=spans,
+                          recomputed=list(self.last_recomputed) if mode == "kvp" else [])

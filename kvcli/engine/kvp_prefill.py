@@ -1,0 +1,183 @@
+"""kvp's prefill: the auxiliary prefills, the base's cells are predicted and added to the
+base's context, the chosen spans and attention sinks are recomputed by the base in place,
+and the base decodes the tail itself. One path for ``generate`` (an empty context) and
+``chat`` (a context holding the conversation's earlier positions).
+
+The base's cache is worked on in place: predicted cells are added to seq 0 through a
+scratch sequence (a state write replaces a whole sequence), and each recomputed range is
+decoded in a scratch sequence that shares seq 0's cells before it, its new cells then put in
+place of the predicted ones (``runtime.Context.recompute``): no state is read back, and
+every range of a batch is decoded in one pass over the weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvcli.engine.recompute import (
+    SPAN_CONTEXT,
+    SPAN_WIDTH,
+    TAIL_CONTEXT,
+    checked_ranges,
+    merge_ranges,
+    sink_ranges,
+)
+from kvcli.engine.timings import Clock, Timings
+from kvcli.errors import KvcliError
+from kvcli.predict.apply import needed_positions, predicted_state_bytes, span_group_positions
+from kvcli.state.codec import parse_seq_state, write_seq_state
+from kvcli.state.layout import layers_by_index
+
+APPEND_CHUNK = 1024  # predicted positions written into the base's context at a time
+
+
+def kvp_prefill(engine, tokens: list[int], tail: int, t: Timings, spans: int = 0,
+                span_width: int = SPAN_WIDTH, recompute: list[tuple[int, int]] | None = None, *,
+                start: int = 0, aux_start: int = 0, earlier: list[tuple[int, int]] = (),
+                capture_tail: bool = False) -> np.ndarray:
+    """Prefill ``tokens`` into ``engine.base`` by kvp; returns the last logits and fills ``t``.
+
+    ``start``: the base context holds tokens[:start] already (its own or earlier predicted
+    cells) and keeps them; ``aux_start``: the auxiliary's context holds tokens[:aux_start]
+    (<= start). ``spans`` chosen (kvcli.engine.tail_choice where the engine has tail-focus layers,
+    else kvcli.engine.span_choice) among the new predicted positions and, from the tail, the ``earlier``
+    predicted ranges too; or the given ``recompute`` ranges. The last ``tail`` + 1 tokens are
+    the base's. ``capture_tail``: the base's capture is armed for the tail's decode."""
+    if engine.predictor is None:
+        raise KvcliError("mode kvp needs a predictor (use a bundle)")
+    if not 0 <= aux_start <= start < len(tokens):
+        raise KvcliError(f"kvp from position {start} (auxiliary {aux_start}) of {len(tokens)} tokens")
+    base = engine.base
+    n_pred = max(start, len(tokens) - 1 - max(0, tail))
+    engine.last_recomputed = []
+    choose = spans > 0 and recompute is None
+    from_tail = choose and bool(engine.tail_focus_layers)
+    earlier = [(a, min(b, start)) for a, b in earlier if a < start]
+    if n_pred == start and not (from_tail and earlier):  # nothing to predict or choose
+        if start == 0:
+            return engine.plain_prefill(base, tokens, t)
+        base.truncate(start)
+        return _decode_tail(base, tokens, start, t, Clock(), capture_tail)
+    if choose and not from_tail:
+        engine.spans.check()
+    clock = Clock()
+    if start == 0:
+        engine.first_cell(tokens[0])  # a new first token costs a decode (counted in TTFT)
+        base.clear()
+    else:
+        base.truncate(start)
+        if from_tail and not base.cells_in_order:
+            _put_cells_in_order(engine)
+    sinks, chosen, scores = [], [], None
+    if n_pred > start:
+        sinks, chosen, scores = _predict_into_base(
+            engine, tokens, n_pred, t, clock, start, aux_start,
+            spans if choose and not from_tail else 0, span_width, recompute, from_tail)
+    if from_tail:
+        candidates = merge_ranges(earlier, [(max(1, start), n_pred)] if n_pred > start else [])
+        if scores is not None:  # from the auxiliary's own pass: one batch recomputes all
+            chosen = engine.spans.pick(scores, n_pred, spans, span_width, candidates, sinks)
+            base.recompute(tokens, merge_ranges(chosen, sinks))
+        else:  # the base's pass over the predicted cache, its sinks recomputed first
+            base.recompute(tokens, sinks)
+            chosen = engine.spans.from_tail(tokens, n_pred, spans, span_width, candidates, sinks)
+            base.recompute(tokens, chosen)
+    else:
+        base.recompute(tokens, merge_ranges(chosen, sinks))
+    engine.last_recomputed = merge_ranges(chosen, sinks)
+    if engine.last_recomputed or from_tail:
+        t.recompute_ms = clock.lap()
+    return _decode_tail(base, tokens, n_pred, t, clock, capture_tail)
+
+
+def _predict_into_base(engine, tokens: list[int], n_pred: int, t: Timings, clock: Clock,
+                       start: int, aux_start: int, spans: int, span_width: int,
+                       recompute: list[tuple[int, int]] | None, from_tail: bool = False):
+    """The auxiliary decodes tokens[aux_start:n_pred] (and the tail too where kvcli.engine.span_choice
+    chooses ``spans`` from its last row), the base cells of positions start..n_pred-1 are
+    predicted and added to the base's. Returns the attention sinks and the chosen spans
+    among those positions (or the given ``recompute`` ranges), for the base to recompute,
+    and with ``from_tail`` the tail-focus scores where the auxiliary can give them
+    (``SpanRecompute.aux_tail_scores``), else None."""
+    aux, base, info = engine.aux, engine.base, engine.base_info
+    if aux_start:
+        aux.truncate(aux_start)
+    else:
+        aux.clear()
+    if aux.capture is not None:
+        aux.capture.clear()
+    n_aux = len(tokens) if spans else n_pred
+    aux.decode(tokens[aux_start:n_aux], start=aux_start)
+    t.aux_prefill_ms = clock.lap()
+    hidden, raw_kv = engine.take_captured(n_aux - aux_start)
+    scores = engine.spans.aux_tail_scores(tokens, n_pred) if from_tail else None
+    t.aux_prefill_ms += clock.lap()
+    needs_state = engine.predictor.copied_layers or not engine.predictor.raw_keys
+    raw = aux.get_state(-1) if needs_state else None
+    t.state_get_ms = clock.lap()
+    aux_layers = layers_by_index(parse_seq_state(raw), engine.aux_state_info) if needs_state else {}
+    common = dict(aux_layers=aux_layers, aux=engine.aux_info, base=info,
+                  predictor=engine.predictor,
+                  first_cell=engine.first_cell(tokens[0]) if start == 0 else None,
+                  key_norms=engine.key_norms, hidden=hidden, hidden_start=aux_start,
+                  raw_kv=raw_kv, cache={})
+    sinks = sink_ranges(engine.predictor, hidden, n_pred, first=aux_start, lo=max(1, start))
+    chosen, known = checked_ranges(recompute or [], n_pred, lo=max(1, start)), {}
+    if spans:
+        chosen, known = engine.spans.choose(hidden, n_aux, n_pred, spans, span_width, common,
+                                            start=start, first_row=aux_start)
+    starts = [a for a, _ in merge_ranges(chosen, sinks)]
+    positions = (span_group_positions(info, n_pred, starts, SPAN_CONTEXT, TAIL_CONTEXT) if starts
+                 else needed_positions(info, n_pred, first_query=n_pred))
+    positions = [p[p >= start] for p in positions]
+    # in chunks of positions: the state bytes of one chunk at a time are alive, not the whole
+    # prompt's (at 4096 tokens on the Qwen 1.5B, 235 MB for all 28 layers)
+    for a in range(start, n_pred, APPEND_CHUNK):
+        b = min(a + APPEND_CHUNK, n_pred)
+        part = [p[(p >= a) & (p < b)] for p in positions]
+        if not any(len(p) for p in part):
+            continue
+        part_known = {il: (k[a - start : b - start], v[a - start : b - start])
+                      for il, (k, v) in known.items()}  # layer k's rows: positions start..
+        data = predicted_state_bytes(engine.base_layout(), group_positions=part, known=part_known,
+                                     **common)
+        t.predict_ms += clock.lap()
+        base.append_state(data, n_past=b)
+        t.state_set_ms += clock.lap()
+    base.n_past = n_pred
+    return sinks, chosen, scores
+
+
+def _decode_tail(base, tokens: list[int], at: int, t: Timings, clock: Clock, armed: bool
+                 ) -> np.ndarray:
+    """The base decodes tokens[at:] itself; its capture armed for it with ``armed``."""
+    if armed:
+        base.capture.armed = True
+    try:
+        base.decode(tokens[at:], start=at, logits_last=True)
+    finally:
+        if armed:
+            base.capture.armed = False
+    logits = base.last_logits()
+    t.base_decode_ms = clock.lap()
+    return logits
+
+
+def _put_cells_in_order(engine) -> None:
+    """Rewrite seq 0 with its cells in position order: the tail's captured attention reads
+    cache cells as positions (kvcli.engine.tail_choice), and ranges recomputed in place leave cells
+    out of order (their new cells are placed wherever the cache has room)."""
+    base, info = engine.base, engine.base_info
+    state = parse_seq_state(base.get_state(0))
+    layers = layers_by_index(state, info)
+    group_positions, kv = [], {}
+    for group in info.cache_layer_groups:
+        cells = layers[group[0]]
+        order = np.argsort(cells.positions, kind="stable")
+        group_positions.append(cells.positions[order])
+        kv.update({il: (layers[il].k[order], layers[il].v[order]) for il in group})
+    n_past = base.n_past
+    base.clear()
+    base.set_state(write_seq_state(engine.base_layout().build_state(group_positions, kv)), 0,
+                   n_past=n_past)
+    base.cells_in_order = True  # written into an empty cache: cell i holds the i-th position

@@ -1,0 +1,226 @@
+"""kvp's recomputed spans: the base decodes, over the predicted cache, the few prompt tokens
+the question looks for, and their exact K and V replace the predicted ones.
+
+A predicted cache loses facts stated once, far back (docs/design.md). The spans are chosen by
+the last prompt token's query in base layer k, the first after a k-layer prefix auxiliary
+(kvcli.engine.span_choice), over that layer's predicted keys, or by the base's own attention from the
+tail (kvcli.engine.tail_choice); each is decoded by the base over the predicted cells before it, in
+place (kvcli.engine.kvp_prefill), and the base then decodes the tail itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvcli import keys
+from kvcli.engine.span_choice import QueryProjector, attention_peaks, choose_spans, spans_supported
+from kvcli.errors import IncompatibleError, KvcliError
+from kvcli.predict.apply import predict_base_kv
+
+# tokens per recomputed span: a stated fact and its words around it. 16 rather than 24: the
+# same answers on kvcli eval at 1024 tokens (pass key, several keys, register, code; n = 10,
+# shipped predictor: 1.0 / 1.0 / 0.8 / 1.0 with either), 0.005-0.008x less TTFT (README)
+SPAN_WIDTH = 16
+DEFAULT_SPANS = 1
+# spans chosen from the tail (kvcli.engine.tail_choice): two, as its layers disagree by kind of
+# prompt (Qwen 1.5B prefix 7, 6 prompts each, scratch run over dumped attention: layers
+# 2,5,6 combined put the pass key in the first span 2/6, in one of two 5/6, and the asked
+# record among look-alikes 6/6 with either)
+DEFAULT_TAIL_SPANS = 2
+DEFAULT_SPANS_TAIL = 24  # with spans, the base also decodes the question itself
+# Spans are chosen by the last prompt token's query alone, the best chooser measured
+# (passkey, multikey, document at 1024 and 2048 tokens, n = 10 each): the top span held the
+# fact in 60/60 prompts; by the largest weight any of the 4 tokens before it gives, in
+# 58/60; of the 16 before it, 52/60.
+# The predicted sliding-window cells written: the last SPAN_CONTEXT before each span and the
+# last TAIL_CONTEXT before the base's own tail, not the whole window, which the predict step
+# would otherwise spend most of its time on. Measured (1024 tokens, 2 spans, tail 24,
+# n = 10): passkey/multikey/document 1.0/1.0/0.9 with the whole window, 0.9/1.0/0.9 with these.
+SPAN_CONTEXT = 64
+TAIL_CONTEXT = 128
+
+
+class SpanRecompute:
+    """The spans of one engine (kvcli.engine.engine.Engine): whether it can choose them, and the
+    choice (kvcli.engine.kvp_prefill recomputes them)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._projector: QueryProjector | None = None
+
+    @property
+    def supported(self) -> bool:
+        if self.engine.predictor is not None and self.engine.tail_focus_layers:
+            return True  # chosen from the tail (kvcli.engine.tail_choice)
+        try:
+            self.check()
+        except IncompatibleError:
+            return False
+        return True
+
+    def from_tail(self, tokens: list[int], n_pred: int, spans: int, span_width: int,
+                  candidates: list[tuple[int, int]], sinks: list[tuple[int, int]]
+                  ) -> list[tuple[int, int]]:
+        """kvcli.engine.tail_choice: with every predicted cell in the base's context (the ``sinks``
+        recomputed), the base decodes the tail once, its attention in the engine's tail-focus
+        layers captured, then forgets it; the spans where their combined scores peak among the
+        ``candidates`` ranges (predicted positions) are returned."""
+        from kvcli.engine.tail_choice import combined_scores
+
+        eng = self.engine
+        base = eng.base
+        capture = base.capture
+        capture.clear()
+        capture.armed = True
+        try:
+            base.decode(tokens[n_pred:], start=n_pred)
+        finally:
+            capture.armed = False
+        scores = combined_scores(eng.base_attention(eng.tail_focus_layers, len(tokens) - n_pred, n_pred))
+        capture.clear()
+        base.truncate(n_pred)
+        return self.pick(scores, n_pred, spans, span_width, candidates, sinks)
+
+    def aux_tail_scores(self, tokens: list[int], n_pred: int) -> np.ndarray | None:
+        """kvcli.engine.tail_choice's scores from the auxiliary's own decode of the tail, where the
+        tail-focus layers are a prefix auxiliary's (the same attention as the base's pass
+        would have: those layers' cells are copied) and its cells are in position order;
+        None otherwise. The auxiliary must hold tokens[:n_pred]; it then holds them all."""
+        from kvcli.engine.tail_choice import combined_scores
+
+        eng = self.engine
+        aux = eng.aux
+        if not eng.aux_focus_layers or not aux.cells_in_order or aux.n_past != n_pred:
+            return None
+        aux.capture.clear()
+        aux.capture.extra_armed = True
+        try:
+            aux.decode(tokens[n_pred:], start=n_pred)
+        finally:
+            aux.capture.extra_armed = False
+        scores = combined_scores(eng.base_attention(eng.aux_focus_layers, len(tokens) - n_pred,
+                                                    n_pred, ctx=aux))
+        aux.capture.clear()
+        return scores
+
+    def pick(self, scores: np.ndarray, n_pred: int, spans: int, span_width: int,
+             candidates: list[tuple[int, int]], sinks: list[tuple[int, int]]
+             ) -> list[tuple[int, int]]:
+        """The spans where tail-focus ``scores`` peak among the ``candidates`` ranges, away
+        from the ``sinks``."""
+        from kvcli.engine.tail_choice import peak_spans
+
+        allowed = np.zeros(n_pred, dtype=bool)
+        for a, b in candidates:
+            allowed[a:b] = True
+        for a, b in sinks:
+            allowed[a:b] = False
+        return peak_spans(np.where(allowed, scores, 0.0), spans, span_width, n_pred,
+                          lo=max(1, candidates[0][0]) if candidates else 1)
+
+    def check(self) -> None:
+        eng = self.engine
+        if eng.predictor is None:
+            raise IncompatibleError("choosing spans needs a predictor (use a bundle)")
+        if not (eng.predictor.uses_hidden and spans_supported(eng.predictor.hidden_kinds)):
+            raise IncompatibleError("choosing spans needs a predictor fit on the auxiliary's hidden "
+                                    "state (kvcli's default recipe)")
+        if eng._prefix_of_base() == 0:
+            raise IncompatibleError("choosing spans needs a prefix auxiliary cut from this base")
+        if self._projector is None:
+            self._projector = QueryProjector.for_base(eng.base_info, eng.aux_info.n_layer)
+
+    def choose(self, hidden, n_aux: int, n_pred: int, spans: int, span_width: int,
+               common: dict, start: int = 0, first_row: int = 0
+               ) -> tuple[list[tuple[int, int]], dict]:
+        """``spans_for`` the last prompt token (position n_aux - 1; ``hidden`` rows start at
+        position ``first_row``) over base layer k's predicted keys of positions start..n_pred-1;
+        also returns layer k's predicted rows (a full-attention layer: every one of those
+        positions), not to predict them twice."""
+        self.check()
+        layer = self._projector.layer
+        full = [np.arange(start, n_pred, dtype=np.int32)] * len(self.engine.base_info.cache_layer_groups)
+        known = predict_base_kv(group_positions=full, only=[layer], **common)
+        row = n_aux - 1 - first_row
+        return self.spans_for(hidden, [row], [n_aux - 1], known[layer][0], n_pred, spans,
+                              span_width, start=start), known
+
+    def spans_for(self, hidden: list[np.ndarray], rows: list[int], positions: list[int],
+                  keys_k: np.ndarray, n_pred: int, spans: int, span_width: int = SPAN_WIDTH,
+                  start: int = 0) -> list[tuple[int, int]]:
+        """The spans in max(1, start)..n_pred-1 that the tokens at ``positions`` (rows
+        ``rows`` of the captured ``hidden`` tensors) attend to most in base layer k: their
+        queries computed from the captured rows (kvcli.engine.span_choice), ``keys_k`` layer k's cached
+        keys of positions start..n_pred-1, a position scored by the largest weight any query
+        head gives it. Position 0 (BOS) draws attention from every query and is never chosen."""
+        self.check()
+        proj, kinds = self._projector, list(self.engine.predictor.hidden_kinds)
+        residual = proj.residual(hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)][rows],
+                                 hidden[kinds.index(keys.FEATURE_AUX_ATTN)][rows])
+        scores = np.zeros(n_pred, dtype=np.float32)
+        scores[start:] = attention_peaks(proj.queries(residual, np.asarray(positions)), keys_k)
+        return choose_spans(scores, spans, span_width, lo=max(1, start), hi=n_pred)
+
+
+# A position whose residual (the auxiliary's captured ``l_out-(k-2)``) is this many times the
+# prompt's median norm is an attention sink with massive activations: its predicted K and V
+# are garbage (Qwen2.5-Coder 1.5B prefix 7, a chat-templated prompt: the first newlines,
+# "You" and "." at positions 2-13 had residual norms 29-37x the median and predicted K/V
+# 9-12x their own norm off; on the 0.5B as auxiliary the same positions stood at 3.3-3.5x).
+# Elsewhere the largest ratio seen was 2.5 (Gemma 3 270M, a conversation) and 1.7 (Qwen).
+SINK_RATIO = 3.0
+MAX_SINKS = 16
+
+
+def sink_positions(residual: np.ndarray) -> list[int]:
+    """Rows whose residual norm is SINK_RATIO times the median or more (the first
+    MAX_SINKS)."""
+    norms = np.linalg.norm(residual.astype(np.float32), axis=1)
+    if len(norms) < 2:
+        return []
+    ratio = norms / max(float(np.median(norms)), 1e-12)
+    return [int(p) for p in np.flatnonzero(ratio >= SINK_RATIO)[:MAX_SINKS]]
+
+
+def residual_sinks(predictor, hidden: list[np.ndarray], first: int = 0) -> list[int]:
+    """``sink_positions`` of the captured residual rows (row 0 is position ``first``), as
+    positions >= 1: position 0 is the first cell, always exact (predict_state.FirstCell);
+    none without the residual feature."""
+    kinds = list(predictor.hidden_kinds)
+    if keys.FEATURE_AUX_RESIDUAL not in kinds:
+        return []
+    return [first + p for p in sink_positions(hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)])
+            if first + p >= 1]
+
+
+def sink_ranges(predictor, hidden: list[np.ndarray], n_pred: int, first: int = 0, lo: int = 1
+                ) -> list[tuple[int, int]]:
+    """The sinks among positions lo..n_pred-1 as ranges the base recomputes, those less than
+    SPAN_WIDTH apart joined (a chat template's sinks come in clusters: positions 2, 3, 8,
+    10, 13 -> one range [2, 14)); ``first``: the position of ``hidden``'s row 0."""
+    return merge_ranges([(p, p + 1) for p in residual_sinks(predictor, hidden, first)
+                         if lo <= p < n_pred], gap=SPAN_WIDTH)
+
+
+def merge_ranges(*groups: list[tuple[int, int]], gap: int = 0) -> list[tuple[int, int]]:
+    """The union of ranges [a, b), as ordered disjoint ranges (those within ``gap`` of each
+    other joined)."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(r for group in groups for r in group):
+        if out and a <= out[-1][1] + gap:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def checked_ranges(ranges, n_pred: int, lo: int = 1) -> list[tuple[int, int]]:
+    out, end = [], lo
+    for a, b in ranges:
+        a, b = int(a), int(b)
+        if not (end <= a < b <= n_pred):
+            raise KvcliError(f"recomputed ranges must be ordered, disjoint and within {lo}.."
+                             f"{n_pred}: got {list(ranges)}")
+        out.append((a, b))
+        end = b
+    return out

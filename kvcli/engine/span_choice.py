@@ -1,0 +1,140 @@
+"""Which prompt spans the base recomputes itself: where the prompt's last token looks.
+
+A predicted cache loses facts stated once, far back (docs/design.md); the base recomputing the
+few tokens that state them, over the predicted cache, gets them back. They are found in the
+first base layer after a prefix auxiliary. Its keys come from the predictor (0.28 relative
+error on the default bundle, measured by kvcli eval: enough to rank positions, the choice
+held the fact in 60/60 prompts); the query is computed here in numpy from the tensors the
+auxiliary already captures (the residual entering its last layer and that layer's attention
+output: the rest of that layer, then the next layer's query projection). Every earlier
+position is scored by the largest attention weight any query head gives it; the spans are
+the best-scoring windows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvcli import keys
+from kvcli.errors import IncompatibleError
+from kvcli.models.gguf_header import read_tensors
+from kvcli.models.model_info import ModelInfo
+from kvcli.state.rope import rotate
+
+_ARCHS = ("gemma3", "llama", "qwen2")
+
+
+def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+@dataclass
+class QueryProjector:
+    """Queries of base layer ``layer`` (= k, the auxiliary's depth) from the auxiliary's
+    captured ``l_out-(k-2)`` and ``kqv_out-(k-1)`` rows: layer k-1's output projection,
+    post-attention norm, FFN, then layer k's norm, query projection, query norm and RoPE."""
+
+    info: ModelInfo
+    layer: int
+    w: dict[str, np.ndarray]
+
+    @classmethod
+    def for_base(cls, info: ModelInfo, layer: int) -> QueryProjector:
+        if info.arch not in _ARCHS:
+            raise IncompatibleError(f"choosing spans supports {', '.join(_ARCHS)}, not {info.arch}")
+        if layer < 1 or layer >= info.n_layer:
+            raise IncompatibleError(f"no base layer {layer} to choose spans with")
+        if info.n_swa and info.is_swa[layer]:
+            raise IncompatibleError(
+                f"base layer {layer}, the first after the auxiliary, is a sliding-window layer: "
+                "its attention cannot see far back, so it cannot choose spans")
+        prev, names = layer - 1, []
+        names += [f"blk.{prev}.{n}" for n in ("attn_output.weight", "attn_output.bias",
+                                              "post_attention_norm.weight", "ffn_norm.weight",
+                                              "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight",
+                                              "post_ffw_norm.weight")]
+        names += [f"blk.{layer}.{n}" for n in ("attn_norm.weight", "attn_q.weight", "attn_q.bias",
+                                               "attn_q_norm.weight")]
+        w = read_tensors(info.path, set(names))
+        missing = [n for n in names if n not in w and not n.endswith(".bias")
+                   and (info.arch == "gemma3" or ("post_" not in n and "q_norm" not in n))]
+        if missing:
+            raise IncompatibleError(f"{info.path.name} has no tensor {missing[0]}")
+        return cls(info, layer, w)
+
+    def _proj(self, x: np.ndarray, name: str) -> np.ndarray:
+        out = x @ self.w[f"{name}.weight"].T
+        bias = self.w.get(f"{name}.bias")
+        return out if bias is None else out + bias
+
+    def residual(self, into_prev: np.ndarray, prev_attention: np.ndarray) -> np.ndarray:
+        """The residual entering layer k: layer k-1 finished from its attention output."""
+        p, eps, gemma = f"blk.{self.layer - 1}", self.info.rms_eps, self.info.arch == "gemma3"
+        x = into_prev.astype(np.float32)
+        att = self._proj(prev_attention.astype(np.float32), f"{p}.attn_output")
+        x = x + (_rms_norm(att, self.w[f"{p}.post_attention_norm.weight"], eps) if gemma else att)
+        h = _rms_norm(x, self.w[f"{p}.ffn_norm.weight"], eps)
+        gate = self._proj(h, f"{p}.ffn_gate")
+        ffn = self._proj((_gelu_tanh(gate) if gemma else _silu(gate)) * self._proj(h, f"{p}.ffn_up"),
+                         f"{p}.ffn_down")
+        return x + (_rms_norm(ffn, self.w[f"{p}.post_ffw_norm.weight"], eps) if gemma else ffn)
+
+    def queries(self, residual: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """(rows, n_head, head_dim) queries after the query norm and RoPE (llama.cpp's
+        ``Qcur-k``), before the attention scale."""
+        info, p = self.info, f"blk.{self.layer}"
+        h = _rms_norm(residual.astype(np.float32), self.w[f"{p}.attn_norm.weight"], info.rms_eps)
+        q = self._proj(h, f"{p}.attn_q").reshape(len(h), info.n_head[self.layer], info.head_dim_k)
+        if f"{p}.attn_q_norm.weight" in self.w:
+            q = _rms_norm(q, self.w[f"{p}.attn_q_norm.weight"], info.rms_eps)
+        q = rotate(q.reshape(len(h), -1), np.asarray(positions), info.rope[self.layer])
+        return q.reshape(len(h), info.n_head[self.layer], info.head_dim_k)
+
+
+def spans_supported(hidden_kinds) -> bool:
+    return keys.FEATURE_AUX_RESIDUAL in hidden_kinds and keys.FEATURE_AUX_ATTN in hidden_kinds
+
+
+def attention_peaks(queries: np.ndarray, cached_keys: np.ndarray) -> np.ndarray:
+    """Per key row, the largest softmax weight any (query row, head) gives it.
+
+    ``queries`` (rows, n_head, d) all come after every key (no mask); ``cached_keys``
+    (n_keys, n_head_kv * d), heads grouped as llama.cpp groups them (query head h reads KV
+    head h // (n_head / n_head_kv))."""
+    _, n_head, d = queries.shape
+    kv = cached_keys.reshape(len(cached_keys), -1, d)
+    group = n_head // kv.shape[1]
+    peaks = np.zeros(len(kv), dtype=np.float32)
+    for h in range(n_head):
+        s = queries[:, h, :] @ kv[:, h // group, :].T / np.sqrt(d)
+        s = np.exp(s - s.max(axis=1, keepdims=True))
+        np.maximum(peaks, (s / s.sum(axis=1, keepdims=True)).max(axis=0), out=peaks)
+    return peaks
+
+
+def choose_spans(scores: np.ndarray, n_spans: int, width: int, lo: int, hi: int
+                 ) -> list[tuple[int, int]]:
+    """Up to ``n_spans`` disjoint windows [a, a + width) within [lo, hi) with the largest
+    summed scores, best first taken, returned in position order."""
+    width = min(width, hi - lo)
+    if n_spans < 1 or width < 1:
+        return []
+    sums = np.convolve(scores[lo:hi].astype(np.float64), np.ones(width), mode="valid")
+    out = []
+    for _ in range(n_spans):
+        i = int(np.argmax(sums))
+        if sums[i] < 0:
+            break
+        out.append((lo + i, lo + i + width))
+        sums[max(0, i - width + 1) : i + width] = -1.0  # no overlap with a chosen window
+    return sorted(out)

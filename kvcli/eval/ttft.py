@@ -1,0 +1,161 @@
+"""TTFT side by side, in the manner of llama-bench: modes interleaved, quality on the side.
+
+Per prompt length N: ``repeats`` distinct prompts of exactly N tokens from the held-out
+corpus part. Each round runs every method on that round's prompt, base first (base, kvp per
+tail, truncate), so that machine noise hits all alike. TTFT is from having the tokens to
+having the greedy first token. Untimed, after each timed prefill: the base continues
+greedily for FORCED tokens (the reference), and every other method is teacher-forced on
+them (first-token agreement, mean KL(base || method)). Truncation keeps the last M tokens,
+M matched to kvp's TTFT (tail 0) from timings of base and kvp after the warm-up.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvcli.engine.engine import Engine
+from kvcli.engine.timings import Timings
+from kvcli.errors import KvcliError
+from kvcli.eval.quality import forced_scores, reference_after_prefill
+from kvcli.predict.corpus import token_chunks
+
+BENCH_MODES = ("base", "kvp", "truncate")
+
+
+@dataclass(frozen=True)
+class Method:
+    mode: str
+    tail: int = 0
+    keep: int | None = None
+    spans: int = 0
+    aux_load: str = ""  # kvp: set when it runs on one of the extra engines (by its aux_load)
+
+
+@dataclass
+class Runs:
+    ttft_ms: list[float] = field(default_factory=list)
+    timings: list[Timings] = field(default_factory=list)
+    first_agree: list[bool] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+
+
+def bench_prompts(engine: Engine, n_tokens: int, count: int) -> list[list[int]]:
+    """``count`` distinct held-out prompts of exactly ``n_tokens`` tokens (BOS first where
+    the model adds one)."""
+    model = engine.model
+    prompts = [t for _, t in token_chunks("heldout", lambda s: model.tokenize(s, add_special=False),
+                                          chunk_tokens=n_tokens, n_chunks=count, bos=model.prompt_bos)]
+    if len(prompts) < count:
+        raise KvcliError(f"the held-out corpus has only {len(prompts)} texts of {n_tokens} tokens")
+    return prompts
+
+
+def _prefill(engine: Engine, tokens: list[int], m: Method):
+    start = time.perf_counter()
+    ctx, logits, timings = engine.prefill(tokens, mode=m.mode, tail=m.tail, keep=m.keep,
+                                          spans=m.spans)
+    first = int(np.argmax(logits))
+    return ctx, logits, first, timings, (time.perf_counter() - start) * 1e3
+
+
+def _matched_keep(engine: Engine, tokens: list[int], base_ms: float, kvp_ms: float) -> int:
+    """M with truncation's TTFT near kvp's: scaled from the first round's timings of base
+    and kvp, then corrected once from a measured truncation."""
+    n = len(tokens)
+    keep = max(16, min(n - 1, round((n - 1) * kvp_ms / base_ms)))
+    trunc = _prefill(engine, tokens, Method("truncate", keep=keep))[4]
+    return max(16, min(n - 1, round(keep * kvp_ms / trunc)))
+
+
+def bench_length(engine: Engine, n_tokens: int, *, modes: list[str],
+                 kvp: list[tuple[int, int]], repeats: int, warmup: int,
+                 progress: Callable[[], None] | None = None,
+                 extra_engines: dict[str, Engine] | None = None
+                 ) -> tuple[dict[Method, Runs], list[list[int]]]:
+    """``kvp``: its (tail, spans) settings, each a method; truncation is matched to the
+    TTFT of the last. ``extra_engines``: aux_load -> an engine that loads the auxiliary that
+    way; kvp (tail 0) is also timed on each, side by side with the main engine's."""
+    extra_engines = extra_engines or {}
+    prompts = bench_prompts(engine, n_tokens, repeats)
+    methods = [Method("base")] if "base" in modes else []
+    if "kvp" in modes:
+        methods += [Method("kvp", tail=t, spans=s) for t, s in kvp]
+        methods += [Method("kvp", aux_load=load) for load in extra_engines]
+
+    def pick(m: Method) -> Engine:
+        return extra_engines.get(m.aux_load, engine)
+
+    for _ in range(warmup):  # a first run allocates; it is never timed
+        for m in methods:
+            _prefill(pick(m), prompts[0], m)
+    runs = {m: Runs() for m in methods}
+    for i, tokens in enumerate(prompts):
+        ref = None
+        for m in list(methods):
+            ref = _record(pick(m), tokens, m, runs[m], ref)
+            if progress:
+                progress()
+        if i == 0 and "truncate" in modes:
+            keep = n_tokens // 3
+            matched = Method("kvp", tail=kvp[-1][0], spans=kvp[-1][1]) if kvp else None
+            if Method("base") in runs and matched in runs:
+                keep = _matched_keep(engine, tokens, runs[Method("base")].ttft_ms[0],
+                                     runs[matched].ttft_ms[0])
+            methods.append(Method("truncate", keep=keep))
+            runs[methods[-1]] = Runs()
+            _prefill(engine, tokens, methods[-1])  # untimed: its first run
+            ref = _record(engine, tokens, methods[-1], runs[methods[-1]], ref)
+            if progress:
+                progress()
+    return runs, prompts
+
+
+def _record(engine: Engine, tokens: list[int], m: Method, r: Runs, ref):
+    """One timed prefill; the base's returns the reference, the others are scored on it."""
+    ctx, logits, first, timings, ttft = _prefill(engine, tokens, m)
+    r.ttft_ms.append(ttft)
+    r.timings.append(timings)
+    if m.mode == "base":
+        ref = reference_after_prefill(ctx, logits)
+        r.first_agree.append(True)
+        r.kl.append(0.0)
+    elif ref is not None:
+        r.first_agree.append(first == ref.tokens[0])
+        r.kl.append(forced_scores(ctx, logits, ref)[0])
+    return ref
+
+
+def summarize(n_tokens: int, runs: dict[Method, Runs]) -> list[dict]:
+    """One row per method, ratios from the base's TTFT of this same run."""
+    base = runs.get(Method("base"))
+    base_mean = statistics.fmean(base.ttft_ms) if base else None
+    rows = []
+    for m, r in runs.items():
+        mean = statistics.fmean(r.ttft_ms)
+        row = {
+            "n_prompt": n_tokens, "mode": m.mode, "tail": m.tail, "spans": m.spans, "keep": m.keep,
+            "aux_load": m.aux_load or None,
+            "repeats": len(r.ttft_ms), "ttft_ms_mean": round(mean, 2),
+            "ttft_ms_std": round(statistics.stdev(r.ttft_ms), 2) if len(r.ttft_ms) > 1 else 0.0,
+            "ttft_ms_median": round(statistics.median(r.ttft_ms), 2),
+            "ttft_ratio": round(mean / base_mean, 4) if base_mean else None,
+            "first_token_agreement": round(float(np.mean(r.first_agree)), 4) if r.first_agree else None,
+            "kl_mean": round(float(np.mean(r.kl)), 5) if r.kl else None,
+            "peak_rss_mib": None, "peak_pss_mib": None, "pss_mib": None,
+        }
+        if m.mode == "kvp":
+            parts = {k: round(statistics.fmean(t.as_dict()[k] for t in r.timings), 2)
+                     for k in r.timings[0].as_dict()}
+            floor = parts["aux_prefill_ms"] + parts["base_decode_ms"]
+            overhead = (parts["state_get_ms"] + parts["predict_ms"] + parts["state_set_ms"]
+                        + parts["recompute_ms"])
+            row.update(breakdown_ms=parts, floor_ms=round(floor, 2),
+                       floor_ratio=round(mean / floor, 4),
+                       overhead_share=round(overhead / mean, 4))
+        rows.append(row)
+    return rows

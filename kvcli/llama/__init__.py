@@ -1,0 +1,1 @@
+"""Thin owners of llama.cpp's native handles: models, contexts, tensor capture, chat templates."""

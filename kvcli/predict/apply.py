@@ -1,0 +1,240 @@
+"""From the auxiliary's parsed state to the base's predicted state: pure numpy, no llama.cpp.
+
+Copied layers take the auxiliary's cached rows as they are (same RoPE). Predicted layers:
+un-RoPE the keys of the auxiliary layer the layer map names, predict pre-RoPE keys and
+values, RoPE the keys with the base layer's own parameters. A sliding-window layer gets only
+the cells that the base's later tokens can still see. The first cell (position 0) depends on
+the first token alone; it is copied exactly from the base's own cache of that token (its
+features are unlike every other position's: see FirstCell).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from kvcli import keys
+from kvcli.errors import IncompatibleError
+from kvcli.models.model_info import ModelInfo
+from kvcli.predict.predictor import Predictor, build_features
+from kvcli.state.codec import Pending
+from kvcli.state.layout import CacheLayout, LayerCells
+from kvcli.state.rope import rotate, unrotate
+
+_POOL: ThreadPoolExecutor | None = None
+_WORKERS = min(os.cpu_count() or 1, 8)
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="kvcli-predict")
+    return _POOL
+
+
+@dataclass
+class FirstCell:
+    """The base's own K, V at position 0 for one token, per layer.
+
+    Position 0 attends only to itself, so its cells are a function of its token; most models
+    park attention there (an attention sink) and their hidden state at position 0 carries
+    activations orders of magnitude above every other position's. A predictor fit on other
+    positions maps those to keys and values hundreds of times too large: measured on
+    Qwen2.5-Coder 1.5B (a prefix of 7 layers, whose prompts start with no BOS), the predicted
+    position-0 cell was off by 10-570x its norm (K) and 44-210x (V) in every predicted layer,
+    and the base's output was garbage; with this cell exact it was text again."""
+
+    token: int
+    k: dict[int, np.ndarray]
+    v: dict[int, np.ndarray]
+
+
+def _sliding(info: ModelInfo, group: list[int]) -> bool:
+    return bool(group) and info.n_swa > 0 and all(info.is_swa[il] for il in group)
+
+
+def _window_start(info: ModelInfo, first_query: int) -> int:
+    return max(0, first_query - info.n_swa + 1)  # llama.cpp masks p1 - p0 >= n_swa
+
+
+def needed_positions(info: ModelInfo, n_cells: int, first_query: int) -> list[np.ndarray]:
+    """Per cache group of ``info``: positions 0..n_cells-1 that queries at >= first_query see."""
+    return [np.arange(_window_start(info, first_query) if _sliding(info, group) else 0, n_cells,
+                      dtype=np.int32) for group in info.cache_layer_groups]
+
+
+def span_group_positions(info: ModelInfo, n_cells: int, starts: list[int], span_context: int,
+                         tail_context: int) -> list[np.ndarray]:
+    """Per cache group, the predicted positions < n_cells written when the base recomputes
+    spans starting at ``starts``: every position in full-attention groups; in sliding-window
+    groups only the last ``span_context`` cells before each span and the last
+    ``tail_context`` before n_cells (each within the window), fewer than the window holds."""
+    out = []
+    for group in info.cache_layer_groups:
+        if not _sliding(info, group):
+            out.append(np.arange(n_cells, dtype=np.int32))
+            continue
+        seen = np.zeros(n_cells, dtype=bool)
+        for start, context in [*((s, span_context) for s in starts), (n_cells, tail_context)]:
+            seen[max(_window_start(info, start), start - context) : start] = True
+        out.append(np.flatnonzero(seen).astype(np.int32))
+    return out
+
+
+def rescale_to_key_norm(k: np.ndarray, weight: np.ndarray, head_dim: int) -> np.ndarray:
+    """Give each predicted key head the scale the base's key norm produces: rms(k / w) = 1.
+
+    Ridge shrinks predictions toward the mean, which flattens attention; keys that came out
+    of an RMS norm have a known per-head scale, so the direction is all that is predicted.
+    """
+    heads = k.reshape(len(k), -1, head_dim)
+    visible = np.abs(weight) > 1e-3  # a zero weight hides that dimension of the normed key
+    inv_w = np.where(visible, 1.0 / np.where(visible, weight, 1.0), 0.0).astype(np.float32)
+    mean_sq = np.einsum("chd,chd->ch", heads * inv_w, heads * inv_w) / max(int(visible.sum()), 1)
+    heads /= np.maximum(np.sqrt(mean_sq), 1e-6)[..., None]
+    return k
+
+
+def apply_key_norm(k: np.ndarray, weight: np.ndarray, head_dim: int, eps: float) -> np.ndarray:
+    """The base's key norm on pre-norm keys: each head RMS-normalised, times the weight."""
+    heads = k.reshape(len(k), -1, head_dim).astype(np.float32)
+    heads = heads / np.sqrt(np.mean(heads * heads, axis=-1, keepdims=True) + eps) * weight
+    return heads.reshape(len(k), -1)
+
+
+def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: ModelInfo,
+                    predictor: Predictor, group_positions: list[np.ndarray],
+                    first_cell: FirstCell | None = None, key_norms: dict[int, np.ndarray] | None = None,
+                    hidden: list[np.ndarray] = (), hidden_start: int = 0,
+                    raw_kv: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+                    only: list[int] | None = None, cache: dict | None = None
+                    ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """K (post-RoPE) and V rows per base layer, for the positions of its cache group.
+
+    The auxiliary's cells must hold positions 0..n-1; ``hidden`` rows start at position
+    ``hidden_start`` (a conversation's auxiliary decodes only its new tokens). ``raw_kv``:
+    per auxiliary layer, its keys and values straight out of the QKV projection (captured
+    like ``hidden``, from the same position), for a predictor that reads raw keys. ``only``:
+    just these layers. ``cache``: a dict kept across calls on the same prompt, where a
+    factored predictor's basis products are reused."""
+    out, jobs = _layer_jobs(aux_layers, aux, base, predictor, group_positions, first_cell, key_norms,
+                            hidden, hidden_start, raw_kv, only, cache)
+    # numpy releases the GIL in its kernels: layers run in parallel on single-threaded BLAS
+    out.update(zip(jobs, _pool().map(lambda job: job(), jobs.values())))
+    return out
+
+
+def predicted_state_bytes(layout: CacheLayout, known: dict | None = None, **kwargs) -> bytearray:
+    """The state bytes (seq 0, ``layout``) of ``predict_base_kv``'s rows, each predicted layer
+    computed on the pool and cast into the buffer at once: only a few layers' float32 rows
+    are alive at any time. ``known``: layers' rows already predicted (at these positions)."""
+    known = known or {}
+    out, jobs = _layer_jobs(**kwargs)
+    out.update(known)
+    for il, job in jobs.items():
+        if il in known:
+            continue
+        n = len(_positions_of(kwargs["base"], kwargs["group_positions"], il))
+        out[il] = (Pending((n, kwargs["base"].n_embd_k(il)), job, 0),
+                   Pending((n, kwargs["base"].n_embd_v(il)), job, 1))
+    return state_bytes(layout, kwargs["group_positions"], out)
+
+
+def _positions_of(base: ModelInfo, group_positions: list[np.ndarray], il: int) -> np.ndarray:
+    for group, positions in zip(base.cache_layer_groups, group_positions):
+        if il in group:
+            return positions
+    raise IncompatibleError(f"base layer {il} is in no cache group")
+
+
+def _layer_jobs(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: ModelInfo,
+                predictor: Predictor, group_positions: list[np.ndarray],
+                first_cell: FirstCell | None = None, key_norms: dict[int, np.ndarray] | None = None,
+                hidden: list[np.ndarray] = (), hidden_start: int = 0,
+                raw_kv: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+                only: list[int] | None = None, cache: dict | None = None):
+    """The copied layers' rows, and per predicted layer a function that computes its rows
+    (``only``: just these layers; ``cache``: see ``predict_base_kv``)."""
+    n_cells = max((len(p) and int(p[-1]) + 1) for p in group_positions)
+    first = min((int(p[0]) for p in group_positions if len(p)), default=n_cells)
+    if hidden and not (hidden_start <= first and hidden_start + len(hidden[0]) >= n_cells):
+        raise IncompatibleError(f"captured hidden rows cover positions {hidden_start}.."
+                                f"{hidden_start + len(hidden[0]) - 1}, not {first}..{n_cells - 1}")
+    if predictor.raw_keys and (raw_kv is None or any(
+            src not in raw_kv or hidden_start > first or hidden_start + len(raw_kv[src][0]) < n_cells
+            for src in predictor.feature_layers)):
+        raise IncompatibleError(f"this predictor reads the auxiliary's raw keys at positions "
+                                f"{first}..{n_cells - 1}: capture them")
+    if predictor.key_space == keys.KEY_SPACE_PRE_NORM and key_norms is None:
+        raise IncompatibleError("this predictor's keys need the base's key norm, which the base "
+                                "model does not have as float32 weights")
+    for il in ([] if predictor.raw_keys else predictor.feature_layers) + predictor.copied_layers:
+        cells = aux_layers.get(il)
+        if cells is None or len(cells.positions) < n_cells or (
+                n_cells and int(cells.positions[n_cells - 1]) != n_cells - 1):
+            raise IncompatibleError(f"auxiliary layer {il} does not hold positions 0..{n_cells - 1}")
+
+    wanted = (lambda il: True) if only is None else (lambda il: il in only)
+    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for il in filter(wanted, predictor.copied_layers):
+        rows = _positions_of(base, group_positions, il)
+        out[il] = (aux_layers[il].k[rows], aux_layers[il].v[rows])
+
+    features = {}  # row i: position first + i
+    h0 = first - hidden_start
+    for src in predictor.feature_layers:
+        if predictor.raw_keys:
+            kv = {src: (raw_kv[src][0][h0 : h0 + n_cells - first],
+                        raw_kv[src][1][h0 : h0 + n_cells - first])}
+        else:
+            cells = aux_layers[src]
+            positions = cells.positions[first:n_cells]
+            kv = {src: (unrotate(cells.k[first:n_cells], positions, aux.rope[src]),
+                        cells.v[first:n_cells])}
+        features[src] = build_features(kv, src, [h[h0 : h0 + n_cells - first] for h in hidden])
+    layers = list(filter(wanted, predictor.predicted_layers))
+    cache = {} if cache is None else cache
+    reduced = {}
+    for src in predictor.sources_with_basis(layers):
+        key = ("basis", src, first, n_cells)
+        if key not in cache:
+            cache[key] = _times_basis(features[src], predictor.bases[src])
+        reduced[src] = cache[key]
+
+    def predict_one(il: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = _positions_of(base, group_positions, il)
+        src = predictor.layer_map[il]
+        x = reduced[src] if il in predictor.factored_layers else features[src]
+        k, v = predictor.predict_layer(x, il, rows - first)
+        if predictor.key_space == keys.KEY_SPACE_PRE_NORM:
+            k = apply_key_norm(k, key_norms[il], base.head_dim_k, base.rms_eps)
+        elif key_norms is not None:
+            k = rescale_to_key_norm(np.ascontiguousarray(k), key_norms[il], base.head_dim_k)
+        k = rotate(k, rows, base.rope[il])
+        if first_cell is not None and predictor.exact_first_cell and len(rows) and rows[0] == 0:
+            k[0], v[0] = first_cell.k[il], first_cell.v[il]
+        return k, v
+
+    return out, {il: partial(predict_one, il) for il in layers}
+
+
+def _times_basis(features: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """features @ basis, its rows split over the pool (BLAS runs single-threaded there)."""
+    n_parts = min(_WORKERS, len(features) // 256)
+    if n_parts < 2:
+        return features @ basis
+    bounds = np.linspace(0, len(features), n_parts + 1).astype(int)
+    return np.concatenate(list(_pool().map(lambda i: features[bounds[i] : bounds[i + 1]] @ basis,
+                                           range(n_parts))))
+
+
+def state_bytes(layout: CacheLayout, group_positions: list[np.ndarray],
+                kv: dict[int, tuple[np.ndarray, np.ndarray]]) -> bytearray:
+    """The state bytes of these rows in ``layout`` (seq 0), cast layer by layer on the pool."""
+    from kvcli.state.codec import write_seq_state
+
+    return write_seq_state(layout.build_state(group_positions, kv), map_fn=_pool().map)

@@ -1,0 +1,1 @@
+"""Training a predictor through the frozen base (the torch extra)."""

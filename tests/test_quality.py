@@ -1,0 +1,43 @@
+"""kvcli eval on the embedded model: the pipeline and the scoring are right."""
+
+import json
+
+import numpy as np
+from test_cli import kvcli
+
+from kvcli.eval.quality import kv_relative_errors
+from kvcli.state.layout import LayerCells
+
+
+def test_quick_eval_scores_what_it_should(gemma_bundle, tmp_path):
+    res = kvcli("eval", "--quick", "--json", "--bundle", gemma_bundle.folder, "--out", tmp_path,
+                "--plot", tmp_path / "pareto.png")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads(res.stdout)
+    assert json.loads((tmp_path / "results.json").read_text()) == result
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"base", "kvp", "truncate", "aux"}
+    assert rows["base"]["accuracy"] >= 2 / 3  # the base retrieves the pass key at 512 tokens
+    assert rows["aux"]["accuracy"] == 0.0  # a 5-layer prefix cannot answer alone
+    assert rows["truncate"]["accuracy"] == 0.0  # matched to kvp's TTFT, it cuts the key away
+    assert rows["truncate"]["keep"] < 512 * 0.6
+    assert rows["base"]["kl_mean"] == 0.0 and rows["base"]["top1_agreement"] == 1.0
+    assert rows["aux"]["kl_mean"] > rows["kvp"]["kl_mean"] > 0
+    assert 0 < rows["kvp"]["ttft_ratio"] < 1
+    k_err, v_err = rows["kvp"]["k_rel_err"], rows["kvp"]["v_rel_err"]
+    assert len(k_err) == len(v_err) == 18
+    assert max(k_err[:5] + v_err[:5]) < 1e-3  # the prefix auxiliary's own layers: exact
+    assert min(k_err[5:]) > 0.01 and min(v_err[5:]) > 0.01  # predicted
+    assert rows["kvp"]["kv_rel_err_predicted_layers"] == [
+        round(float(np.mean(k_err[5:])), 4), round(float(np.mean(v_err[5:])), 4)]
+
+
+def test_kv_relative_errors_over_shared_positions_below_the_tail():
+    def cells(positions, k, v):
+        return LayerCells(np.array(positions), np.array(k, np.float32), np.array(v, np.float32), 1, 1)
+
+    want = {0: cells([0, 1, 2, 3], [[1.0], [1.0], [1.0], [1.0]], [[2.0], [2.0], [2.0], [2.0]])}
+    got = {0: cells([1, 2, 3, 4], [[1.0], [3.0], [9.0], [0.0]], [[2.0], [2.0], [0.0], [5.0]])}
+    k_err, v_err = kv_relative_errors(got, want, below=3)  # positions 1 and 2 only
+    assert np.allclose(k_err, [2.0 / np.sqrt(2.0)]) and v_err == [0.0]
