@@ -10,6 +10,7 @@ import typer
 
 from kvcli.cli.options import BundleOpt, JsonOpt, ThreadsOpt
 from kvcli.errors import IncompatibleError, KvcliError
+from kvcli.lists import parse_list
 
 HELP = """Measure time to first token (TTFT) of the base alone, of predicted prefill (kvp) and
 of truncation, on prompts of exactly N tokens of held-out text, the modes interleaved round
@@ -22,16 +23,6 @@ the base and mean KL(base || mode) over the base's next 32 tokens (the full qual
 is kvcli eval); peak RSS and PSS of each mode measured in a process of its own.
 
 Truncation keeps the last M tokens, M matched to kvp's TTFT from timings taken after the warm-up."""
-
-
-def _ints(text: str, name: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise KvcliError(f"{name} takes comma-separated integers, not {text!r}") from None
-    if not values:
-        raise KvcliError(f"{name} is empty")
-    return values
 
 
 def _settings_info(settings, bundle) -> dict:
@@ -112,15 +103,13 @@ def command(
     from kvcli.eval.ttft import BENCH_MODES
     from kvcli.llama.runtime import ContextSettings
 
-    length_list, tail_list = _ints(lengths, "-p"), _ints(tails, "--tails")
-    span_list = _ints(spans, "--spans") if spans is not None else None
-    mode_list = [m for m in modes.split(",") if m]
-    if not mode_list or set(mode_list) - set(BENCH_MODES):
-        raise KvcliError(f"--modes takes a comma list of {', '.join(BENCH_MODES)}")
+    length_list = parse_list(lengths, "-p", int, minimum=16)
+    tail_list = parse_list(tails, "--tails", int, minimum=0)
+    span_list = parse_list(spans, "--spans", int, minimum=0) if spans is not None else None
+    mode_list = parse_list(modes, "--modes", choices=BENCH_MODES)
     loads = _aux_loads(aux_load)
-    if repeats < 1 or warmup < 0 or min(length_list) < 16 or min(tail_list) < 0 or (
-            span_list and min(span_list) < 0):
-        raise KvcliError("need -r >= 1, --warmup >= 0, N >= 16, tails >= 0 and spans >= 0")
+    if repeats < 1 or warmup < 0:
+        raise KvcliError("need -r >= 1 and --warmup >= 0")
     b = resolve_bundle(bundle)
     settings = ContextSettings(n_ctx=max(length_list) + 64, n_threads=threads)
     engines = []
@@ -187,10 +176,7 @@ def _aux_loads(text: str) -> list[str]:
 
     if text == "all":  # the main engine picks its own; the others are tried beside it
         return ["auto", *(["partial"] if prefix_view_supported() else []), "view", "file"]
-    loads = [x for x in text.split(",") if x]
-    if not loads or set(loads) - set(AUX_LOADS) or len(set(loads)) < len(loads):
-        raise KvcliError(f"--aux-load takes one or more of {', '.join(AUX_LOADS)}, or all")
-    return loads
+    return parse_list(text, "--aux-load", choices=AUX_LOADS, distinct=True)
 
 
 def _run(engine, extra, length_list, mode_list, kvp, repeats, warmup, n_methods):

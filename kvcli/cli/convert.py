@@ -17,6 +17,7 @@ import typer
 from kvcli.cli.options import BundleOpt, JsonOpt, ThreadsOpt, paragraphs
 from kvcli.cli.runner import run, set_debug
 from kvcli.errors import KvcliError
+from kvcli.lists import parse_list
 from kvcli.predict.corpus import CalibrationText
 
 app = typer.Typer(
@@ -117,11 +118,8 @@ def calibrate_cmd(
         raise KvcliError(f"--predictor-type must be one of {', '.join(STORAGE_TYPES)}")
     alphas = None
     if lambdas:
-        try:
-            alphas = tuple(float(x) for x in lambdas.split(","))
-        except ValueError:
-            raise KvcliError(f"cannot read --lambda {lambdas!r}: numbers, comma-separated") from None
-        if not alphas or min(alphas) <= 0:
+        alphas = tuple(parse_list(lambdas, "--lambda", float))
+        if min(alphas) <= 0:
             raise KvcliError("--lambda values must be positive")
     if corpus is not None and not corpus.exists():
         raise KvcliError(f"corpus not found: {corpus}")
@@ -130,9 +128,7 @@ def calibrate_cmd(
     if hidden in ("default", "none"):
         hidden_kinds = hidden == "default"
     else:
-        names = [x.strip() for x in hidden.split(",") if x.strip()]
-        if not names or set(names) - set(kinds):
-            raise KvcliError(f"--hidden takes default, none, or a comma list of {', '.join(kinds)}")
+        names = parse_list(hidden, "--hidden (default, none, or a list)", choices=kinds, distinct=True)
         hidden_kinds = tuple(kinds[x] for x in names)
     lmap = None
     if layer_map:
@@ -205,10 +201,7 @@ def factor_cmd(
     from kvcli.engine.build import factor_bundle
     from kvcli.llama.runtime import ContextSettings
 
-    try:
-        full = [int(x) for x in keep_full.split(",") if x.strip()] if keep_full else []
-    except ValueError:
-        raise KvcliError(f"cannot read --keep-full {keep_full!r}: layer numbers, comma-separated") from None
+    full = parse_list(keep_full, "--keep-full", int, distinct=True) if keep_full else []
     if corpus is not None and not corpus.exists():
         raise KvcliError(f"corpus not found: {corpus}")
     b = resolve_bundle(bundle)

@@ -10,8 +10,8 @@ import typer
 
 from kvcli.cli.common import open_engine
 from kvcli.cli.options import BundleOpt, JsonOpt, ThreadsOpt
-from kvcli.errors import KvcliError
 from kvcli.eval.tasks import TASKS
+from kvcli.lists import parse_list
 from kvcli.llama.runtime import ContextSettings
 
 HELP = """Measure the quality each prefill method keeps, on tasks where early prompt content
@@ -60,18 +60,10 @@ def command(
     if quick:
         tasks, lengths, n, tails = "passkey", "512", 3, "0"
         spans = "0"
-    try:
-        task_list = [t for t in tasks.split(",") if t]
-        length_list = [int(x) for x in lengths.split(",")]
-        tail_list = [int(x) for x in tails.split(",")]
-        span_list = None if spans is None else [int(x) for x in spans.split(",")]
-    except ValueError:
-        raise KvcliError("--lengths, --tails and --spans take comma-separated integers") from None
-    if min(tail_list) < 0 or (span_list and min(span_list) < 0):
-        raise KvcliError("--tails and --spans must be >= 0")
-    unknown = set(task_list) - set(TASKS)
-    if unknown:
-        raise KvcliError(f"unknown task(s) {', '.join(sorted(unknown))} (one of {', '.join(TASKS)})")
+    task_list = parse_list(tasks, "--tasks", choices=TASKS)
+    length_list = parse_list(lengths, "--lengths", int, minimum=16)
+    tail_list = parse_list(tails, "--tails", int, minimum=0)
+    span_list = None if spans is None else parse_list(spans, "--spans", int, minimum=0)
     settings = ContextSettings(n_ctx=max(length_list) + 64, n_threads=threads)
     rows = []
     with open_engine(bundle=bundle, model=None, mode="kvp", settings=settings) as engine:

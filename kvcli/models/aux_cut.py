@@ -18,6 +18,7 @@ import numpy as np
 from kvcli import keys
 from kvcli.atomic import write_atomically
 from kvcli.errors import KvcliError
+from kvcli.lists import parse_list
 from kvcli.models.model_info import SUPPORTED_ARCHS, read_model_info
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.*)$")
@@ -39,23 +40,7 @@ def stride_layers(n_layer: int, stride: int, *, include_last: bool = True) -> li
 
 def parse_layers(spec: str, n_layer: int) -> list[int]:
     """'0-4' or '0,4,8' -> layer indices; they must be increasing, distinct, in range."""
-    layers: list[int] = []
-    try:
-        for part in spec.split(","):
-            part = part.strip()
-            if "-" in part[1:]:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if hi < lo:
-                    raise KvcliError(f"layer range {part!r} runs backwards")
-                layers += range(lo, hi + 1)
-            else:
-                layers.append(int(part))
-    except ValueError:
-        raise KvcliError(f"cannot read the layer list {spec!r} (e.g. 0-4 or 0,4,8)") from None
-    if not layers:
-        raise KvcliError("the layer list is empty")
-    if len(set(layers)) != len(layers):
-        raise KvcliError(f"the layer list {spec!r} names a layer twice")
+    layers = parse_list(spec, "--layers (e.g. 0-4 or 0,4,8)", int, ranges=True, distinct=True)
     if layers != sorted(layers):
         raise KvcliError(f"the layer list {spec!r} is not in increasing order")
     if layers[0] < 0 or layers[-1] >= n_layer:

@@ -23,6 +23,7 @@ import numpy as np
 
 from kvcli import keys
 from kvcli.errors import IncompatibleError, KvcliError
+from kvcli.lists import parse_list
 from kvcli.llama.capture import TensorCapture, hidden_feature_width, hidden_tensor_names
 from kvcli.llama.chat_template import apply_chat_template, chat_template_for
 from kvcli.llama.runtime import Context, ContextSettings, Model
@@ -90,11 +91,7 @@ def default_layer_map(base: ModelInfo, aux: ModelInfo) -> list[int]:
 
 def parse_layer_map(spec: str, base: ModelInfo, aux: ModelInfo) -> list[int]:
     """'0,0,1,1,...' (one auxiliary layer per base layer) -> checked list."""
-    try:
-        out = [int(x) for x in spec.split(",")]
-    except ValueError:
-        raise KvcliError(f"cannot read the layer map {spec!r}: one auxiliary layer index per "
-                         "base layer, comma-separated") from None
+    out = parse_list(spec, "--layer-map", int)
     if len(out) != base.n_layer:
         raise KvcliError(f"the layer map has {len(out)} entries; the base has {base.n_layer} layers")
     if not all(0 <= x < aux.n_layer for x in out):
