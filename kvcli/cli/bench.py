@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from kvcli.choices import parse_list
 from kvcli.cli.options import BundleOpt, JsonOpt, ThreadsOpt
 from kvcli.errors import IncompatibleError, KvcliError
-from kvcli.lists import parse_list
 
 HELP = """Measure time to first token (TTFT) of the base alone, of predicted prefill (kvp) and
 of truncation, on prompts of exactly N tokens of held-out text, the modes interleaved round

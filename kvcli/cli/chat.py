@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from kvcli.cli.options import BundleOpt, CtxOpt, SeedOpt, ThreadsOpt
+from kvcli.engine.conversation import ChatMode
 from kvcli.errors import KvcliError
 
 HELP = """Chat with the base model; each turn's new prompt tokens are prefilled by the
@@ -150,7 +151,7 @@ def _interactive(conv, transcript: Transcript, err) -> None:
 def command(
     bundle: BundleOpt = None,
     system: Annotated[Optional[str], typer.Option("--system", help="A system message.")] = None,
-    mode: Annotated[str, typer.Option("--mode", help="kvp (predicted prefill) or base.")] = "kvp",
+    mode: Annotated[ChatMode, typer.Option("--mode", help="kvp (predicted prefill) or base.")] = ChatMode.KVP,
     tail: Annotated[Optional[int], typer.Option(
         "--tail", help="kvp: the last W prompt tokens of each turn the base decodes itself "
         "(default: as generate's, 24 with spans, else 0).")] = None,
@@ -175,13 +176,11 @@ def command(
 ) -> None:
     from kvcli.cli import ui
     from kvcli.cli.common import notice_aux_load, resolve_bundle, warn_if_checked_worse
-    from kvcli.engine.conversation import CHAT_MODES, Conversation
+    from kvcli.engine.conversation import Conversation
     from kvcli.engine.engine import Engine
     from kvcli.engine.sampling import Sampler
     from kvcli.llama.runtime import ContextSettings
 
-    if mode not in CHAT_MODES:
-        raise KvcliError(f"--mode must be one of {', '.join(CHAT_MODES)}")
     if (tail is not None and tail < 0) or (spans is not None and spans < 0) or n_predict < 1:
         raise KvcliError("--tail and --spans must be >= 0 and -n >= 1")
     b = resolve_bundle(bundle)

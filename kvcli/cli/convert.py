@@ -14,11 +14,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from kvcli.choices import parse_list
 from kvcli.cli.options import BundleOpt, JsonOpt, ThreadsOpt, paragraphs
 from kvcli.cli.runner import run, set_debug
 from kvcli.errors import KvcliError
-from kvcli.lists import parse_list
 from kvcli.predict.corpus import CalibrationText
+from kvcli.predict.predictor import StorageType
 
 app = typer.Typer(
     name="convert_gguf.py",
@@ -28,7 +29,7 @@ app = typer.Typer(
 )
 
 OutFile = Annotated[Path, typer.Option("--output", "-o", help="Output file (written atomically).")]
-PredictorType = Annotated[str, typer.Option(
+PredictorType = Annotated[StorageType, typer.Option(
     "--predictor-type", help="How the predictor's matrices are stored: f32, f16, q8_0 or q4_0 "
     "(gguf-py's quants; dequantized once at load).")]
 Tokens = Annotated[Optional[int], typer.Option(
@@ -103,7 +104,7 @@ def calibrate_cmd(
         "residual into its last layer and that layer's attention output), 'none', or a comma "
         "list of residual, attn, out ('out': the residual leaving its last layer; a prefix "
         "auxiliary only).")] = "default",
-    predictor_type: PredictorType = "f32",
+    predictor_type: PredictorType = StorageType.F32,
     threads: ThreadsOpt = 0,
 ) -> None:
     """Fit a predictor (ridge per base layer) from both models' caches over calibration text."""
@@ -112,10 +113,8 @@ def calibrate_cmd(
     from kvcli.llama.runtime import ContextSettings
     from kvcli.models.model_info import read_model_info
     from kvcli.predict.calibrate import DEFAULT_TOKENS, calibrate, parse_layer_map
-    from kvcli.predict.predictor import STORAGE_TYPES, save_predictor
+    from kvcli.predict.predictor import save_predictor
 
-    if predictor_type not in STORAGE_TYPES:
-        raise KvcliError(f"--predictor-type must be one of {', '.join(STORAGE_TYPES)}")
     alphas = None
     if lambdas:
         alphas = tuple(parse_list(lambdas, "--lambda", float))
@@ -236,7 +235,7 @@ def bundle_cmd(
     corpus: Corpus = None,
     text: Text = CalibrationText.MIXED,
     tokens: Tokens = None,
-    predictor_type: PredictorType = "f32",
+    predictor_type: PredictorType = StorageType.F32,
     reference_base: Annotated[bool, typer.Option(
         "--reference-base", help="Name the base by its path instead of linking or copying it "
         "into the folder.")] = False,

@@ -8,10 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from kvcli.choices import parse_list
 from kvcli.cli.common import open_engine
 from kvcli.cli.options import BundleOpt, JsonOpt, ThreadsOpt
 from kvcli.eval.tasks import TASKS
-from kvcli.lists import parse_list
 from kvcli.llama.runtime import ContextSettings
 
 HELP = """Measure the quality each prefill method keeps, on tasks where early prompt content

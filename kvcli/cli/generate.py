@@ -12,7 +12,7 @@ import typer
 
 from kvcli.cli.common import open_engine
 from kvcli.cli.options import BundleOpt, CtxOpt, JsonOpt, ModelOpt, SeedOpt, ThreadsOpt
-from kvcli.engine.engine import MODES, Engine
+from kvcli.engine.engine import Engine, Mode
 from kvcli.engine.recompute import SPAN_WIDTH
 from kvcli.engine.sampling import Sampler
 from kvcli.engine.timings import Generation
@@ -82,7 +82,7 @@ def command(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt text.")] = None,
     file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Read the prompt from a file.")] = None,
     batch: Annotated[Optional[Path], typer.Option("--batch", help="JSONL file of prompts.")] = None,
-    mode: Annotated[str, typer.Option("--mode", help=f"One of {', '.join(MODES)}.")] = "kvp",
+    mode: Annotated[Mode, typer.Option("--mode", help="How the prompt is prefilled.")] = Mode.KVP,
     n_predict: Annotated[int, typer.Option("-n", "--n-predict", help="Tokens to generate at most.")] = 64,
     tail: Annotated[Optional[int], typer.Option(
         "--tail", help="kvp: the base recomputes the last W prompt tokens (default: 24 with "
@@ -105,8 +105,6 @@ def command(
     model: ModelOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    if mode not in MODES:
-        raise KvcliError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
     if sum(x is not None for x in (prompt, file, batch)) != 1:
         raise KvcliError("give exactly one of PROMPT, --file or --batch")
     if mode == "kvp" and not {cache_type_k, cache_type_v} <= {"f16", "f32"}:

@@ -9,10 +9,21 @@
 
 from __future__ import annotations
 
+from kvcli.choices import Choice
 from kvcli.errors import IncompatibleError
 from kvcli.llama.runtime import llama_cpp_version, prefix_view_supported
 
-AUX_LOADS = ("auto", "partial", "view", "file")
+
+class AuxLoad(Choice):
+    """How a prefix auxiliary is run (the module's docstring)."""
+
+    AUTO = "auto"
+    PARTIAL = "partial"
+    VIEW = "view"
+    FILE = "file"
+
+
+AUX_LOADS = AuxLoad.values()
 
 
 def choose_aux_load(requested: str, prefix: int, *, needs_view: bool = False,

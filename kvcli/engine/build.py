@@ -37,7 +37,7 @@ from kvcli.models.torch_checkpoint import load_checkpoint, state_dict_of
 from kvcli.predict.calibrate import DEFAULT_TOKENS, collect, fit_predictor
 from kvcli.predict.corpus import CalibrationText
 from kvcli.predict.factor import factor_calibrated
-from kvcli.predict.predictor import STORAGE_TYPES, Predictor, load_predictor, save_predictor, storage_block
+from kvcli.predict.predictor import Predictor, StorageType, load_predictor, save_predictor, storage_block
 
 # The predictor's shared basis where the auxiliary's features are wide (kvcli.predict.factor). On
 # Qwen2.5-Coder 1.5B with a 7-layer prefix (3584 features, 21 layers): held-out K error
@@ -57,8 +57,7 @@ def build_bundle(base_path: str | Path, folder: str | Path, *, n_aux_layers: int
     ``aux_file`` (its cut is then kept, for a llama.cpp that should load it as a file).
     ``rank``: the predictor is factored through a shared basis of that many columns
     (kvcli.predict.factor) where its features are wider than twice that; 0: never."""
-    if storage_type not in STORAGE_TYPES:
-        raise KvcliError(f"unknown predictor type {storage_type!r} (one of {', '.join(STORAGE_TYPES)})")
+    storage_type = StorageType.parse(storage_type, "predictor type")
     if rank < 0 or rank % storage_block(storage_type):
         raise KvcliError(f"the rank must be >= 0 and divisible by {storage_block(storage_type)} "
                          f"(predictor type {storage_type}), not {rank}")
@@ -131,8 +130,7 @@ def factor_bundle(bundle, output, *, rank: int, full_layers: list[int] = (), n_t
     if pred.raw_keys or pred.origin:
         raise KvcliError(f"kvcli factors its own fits, not a predictor {pred.origin or 'fed raw keys'}")
     storage = storage or pred.storage_type
-    if storage not in STORAGE_TYPES:
-        raise KvcliError(f"--predictor-type must be one of {', '.join(STORAGE_TYPES)}")
+    storage = StorageType.parse(storage, "predictor type")
     block = storage_block(storage)
     if rank % block:
         raise KvcliError(f"predictor type {storage} needs a rank divisible by {block}, not {rank}")

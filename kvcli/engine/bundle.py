@@ -2,7 +2,7 @@
 
 The manifest names each file with its size, sha256 and fingerprint. An auxiliary that is the
 base's own layers 0..k-1 needs no file: the manifest says ``prefix_of_base: k`` and kvcli
-runs it from the base's weights (engine.AUX_LOADS), cutting a file only if one is asked for.
+runs it from the base's weights (engine/aux_load.py), cutting a file only if one is asked for.
 A bundle is built in a hidden folder and renamed into place (atomic.py), so an interrupted
 build leaves nothing half-written. The default bundle is built on first use from the
 embedded Gemma 3 270M into the user's cache folder ($XDG_CACHE_HOME/kvcli, else

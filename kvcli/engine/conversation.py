@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvcli.choices import Choice
 from kvcli.engine.engine import Engine
 from kvcli.engine.recompute import merge_ranges
 from kvcli.engine.sampling import Sampler
@@ -28,7 +29,14 @@ from kvcli.errors import ContextError, KvcliError
 from kvcli.llama.chat_template import apply_chat_template, chat_template_for
 
 # the template of an architecture whose GGUF stores none (llama.cpp's built-in names)
-CHAT_MODES = ("kvp", "base")
+
+
+class ChatMode(Choice):
+    KVP = "kvp"
+    BASE = "base"
+
+
+CHAT_MODES = ChatMode.values()
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -76,8 +84,7 @@ class Conversation:
         self.render([{"role": "user", "content": "hi"}])  # fail early on an unknown template
 
     def set_mode(self, mode: str) -> None:
-        if mode not in CHAT_MODES:
-            raise KvcliError(f"unknown chat mode {mode!r} (one of {', '.join(CHAT_MODES)})")
+        mode = ChatMode.parse(mode, "chat mode")
         if mode == "kvp" and self.engine.predictor is None:
             raise KvcliError("mode kvp needs a bundle with an auxiliary and a predictor")
         self.mode = mode

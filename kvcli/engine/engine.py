@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from kvcli import keys
-from kvcli.engine.aux_load import AUX_LOADS, choose_aux_load
+from kvcli.choices import Choice
+from kvcli.engine.aux_load import AuxLoad, choose_aux_load
 from kvcli.engine.kvp_prefill import kvp_prefill
 from kvcli.engine.recompute import (
     DEFAULT_SPANS,
@@ -41,7 +42,19 @@ from kvcli.predict.predictor import load_predictor
 from kvcli.state.codec import parse_seq_state
 from kvcli.state.layout import CacheLayout, layers_by_index
 
-MODES = ("base", "kvp", "truncate", "aux")
+
+class Mode(Choice):
+    """How a prompt is prefilled: by the base, by kvp (the auxiliary and the predictor, with
+    the base recomputing its tail and spans), truncated to its last tokens, by the auxiliary
+    alone (which then generates too)."""
+
+    BASE = "base"
+    KVP = "kvp"
+    TRUNCATE = "truncate"
+    AUX = "aux"
+
+
+MODES = Mode.values()
 # ranges kvp recomputes in one decode (each in a scratch sequence) and the cells they may
 # take beside the prompt's: 2 spans of 16 and a chat template's sinks fit in one batch
 SCRATCH_SEQS = 8
@@ -56,14 +69,13 @@ class Engine:
                  settings: ContextSettings | None = None, key_norm_rescale: bool = True,
                  aux_load: str = "auto", aux_prefix: int = 0, tail_focus_layers: list[int] = (),
                  attention_layers: list[int] = ()):
-        """``aux_load``: how a prefix auxiliary is loaded (AUX_LOADS; "auto": choose_aux_load).
+        """``aux_load``: how a prefix auxiliary is loaded (AuxLoad; "auto": choose_aux_load).
         ``aux_prefix`` k instead of ``aux_path``: the auxiliary is the base's own layers
         0..k-1, with no file (one is cut into the cache only if a mode needs it).
         ``tail_focus_layers``: kvp's spans are chosen by these base layers' attention from the
         tail (kvcli.engine.tail_choice), not by kvcli.engine.span_choice. ``attention_layers``:
         base layers whose attention weights the base context can capture (``base_attention``)."""
-        if aux_load not in AUX_LOADS:
-            raise KvcliError(f"unknown auxiliary load {aux_load!r} (one of {', '.join(AUX_LOADS)})")
+        aux_load = AuxLoad.parse(aux_load, "auxiliary load")
         self.base_info = read_model_info(base_path, "base model")
         self.aux_path = Path(aux_path) if aux_path else None
         self.aux_info = (prefix_view_info(self.base_info.path, aux_prefix) if aux_prefix
@@ -304,8 +316,7 @@ class Engine:
         the given ``recompute`` ranges [a, b) (1 <= a < b <= N - 1 - tail, in order).
         base and kvp: ``start``: the base context already holds tokens[:start] and keeps them
         (a conversation); kvp's ``aux_start`` and ``earlier``: kvcli.engine.kvp_prefill."""
-        if mode not in MODES:
-            raise KvcliError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
+        mode = Mode.parse(mode, "mode")
         self._check_fits(len(tokens))
         t = Timings()
         if start and mode not in ("base", "kvp"):

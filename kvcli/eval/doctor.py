@@ -158,7 +158,7 @@ def check_bundle(folder: str | Path) -> CheckResult:
 
 
 def check_view(folder: str | Path, n_tokens: int = 200) -> CheckResult | None:
-    """For a prefix auxiliary run from the base's own weights (engine.AUX_LOADS: partial or
+    """For a prefix auxiliary run from the base's own weights (engine/aux_load.py: partial or
     view): it caches exactly what the base itself caches in layers 0..k-1."""
     from kvcli.engine.bundle import load_bundle
     from kvcli.engine.engine import Engine

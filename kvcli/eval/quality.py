@@ -4,20 +4,20 @@ For every example the base runs first: its greedy answer, and its greedy next FO
 with their log-probabilities. Then each method (kvp at each tail, truncate, the auxiliary
 alone) prefills the same prompt: its own greedy answer is scored strictly, and, teacher-
 forced on the base's FORCED tokens, KL(base || method) and top-1 agreement are measured.
-Truncation keeps the last M tokens with M chosen so that its TTFT matches kvp's (tail 0),
-from timings measured on the first example.
+Truncation keeps the last M tokens with M matched to the TTFT of the costliest kvp setting
+on the first example (kvcli.eval.matched).
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from kvcli.engine.engine import Engine
+from kvcli.eval.matched import matched_keep, timed_prefill
 from kvcli.eval.tasks import Example, is_correct, make_examples
 from kvcli.state.codec import parse_seq_state
 from kvcli.state.layout import LayerCells, layers_by_index
@@ -76,13 +76,6 @@ class BaseReference:
     answer: str
 
 
-def _timed_prefill(engine: Engine, tokens: list[int], **kwargs):
-    start = time.perf_counter()
-    ctx, logits, _ = engine.prefill(tokens, **kwargs)
-    first = int(np.argmax(logits))
-    return ctx, logits, first, (time.perf_counter() - start) * 1e3
-
-
 def _answer_text(model, tokens: list[int]) -> str:
     """The first ANSWER_TOKENS greedy tokens up to end of generation, as text."""
     answer = []
@@ -96,7 +89,7 @@ def _answer_text(model, tokens: list[int]) -> str:
 def base_reference(engine: Engine, tokens: list[int]
                    ) -> tuple[BaseReference, float, dict[int, LayerCells]]:
     """The base's reference, its TTFT and its cache right after the prefill."""
-    ctx, logits, _, ttft = _timed_prefill(engine, tokens, mode="base")
+    ctx, logits, _, ttft = timed_prefill(engine, tokens, mode="base")
     cache = cache_layers(engine)
     return reference_after_prefill(ctx, logits), ttft, cache
 
@@ -131,7 +124,7 @@ def score_method(engine: Engine, tokens: list[int], ref: BaseReference, stats: M
     with ``true_cache`` (the base's own after its prefill), per-layer K, V errors over the
     positions kvp did not decode with the base itself at the end (spans included)."""
     mode = stats.method
-    ctx, logits, first, ttft = _timed_prefill(engine, tokens, mode=mode, tail=stats.tail or 0,
+    ctx, logits, first, ttft = timed_prefill(engine, tokens, mode=mode, tail=stats.tail or 0,
                                                spans=stats.spans or 0, keep=stats.keep)
     n_past = ctx.n_past
     if mode == "kvp" and true_cache is not None:
@@ -151,25 +144,6 @@ def score_method(engine: Engine, tokens: list[int], ref: BaseReference, stats: M
             ctx.decode(greedy[-1:], logits_last=True)
             greedy.append(int(np.argmax(ctx.last_logits())))
         stats.correct.append(is_correct(_answer_text(ctx.model, greedy), example.answer))
-
-
-def matched_keep(engine: Engine, tokens: list[int], repeats: int = 2, rounds: int = 3,
-                 **kvp) -> int:
-    """Prompt tokens the base can prefill in kvp's TTFT (settings ``kvp``), measured on ``tokens``.
-
-    Prefill time is not proportional to length (the one LM-head row, fixed costs), so M is
-    corrected from truncation's own measured TTFT a few times.
-    """
-    def median_ttft(**kwargs) -> float:
-        _timed_prefill(engine, tokens, **kwargs)  # warm-up: a new batch shape allocates
-        return statistics.median(_timed_prefill(engine, tokens, **kwargs)[3] for _ in range(repeats))
-
-    target = median_ttft(mode="kvp", **kvp)
-    keep = len(tokens) - 1
-    for _ in range(rounds):
-        measured = median_ttft(mode="truncate", keep=keep)
-        keep = max(16, min(len(tokens) - 1, round(keep * target / measured)))
-    return keep
 
 
 def evaluate_task(engine: Engine, task: str, n_tokens: int, *, n: int, tails: list[int],

@@ -21,7 +21,8 @@ from collections.abc import Callable
 import numpy as np
 
 from kvcli.engine.engine import Engine
-from kvcli.eval.quality import MethodStats, base_reference, matched_keep, score_method
+from kvcli.eval.matched import matched_keep
+from kvcli.eval.quality import MethodStats, base_reference, score_method
 from kvcli.eval.tasks import Example, make_examples, prose
 from kvcli.llama.chat_template import apply_chat_template, chat_template_for
 

@@ -6,7 +6,7 @@ tail, truncate), so that machine noise hits all alike. TTFT is from having the t
 having the greedy first token. Untimed, after each timed prefill: the base continues
 greedily for FORCED tokens (the reference), and every other method is teacher-forced on
 them (first-token agreement, mean KL(base || method)). Truncation keeps the last M tokens,
-M matched to kvp's TTFT (tail 0) from timings of base and kvp after the warm-up.
+M matched to the last kvp setting's TTFT on the first prompt (kvcli.eval.matched).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 from kvcli.engine.engine import Engine
 from kvcli.engine.timings import Timings
 from kvcli.errors import KvcliError
+from kvcli.eval.matched import truncation_keep
 from kvcli.eval.quality import forced_scores, reference_after_prefill
 from kvcli.predict.corpus import token_chunks
 
@@ -63,15 +64,6 @@ def _prefill(engine: Engine, tokens: list[int], m: Method):
     return ctx, logits, first, timings, (time.perf_counter() - start) * 1e3
 
 
-def _matched_keep(engine: Engine, tokens: list[int], base_ms: float, kvp_ms: float) -> int:
-    """M with truncation's TTFT near kvp's: scaled from the first round's timings of base
-    and kvp, then corrected once from a measured truncation."""
-    n = len(tokens)
-    keep = max(16, min(n - 1, round((n - 1) * kvp_ms / base_ms)))
-    trunc = _prefill(engine, tokens, Method("truncate", keep=keep))[4]
-    return max(16, min(n - 1, round(keep * kvp_ms / trunc)))
-
-
 def bench_length(engine: Engine, n_tokens: int, *, modes: list[str],
                  kvp: list[tuple[int, int]], repeats: int, warmup: int,
                  progress: Callable[[], None] | None = None,
@@ -104,8 +96,8 @@ def bench_length(engine: Engine, n_tokens: int, *, modes: list[str],
             keep = n_tokens // 3
             matched = Method("kvp", tail=kvp[-1][0], spans=kvp[-1][1]) if kvp else None
             if Method("base") in runs and matched in runs:
-                keep = _matched_keep(engine, tokens, runs[Method("base")].ttft_ms[0],
-                                     runs[matched].ttft_ms[0])
+                keep = truncation_keep(engine, tokens, runs[matched].ttft_ms[0],
+                                       base_ms=runs[Method("base")].ttft_ms[0])
             methods.append(Method("truncate", keep=keep))
             runs[methods[-1]] = Runs()
             _prefill(engine, tokens, methods[-1])  # untimed: its first run

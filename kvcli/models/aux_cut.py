@@ -17,8 +17,8 @@ import numpy as np
 
 from kvcli import keys
 from kvcli.atomic import write_atomically
+from kvcli.choices import parse_list
 from kvcli.errors import KvcliError
-from kvcli.lists import parse_list
 from kvcli.models.model_info import SUPPORTED_ARCHS, read_model_info
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.*)$")

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from kvcli import keys
+from kvcli.choices import parse_list
 from kvcli.errors import IncompatibleError, KvcliError
-from kvcli.lists import parse_list
 from kvcli.llama.capture import TensorCapture, hidden_feature_width, hidden_tensor_names
 from kvcli.llama.chat_template import apply_chat_template, chat_template_for
 from kvcli.llama.runtime import Context, ContextSettings, Model

@@ -12,8 +12,9 @@ from __future__ import annotations
 import sysconfig
 import zlib
 from collections.abc import Callable, Iterator
-from enum import Enum
 from pathlib import Path
+
+from kvcli.choices import Choice
 
 HELDOUT_EVERY = 5  # one file in five is held out
 # a pasted text this short leaves room in a calibration prompt for the template's turn
@@ -22,7 +23,7 @@ PASTED_CHARS = 1000
 SKIP_DIRS = {"test", "tests", "site-packages", "idle_test", "__pycache__", "lib2to3", "turtledemo"}
 
 
-class CalibrationText(str, Enum):
+class CalibrationText(Choice):
     CODE = "code"
     MIXED = "mixed"
 

@@ -24,10 +24,21 @@ import numpy as np
 
 from kvcli import keys
 from kvcli.atomic import write_atomically
+from kvcli.choices import Choice
 from kvcli.errors import IncompatibleError, ModelFileError
 from kvcli.models.model_info import ModelInfo, check_gguf_file
 
-STORAGE_TYPES = ("f32", "f16", "q8_0", "q4_0")
+
+class StorageType(Choice):
+    """How a predictor's matrices are stored (gguf-py's quants; dequantized once at load)."""
+
+    F32 = "f32"
+    F16 = "f16"
+    Q8_0 = "q8_0"
+    Q4_0 = "q4_0"
+
+
+STORAGE_TYPES = StorageType.values()
 
 
 def _ggml_type(storage: str):

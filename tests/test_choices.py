@@ -1,7 +1,7 @@
 import pytest
 
+from kvcli.choices import parse_list
 from kvcli.errors import KvcliError
-from kvcli.lists import parse_list
 
 
 def test_reads_items_ranges_and_skips_empty_pieces():

@@ -1,14 +1,37 @@
-"""The one parser of comma lists on kvcli's command lines ('1024,2048', 'kvp,base', '0-4,8'):
-one clear line for a bad item, empty pieces ignored."""
+"""What users choose on kvcli's command lines: named choices as enums (``Choice``), and the one
+parser of comma lists ('1024,2048', 'kvp,base', '0-4,8'): one clear line for a bad item."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from enum import Enum
 from typing import TypeVar
 
 from kvcli.errors import KvcliError
 
 T = TypeVar("T")
+
+
+class Choice(str, Enum):
+    """A named choice: equal to its value ("kvp" == Mode.KVP) and printed as it (f-strings
+    and JSON alike), so it goes wherever the string went."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+    @classmethod
+    def parse(cls, value: str, what: str):
+        """The member named ``value``, or one line naming ``what`` and the choices."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise KvcliError(f"unknown {what} {value!r} (one of {', '.join(cls.values())})") from None
 
 
 def parse_list(text: str, what: str, item: Callable[[str], T] = str, *, choices: Iterable[str] = (),
