@@ -132,8 +132,10 @@ def building_folder(folder: str | Path):
     """Yield a hidden temp folder beside ``folder``; on success it replaces ``folder``."""
     folder = Path(folder)
     _output_folder(folder, replace_folder=True)
-    for stale in [*folder.parent.glob(f".{folder.name}.build-*"),
-                  *folder.parent.glob(f".{folder.name}.old-*")]:
+    for stale in [
+        *folder.parent.glob(f".{folder.name}.build-*"),
+        *folder.parent.glob(f".{folder.name}.old-*"),
+    ]:
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)

@@ -34,8 +34,16 @@ class Choice(str, Enum):
             raise KvcliError(f"unknown {what} {value!r} (one of {', '.join(cls.values())})") from None
 
 
-def parse_list(text: str, what: str, item: Callable[[str], T] = str, *, choices: Iterable[str] = (),
-               minimum: float | None = None, ranges: bool = False, distinct: bool = False) -> list[T]:
+def parse_list(
+    text: str,
+    what: str,
+    item: Callable[[str], T] = str,
+    *,
+    choices: Iterable[str] = (),
+    minimum: float | None = None,
+    ranges: bool = False,
+    distinct: bool = False,
+) -> list[T]:
     """``text`` -> items read by ``item`` (``int``, ``float``, ``str``). ``choices``: the only
     values allowed; ``minimum``: the smallest number allowed; ``ranges``: 'a-b' stands for
     a..b (integers); ``distinct``: no item twice. ``what`` names the option in errors."""

@@ -31,6 +31,7 @@ FACTORED_LAYERS = f"{PREFIX}.factored_layers"  # predicted layers that read thei
 AUX_BASE_LAYERS = "kvcli.aux.base_layers"  # per aux layer: the base layer it was cut from
 AUX_BASE_FINGERPRINT = "kvcli.aux.base_fingerprint"
 
+
 # tensor names, per predicted base layer: ggml shape (n_features, n_targets), i.e. numpy
 # (n_targets, n_features), so that quantization blocks run along the features
 def weight_name(layer: int) -> str:

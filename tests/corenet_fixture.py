@@ -13,12 +13,28 @@ from torch_zip import save_torch_zip
 from kvcli.models.corenet import read_config
 
 VOCAB_ROWS = 320  # the embedding's rows: the tokenizer's pieces padded, as OpenELM pads 32000 to 32128
-BASE = {"num_transformer_layers": 4, "model_dim": 64, "head_dim": 16, "num_gqa_groups": 2,
-        "qkv_multipliers": [0.5, 1.0], "ffn_multipliers": [0.5, 2.0], "ffn_dim_divisor": 16,
-        "normalize_qk_projections": True, "share_input_output_layers": True}
-AUX = {"num_transformer_layers": 2, "model_dim": 48, "head_dim": 12, "num_gqa_groups": 2,
-       "qkv_multipliers": [0.5, 1.0], "ffn_multipliers": [1.0, 2.0], "ffn_dim_divisor": 16,
-       "normalize_qk_projections": True, "share_input_output_layers": True}
+BASE = {
+    "num_transformer_layers": 4,
+    "model_dim": 64,
+    "head_dim": 16,
+    "num_gqa_groups": 2,
+    "qkv_multipliers": [0.5, 1.0],
+    "ffn_multipliers": [0.5, 2.0],
+    "ffn_dim_divisor": 16,
+    "normalize_qk_projections": True,
+    "share_input_output_layers": True,
+}
+AUX = {
+    "num_transformer_layers": 2,
+    "model_dim": 48,
+    "head_dim": 12,
+    "num_gqa_groups": 2,
+    "qkv_multipliers": [0.5, 1.0],
+    "ffn_multipliers": [1.0, 2.0],
+    "ffn_dim_divisor": 16,
+    "normalize_qk_projections": True,
+    "share_input_output_layers": True,
+}
 LAYER_MAP = [0, 0, 1, 1]
 
 TEXT = """The quick brown fox jumps over the lazy dog. A tokenizer learns pieces of words from
@@ -31,17 +47,23 @@ meet by a river, talk about the weather, the seasons, the harvest and the long w
 def _yaml(base: dict, aux: dict, layer_map: list[int], vocab_rows: int) -> str:
     import yaml
 
-    doc = {"model": {"language_modeling": {
-        "name": "kv_prediction",
-        "kv_prediction": {
-            "auxkv_num_layers_to_basekv_num_layers": layer_map,
-            "base_model": [{"model": {"language_modeling": {"name": "general_gpt",
-                                                            "general_gpt": base}}}],
-            "auxiliary_model": [{"model": {"language_modeling": {"name": "general_gpt",
-                                                                 "general_gpt": aux}}}],
-        },
-        "general_gpt": {"vocab_size": vocab_rows, "max_context_length": 512, "padding_index": 310},
-    }}}
+    doc = {
+        "model": {
+            "language_modeling": {
+                "name": "kv_prediction",
+                "kv_prediction": {
+                    "auxkv_num_layers_to_basekv_num_layers": layer_map,
+                    "base_model": [
+                        {"model": {"language_modeling": {"name": "general_gpt", "general_gpt": base}}}
+                    ],
+                    "auxiliary_model": [
+                        {"model": {"language_modeling": {"name": "general_gpt", "general_gpt": aux}}}
+                    ],
+                },
+                "general_gpt": {"vocab_size": vocab_rows, "max_context_length": 512, "padding_index": 310},
+            }
+        }
+    }
     return yaml.safe_dump(doc)
 
 
@@ -52,9 +74,18 @@ def train_tokenizer(folder: Path, vocab_size: int = 310) -> Path:
     corpus = folder / "corpus.txt"
     corpus.write_text(TEXT * 20)
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
-        eos_id=2, pad_id=-1, minloglevel=2)
+        input=str(corpus),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
     return folder / "tokenizer.model"
 
 
@@ -71,20 +102,33 @@ def _model_state(shape, rng, prefix: str) -> dict[str, np.ndarray]:
     for i in range(shape.n_layer):
         nq, nkv, ff = shape.n_head[i], shape.n_head_kv[i], shape.n_ff[i]
         p = f"{prefix}layers.{i}."
-        state.update({  # corenet's construction order
-            p + "attn.qkv_proj.weight": mat((nq + 2 * nkv) * hd, d),
-            p + "attn.q_norm.weight": norm(hd), p + "attn.k_norm.weight": norm(hd),
-            p + "attn.out_proj.weight": mat(d, nq * hd),
-            p + "ffn.proj_1.weight": mat(2 * ff, d), p + "ffn.proj_2.weight": mat(d, ff),
-            p + "ffn_norm.weight": norm(d), p + "attn_norm.weight": norm(d),
-        })
+        state.update(
+            {  # corenet's construction order
+                p + "attn.qkv_proj.weight": mat((nq + 2 * nkv) * hd, d),
+                p + "attn.q_norm.weight": norm(hd),
+                p + "attn.k_norm.weight": norm(hd),
+                p + "attn.out_proj.weight": mat(d, nq * hd),
+                p + "ffn.proj_1.weight": mat(2 * ff, d),
+                p + "ffn.proj_2.weight": mat(d, ff),
+                p + "ffn_norm.weight": norm(d),
+                p + "attn_norm.weight": norm(d),
+            }
+        )
     state[f"{prefix}norm.weight"] = norm(d)
     return state
 
 
-def write_corenet_kvp(folder: Path, *, seed: int = 0, base: dict = BASE, aux: dict = AUX,
-                      layer_map: list[int] = LAYER_MAP, training: bool = True,
-                      drop: str | None = None, vocab_rows: int = VOCAB_ROWS) -> dict[str, Path]:
+def write_corenet_kvp(
+    folder: Path,
+    *,
+    seed: int = 0,
+    base: dict = BASE,
+    aux: dict = AUX,
+    layer_map: list[int] = LAYER_MAP,
+    training: bool = True,
+    drop: str | None = None,
+    vocab_rows: int = VOCAB_ROWS,
+) -> dict[str, Path]:
     """checkpoint.pt, config.yaml and tokenizer.model in ``folder``. ``training``: wrap the
     state dict as a training_checkpoint (model_state_dict + optimizer state); ``drop``: leave
     that key out."""
@@ -103,8 +147,17 @@ def write_corenet_kvp(folder: Path, *, seed: int = 0, base: dict = BASE, aux: di
             state[p + "bias"] = (0.1 * rng.standard_normal(n_out)).astype(np.float32)
     if drop:
         del state[drop]
-    obj = ({"iterations": 10, "epoch": 1, "model_state_dict": state,
-            "optim_state_dict": {"state": {}, "param_groups": []}, "best_metric": 0,
-            "is_interval_ckpt": False} if training else state)
+    obj = (
+        {
+            "iterations": 10,
+            "epoch": 1,
+            "model_state_dict": state,
+            "optim_state_dict": {"state": {}, "param_groups": []},
+            "best_metric": 0,
+            "is_interval_ckpt": False,
+        }
+        if training
+        else state
+    )
     checkpoint = save_torch_zip(folder / "training_checkpoint_last.pt", obj)
     return {"checkpoint": checkpoint, "config": config, "tokenizer": train_tokenizer(folder)}

@@ -26,11 +26,23 @@ def test_key_norm_rescale_restores_the_norm_scale_and_keeps_direction():
 
 def info_with_window(n_swa, is_swa):
     rope = (RopeParams(head_dim=4, n_rot=4, freq_base=1e4),) * len(is_swa)
-    return ModelInfo(path=None, arch="gemma3", n_layer=len(is_swa), n_embd=8,
-                     n_head=(1,) * len(is_swa), n_head_kv=(1,) * len(is_swa), head_dim_k=4,
-                     head_dim_v=4, n_swa=n_swa,
-                     is_swa=tuple(is_swa), rope=rope, context_length=1024, rms_eps=1e-6,
-                     fingerprint="x", tokenizer_digest="y")
+    return ModelInfo(
+        path=None,
+        arch="gemma3",
+        n_layer=len(is_swa),
+        n_embd=8,
+        n_head=(1,) * len(is_swa),
+        n_head_kv=(1,) * len(is_swa),
+        head_dim_k=4,
+        head_dim_v=4,
+        n_swa=n_swa,
+        is_swa=tuple(is_swa),
+        rope=rope,
+        context_length=1024,
+        rms_eps=1e-6,
+        fingerprint="x",
+        tokenizer_digest="y",
+    )
 
 
 def test_sliding_layers_need_only_the_window_of_the_first_query():

@@ -12,20 +12,20 @@ from kvcli.predict.apply import needed_positions, predict_base_kv
 from kvcli.state.codec import parse_seq_state, write_seq_state
 from kvcli.state.layout import layers_by_index
 
-TURNS = ["the cat and the dog sat on the mat in the sun and the cat ate the fish",
-         "and then the man saw the cat on the mat and the dog in the sun",
-         "is the cat on the mat or in the sun, and is the fish on the mat"]
+TURNS = [
+    "the cat and the dog sat on the mat in the sun and the cat ate the fish",
+    "and then the man saw the cat on the mat and the dog in the sun",
+    "is the cat on the mat or in the sun, and is the fish on the mat",
+]
 
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tiny_gemma3, tmp_path_factory):
-    return build_bundle(tiny_gemma3, tmp_path_factory.mktemp("chat") / "b", n_aux_layers=2,
-                        n_tokens=600)
+    return build_bundle(tiny_gemma3, tmp_path_factory.mktemp("chat") / "b", n_aux_layers=2, n_tokens=600)
 
 
 def open_engine(bundle, n_ctx=1024):
-    return Engine.from_bundle(bundle,
-                  settings=ContextSettings(n_ctx=n_ctx))
+    return Engine.from_bundle(bundle, settings=ContextSettings(n_ctx=n_ctx))
 
 
 def cells(ctx, info):
@@ -68,9 +68,16 @@ def test_three_incremental_turns_equal_prediction_from_scratch(tiny_bundle):
         hidden = aux.capture.take(n_pred)
         aux_layers = layers_by_index(parse_seq_state(aux.get_state(-1)), eng.aux_state_info)
         positions = needed_positions(info, n_pred, first_query=n_pred)
-        scratch = predict_base_kv(aux_layers, eng.aux_info, info, eng.predictor, positions,
-                                  first_cell=eng.first_cell(tokens[0]),
-                                  key_norms=eng.key_norms, hidden=hidden)
+        scratch = predict_base_kv(
+            aux_layers,
+            eng.aux_info,
+            info,
+            eng.predictor,
+            positions,
+            first_cell=eng.first_cell(tokens[0]),
+            key_norms=eng.key_norms,
+            hidden=hidden,
+        )
         predicted = np.concatenate([np.arange(a, b) for a, b in conv.predicted_spans])
         group_of = {il: g for g, group in enumerate(info.cache_layer_groups) for il in group}
         compared = 0
@@ -88,8 +95,11 @@ def test_three_incremental_turns_equal_prediction_from_scratch(tiny_bundle):
         # the same first token from a base given the scratch prediction at those positions
         rebuilt = {}
         for il, c in after.items():
-            c.k, c.v, c.positions = c.k[c.positions < n_pred], c.v[c.positions < n_pred], \
-                c.positions[c.positions < n_pred]  # the base decodes the tail again below
+            c.k, c.v, c.positions = (
+                c.k[c.positions < n_pred],
+                c.v[c.positions < n_pred],
+                c.positions[c.positions < n_pred],
+            )  # the base decodes the tail again below
             k, v = c.k.astype(np.float32), c.v.astype(np.float32)
             if il in scratch:
                 pos = positions[group_of[il]]
@@ -99,8 +109,7 @@ def test_three_incremental_turns_equal_prediction_from_scratch(tiny_bundle):
             rebuilt[il] = (k, v)
         layout = eng.base_layout()
         group_positions = [after[g[0]].positions for g in info.cache_layer_groups]
-        eng.base.set_state(write_seq_state(layout.build_state(group_positions, rebuilt)), 0,
-                           n_past=n_pred)
+        eng.base.set_state(write_seq_state(layout.build_state(group_positions, rebuilt)), 0, n_past=n_pred)
         eng.base.decode(tokens[n_pred:], start=n_pred, logits_last=True)
         assert int(np.argmax(eng.base.last_logits())) == int(np.argmax(logits))
 
@@ -174,8 +183,7 @@ def test_a_chat_turn_is_prefilled_as_generate_prefills_it(gemma_bundle):
         assert eng.last_recomputed == gen.recomputed
         assert conv.history[-1].n_predicted < len(tokens) - settings["tail"] - 1
         assert conv.messages[-1]["content"] == gen.text
-        assert conv.predicted_spans == _minus([(1, len(tokens) - 1 - settings["tail"])],
-                                              gen.recomputed)
+        assert conv.predicted_spans == _minus([(1, len(tokens) - 1 - settings["tail"])], gen.recomputed)
 
 
 def test_a_question_in_a_later_turn_recomputes_spans_of_an_earlier_one(tiny_llama, tmp_path):
@@ -189,8 +197,9 @@ def test_a_question_in_a_later_turn_recomputes_spans_of_an_earlier_one(tiny_llam
 
     n_layer = read_model_info(tiny_llama).n_layer
     aux = cut_auxiliary(tiny_llama, tmp_path / "aux.gguf", list(range(n_layer)))
-    with Engine(tiny_llama, aux_path=aux, settings=ContextSettings(n_ctx=1024),
-                tail_focus_layers=[n_layer - 1]) as eng:
+    with Engine(
+        tiny_llama, aux_path=aux, settings=ContextSettings(n_ctx=1024), tail_focus_layers=[n_layer - 1]
+    ) as eng:
         eng.predictor = copy_everything_predictor(tiny_llama, aux)
         conv = Conversation(eng, tail=24, spans=2, n_predict=2)
         conv.send(" ".join(TURNS) * 4)

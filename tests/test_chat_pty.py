@@ -26,7 +26,7 @@ class Terminal:
             text = ANSI.sub(b"", self.seen)
             m = re.search(pattern, text, re.S)
             if m:
-                self.seen = text[m.end():]
+                self.seen = text[m.end() :]
                 return text[: m.end()]
             left = deadline - time.monotonic()
             if left <= 0:

@@ -17,9 +17,14 @@ from kvcli.predict.predictor import save_predictor
 
 def kvcli(*args, input=None, env=None):
     """``env``: variables set on top of this process's environment."""
-    return subprocess.run([sys.executable, "-m", "kvcli.cli.app", *map(str, args)], input=input,
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **env} if env else None)
+    return subprocess.run(
+        [sys.executable, "-m", "kvcli.cli.app", *map(str, args)],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **env} if env else None,
+    )
 
 
 def assert_one_line_error(res, pattern):
@@ -30,8 +35,9 @@ def assert_one_line_error(res, pattern):
 
 
 def test_missing_non_gguf_and_truncated_files(tmp_path, tiny_llama):
-    assert_one_line_error(kvcli("generate", "hi", "--mode", "base", "--model", tmp_path / "no.gguf"),
-                          "not found")
+    assert_one_line_error(
+        kvcli("generate", "hi", "--mode", "base", "--model", tmp_path / "no.gguf"), "not found"
+    )
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"hello world, not a model")
     assert_one_line_error(kvcli("generate", "hi", "--mode", "base", "--model", junk), "not a GGUF")
@@ -46,13 +52,16 @@ def test_unsupported_architecture(tmp_path):
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    assert_one_line_error(kvcli("generate", "hi", "--mode", "base", "--model", path),
-                          "architecture 'mamba' is not supported")
+    assert_one_line_error(
+        kvcli("generate", "hi", "--mode", "base", "--model", path), "architecture 'mamba' is not supported"
+    )
 
 
 def test_prompt_longer_than_the_context(tiny_llama):
-    assert_one_line_error(kvcli("generate", "the cat " * 200, "--mode", "base", "--model",
-                                tiny_llama, "--ctx", "64"), "context holds 64")
+    assert_one_line_error(
+        kvcli("generate", "the cat " * 200, "--mode", "base", "--model", tiny_llama, "--ctx", "64"),
+        "context holds 64",
+    )
 
 
 def tiny_kvcli_bundle(folder, base, aux, predictor):
@@ -86,22 +95,30 @@ def test_json_and_batch_on_the_embedded_bundle(gemma_bundle, tmp_path):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["mode"] == "kvp" and out["n_prompt"] > 1 and out["ttft_ms"] > 0
-    assert set(out["breakdown"]) == {"aux_prefill_ms", "state_get_ms", "predict_ms",
-                                     "state_set_ms", "recompute_ms", "base_decode_ms"}
+    assert set(out["breakdown"]) == {
+        "aux_prefill_ms",
+        "state_get_ms",
+        "predict_ms",
+        "state_set_ms",
+        "recompute_ms",
+        "base_decode_ms",
+    }
     assert (out["tail"], out["spans"]) == (24, 1)  # the default where spans can be chosen
     assert len(out["tokens"]) == out["n_gen"] <= 8 and isinstance(out["text"], str)
 
     batch = tmp_path / "prompts.jsonl"
-    batch.write_text('{"id": "a", "prompt": "Monday, Tuesday,"}\n'
-                     '{"id": 7, "prompt": "1, 2, 3,", "mode": "base"}\n')
+    batch.write_text(
+        '{"id": "a", "prompt": "Monday, Tuesday,"}\n{"id": 7, "prompt": "1, 2, 3,", "mode": "base"}\n'
+    )
     res = kvcli("generate", "--batch", batch, "-n", "3", "--bundle", gemma_bundle.folder)
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in res.stdout.splitlines()]
     assert [(r["id"], r["mode"]) for r in rows] == [("a", "kvp"), (7, "base")]
 
 
-@pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["doctor", "--help"],
-                                  ["train", "--help"]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["generate", "--help"], ["doctor", "--help"], ["train", "--help"]]
+)
 def test_help(args):
     res = kvcli(*args)
     assert res.returncode == 0 and "Usage" in res.stdout
@@ -120,11 +137,13 @@ def test_stock_build_notice(tiny_llama, tmp_path):
     from kvcli.engine.build import build_bundle
 
     b = build_bundle(tiny_llama, tmp_path / "b", n_aux_layers=2, n_tokens=600)
-    code = ("import sys, kvcli.engine.aux_load as e; e.prefix_view_supported = lambda: False; "
-            "import kvcli.cli.common as c; c.prefix_view_supported = lambda: False; "
-            "import kvcli.llama.runtime as r; r.prefix_view_supported = lambda: False; "
-            "from kvcli.cli.app import main; "
-            f"sys.argv = ['kvcli', 'generate', 'the cat', '-n', '2', '--bundle', {str(b.folder)!r}]; main()")
+    code = (
+        "import sys, kvcli.engine.aux_load as e; e.prefix_view_supported = lambda: False; "
+        "import kvcli.cli.common as c; c.prefix_view_supported = lambda: False; "
+        "import kvcli.llama.runtime as r; r.prefix_view_supported = lambda: False; "
+        "from kvcli.cli.app import main; "
+        f"sys.argv = ['kvcli', 'generate', 'the cat', '-n', '2', '--bundle', {str(b.folder)!r}]; main()"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     notes = [line for line in res.stderr.splitlines() if line.startswith("note:")]
@@ -137,8 +156,10 @@ def test_stock_build_notice(tiny_llama, tmp_path):
 def test_train_without_pytorch_says_how_to_get_it(tmp_path):
     """PyTorch is an optional extra (absent in CI): kvcli train says so in one line
     (simulated here by hiding torch from the import system)."""
-    code = ("import sys; sys.modules['torch'] = None; from kvcli.cli.app import main; "
-            f"sys.argv = ['kvcli', 'train', '-o', {str(tmp_path / 'out')!r}]; main()")
+    code = (
+        "import sys; sys.modules['torch'] = None; from kvcli.cli.app import main; "
+        f"sys.argv = ['kvcli', 'train', '-o', {str(tmp_path / 'out')!r}]; main()"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert_one_line_error(res, "kvcli[train]")
     assert not (tmp_path / "out").exists()

@@ -41,8 +41,24 @@ def test_openelm_layer_wise_scaling_is_corenets():
     s = gpt_shape(_general_gpt_fields({"model_name": "OpenELM-270M"}, {"vocab_size": 32128}))
     assert s.n_head == (12,) * 5 + (16,) * 7 + (20,) * 4
     assert s.n_head_kv == tuple(q // 4 for q in s.n_head)
-    assert s.n_ff == (768, 1024, 1280, 1536, 1792, 2048, 2560, 2816, 3072, 3328, 3584, 3840, 4352,
-                      4608, 4864, 5120)
+    assert s.n_ff == (
+        768,
+        1024,
+        1280,
+        1536,
+        1792,
+        2048,
+        2560,
+        2816,
+        3072,
+        3328,
+        3584,
+        3840,
+        4352,
+        4608,
+        4864,
+        5120,
+    )
     assert (s.n_embd, s.head_dim, s.n_vocab) == (1280, 64, 32128)
     big = gpt_shape(_general_gpt_fields({"model_name": "OpenELM-1_1B"}, {}))
     assert big.n_ff[13] == big.n_ff[14] == 4608 and len(OPENELM_CONFIGS) == 4 + 6  # + KVP-LP auxiliaries
@@ -51,8 +67,12 @@ def test_openelm_layer_wise_scaling_is_corenets():
 def _reference(files):
     cfg = read_config(files["config"])
     parts = split_checkpoint(state_dict_of(load_checkpoint(files["checkpoint"])))
-    return (cfg, gguf_tensors(parts["base"], cfg.base), gguf_tensors(parts["auxiliary"], cfg.aux),
-            predictor_matrices(parts["predicter"], cfg))
+    return (
+        cfg,
+        gguf_tensors(parts["base"], cfg.base),
+        gguf_tensors(parts["auxiliary"], cfg.aux),
+        predictor_matrices(parts["predicter"], cfg),
+    )
 
 
 @pytest.mark.parametrize("outtype, tolerance", [("f32", 0.02), ("f16", 0.05)])
@@ -61,8 +81,13 @@ def test_imported_bundle_matches_the_numpy_reference(corenet_files, tmp_path, ou
     token (aux prefill, corenet's predictor, base key norm + RoPE, base decode) matches the
     numpy KV-prediction forward; logits are ~12 in magnitude and kvp's differ from the base's
     by ~12, so the tolerance separates a right path from a wrong one."""
-    b = import_checkpoint(corenet_files["checkpoint"], corenet_files["config"],
-                          corenet_files["tokenizer"], tmp_path / "b", outtype=outtype)
+    b = import_checkpoint(
+        corenet_files["checkpoint"],
+        corenet_files["config"],
+        corenet_files["tokenizer"],
+        tmp_path / "b",
+        outtype=outtype,
+    )
     cfg, base_w, aux_w, matrices = _reference(corenet_files)
     rng = np.random.default_rng(1)
     with Engine.from_bundle(b, settings=SETTINGS) as engine:
@@ -78,8 +103,20 @@ def test_imported_bundle_matches_the_numpy_reference(corenet_files, tmp_path, ou
 
 
 def test_import_through_the_converter_then_generate_and_inspect(corenet_files, tmp_path):
-    out = ok(convert("import-corenet", corenet_files["checkpoint"], "--config", corenet_files["config"],
-                     "--tokenizer", corenet_files["tokenizer"], "-o", tmp_path / "b", "--outtype", "q8_0"))
+    out = ok(
+        convert(
+            "import-corenet",
+            corenet_files["checkpoint"],
+            "--config",
+            corenet_files["config"],
+            "--tokenizer",
+            corenet_files["tokenizer"],
+            "-o",
+            tmp_path / "b",
+            "--outtype",
+            "q8_0",
+        )
+    )
     assert "wrote bundle" in out.stdout
     info = json.loads(ok(kvcli("inspect", tmp_path / "b", "--json", "--verify")).stdout)
     assert info["origin"]["kind"] == "corenet" and info["origin"]["tokenizer_pieces"] == 310
@@ -88,11 +125,27 @@ def test_import_through_the_converter_then_generate_and_inspect(corenet_files, t
     assert info["base"]["arch"] == "openelm" and info["base"]["n_head"] == [2, 4, 4, 4]
     assert info["base"]["file_type"] == "Q8_0" and all(info["sha256_ok"].values())
     assert "kind=corenet" in ok(kvcli("inspect", tmp_path / "b")).stdout  # the table shows the origin
-    gen = json.loads(ok(kvcli("generate", "the fox and the dog", "-n", "4", "--json", "--bundle",
-                              tmp_path / "b")).stdout)
+    gen = json.loads(
+        ok(kvcli("generate", "the fox and the dog", "-n", "4", "--json", "--bundle", tmp_path / "b")).stdout
+    )
     assert gen["mode"] == "kvp" and gen["n_gen"] == 4
-    bench = json.loads(ok(kvcli("bench-ttft", "--bundle", tmp_path / "b", "-p", "32", "-r", "1",
-                                "--aux-load", "all", "--no-memory", "--json")).stdout)
+    bench = json.loads(
+        ok(
+            kvcli(
+                "bench-ttft",
+                "--bundle",
+                tmp_path / "b",
+                "-p",
+                "32",
+                "-r",
+                "1",
+                "--aux-load",
+                "all",
+                "--no-memory",
+                "--json",
+            )
+        ).stdout
+    )
     assert {r["mode"] for r in bench["rows"]} == {"base", "kvp", "truncate"}
     chat = ok(kvcli("chat", "--bundle", tmp_path / "b", "-n", "3", input="hello fox\n"))
     assert "TTFT" in chat.stderr + chat.stdout
@@ -100,8 +153,18 @@ def test_import_through_the_converter_then_generate_and_inspect(corenet_files, t
 
 
 def _import(files, out):
-    return convert("import-corenet", files["checkpoint"], "--config", files["config"],
-                   "--tokenizer", files["tokenizer"], "-o", out, "--outtype", "f32")
+    return convert(
+        "import-corenet",
+        files["checkpoint"],
+        "--config",
+        files["config"],
+        "--tokenizer",
+        files["tokenizer"],
+        "-o",
+        out,
+        "--outtype",
+        "f32",
+    )
 
 
 class _Evil:
@@ -127,10 +190,14 @@ def test_bad_input(corenet_files, tmp_path):
     other["config"].write_text("model: {language_modeling: {name: general_gpt}}\n")
     assert_one_line_error(_import(other, tmp_path / "o5"), "not kv_prediction")
     good = corenet_files["config"].read_text()
-    for broken in (good.replace("num_transformer_layers: 4", "num_transformer_layers: four"),
-                   good.replace("auxkv_num_layers_to_basekv_num_layers:",
-                                "auxkv_num_layers_to_basekv_num_layers: 3\n      other:"),
-                   "model: [1, 2\n", good.replace("head_dim: 16", "head_dim: 0")):
+    for broken in (
+        good.replace("num_transformer_layers: 4", "num_transformer_layers: four"),
+        good.replace(
+            "auxkv_num_layers_to_basekv_num_layers:", "auxkv_num_layers_to_basekv_num_layers: 3\n      other:"
+        ),
+        "model: [1, 2\n",
+        good.replace("head_dim: 16", "head_dim: 0"),
+    ):
         other["config"].write_text(broken)
         res = _import(other, tmp_path / "o5")
         assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
@@ -139,28 +206,50 @@ def test_bad_input(corenet_files, tmp_path):
     from corenet_fixture import train_tokenizer
 
     big = train_tokenizer(tmp_path / "t", vocab_size=VOCAB_ROWS + 20)
-    assert_one_line_error(_import({**corenet_files, "tokenizer": big}, tmp_path / "o6"),
-                          "not this model's tokenizer")
-    assert_one_line_error(_import({**corenet_files, "tokenizer": corenet_files["config"]},
-                                  tmp_path / "o7"), "not a sentencepiece")
+    assert_one_line_error(
+        _import({**corenet_files, "tokenizer": big}, tmp_path / "o6"), "not this model's tokenizer"
+    )
+    assert_one_line_error(
+        _import({**corenet_files, "tokenizer": corenet_files["config"]}, tmp_path / "o7"),
+        "not a sentencepiece",
+    )
     # a plain model, not a KV-prediction one
     plain = save_torch_zip(tmp_path / "plain.pt", {"token_embeddings.weight": np.zeros((4, 4), np.float32)})
-    assert_one_line_error(_import({**corenet_files, "checkpoint": plain}, tmp_path / "o8"),
-                          "unexpected checkpoint entry")
+    assert_one_line_error(
+        _import({**corenet_files, "checkpoint": plain}, tmp_path / "o8"), "unexpected checkpoint entry"
+    )
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 9))
 
 
 def test_kvcli_own_bundle_on_an_imported_openelm_base(corenet_files, tmp_path):
     """kvcli's prefix auxiliary and closed-form fit work on an OpenELM base too; its per-layer
     head counts keep llama.cpp from loading it as k layers, so the auxiliary runs as a view."""
-    b = import_checkpoint(corenet_files["checkpoint"], corenet_files["config"],
-                          corenet_files["tokenizer"], tmp_path / "imported", outtype="f32")
-    ok(convert("bundle", "--base", b.base, "-o", tmp_path / "own", "--tokens", "600", "--aux-layers", "2",
-               "--no-check"))
+    b = import_checkpoint(
+        corenet_files["checkpoint"],
+        corenet_files["config"],
+        corenet_files["tokenizer"],
+        tmp_path / "imported",
+        outtype="f32",
+    )
+    ok(
+        convert(
+            "bundle",
+            "--base",
+            b.base,
+            "-o",
+            tmp_path / "own",
+            "--tokens",
+            "600",
+            "--aux-layers",
+            "2",
+            "--no-check",
+        )
+    )
     info = json.loads(ok(kvcli("inspect", tmp_path / "own", "--json")).stdout)
     assert info["aux_load"] == "view" and info["base"]["arch"] == "openelm"
-    doctor = json.loads(ok(kvcli("doctor", "--bundle", tmp_path / "own", "--prompts", "2", "--json",
-                                 "--no-quality")).stdout)
+    doctor = json.loads(
+        ok(kvcli("doctor", "--bundle", tmp_path / "own", "--prompts", "2", "--json", "--no-quality")).stdout
+    )
     assert doctor["ok"] and doctor["checks"][-1]["name"] == "auxiliary as a view (view)"
     if prefix_view_supported():
         with pytest.raises(IncompatibleError, match="per-layer metadata arrays"):
@@ -211,8 +300,7 @@ def test_the_papers_kvp_lp_config_reads(tmp_path):
     (tmp_path / "lp.yaml").write_text(KVP_LP_YAML)
     cfg = read_config(tmp_path / "lp.yaml")
     full = gpt_shape(_general_gpt_fields({"model_name": "OpenELM-1_1B"}, {}))
-    assert cfg.base == gpt_shape(_general_gpt_fields({"model_name": "OpenELM-1_1B"},
-                                                     {"vocab_size": 32128}))
+    assert cfg.base == gpt_shape(_general_gpt_fields({"model_name": "OpenELM-1_1B"}, {"vocab_size": 32128}))
     assert cfg.aux.n_layer == 7 and cfg.aux.n_vocab == 32128 and cfg.layer_map[-1] == 6
     assert cfg.aux.n_head == tuple(full.n_head[i] for i in range(0, 28, 4))
     assert cfg.aux.n_ff == tuple(full.n_ff[i] for i in range(0, 28, 4))

@@ -1,6 +1,5 @@
 """The default bundle: the predictor the package ships for the embedded model, else a fit."""
 
-
 from kvcli.engine import bundle as bundle_mod
 from kvcli.engine.bundle import DEFAULT_AUX_LAYERS, default_bundle, shipped_predictor, shipped_predictor_fits
 
@@ -35,5 +34,3 @@ def test_a_predictor_for_other_models_is_not_used(gemma_path, tiny_gemma3, tmp_p
     assert not shipped_predictor_fits(gemma_path, None)
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf")
     assert not shipped_predictor_fits(gemma_path, tmp_path / "junk.gguf")
-
-

@@ -25,8 +25,7 @@ def test_doctor_on_embedded_model_is_exact_over_20_prompts_past_the_window(gemma
 
 def test_rope_check_catches_a_wrong_frequency_base(tiny_gemma3):
     info = read_model_info(tiny_gemma3)
-    swapped = tuple(dataclasses.replace(p, freq_base=1e6 if p.freq_base != 1e6 else 1e4)
-                    for p in info.rope)
+    swapped = tuple(dataclasses.replace(p, freq_base=1e6 if p.freq_base != 1e6 else 1e4) for p in info.rope)
     wrong = dataclasses.replace(info, rope=swapped)
     model = Model(tiny_gemma3)
     ctx = Context(model, ContextSettings(n_ctx=256))

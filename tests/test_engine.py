@@ -23,9 +23,17 @@ SETTINGS = ContextSettings(n_ctx=256)
 def copy_everything_predictor(base, aux) -> Predictor:
     """A 'predictor' that copies every base layer from an auxiliary that is the whole base."""
     b, a = read_model_info(base), read_model_info(aux)
-    return Predictor(b.fingerprint, a.fingerprint, b.n_layer, a.n_layer,
-                     copied_layers=list(range(b.n_layer)), layer_map=list(range(b.n_layer)),
-                     weights={}, biases={}, k_widths={})
+    return Predictor(
+        b.fingerprint,
+        a.fingerprint,
+        b.n_layer,
+        a.n_layer,
+        copied_layers=list(range(b.n_layer)),
+        layer_map=list(range(b.n_layer)),
+        weights={},
+        biases={},
+        k_widths={},
+    )
 
 
 def true_cache_engine(base, tmp_path) -> Engine:
@@ -141,8 +149,7 @@ def test_the_first_cell_kvp_writes_is_the_bases_own(tiny_gemma3, tiny_bundle, fi
             # the cell comes from a one-token decode: kernels of another batch size may round
             # the last float16 bit differently
             for a, b in ((got[il].k[0], want[il].k[0]), (got[il].v[0], want[il].v[0])):
-                np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32),
-                                           rtol=2e-3, atol=1e-4)
+                np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=2e-3, atol=1e-4)
             assert not np.array_equal(got[il].v[1], want[il].v[1])  # the rest is predicted
             checked += 1
         assert checked
@@ -169,16 +176,14 @@ def test_auxiliary_with_another_tokenizer_is_refused(tmp_path):
 
 
 def test_embedded_model_kvp_past_the_sliding_window(gemma_bundle):
-    with Engine.from_bundle(gemma_bundle,
-                settings=ContextSettings(n_ctx=1024)) as eng:
+    with Engine.from_bundle(gemma_bundle, settings=ContextSettings(n_ctx=1024)) as eng:
         text = " ".join(f"Item {i} is stored in box {i * 7 % 97}." for i in range(120))
         tokens = eng.tokenize(text)[:700]
         assert len(tokens) == 700
         base = eng.generate(tokens, mode="base", n_predict=4)
         kvp = eng.generate(tokens, mode="kvp", n_predict=4)
         t = kvp.timings
-        assert min(t.aux_prefill_ms, t.state_get_ms, t.predict_ms, t.state_set_ms,
-                   t.base_decode_ms) > 0
+        assert min(t.aux_prefill_ms, t.state_get_ms, t.predict_ms, t.state_set_ms, t.base_decode_ms) > 0
         assert len(kvp.tokens) == 4 and len(base.tokens) == 4
         assert max(eng.predictor.heldout_rel_error) < 1.0
 
@@ -210,7 +215,7 @@ def test_spans_hold_the_stated_fact_and_bring_back_the_answer(gemma_bundle):
                     ctx.decode(answer[-1:], logits_last=True)
                     answer.append(int(np.argmax(ctx.last_logits())))
                 wins[name] += is_correct(eng.model.detokenize(answer), ex.answer)
-            (a, b), = eng.last_recomputed
+            ((a, b),) = eng.last_recomputed
             assert a <= last and first < b, (eng.last_recomputed, first, last)
         assert wins["spans"] >= 2 and wins["plain"] < wins["spans"], wins
 
@@ -247,14 +252,15 @@ def test_prefix_auxiliary_as_a_view_of_the_base_is_exact(fixture, load, request,
     from kvcli.engine.build import build_bundle
 
     if load == "partial" and not prefix_view_supported():
-        pytest.skip(f"llama-cpp-python {llama_cpp_version()} is not built with patches/ "
-                    "(python tools/install.py)")
+        pytest.skip(
+            f"llama-cpp-python {llama_cpp_version()} is not built with patches/ (python tools/install.py)"
+        )
     base = request.getfixturevalue(fixture)
     b = build_bundle(base, tmp_path / "b", n_aux_layers=2, n_tokens=600)
-    with Engine.from_bundle(b, settings=SETTINGS,
-                aux_load=load) as view, \
-            Engine.from_bundle(b, settings=SETTINGS,
-                   aux_load="file") as cut:
+    with (
+        Engine.from_bundle(b, settings=SETTINGS, aux_load=load) as view,
+        Engine.from_bundle(b, settings=SETTINGS, aux_load="file") as cut,
+    ):
         assert (view.aux_load, cut.aux_load) == (load, "file")
         if load == "view":
             assert view.aux.model is view.base.model  # one llama_model: the weights are shared
@@ -278,8 +284,7 @@ def test_partial_load_refused_clearly_on_a_stock_build(tiny_llama, tmp_path, mon
     b = build_bundle(tiny_llama, tmp_path / "b", n_aux_layers=2, n_tokens=600)
     monkeypatch.setattr(aux_load, "prefix_view_supported", lambda: False)
     with pytest.raises(IncompatibleError, match="tools/install.py"):
-        Engine.from_bundle(b, settings=SETTINGS,
-               aux_load="partial")
+        Engine.from_bundle(b, settings=SETTINGS, aux_load="partial")
     with Engine.from_bundle(b, settings=SETTINGS) as eng:
         assert eng.aux_load == "view"  # auto falls back to the callback view
 

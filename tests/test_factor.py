@@ -28,8 +28,17 @@ def synthetic(n_features=32, rank_of_truth=6, n_rows=4000, seed=0, anisotropic=F
     low = rng.normal(size=(n_features, rank_of_truth))
     weights = {il: (low @ rng.normal(size=(rank_of_truth, 16))).astype(np.float32) for il in (2, 3)}
     biases = {il: rng.normal(size=16).astype(np.float32) for il in (2, 3)}
-    pred = Predictor("b" * 16, "a" * 16, 4, 2, copied_layers=[0, 1], layer_map=[0, 1, 1, 1],
-                     weights=weights, biases=biases, k_widths={2: 8, 3: 8})
+    pred = Predictor(
+        "b" * 16,
+        "a" * 16,
+        4,
+        2,
+        copied_layers=[0, 1],
+        layer_map=[0, 1, 1, 1],
+        weights=weights,
+        biases=biases,
+        k_widths={2: 8, 3: 8},
+    )
     y = np.concatenate([x @ weights[il] + biases[il] for il in (2, 3)], axis=1)
     stats = RidgeStats(n_features, 32)
     stats.add(x, y)
@@ -64,8 +73,12 @@ def test_a_smaller_basis_loses_more_and_the_covariance_decides_what_to_keep():
     # the features actually excite: with anisotropic features it loses more
     stacked = np.concatenate([pred.weights[2], pred.weights[3]], axis=1).astype(np.float64)
     u = np.linalg.svd(stacked, full_matrices=False)[0][:, :8]
-    plain = dataclasses.replace(pred, bases={1: u.astype(np.float32)}, factored_layers=[2, 3],
-                                weights={il: (u.T @ pred.weights[il]).astype(np.float32) for il in (2, 3)})
+    plain = dataclasses.replace(
+        pred,
+        bases={1: u.astype(np.float32)},
+        factored_layers=[2, 3],
+        weights={il: (u.T @ pred.weights[il]).astype(np.float32) for il in (2, 3)},
+    )
     plain_error = np.mean([e for pair in heldout_errors(plain, stats).values() for e in pair])
     assert errors[1] < plain_error
 
@@ -106,15 +119,20 @@ def tiny_prefix_bundle(tiny_gemma3, tmp_path_factory):
 
 def dense_twin(pred: Predictor) -> Predictor:
     """The unfactored predictor a factored one stands for: basis times matrices."""
-    weights = {il: (pred.bases[pred.layer_map[il]] @ w if il in pred.factored_layers else w)
-               for il, w in pred.weights.items()}
+    weights = {
+        il: (pred.bases[pred.layer_map[il]] @ w if il in pred.factored_layers else w)
+        for il, w in pred.weights.items()
+    }
     return dataclasses.replace(pred, weights=weights, bases={}, factored_layers=[])
 
 
 def test_factor_command_writes_a_bundle_kvp_runs_as_its_dense_twin(tiny_prefix_bundle, tmp_path):
     out = tmp_path / "factored"
-    res = ok(convert("factor", "--bundle", tiny_prefix_bundle, "-o", out, "--rank", "16",
-                     "--tokens", "600", "--json"))
+    res = ok(
+        convert(
+            "factor", "--bundle", tiny_prefix_bundle, "-o", out, "--rank", "16", "--tokens", "600", "--json"
+        )
+    )
     report = json.loads(res.stdout)
     assert report["rank"] == 16 and report["factored_layers"]
     for e in report["heldout_rel_error"].values():
@@ -131,8 +149,9 @@ def test_factor_command_writes_a_bundle_kvp_runs_as_its_dense_twin(tiny_prefix_b
         assert t.predict_ms > 0
         eng.predictor = dense_twin(pred)
         _, dense_logits, _ = eng.prefill(tokens, mode="kvp", tail=4)
-        np.testing.assert_allclose(factored_logits, dense_logits, rtol=0,
-                                   atol=1e-3 * np.abs(dense_logits).max())
+        np.testing.assert_allclose(
+            factored_logits, dense_logits, rtol=0, atol=1e-3 * np.abs(dense_logits).max()
+        )
         eng.predictor = load_predictor(load_bundle(tiny_prefix_bundle).predictor)
         _, unfactored_logits, _ = eng.prefill(tokens, mode="kvp", tail=4)
         assert np.abs(unfactored_logits - factored_logits).max() > 1e-4  # the rank did cut
@@ -141,14 +160,33 @@ def test_factor_command_writes_a_bundle_kvp_runs_as_its_dense_twin(tiny_prefix_b
 def test_factor_command_refusals(tiny_prefix_bundle, tmp_path):
     pred = load_predictor(next(tiny_prefix_bundle.glob("*predictor*.gguf")))
     n_features = pred.n_features(pred.predicted_layers[0])
-    res = convert("factor", "--bundle", tiny_prefix_bundle, "-o", tmp_path / "a", "--rank",
-                  str(n_features), "--tokens", "600")
+    res = convert(
+        "factor",
+        "--bundle",
+        tiny_prefix_bundle,
+        "-o",
+        tmp_path / "a",
+        "--rank",
+        str(n_features),
+        "--tokens",
+        "600",
+    )
     assert_one_line_error(res, f"rank must be between 1 and {n_features - 1}")
-    res = convert("factor", "--bundle", tiny_prefix_bundle, "-o", tmp_path / "b", "--rank", "16",
-                  "--keep-full", "0")
+    res = convert(
+        "factor", "--bundle", tiny_prefix_bundle, "-o", tmp_path / "b", "--rank", "16", "--keep-full", "0"
+    )
     assert_one_line_error(res, "layer 0 is not a predicted layer")
-    res = convert("factor", "--bundle", tiny_prefix_bundle, "-o", tmp_path / "c", "--rank", "20",
-                  "--predictor-type", "q8_0")
+    res = convert(
+        "factor",
+        "--bundle",
+        tiny_prefix_bundle,
+        "-o",
+        tmp_path / "c",
+        "--rank",
+        "20",
+        "--predictor-type",
+        "q8_0",
+    )
     assert_one_line_error(res, "q8_0 needs a rank divisible by 32")
     assert not any((tmp_path / name).exists() for name in "abc")
 

@@ -23,9 +23,15 @@ def _load_fetch():
 
 def _fake(tmp_path: Path, parts: list[bytes], sha: str | None = None):
     data = b"".join(parts)
-    model = replace(real_models.MODELS[real_models.QWEN_AUX], name="fake", package="fake-part",
-                    version="1.0", n_parts=len(parts), size=len(data),
-                    sha256=sha or hashlib.sha256(data).hexdigest())
+    model = replace(
+        real_models.MODELS[real_models.QWEN_AUX],
+        name="fake",
+        package="fake-part",
+        version="1.0",
+        n_parts=len(parts),
+        size=len(data),
+        sha256=sha or hashlib.sha256(data).hexdigest(),
+    )
     folder = tmp_path / "kvcli" / "downloads" / "fake"
     folder.mkdir(parents=True)
     # written out of order, and part 10 after part 2: the join must sort numerically

@@ -8,8 +8,21 @@ from kvcli.state import fp16
 def awkward_values(n_rows: int, width: int) -> np.ndarray:
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((n_rows, width)) * np.geomspace(1e-8, 1e5, width)).astype(np.float32)
-    specials = [0.0, -0.0, np.inf, -np.inf, 65504.0, 65520.0, 1e6, -1e6, 6e-8, 2.9e-8, 1e-10,
-                np.float32(1.0009765625), np.float32(1.00048828125)]  # ties round to even
+    specials = [
+        0.0,
+        -0.0,
+        np.inf,
+        -np.inf,
+        65504.0,
+        65520.0,
+        1e6,
+        -1e6,
+        6e-8,
+        2.9e-8,
+        1e-10,
+        np.float32(1.0009765625),
+        np.float32(1.00048828125),
+    ]  # ties round to even
     x[0, : len(specials)] = specials
     return x
 

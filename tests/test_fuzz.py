@@ -38,7 +38,7 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
         size = 4 if rng.random() < 0.5 else 8
         buf[at : at + size] = value.to_bytes(8, "little")[:size]
     elif kind == 2:
-        del buf[int(rng.integers(len(buf))):]
+        del buf[int(rng.integers(len(buf))) :]
     elif kind == 3:
         buf[at:at] = rng.integers(0, 256, size=int(rng.integers(1, 64)), dtype=np.uint8).tobytes()
     else:
@@ -92,10 +92,13 @@ def test_mutated_predictor_files(tmp_path):
 
 
 def test_mutated_sequence_states():
-    state = SeqState(seq_id=-1, blobs=[
-        CacheBlob([make_stream(6, [8, 8], v_trans=True, dtype=np.float16)]),
-        CacheBlob([make_stream(3, [8, 8, 8], v_trans=False, dtype=np.float32, seed=1)]),
-    ])
+    state = SeqState(
+        seq_id=-1,
+        blobs=[
+            CacheBlob([make_stream(6, [8, 8], v_trans=True, dtype=np.float16)]),
+            CacheBlob([make_stream(3, [8, 8, 8], v_trans=False, dtype=np.float32, seed=1)]),
+        ],
+    )
     data = write_seq_state(state)
     counts = run_mutants(data, lambda m: parse_seq_state(m, n_blobs=2), seed=2)
     print(f"state mutants: {counts}")

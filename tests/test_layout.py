@@ -8,8 +8,17 @@ import kvcli
 
 PACKAGE = Path(kvcli.__file__).parent
 # the stages in order; the modules directly under kvcli/ (errors, atomic, keys) are below all
-STAGES = {"": 0, "models": 1, "llama": 2, "state": 3, "predict": 4, "engine": 5, "eval": 6,
-          "train": 6, "cli": 7}
+STAGES = {
+    "": 0,
+    "models": 1,
+    "llama": 2,
+    "state": 3,
+    "predict": 4,
+    "engine": 5,
+    "eval": 6,
+    "train": 6,
+    "cli": 7,
+}
 
 
 def stage_of(module: str) -> str:

@@ -12,13 +12,20 @@ from kvcli.predict.predictor import Predictor, load_predictor, save_predictor
 def small_predictor(base_fp="b" * 16, aux_fp="a" * 16) -> Predictor:
     rng = np.random.default_rng(0)
     return Predictor(
-        base_fingerprint=base_fp, aux_fingerprint=aux_fp, base_n_layer=4, aux_n_layer=2,
-        copied_layers=[0, 1], layer_map=[0, 1, 1, 1],
+        base_fingerprint=base_fp,
+        aux_fingerprint=aux_fp,
+        base_n_layer=4,
+        aux_n_layer=2,
+        copied_layers=[0, 1],
+        layer_map=[0, 1, 1, 1],
         weights={il: rng.normal(size=(32, 32)).astype(np.float32) for il in (2, 3)},
         biases={il: rng.normal(size=32).astype(np.float32) for il in (2, 3)},
         k_widths={2: 16, 3: 16},
-        alphas=[0.1, 0.1, 1.0, 1.0], heldout_rel_error=[0.5, 0.6, 0.7, 0.8],
-        calibration_tokens=123, calibration_source="test")
+        alphas=[0.1, 0.1, 1.0, 1.0],
+        heldout_rel_error=[0.5, 0.6, 0.7, 0.8],
+        calibration_tokens=123,
+        calibration_source="test",
+    )
 
 
 def test_round_trip(tmp_path):
@@ -27,14 +34,22 @@ def test_round_trip(tmp_path):
     for il in (2, 3):
         np.testing.assert_array_equal(loaded.weights[il], pred.weights[il])
         np.testing.assert_array_equal(loaded.biases[il], pred.biases[il])
-    for field in ("base_fingerprint", "aux_fingerprint", "copied_layers", "predicted_layers",
-                  "feature_layers", "layer_map", "k_widths", "calibration_tokens", "feature_kinds"):
+    for field in (
+        "base_fingerprint",
+        "aux_fingerprint",
+        "copied_layers",
+        "predicted_layers",
+        "feature_layers",
+        "layer_map",
+        "k_widths",
+        "calibration_tokens",
+        "feature_kinds",
+    ):
         assert getattr(loaded, field) == getattr(pred, field), field
     assert loaded.alphas == pytest.approx(pred.alphas)
 
 
-@pytest.mark.parametrize(("storage", "max_rel_error"),
-                         [("f16", 1e-3), ("q8_0", 1e-2), ("q4_0", 0.2)])
+@pytest.mark.parametrize(("storage", "max_rel_error"), [("f16", 1e-3), ("q8_0", 1e-2), ("q4_0", 0.2)])
 def test_quantized_storage_dequantizes_at_load(tmp_path, storage, max_rel_error):
     pred = small_predictor()
     f32 = save_predictor(pred, tmp_path / "f32.gguf")
@@ -69,8 +84,12 @@ def test_gguf_dump_reads_a_predictor(tmp_path):
     import sys
 
     path = save_predictor(small_predictor(), tmp_path / "p.gguf", "q8_0")
-    out = subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_dump", str(path)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "gguf.scripts.gguf_dump", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert keys.LAYER_MAP in out and keys.weight_name(3) in out and "Q8_0" in out
 
 

@@ -10,8 +10,17 @@ from kvcli.state.layout import LayerCells
 
 
 def test_quick_eval_scores_what_it_should(gemma_bundle, tmp_path):
-    res = kvcli("eval", "--quick", "--json", "--bundle", gemma_bundle.folder, "--out", tmp_path,
-                "--plot", tmp_path / "pareto.png")
+    res = kvcli(
+        "eval",
+        "--quick",
+        "--json",
+        "--bundle",
+        gemma_bundle.folder,
+        "--out",
+        tmp_path,
+        "--plot",
+        tmp_path / "pareto.png",
+    )
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads(res.stdout)
@@ -30,7 +39,9 @@ def test_quick_eval_scores_what_it_should(gemma_bundle, tmp_path):
     assert max(k_err[:5] + v_err[:5]) < 1e-3  # the prefix auxiliary's own layers: exact
     assert min(k_err[5:]) > 0.01 and min(v_err[5:]) > 0.01  # predicted
     assert rows["kvp"]["kv_rel_err_predicted_layers"] == [
-        round(float(np.mean(k_err[5:])), 4), round(float(np.mean(v_err[5:])), 4)]
+        round(float(np.mean(k_err[5:])), 4),
+        round(float(np.mean(v_err[5:])), 4),
+    ]
 
 
 def test_kv_relative_errors_over_shared_positions_below_the_tail():

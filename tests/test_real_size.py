@@ -18,8 +18,9 @@ SETTINGS = ContextSettings(n_ctx=1024)
 @pytest.fixture(scope="module")
 def qwen_prefix_bundle(qwen_base, tmp_path_factory):
     """A prefix bundle of the 1.5B with a short calibration (~1 minute here)."""
-    return build_bundle(qwen_base, tmp_path_factory.mktemp("qwen") / "b", n_aux_layers=7,
-                        n_tokens=2048, reference_base=True)
+    return build_bundle(
+        qwen_base, tmp_path_factory.mktemp("qwen") / "b", n_aux_layers=7, n_tokens=2048, reference_base=True
+    )
 
 
 def test_kvp_fed_the_true_cache_is_exact_on_qwen(qwen_base, tmp_path):

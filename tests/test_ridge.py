@@ -36,7 +36,6 @@ def test_heavy_noise_chooses_a_larger_penalty():
     assert fit_ridge(fit, held, [slice(0, 1)]).alphas[0] >= 0.1
 
 
-
 def test_features_that_mislead_on_heldout_rows_fall_back_to_the_mean():
     # the fit rows' relation is reversed on the held-out rows: any weight does worse there
     # than the targets' mean, so the group is written as its mean (alpha inf)

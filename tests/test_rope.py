@@ -24,8 +24,7 @@ def test_rotate_matches_pairwise_definition(neox, n_rot):
     p = RopeParams(head_dim=16, n_rot=n_rot, freq_base=10000.0, freq_scale=0.5, neox=neox)
     keys = rng.normal(size=(9, 2 * 16)).astype(np.float32)
     positions = np.arange(9) * 37
-    np.testing.assert_allclose(rotate(keys, positions, p), naive_rotate(keys, positions, p),
-                               atol=2e-5)
+    np.testing.assert_allclose(rotate(keys, positions, p), naive_rotate(keys, positions, p), atol=2e-5)
 
 
 def test_unrotate_inverts_rotate_and_layouts_differ():
@@ -34,7 +33,6 @@ def test_unrotate_inverts_rotate_and_layouts_differ():
     positions = np.array([0, 1, 100, 511, 4000])
     neox = RopeParams(head_dim=32, n_rot=32, freq_base=1e6, neox=True)
     normal = RopeParams(head_dim=32, n_rot=32, freq_base=1e6, neox=False)
-    np.testing.assert_allclose(unrotate(rotate(keys, positions, neox), positions, neox), keys,
-                               atol=1e-4)
+    np.testing.assert_allclose(unrotate(rotate(keys, positions, neox), positions, neox), keys, atol=1e-4)
     assert not np.allclose(rotate(keys, positions, neox), rotate(keys, positions, normal))
     np.testing.assert_array_equal(rotate(keys[:1], [0], neox), keys[:1])  # position 0: identity

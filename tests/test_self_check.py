@@ -4,10 +4,12 @@ from kvcli.eval.self_check import summary_line, verdict
 
 
 def row(kvp, trunc, aux, kvp_ttft=0.35, aux_ttft=0.25):
-    return {"base_ttft_ms": 1000.0,
-            "kvp": {"kl": kvp, "top1": 0.9, "ttft_ratio": kvp_ttft},
-            "truncate": {"kl": trunc, "top1": 0.9, "ttft_ratio": kvp_ttft, "keep": 100},
-            "aux": {"kl": aux, "top1": 0.0, "ttft_ratio": aux_ttft}}
+    return {
+        "base_ttft_ms": 1000.0,
+        "kvp": {"kl": kvp, "top1": 0.9, "ttft_ratio": kvp_ttft},
+        "truncate": {"kl": trunc, "top1": 0.9, "ttft_ratio": kvp_ttft, "keep": 100},
+        "aux": {"kl": aux, "top1": 0.0, "ttft_ratio": aux_ttft},
+    }
 
 
 def check(**kinds):

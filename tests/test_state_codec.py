@@ -20,8 +20,15 @@ from kvcli.state.codec import (
 def make_stream(n_cells, widths, *, v_trans, dtype, seq_ids=None, seed=0):
     rng = np.random.default_rng(seed)
     type_id = 1 if dtype == np.float16 else 0
-    layers = [LayerKV(type_id, rng.normal(size=(n_cells, w)).astype(dtype), type_id,
-                      rng.normal(size=(n_cells, w)).astype(dtype)) for w in widths]
+    layers = [
+        LayerKV(
+            type_id,
+            rng.normal(size=(n_cells, w)).astype(dtype),
+            type_id,
+            rng.normal(size=(n_cells, w)).astype(dtype),
+        )
+        for w in widths
+    ]
     seq_ids = seq_ids or [np.array([0], np.int32)] * n_cells
     return StreamState(np.arange(n_cells, dtype=np.int32) + 3, seq_ids, v_trans, layers)
 
@@ -29,10 +36,13 @@ def make_stream(n_cells, widths, *, v_trans, dtype, seq_ids=None, seed=0):
 @pytest.mark.parametrize("v_trans", [False, True])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_round_trip_two_blobs_different_cells(v_trans, dtype):
-    state = SeqState(seq_id=-1, blobs=[
-        CacheBlob([make_stream(7, [8, 8], v_trans=v_trans, dtype=dtype)]),
-        CacheBlob([make_stream(4, [8, 8, 8], v_trans=v_trans, dtype=dtype, seed=1)]),
-    ])
+    state = SeqState(
+        seq_id=-1,
+        blobs=[
+            CacheBlob([make_stream(7, [8, 8], v_trans=v_trans, dtype=dtype)]),
+            CacheBlob([make_stream(4, [8, 8, 8], v_trans=v_trans, dtype=dtype, seed=1)]),
+        ],
+    )
     data = write_seq_state(state)
     parsed = parse_seq_state(data, n_blobs=2)
     assert write_seq_state(parsed) == data
@@ -63,8 +73,13 @@ def test_cells_in_several_sequences_and_empty_streams_and_layerless_blobs():
 
 
 def _header_and_one_layer(k_type, row_size):
-    return (struct.pack("<IiII", STATE_MAGIC, 0, 1, 1) + struct.pack("<iIi", 0, 1, 0)
-            + struct.pack("<II", 0, 1) + struct.pack("<iQ", k_type, row_size) + b"\0" * row_size)
+    return (
+        struct.pack("<IiII", STATE_MAGIC, 0, 1, 1)
+        + struct.pack("<iIi", 0, 1, 0)
+        + struct.pack("<II", 0, 1)
+        + struct.pack("<iQ", k_type, row_size)
+        + b"\0" * row_size
+    )
 
 
 def test_quantized_kv_type_is_refused_by_name():
@@ -73,8 +88,7 @@ def test_quantized_kv_type_is_refused_by_name():
 
 
 def test_unknown_layouts_are_refused():
-    good = write_seq_state(SeqState(0, [CacheBlob([make_stream(2, [4], v_trans=False,
-                                                               dtype=np.float16)])]))
+    good = write_seq_state(SeqState(0, [CacheBlob([make_stream(2, [4], v_trans=False, dtype=np.float16)])]))
     with pytest.raises(StateFormatError, match="magic"):
         parse_seq_state(b"\0" * 8 + good[8:])
     with pytest.raises(StateFormatError, match="ends early"):

@@ -29,7 +29,7 @@ def test_position_scores_read_heads_then_queries_and_leave_out_sinks_and_recent(
     rows[0 * 5 + 3, n_pred + 5] = 1.0  # past n_pred
     scores = position_scores(rows, n_head, n_query, n_pred)
     assert scores.shape == (n_pred,) and int(np.argmax(scores)) == 40 and scores[60] == 0
-    assert not scores[:SINK_POSITIONS].any() and not scores[n_pred - RECENT_POSITIONS:].any()
+    assert not scores[:SINK_POSITIONS].any() and not scores[n_pred - RECENT_POSITIONS :].any()
 
 
 def test_peak_spans_are_disjoint_lead_the_peak_and_stay_in_range():

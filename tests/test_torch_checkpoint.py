@@ -28,8 +28,10 @@ def test_reads_a_file_torch_wrote():
 
 
 def test_round_trip_of_the_test_writer(tmp_path):
-    sd = {"a.weight": np.random.default_rng(0).random((3, 4), dtype=np.float32),
-          "module.b": np.arange(5, dtype=np.int64)}
+    sd = {
+        "a.weight": np.random.default_rng(0).random((3, 4), dtype=np.float32),
+        "module.b": np.arange(5, dtype=np.int64),
+    }
     save_torch_zip(tmp_path / "c.pt", {"model_state_dict": sd, "epoch": 2})
     out = state_dict_of(load_checkpoint(tmp_path / "c.pt"))
     assert set(out) == {"a.weight", "b"}  # a DataParallel "module." prefix is dropped
@@ -43,10 +45,13 @@ class _Evil:
         return (os.system, ("echo pwned > /tmp/kvcli-pwned",))
 
 
-@pytest.mark.parametrize("payload, named", [
-    (pickle.dumps(_Evil(), protocol=2), "posix.system"),
-    (pickle.dumps({"x": __import__("argparse").Namespace(a=1)}, protocol=2), "argparse.Namespace"),
-])
+@pytest.mark.parametrize(
+    "payload, named",
+    [
+        (pickle.dumps(_Evil(), protocol=2), "posix.system"),
+        (pickle.dumps({"x": __import__("argparse").Namespace(a=1)}, protocol=2), "argparse.Namespace"),
+    ],
+)
 def test_a_pickle_that_asks_for_code_is_refused_by_name(tmp_path, payload, named):
     path = save_torch_zip(tmp_path / "evil.pt", {}, raw_pickle=payload)
     with pytest.raises(CheckpointError, match=named):

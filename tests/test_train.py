@@ -27,8 +27,7 @@ from kvcli.train.train import (  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tiny_gemma3, tmp_path_factory):
-    return build_bundle(tiny_gemma3, tmp_path_factory.mktemp("train") / "b", n_aux_layers=2,
-                        n_tokens=600)
+    return build_bundle(tiny_gemma3, tmp_path_factory.mktemp("train") / "b", n_aux_layers=2, n_tokens=600)
 
 
 def test_training_forward_gives_the_logits_kvp_gives(tiny_bundle):
@@ -40,8 +39,12 @@ def test_training_forward_gives_the_logits_kvp_gives(tiny_bundle):
         tokens = random_prompt(100, engine.model.n_vocab, engine.model.bos, low=3)
         kvp = engine.prefill(tokens, mode="kvp", tail=7)[1]
         base = engine.prefill(tokens, mode="base")[1]
-    trainer = PredictorTrainer(tiny_bundle.base, tiny_bundle.aux_source,
-                               load_predictor(tiny_bundle.predictor), TrainSettings(tokens=100, tail=8))
+    trainer = PredictorTrainer(
+        tiny_bundle.base,
+        tiny_bundle.aux_source,
+        load_predictor(tiny_bundle.predictor),
+        TrainSettings(tokens=100, tail=8),
+    )
     with torch.no_grad():
         ours = trainer.losses(tokens)["logits"][-1].numpy()
     scale = np.abs(kvp).max()
@@ -95,8 +98,19 @@ def test_cli_trains_writes_a_bundle_and_refuses_to_overwrite_a_checkpoint(tiny_b
 
     _register()
     runner = CliRunner()
-    args = ["train", "--bundle", str(tiny_bundle.folder), "-o", str(tmp_path / "t"),
-            "--tokens", "64", "--tail", "16", "--threads", "1"]
+    args = [
+        "train",
+        "--bundle",
+        str(tiny_bundle.folder),
+        "-o",
+        str(tmp_path / "t"),
+        "--tokens",
+        "64",
+        "--tail",
+        "16",
+        "--threads",
+        "1",
+    ]
     result = runner.invoke(app, [*args, "--steps", "2", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -163,8 +177,7 @@ def test_a_factored_predictor_trains_its_basis_on_kvps_path_and_resumes(tiny_bun
     with Engine.from_bundle(factored, settings=settings) as engine:
         tokens = random_prompt(100, engine.model.n_vocab, engine.model.bos, low=3)
         kvp = engine.prefill(tokens, mode="kvp", tail=7)[1]
-    trainer = PredictorTrainer(factored.base, factored.aux_source, start,
-                               TrainSettings(tokens=100, tail=8))
+    trainer = PredictorTrainer(factored.base, factored.aux_source, start, TrainSettings(tokens=100, tail=8))
     with torch.no_grad():
         ours = trainer.losses(tokens)["logits"][-1].numpy()
     assert np.abs(ours - kvp).max() < 5e-3 * np.abs(kvp).max()

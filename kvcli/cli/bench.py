@@ -29,13 +29,20 @@ def _settings_info(settings, bundle) -> dict:
     from kvcli.llama.runtime import llama_cpp_version, system_info
     from kvcli.predict.predictor import load_predictor
 
-    return {"n_threads": settings.resolved_threads(), "n_batch": settings.n_batch,
-            "n_ubatch": settings.n_ubatch, "type_k": settings.type_k, "type_v": settings.type_v,
-            "flash_attn": settings.flash_attn, "n_ctx": settings.n_ctx,
-            "llama_cpp_python": llama_cpp_version(), "build_info": system_info(),
-            "base": bundle.base.name,
-            "aux": bundle.aux.name if bundle.aux else f"base layers 0-{bundle.aux_prefix - 1}",
-            "predictor_type": load_predictor(bundle.predictor).storage_type}
+    return {
+        "n_threads": settings.resolved_threads(),
+        "n_batch": settings.n_batch,
+        "n_ubatch": settings.n_ubatch,
+        "type_k": settings.type_k,
+        "type_v": settings.type_v,
+        "flash_attn": settings.flash_attn,
+        "n_ctx": settings.n_ctx,
+        "llama_cpp_python": llama_cpp_version(),
+        "build_info": system_info(),
+        "base": bundle.base.name,
+        "aux": bundle.aux.name if bundle.aux else f"base layers 0-{bundle.aux_prefix - 1}",
+        "predictor_type": load_predictor(bundle.predictor).storage_type,
+    }
 
 
 def _fmt(v, spec=".2f") -> str:
@@ -48,52 +55,117 @@ def _print_table(result: dict) -> None:
     rows = []
     for r in result["rows"]:
         b = r.get("breakdown_ms")
-        breakdown = ("/".join(f"{b[k]:.0f}" for k in ("aux_prefill_ms", "state_get_ms", "predict_ms",
-                                                       "state_set_ms", "recompute_ms", "base_decode_ms"))
-                     if b else "-")
-        mode = (r["mode"] + (f" ({r['aux_load']})" if r.get("aux_load") else "")
-                + (f" tail {r['tail']}" if r["tail"] else "")
-                + (f" spans {r['spans']}" if r.get("spans") else "")
-                + (f" keep {r['keep']}" if r["keep"] else ""))
-        rows.append([str(r["n_prompt"]), mode, f"{r['ttft_ms_mean']:.1f} ± {r['ttft_ms_std']:.1f}",
-                     f"{r['ttft_ms_median']:.1f}", _fmt(r["ttft_ratio"], ".3f"), breakdown,
-                     _fmt(r.get("floor_ms"), ".1f"), _fmt(r.get("floor_ratio"), ".3f"),
-                     _fmt(r["first_token_agreement"]), _fmt(r["kl_mean"], ".3f"),
-                     _fmt(r["peak_rss_mib"], ".0f"), _fmt(r.get("peak_pss_mib"), ".0f")])
+        breakdown = (
+            "/".join(
+                f"{b[k]:.0f}"
+                for k in (
+                    "aux_prefill_ms",
+                    "state_get_ms",
+                    "predict_ms",
+                    "state_set_ms",
+                    "recompute_ms",
+                    "base_decode_ms",
+                )
+            )
+            if b
+            else "-"
+        )
+        mode = (
+            r["mode"]
+            + (f" ({r['aux_load']})" if r.get("aux_load") else "")
+            + (f" tail {r['tail']}" if r["tail"] else "")
+            + (f" spans {r['spans']}" if r.get("spans") else "")
+            + (f" keep {r['keep']}" if r["keep"] else "")
+        )
+        rows.append(
+            [
+                str(r["n_prompt"]),
+                mode,
+                f"{r['ttft_ms_mean']:.1f} ± {r['ttft_ms_std']:.1f}",
+                f"{r['ttft_ms_median']:.1f}",
+                _fmt(r["ttft_ratio"], ".3f"),
+                breakdown,
+                _fmt(r.get("floor_ms"), ".1f"),
+                _fmt(r.get("floor_ratio"), ".3f"),
+                _fmt(r["first_token_agreement"]),
+                _fmt(r["kl_mean"], ".3f"),
+                _fmt(r["peak_rss_mib"], ".0f"),
+                _fmt(r.get("peak_pss_mib"), ".0f"),
+            ]
+        )
     s = result["settings"]
-    title = (f"kvcli bench-ttft: {s['base']} + {s['aux']} | n_threads {s['n_threads']} n_batch "
-             f"{s['n_batch']} n_ubatch {s['n_ubatch']} type_k {s['type_k']} type_v {s['type_v']} "
-             f"flash_attn {int(s['flash_attn'])} | llama-cpp-python {s['llama_cpp_python']}")
-    ui.out.print(ui.table(title, ["N", "mode", "TTFT ms", "median", "x base",
-                                  "aux/get/pred/set/spans/dec ms", "floor ms", "x floor", "first tok",
-                                  "KL", "peak RSS MiB", "peak PSS MiB"], rows))
+    title = (
+        f"kvcli bench-ttft: {s['base']} + {s['aux']} | n_threads {s['n_threads']} n_batch "
+        f"{s['n_batch']} n_ubatch {s['n_ubatch']} type_k {s['type_k']} type_v {s['type_v']} "
+        f"flash_attn {int(s['flash_attn'])} | llama-cpp-python {s['llama_cpp_python']}"
+    )
+    ui.out.print(
+        ui.table(
+            title,
+            [
+                "N",
+                "mode",
+                "TTFT ms",
+                "median",
+                "x base",
+                "aux/get/pred/set/spans/dec ms",
+                "floor ms",
+                "x floor",
+                "first tok",
+                "KL",
+                "peak RSS MiB",
+                "peak PSS MiB",
+            ],
+            rows,
+        )
+    )
     ui.err.print(f"[dim]build: {s['build_info']}[/dim]")
 
 
 def command(
-    lengths: Annotated[str, typer.Option("-p", "--n-prompt", help="Prompt lengths N in tokens.")]
-    = "512,1024,2048",
-    repeats: Annotated[int, typer.Option("-r", "--repetitions", help="Timed rounds per N "
-                                         "(each on its own prompt).")] = 3,
+    lengths: Annotated[
+        str, typer.Option("-p", "--n-prompt", help="Prompt lengths N in tokens.")
+    ] = "512,1024,2048",
+    repeats: Annotated[
+        int, typer.Option("-r", "--repetitions", help="Timed rounds per N (each on its own prompt).")
+    ] = 3,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed rounds per N.")] = 1,
-    modes: Annotated[str, typer.Option("--modes", help="Comma list of base, kvp, truncate.")]
-    = "base,kvp,truncate",
-    tails: Annotated[str, typer.Option("--tails", help="kvp tails: prompt tokens the base "
-                                       "recomputes itself.")] = "0",
-    spans: Annotated[Optional[str], typer.Option(
-        "--spans", help="Numbers of spans the base recomputes, each with each tail (default: "
-        "kvp at each tail without spans, then at the default settings, tail 24 and 1 span (2 "
-        "where spans are chosen from the tail), where "
-        "the bundle can choose spans).")] = None,
-    aux_load: Annotated[str, typer.Option(
-        "--aux-load", help="How kvp loads a prefix auxiliary: auto (partial if this build has "
-        "kvcli's patch, else view), partial (the base's file loaded as its first k layers), view "
-        "(the base's own model, its graph stopped after layer k-1), file (the cut file), a comma "
-        "list of these side by side, or all.")] = "auto",
-    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure each mode's "
-                                         "peak RSS and PSS in a process of its own.")] = True,
-    plot: Annotated[Optional[Path], typer.Option(
-        "--plot", help="PNG of TTFT against N per mode, kvp's breakdown stacked (matplotlib).")] = None,
+    modes: Annotated[
+        str, typer.Option("--modes", help="Comma list of base, kvp, truncate.")
+    ] = "base,kvp,truncate",
+    tails: Annotated[
+        str, typer.Option("--tails", help="kvp tails: prompt tokens the base recomputes itself.")
+    ] = "0",
+    spans: Annotated[
+        Optional[str],
+        typer.Option(
+            "--spans",
+            help="Numbers of spans the base recomputes, each with each tail (default: "
+            "kvp at each tail without spans, then at the default settings, tail 24 and 1 span (2 "
+            "where spans are chosen from the tail), where "
+            "the bundle can choose spans).",
+        ),
+    ] = None,
+    aux_load: Annotated[
+        str,
+        typer.Option(
+            "--aux-load",
+            help="How kvp loads a prefix auxiliary: auto (partial if this build has "
+            "kvcli's patch, else view), partial (the base's file loaded as its first k layers), view "
+            "(the base's own model, its graph stopped after layer k-1), file (the cut file), a comma "
+            "list of these side by side, or all.",
+        ),
+    ] = "auto",
+    memory: Annotated[
+        bool,
+        typer.Option(
+            "--memory/--no-memory", help="Measure each mode's peak RSS and PSS in a process of its own."
+        ),
+    ] = True,
+    plot: Annotated[
+        Optional[Path],
+        typer.Option("--plot", help="PNG of TTFT against N per mode, kvp's breakdown stacked (matplotlib)."),
+    ] = None,
     threads: ThreadsOpt = 0,
     bundle: BundleOpt = None,
     json_out: JsonOpt = False,
@@ -136,8 +208,7 @@ def command(
                 continue  # "all": only the loads this bundle and build can use
             engines.append(extra[load])
         n_methods += len(extra)
-        rows, prompts, keeps = _run(engine, extra, length_list, mode_list, kvp,
-                                    repeats, warmup, n_methods)
+        rows, prompts, keeps = _run(engine, extra, length_list, mode_list, kvp, repeats, warmup, n_methods)
     finally:
         for e in engines:
             e.close()
@@ -150,15 +221,25 @@ def command(
         targets += [("kvp", engine.aux_load, t, sp) for t, sp in kvp] if "kvp" in mode_list else []
         targets += [("kvp", load, 0, 0) for load in extra]
         for mode, load, t, sp in targets:
-            measured = measure_in_child(mode, b.folder, length_list, prompts, settings.__dict__,
-                                        keep=keeps if mode == "truncate" else None,
-                                        aux_load=load, tail=t, spans=sp)
+            measured = measure_in_child(
+                mode,
+                b.folder,
+                length_list,
+                prompts,
+                settings.__dict__,
+                keep=keeps if mode == "truncate" else None,
+                aux_load=load,
+                tail=t,
+                spans=sp,
+            )
             for r in rows:
-                if r["mode"] == mode and r.get("aux_load") in (None, load) and (
-                        mode != "kvp" or (r["tail"], r["spans"]) == (t, sp)):
+                if (
+                    r["mode"] == mode
+                    and r.get("aux_load") in (None, load)
+                    and (mode != "kvp" or (r["tail"], r["spans"]) == (t, sp))
+                ):
                     r.update(measured[r["n_prompt"]])
-    result = {"settings": {**_settings_info(settings, b), "repeats": repeats, "warmup": warmup},
-              "rows": rows}
+    result = {"settings": {**_settings_info(settings, b), "repeats": repeats, "warmup": warmup}, "rows": rows}
     if plot is not None:
         from kvcli.cli.plot import bench_ttft
 
@@ -192,8 +273,16 @@ def _run(engine, extra, length_list, mode_list, kvp, repeats, warmup, n_methods)
                 done[0] += 1
                 report(stage, done[0], repeats * n_methods)
 
-            runs, ps = bench_length(engine, n, modes=mode_list, kvp=kvp, repeats=repeats,
-                                    warmup=warmup, progress=tick, extra_engines=extra)
+            runs, ps = bench_length(
+                engine,
+                n,
+                modes=mode_list,
+                kvp=kvp,
+                repeats=repeats,
+                warmup=warmup,
+                progress=tick,
+                extra_engines=extra,
+            )
             prompts[n] = ps[0]
             keeps[n] = next((m.keep for m in runs if m.mode == "truncate"), None)
             for r in summarize(n, runs):

@@ -55,8 +55,10 @@ class Transcript:
 
 def _status(stats) -> str:
     note = " (interrupted)" if stats.interrupted else ""
-    return (f"{stats.mode}: {stats.n_new} prompt tokens ({stats.n_predicted} predicted), "
-            f"TTFT {stats.ttft_ms:.0f} ms, {stats.tokens_per_s:.1f} tokens/s{note}")
+    return (
+        f"{stats.mode}: {stats.n_new} prompt tokens ({stats.n_predicted} predicted), "
+        f"TTFT {stats.ttft_ms:.0f} ms, {stats.tokens_per_s:.1f} tokens/s{note}"
+    )
 
 
 def _turn(conv, text: str, transcript: Transcript, err, interactive: bool = True) -> None:
@@ -79,16 +81,26 @@ def _turn(conv, text: str, transcript: Transcript, err, interactive: bool = True
     sys.stdout.write(decoder.decode(b"", final=True))
     sys.stdout.write("\n")
     sys.stdout.flush()
-    transcript.write({"role": "assistant", "content": reply, "mode": stats.mode,
-                      "n_prompt_new": stats.n_new, "ttft_ms": round(stats.ttft_ms, 2),
-                      "tokens_per_s": round(stats.tokens_per_s, 2), "interrupted": stats.interrupted})
+    transcript.write(
+        {
+            "role": "assistant",
+            "content": reply,
+            "mode": stats.mode,
+            "n_prompt_new": stats.n_new,
+            "ttft_ms": round(stats.ttft_ms, 2),
+            "tokens_per_s": round(stats.tokens_per_s, 2),
+            "interrupted": stats.interrupted,
+        }
+    )
     err.print(f"[dim]{_status(stats)}[/dim]")
 
 
 def _stats(conv) -> str:
     h = conv.history
-    lines = [f"turns {len(h)}, context {len(conv.base_tokens)}/{conv.engine.base.n_ctx} tokens, "
-             f"mode {conv.mode}, template {conv.template[:30]!r}"]
+    lines = [
+        f"turns {len(h)}, context {len(conv.base_tokens)}/{conv.engine.base.n_ctx} tokens, "
+        f"mode {conv.mode}, template {conv.template[:30]!r}"
+    ]
     for i, s in enumerate(h, 1):
         lines.append(f"  {i}: {_status(s)}")
     return "\n".join(lines)
@@ -126,9 +138,11 @@ def _interactive(conv, transcript: Transcript, err) -> None:
         import readline  # noqa: F401 - line editing and history for input()
     except ImportError:
         pass
-    err.print(f"[dim]kvcli chat: {conv.engine.base_info.path.name}, mode {conv.mode}, "
-              f"template {conv.template[:30]!r}. {COMMANDS}. Ctrl-C stops a reply; "
-              f"Ctrl-D exits.[/dim]")
+    err.print(
+        f"[dim]kvcli chat: {conv.engine.base_info.path.name}, mode {conv.mode}, "
+        f"template {conv.template[:30]!r}. {COMMANDS}. Ctrl-C stops a reply; "
+        f"Ctrl-D exits.[/dim]"
+    )
     while True:
         try:
             line = input("> ")
@@ -152,24 +166,43 @@ def command(
     bundle: BundleOpt = None,
     system: Annotated[Optional[str], typer.Option("--system", help="A system message.")] = None,
     mode: Annotated[ChatMode, typer.Option("--mode", help="kvp (predicted prefill) or base.")] = ChatMode.KVP,
-    tail: Annotated[Optional[int], typer.Option(
-        "--tail", help="kvp: the last W prompt tokens of each turn the base decodes itself "
-        "(default: as generate's, 24 with spans, else 0).")] = None,
-    spans: Annotated[Optional[int], typer.Option(
-        "--spans", help="kvp: spans the base recomputes each turn, chosen where the question "
-        "looks among every position still predicted (default: the bundle's, as generate's; "
-        "0 for none).")] = None,
+    tail: Annotated[
+        Optional[int],
+        typer.Option(
+            "--tail",
+            help="kvp: the last W prompt tokens of each turn the base decodes itself "
+            "(default: as generate's, 24 with spans, else 0).",
+        ),
+    ] = None,
+    spans: Annotated[
+        Optional[int],
+        typer.Option(
+            "--spans",
+            help="kvp: spans the base recomputes each turn, chosen where the question "
+            "looks among every position still predicted (default: the bundle's, as generate's; "
+            "0 for none).",
+        ),
+    ] = None,
     n_predict: Annotated[int, typer.Option("-n", "--n-predict", help="Most tokens per reply.")] = 256,
     ctx: CtxOpt = 4096,
-    save: Annotated[Optional[Path], typer.Option("--save", help="Append the transcript to this "
-                                                  "JSONL file as it goes.")] = None,
-    chat_template: Annotated[Optional[str], typer.Option(
-        "--chat-template", help="A llama.cpp built-in template name (gemma, chatml, llama3, ...) "
-        "instead of the GGUF's own (or its architecture's).")] = None,
-    drop_old: Annotated[bool, typer.Option("--drop-old", help="When the context fills, drop the "
-                                           "oldest turns instead of refusing the turn.")] = False,
-    one: Annotated[bool, typer.Option("--one", help="Not a terminal: all of stdin is one "
-                                      "message.")] = False,
+    save: Annotated[
+        Optional[Path], typer.Option("--save", help="Append the transcript to this JSONL file as it goes.")
+    ] = None,
+    chat_template: Annotated[
+        Optional[str],
+        typer.Option(
+            "--chat-template",
+            help="A llama.cpp built-in template name (gemma, chatml, llama3, ...) "
+            "instead of the GGUF's own (or its architecture's).",
+        ),
+    ] = None,
+    drop_old: Annotated[
+        bool,
+        typer.Option(
+            "--drop-old", help="When the context fills, drop the oldest turns instead of refusing the turn."
+        ),
+    ] = False,
+    one: Annotated[bool, typer.Option("--one", help="Not a terminal: all of stdin is one message.")] = False,
     temp: Annotated[float, typer.Option("--temp", help="Sampling temperature (0: greedy).")] = 0.0,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = 0,
@@ -190,9 +223,17 @@ def command(
     settings = ContextSettings(n_ctx=ctx, n_threads=threads)
     try:
         with notice_aux_load(Engine.from_bundle(b, settings=settings)) as engine:
-            conv = Conversation(engine, system=system, template=chat_template, mode=mode, tail=tail,
-                                spans=spans, n_predict=n_predict, drop_old=drop_old,
-                                sampler=Sampler(temperature=temp, seed=seed))
+            conv = Conversation(
+                engine,
+                system=system,
+                template=chat_template,
+                mode=mode,
+                tail=tail,
+                spans=spans,
+                n_predict=n_predict,
+                drop_old=drop_old,
+                sampler=Sampler(temperature=temp, seed=seed),
+            )
             if sys.stdin.isatty():
                 _interactive(conv, transcript, ui.err)
             else:

@@ -10,15 +10,16 @@ from kvcli.errors import KvcliError
 from kvcli.llama.runtime import ContextSettings
 
 
-def open_engine(*, bundle: Path | None, model: Path | None, mode: str,
-                settings: ContextSettings) -> Engine:
+def open_engine(*, bundle: Path | None, model: Path | None, mode: str, settings: ContextSettings) -> Engine:
     """An engine for ``mode``: --model alone serves base/truncate; otherwise a bundle."""
     if model is not None:
         if bundle is not None:
             raise KvcliError("give either --bundle or --model, not both")
         if mode in ("kvp", "aux"):
-            raise KvcliError(f"mode {mode} needs an auxiliary and a predictor: use --bundle "
-                             "(or leave both out for the embedded default)")
+            raise KvcliError(
+                f"mode {mode} needs an auxiliary and a predictor: use --bundle "
+                "(or leave both out for the embedded default)"
+            )
         return Engine(model, settings=settings)
     b = resolve_bundle(bundle)
     if mode == "kvp":
@@ -34,8 +35,12 @@ def warn_if_checked_worse(bundle: Bundle) -> None:
 
     warning = check_warning(bundle)
     if warning:
-        ui.err.print(f"[yellow]warning (this bundle's own check): {warning}[/yellow]", soft_wrap=True,
-                     markup=True, highlight=False)
+        ui.err.print(
+            f"[yellow]warning (this bundle's own check): {warning}[/yellow]",
+            soft_wrap=True,
+            markup=True,
+            highlight=False,
+        )
 
 
 def notice_aux_load(engine: Engine) -> Engine:
@@ -45,9 +50,12 @@ def notice_aux_load(engine: Engine) -> Engine:
     from kvcli.llama.runtime import prefix_view_supported
 
     if engine.aux_load == "view" and not prefix_view_supported() and not engine.needs_view:
-        ui.err.print("[dim]note: llama-cpp-python is not built with kvcli's patch; the auxiliary "
-                     "runs as a view of the base through the eval callback (python tools/install.py "
-                     "builds the patch)[/dim]", soft_wrap=True)
+        ui.err.print(
+            "[dim]note: llama-cpp-python is not built with kvcli's patch; the auxiliary "
+            "runs as a view of the base through the eval callback (python tools/install.py "
+            "builds the patch)[/dim]",
+            soft_wrap=True,
+        )
     return engine
 
 
@@ -74,9 +82,12 @@ def measure_spans(b: Bundle) -> Bundle:
     with ui.progress_reporter() as report:
         entry = measure_layer(b, progress=lambda i, n: report("spans", i, n))
     if entry["chooser"] == "tail":
-        ui.err.print(f"spans: chosen by base layers {entry['layers']}' attention from the tail "
-                     f"(each found the asked value in {entry['found']} of {entry['prompts']} held-out "
-                     "prompts)", highlight=False)
+        ui.err.print(
+            f"spans: chosen by base layers {entry['layers']}' attention from the tail "
+            f"(each found the asked value in {entry['found']} of {entry['prompts']} held-out "
+            "prompts)",
+            highlight=False,
+        )
     else:
         ui.err.print(f"spans: none ({entry['reason']})", highlight=False)
     return record_in_manifest(b, spans=entry)
@@ -94,11 +105,18 @@ def run_self_check(b: Bundle, n_tokens: int, *, echo: bool = True) -> dict:
     with ui.progress_reporter() as report, Engine.from_bundle(b) as engine:
         result = check_engine(engine, n_tokens=n_tokens, progress=lambda i, n: report("check", i, n))
     record_in_manifest(b, check=result)
-    rows = [[kind, method, f"{r[method]['kl']:.3f}", f"{r[method]['top1']:.2f}",
-             f"{r[method]['ttft_ratio']:.2f}"]
-            for kind, r in result["kinds"].items() for method in ("kvp", "truncate", "aux")]
-    ui.err.print(ui.table(f"self-check at {n_tokens} tokens (n = {result['n']} per kind)",
-                          ["text", "method", "KL", "top-1", "TTFT / base"], rows))
+    rows = [
+        [kind, method, f"{r[method]['kl']:.3f}", f"{r[method]['top1']:.2f}", f"{r[method]['ttft_ratio']:.2f}"]
+        for kind, r in result["kinds"].items()
+        for method in ("kvp", "truncate", "aux")
+    ]
+    ui.err.print(
+        ui.table(
+            f"self-check at {n_tokens} tokens (n = {result['n']} per kind)",
+            ["text", "method", "KL", "top-1", "TTFT / base"],
+            rows,
+        )
+    )
     if echo:
         typer.echo(summary_line(result))
     return result

@@ -28,8 +28,10 @@ def command(
     bundle: BundleOpt = None,
     prompts: Annotated[int, typer.Option("--prompts", help="Prompts for the exactness check.")] = 20,
     threads: ThreadsOpt = 0,
-    quality: Annotated[bool, typer.Option(
-        "--quality/--no-quality", help="With --bundle: end with the bundle's quality check.")] = True,
+    quality: Annotated[
+        bool,
+        typer.Option("--quality/--no-quality", help="With --bundle: end with the bundle's quality check."),
+    ] = True,
     json_out: JsonOpt = False,
 ) -> None:
     from kvcli.engine.bundle import embedded_model_path, load_bundle
@@ -52,9 +54,17 @@ def command(
 
         self_check = run_self_check(load_bundle(bundle), 512, echo=False)
     if json_out:
-        typer.echo(json.dumps({"model": str(path), "llama_cpp_python": llama_cpp_version(),
-                               "ok": ok, "checks": [r.as_dict() for r in results],
-                               "self_check": self_check}))
+        typer.echo(
+            json.dumps(
+                {
+                    "model": str(path),
+                    "llama_cpp_python": llama_cpp_version(),
+                    "ok": ok,
+                    "checks": [r.as_dict() for r in results],
+                    "self_check": self_check,
+                }
+            )
+        )
     else:
         from kvcli.cli import ui
 
@@ -62,10 +72,19 @@ def command(
         if self_check is not None:
             from kvcli.eval.self_check import summary_line
 
-            rows.append(["bundle quality (self-check)",
-                         "[yellow]warn[/yellow]" if self_check["warning"] else "[green]ok[/green]",
-                         summary_line(self_check)])
-        ui.out.print(ui.table(f"kvcli doctor: {path.name} (llama-cpp-python {llama_cpp_version()})",
-                              ["check", "result", "detail"], rows))
+            rows.append(
+                [
+                    "bundle quality (self-check)",
+                    "[yellow]warn[/yellow]" if self_check["warning"] else "[green]ok[/green]",
+                    summary_line(self_check),
+                ]
+            )
+        ui.out.print(
+            ui.table(
+                f"kvcli doctor: {path.name} (llama-cpp-python {llama_cpp_version()})",
+                ["check", "result", "detail"],
+                rows,
+            )
+        )
     if not ok:
         raise typer.Exit(1)

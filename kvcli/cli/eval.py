@@ -36,20 +36,28 @@ def _fmt(value, digits=2) -> str:
 
 
 def command(
-    tasks: Annotated[str, typer.Option(
-        "--tasks", help=f"Comma list of: {', '.join(TASKS)}.")] = ",".join(TASKS),
+    tasks: Annotated[str, typer.Option("--tasks", help=f"Comma list of: {', '.join(TASKS)}.")] = ",".join(
+        TASKS
+    ),
     lengths: Annotated[str, typer.Option("--lengths", help="Prompt lengths in tokens.")] = "1024",
     n: Annotated[int, typer.Option("--n", help="Prompts per task and length.")] = 10,
     tails: Annotated[str, typer.Option("--tails", help="kvp tails to evaluate.")] = "0,24",
-    spans: Annotated[Optional[str], typer.Option(
-        "--spans", help="Numbers of recomputed spans to evaluate (each with each tail); "
-        "default 0 and the bundle's default (1; 2 where spans are chosen from the tail) where "
-        "the bundle can choose spans, else 0.")] = None,
+    spans: Annotated[
+        Optional[str],
+        typer.Option(
+            "--spans",
+            help="Numbers of recomputed spans to evaluate (each with each tail); "
+            "default 0 and the bundle's default (1; 2 where spans are chosen from the tail) where "
+            "the bundle can choose spans, else 0.",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the task generators.")] = 0,
     quick: Annotated[bool, typer.Option("--quick", help="A fast check of the pipeline.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for results.json.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(
-        "--plot", help="PNG of accuracy against TTFT per method (needs matplotlib).")] = None,
+    plot: Annotated[
+        Optional[Path],
+        typer.Option("--plot", help="PNG of accuracy against TTFT per method (needs matplotlib)."),
+    ] = None,
     threads: ThreadsOpt = 0,
     bundle: BundleOpt = None,
     json_out: JsonOpt = False,
@@ -74,8 +82,15 @@ def command(
                 for task in task_list:
                     stage = f"{task} @ {length}"
                     rows += evaluate_task(
-                        engine, task, length, n=n, tails=tail_list, spans=span_list, seed=seed,
-                        progress=lambda i, total, s=stage: report(s, i, total))
+                        engine,
+                        task,
+                        length,
+                        n=n,
+                        tails=tail_list,
+                        spans=span_list,
+                        seed=seed,
+                        progress=lambda i, total, s=stage: report(s, i, total),
+                    )
     result = {"settings": {**settings.__dict__, "n": n, "seed": seed}, "rows": rows}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -87,15 +102,41 @@ def command(
     if json_out:
         typer.echo(json.dumps(result))
         return
-    table_rows = [[r["task"], str(r["n_prompt"]),
-                   r["method"] + (f" tail {r['tail']}" if r["tail"] else "")
-                   + (f" spans {r['spans']}" if r.get("spans") else "")
-                   + (f" keep {r['keep']}" if r["keep"] else ""),
-                   _fmt(r["accuracy"]), _fmt(r["retention"]), _fmt(r["first_token_agreement"]),
-                   _fmt(r["kl_mean"], 3), _fmt(r["top1_agreement"]),
-                   "/".join(f"{e:.2f}" for e in r["kv_rel_err_predicted_layers"])
-                   if r.get("kv_rel_err_predicted_layers") else "-", _fmt(r["ttft_ratio"])]
-                  for r in rows]
-    ui.out.print(ui.table("kvcli eval", ["task", "N", "method", "accuracy", "retention",
-                                         "first token", "KL", "top-1", "K/V err", "TTFT / base"],
-                          table_rows))
+    table_rows = [
+        [
+            r["task"],
+            str(r["n_prompt"]),
+            r["method"]
+            + (f" tail {r['tail']}" if r["tail"] else "")
+            + (f" spans {r['spans']}" if r.get("spans") else "")
+            + (f" keep {r['keep']}" if r["keep"] else ""),
+            _fmt(r["accuracy"]),
+            _fmt(r["retention"]),
+            _fmt(r["first_token_agreement"]),
+            _fmt(r["kl_mean"], 3),
+            _fmt(r["top1_agreement"]),
+            "/".join(f"{e:.2f}" for e in r["kv_rel_err_predicted_layers"])
+            if r.get("kv_rel_err_predicted_layers")
+            else "-",
+            _fmt(r["ttft_ratio"]),
+        ]
+        for r in rows
+    ]
+    ui.out.print(
+        ui.table(
+            "kvcli eval",
+            [
+                "task",
+                "N",
+                "method",
+                "accuracy",
+                "retention",
+                "first token",
+                "KL",
+                "top-1",
+                "K/V err",
+                "TTFT / base",
+            ],
+            table_rows,
+        )
+    )

@@ -31,10 +31,16 @@ writes one JSON object per prompt to stdout."""
 
 def result_json(gen: Generation, **extra) -> dict:
     return {
-        **extra, "mode": gen.mode, "tail": gen.tail, "spans": gen.spans,
+        **extra,
+        "mode": gen.mode,
+        "tail": gen.tail,
+        "spans": gen.spans,
         "recomputed": [list(r) for r in gen.recomputed],
-        "n_prompt": gen.n_prompt, "ttft_ms": round(gen.ttft_ms, 3),
-        "breakdown": gen.timings.as_dict(), "n_gen": len(gen.tokens), "tokens": gen.tokens,
+        "n_prompt": gen.n_prompt,
+        "ttft_ms": round(gen.ttft_ms, 3),
+        "breakdown": gen.timings.as_dict(),
+        "n_gen": len(gen.tokens),
+        "tokens": gen.tokens,
         "text": gen.text,
         "gen_tokens_per_s": round(len(gen.tokens) / (gen.gen_ms / 1e3), 2) if gen.gen_ms else None,
     }
@@ -64,8 +70,10 @@ def _run_batch(engine: Engine, batch: Path, defaults: dict) -> None:
             prompt = item["prompt"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise KvcliError(f"{batch}:{lineno}: expected a JSON object with a 'prompt'") from None
-        opts = {**defaults, **{k: item[k] for k in ("mode", "n_predict", "tail", "spans", "keep")
-                               if k in item}}
+        opts = {
+            **defaults,
+            **{k: item[k] for k in ("mode", "n_predict", "tail", "spans", "keep") if k in item},
+        }
         if opts["mode"] == "kvp":
             opts.update(engine.kvp_settings(opts["tail"], opts["spans"]))
         sampler = Sampler(temperature=opts.pop("temp", 0.0))
@@ -84,23 +92,35 @@ def command(
     batch: Annotated[Optional[Path], typer.Option("--batch", help="JSONL file of prompts.")] = None,
     mode: Annotated[Mode, typer.Option("--mode", help="How the prompt is prefilled.")] = Mode.KVP,
     n_predict: Annotated[int, typer.Option("-n", "--n-predict", help="Tokens to generate at most.")] = 64,
-    tail: Annotated[Optional[int], typer.Option(
-        "--tail", help="kvp: the base recomputes the last W prompt tokens (default: 24 with "
-        "spans, else 0).")] = None,
-    spans: Annotated[Optional[int], typer.Option(
-        "--spans", help=f"kvp: the base also recomputes S spans of {SPAN_WIDTH} tokens, where the "
-        "question attends most (default: the bundle's, 1, or 2 where spans are chosen from the "
-        "tail; 0 where the bundle cannot choose them).")] = None,
-    keep: Annotated[Optional[int], typer.Option(
-        "--keep", help="truncate: keep the last M prompt tokens.")] = None,
+    tail: Annotated[
+        Optional[int],
+        typer.Option(
+            "--tail",
+            help="kvp: the base recomputes the last W prompt tokens (default: 24 with spans, else 0).",
+        ),
+    ] = None,
+    spans: Annotated[
+        Optional[int],
+        typer.Option(
+            "--spans",
+            help=f"kvp: the base also recomputes S spans of {SPAN_WIDTH} tokens, where the "
+            "question attends most (default: the bundle's, 1, or 2 where spans are chosen from the "
+            "tail; 0 where the bundle cannot choose them).",
+        ),
+    ] = None,
+    keep: Annotated[
+        Optional[int], typer.Option("--keep", help="truncate: keep the last M prompt tokens.")
+    ] = None,
     temp: Annotated[float, typer.Option("--temp", help="Sampling temperature (0: greedy).")] = 0.0,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = 0,
     ctx: CtxOpt = 4096,
-    cache_type_k: Annotated[str, typer.Option(
-        "--cache-type-k", "-ctk", help="KV type of keys (kvp: f16 or f32).")] = "f16",
-    cache_type_v: Annotated[str, typer.Option(
-        "--cache-type-v", "-ctv", help="KV type of values (kvp: f16 or f32).")] = "f16",
+    cache_type_k: Annotated[
+        str, typer.Option("--cache-type-k", "-ctk", help="KV type of keys (kvp: f16 or f32).")
+    ] = "f16",
+    cache_type_v: Annotated[
+        str, typer.Option("--cache-type-v", "-ctv", help="KV type of values (kvp: f16 or f32).")
+    ] = "f16",
     bundle: BundleOpt = None,
     model: ModelOpt = None,
     json_out: JsonOpt = False,
@@ -108,8 +128,10 @@ def command(
     if sum(x is not None for x in (prompt, file, batch)) != 1:
         raise KvcliError("give exactly one of PROMPT, --file or --batch")
     if mode == "kvp" and not {cache_type_k, cache_type_v} <= {"f16", "f32"}:
-        raise KvcliError(f"KV cache type {cache_type_k}/{cache_type_v} is quantized; predicted "
-                         "prefill needs f16 or f32 caches (--cache-type-k f16 --cache-type-v f16)")
+        raise KvcliError(
+            f"KV cache type {cache_type_k}/{cache_type_v} is quantized; predicted "
+            "prefill needs f16 or f32 caches (--cache-type-k f16 --cache-type-v f16)"
+        )
     if file is not None:
         try:
             prompt = file.read_text(encoding="utf-8")
@@ -129,8 +151,10 @@ def command(
             return
         tokens = engine.tokenize(prompt)
         if len(tokens) >= ctx:
-            raise KvcliError(f"the prompt has {len(tokens)} tokens but the context holds {ctx}; "
-                             "use a shorter prompt or a larger --ctx")
+            raise KvcliError(
+                f"the prompt has {len(tokens)} tokens but the context holds {ctx}; "
+                "use a shorter prompt or a larger --ctx"
+            )
         sampler = Sampler(temperature=temp, seed=seed)
         if json_out:
             gen = engine.generate(tokens, sampler=sampler, **opts)
@@ -141,9 +165,14 @@ def command(
         from kvcli.cli import ui
 
         t = gen.timings
-        detail = (f" (aux prefill {t.aux_prefill_ms:.0f} + get {t.state_get_ms:.0f} + predict "
-                  f"{t.predict_ms:.0f} + spans {t.recompute_ms:.0f} + set {t.state_set_ms:.0f} + "
-                  f"base {t.base_decode_ms:.0f} ms; tail {opts['tail']}, spans {opts['spans']})"
-                  if mode == "kvp" else "")
-        ui.err.print(f"[dim]{mode}: {gen.n_prompt} prompt tokens, TTFT {gen.ttft_ms:.0f} ms{detail}, "
-                     f"{len(gen.tokens)} tokens generated[/dim]")
+        detail = (
+            f" (aux prefill {t.aux_prefill_ms:.0f} + get {t.state_get_ms:.0f} + predict "
+            f"{t.predict_ms:.0f} + spans {t.recompute_ms:.0f} + set {t.state_set_ms:.0f} + "
+            f"base {t.base_decode_ms:.0f} ms; tail {opts['tail']}, spans {opts['spans']})"
+            if mode == "kvp"
+            else ""
+        )
+        ui.err.print(
+            f"[dim]{mode}: {gen.n_prompt} prompt tokens, TTFT {gen.ttft_ms:.0f} ms{detail}, "
+            f"{len(gen.tokens)} tokens generated[/dim]"
+        )

@@ -27,15 +27,23 @@ def _value(v) -> str:
 def _section(title: str, d: dict):
     from kvcli.cli import ui
 
-    rows = [[k, _value(v)] for k, v in d.items()
-            if not isinstance(v, dict) or k in ("rope", "cut_from", "origin", "sha256_ok")]
+    rows = [
+        [k, _value(v)]
+        for k, v in d.items()
+        if not isinstance(v, dict) or k in ("rope", "cut_from", "origin", "sha256_ok")
+    ]
     return ui.table(title, ["field", "value"], rows)
 
 
 def command(
     path: Annotated[Path, typer.Argument(help="A GGUF file or a bundle folder.")],
-    verify: Annotated[bool, typer.Option("--verify", help="For a bundle: check every file's "
-                                         "sha256 against the manifest (reads every byte).")] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="For a bundle: check every file's sha256 against the manifest (reads every byte).",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     from kvcli.eval.describe import describe

@@ -8,11 +8,20 @@ from typing import Annotated, Optional
 
 import typer
 
-BundleOpt = Annotated[Optional[Path], typer.Option(
-    "--bundle", help="Bundle folder (base, auxiliary, predictor). Default: the embedded "
-    "Gemma 3 270M bundle, built in the cache folder on first use.")]
-ModelOpt = Annotated[Optional[Path], typer.Option(
-    "--model", "-m", help="A base GGUF to run alone (modes base and truncate) without a bundle.")]
+BundleOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--bundle",
+        help="Bundle folder (base, auxiliary, predictor). Default: the embedded "
+        "Gemma 3 270M bundle, built in the cache folder on first use.",
+    ),
+]
+ModelOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--model", "-m", help="A base GGUF to run alone (modes base and truncate) without a bundle."
+    ),
+]
 ThreadsOpt = Annotated[int, typer.Option("--threads", "-t", help="CPU threads (0: auto).")]
 CtxOpt = Annotated[int, typer.Option("--ctx", "-c", help="Context size in tokens.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")]

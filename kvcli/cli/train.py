@@ -31,29 +31,50 @@ def command(
     bundle: BundleOpt = None,
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps in all (one sequence each).")] = 200,
     tokens: Annotated[int, typer.Option("--tokens", help="Tokens per training sequence.")] = 1024,
-    tail: Annotated[int, typer.Option(
-        "--tail", help="Last positions of each sequence the base computes itself and is scored on.")] = 64,
+    tail: Annotated[
+        int,
+        typer.Option(
+            "--tail", help="Last positions of each sequence the base computes itself and is scored on."
+        ),
+    ] = 64,
     lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate.")] = 1e-6,
-    l1_weight: Annotated[Optional[float], typer.Option(
-        "--l1-weight", help="Weight of the K/V L1 term (default: 1 / the base's layers).")] = None,
+    l1_weight: Annotated[
+        Optional[float],
+        typer.Option("--l1-weight", help="Weight of the K/V L1 term (default: 1 / the base's layers)."),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the order of the sequences.")] = 0,
-    corpus: Annotated[Optional[Path], typer.Option(
-        "--corpus", help="Train on this text file or folder instead.")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(
-        "--checkpoint", help="Checkpoint file (default: OUTPUT.checkpoint.pt beside -o).")] = None,
+    corpus: Annotated[
+        Optional[Path], typer.Option("--corpus", help="Train on this text file or folder instead.")
+    ] = None,
+    checkpoint: Annotated[
+        Optional[Path],
+        typer.Option("--checkpoint", help="Checkpoint file (default: OUTPUT.checkpoint.pt beside -o)."),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint.")] = False,
     save_every: Annotated[int, typer.Option("--save-every", help="Steps between checkpoints.")] = 25,
-    validate: Annotated[int, typer.Option(
-        "--validate", help="Held-out sequences scored at the start, every --validate-every steps "
-        "and at the end (0: none).")] = 4,
+    validate: Annotated[
+        int,
+        typer.Option(
+            "--validate",
+            help="Held-out sequences scored at the start, every --validate-every steps "
+            "and at the end (0: none).",
+        ),
+    ] = 4,
     validate_every: Annotated[int, typer.Option("--validate-every", help="Steps between validations.")] = 100,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
-    train_aux: Annotated[bool, typer.Option(
-        "--train-aux", help="Train the auxiliary too (its layers that are not copies of the base's), "
-        "with its own cross-entropy over the tail added to the loss; written back as a GGUF "
-        "(trained matrices F16). Not for a prefix auxiliary.")] = False,
-    outtype: Annotated[Optional[str], typer.Option(
-        "--outtype", help="Predictor storage: f32, f16, q8_0, q4_0 (default: the bundle's).")] = None,
+    train_aux: Annotated[
+        bool,
+        typer.Option(
+            "--train-aux",
+            help="Train the auxiliary too (its layers that are not copies of the base's), "
+            "with its own cross-entropy over the tail added to the loss; written back as a GGUF "
+            "(trained matrices F16). Not for a prefix auxiliary.",
+        ),
+    ] = False,
+    outtype: Annotated[
+        Optional[str],
+        typer.Option("--outtype", help="Predictor storage: f32, f16, q8_0, q4_0 (default: the bundle's)."),
+    ] = None,
     threads: ThreadsOpt = 0,
     json_out: JsonOpt = False,
 ) -> None:
@@ -72,22 +93,40 @@ def command(
     settings = TrainSettings(tokens=tokens, tail=tail, lr=lr, l1_weight=l1_weight, seed=seed)
     b = resolve_bundle(bundle)
     with ui.training_progress(steps) as report:
-        summary = train_bundle(b, output, settings=settings, steps=steps, corpus=corpus,
-                               checkpoint=checkpoint, resume=resume, save_every=max(1, save_every),
-                               device=device, storage=outtype, validate=validate,
-                               validate_every=validate_every, train_aux=train_aux, report=report,
-                               notice=lambda text: ui.err.print(text, soft_wrap=True))
+        summary = train_bundle(
+            b,
+            output,
+            settings=settings,
+            steps=steps,
+            corpus=corpus,
+            checkpoint=checkpoint,
+            resume=resume,
+            save_every=max(1, save_every),
+            device=device,
+            storage=outtype,
+            validate=validate,
+            validate_every=validate_every,
+            train_aux=train_aux,
+            report=report,
+            notice=lambda text: ui.err.print(text, soft_wrap=True),
+        )
     if json_out:
         typer.echo(json.dumps(summary, indent=2))
         return
-    ui.out.print(f"trained {summary['steps_this_run']} steps (step {summary['step']} of the run) on "
-                 f"{summary['source']}, {summary['tokens_per_s']} tokens/s")
-    ui.out.print(f"cross-entropy over the tail: {summary['ce_first_10']} (first 10 steps) -> "
-                 f"{summary['ce_last_10']} (last 10; the base over its own cache: "
-                 f"{summary['ce_base_last_10']}); K/V L1 {summary['kv_l1_first_10']} -> "
-                 f"{summary['kv_l1_last_10']}")
+    ui.out.print(
+        f"trained {summary['steps_this_run']} steps (step {summary['step']} of the run) on "
+        f"{summary['source']}, {summary['tokens_per_s']} tokens/s"
+    )
+    ui.out.print(
+        f"cross-entropy over the tail: {summary['ce_first_10']} (first 10 steps) -> "
+        f"{summary['ce_last_10']} (last 10; the base over its own cache: "
+        f"{summary['ce_base_last_10']}); K/V L1 {summary['kv_l1_first_10']} -> "
+        f"{summary['kv_l1_last_10']}"
+    )
     if summary["validation"]:
         first, last = summary["validation"][0], summary["validation"][-1]
-        ui.out.print(f"held-out cross-entropy over the tail: {first['ce']} (step {first['step']}) -> "
-                     f"{last['ce']} (step {last['step']}; the base over its own cache: {last['ce_base']})")
+        ui.out.print(
+            f"held-out cross-entropy over the tail: {first['ce']} (step {first['step']}) -> "
+            f"{last['ce']} (step {last['step']}; the base over its own cache: {last['ce_base']})"
+        )
     ui.out.print(f"bundle: {summary['output']}  (checkpoint: {summary['checkpoint']})")

@@ -28,9 +28,16 @@ err = Console(stderr=True, highlight=False)
 @contextlib.contextmanager
 def progress_reporter() -> Iterator:
     """A ``(stage, done, total)`` callback that drives one rich progress bar per stage."""
-    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=err, transient=False)
+    bars = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
     tasks: dict[str, int] = {}
 
     def report(stage: str, done: int, total: int) -> None:
@@ -45,15 +52,28 @@ def progress_reporter() -> Iterator:
 @contextlib.contextmanager
 def training_progress(total: int) -> Iterator:
     """A ``report(row)`` callback for training steps: one bar with the step's losses."""
-    bars = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                    console=err, transient=False)
+    bars = Progress(
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=err,
+        transient=False,
+    )
     task = bars.add_task("train", total=total, info="")
 
     def report(row: dict) -> None:
-        bars.update(task, completed=row["step"], info=(
-            f"ce {row['ce']:.3f} (base {row['ce_base']:.3f})  L1 {row['kv_l1']:.2f}  "
-            f"{row['tokens_per_s']:.0f} tok/s"))
+        bars.update(
+            task,
+            completed=row["step"],
+            info=(
+                f"ce {row['ce']:.3f} (base {row['ce_base']:.3f})  L1 {row['kv_l1']:.2f}  "
+                f"{row['tokens_per_s']:.0f} tok/s"
+            ),
+        )
 
     with bars:
         yield report

@@ -26,8 +26,7 @@ class AuxLoad(Choice):
 AUX_LOADS = AuxLoad.values()
 
 
-def choose_aux_load(requested: str, prefix: int, *, needs_view: bool = False,
-                    partial_ok: bool = True) -> str:
+def choose_aux_load(requested: str, prefix: int, *, needs_view: bool = False, partial_ok: bool = True) -> str:
     """The load to use for a requested one; ``prefix`` is k for a prefix auxiliary, else 0;
     ``needs_view``: the predictor reads a tensor only the view computes at every position;
     ``partial_ok``: False for a base file llama.cpp cannot load as k layers
@@ -35,15 +34,20 @@ def choose_aux_load(requested: str, prefix: int, *, needs_view: bool = False,
     if requested == "file" or (requested == "auto" and not prefix):
         return "file"
     if not prefix:
-        raise IncompatibleError(f"--aux-load {requested} needs a prefix auxiliary cut from this base"
-                                " (and a predictor); this bundle's auxiliary is not one")
+        raise IncompatibleError(
+            f"--aux-load {requested} needs a prefix auxiliary cut from this base"
+            " (and a predictor); this bundle's auxiliary is not one"
+        )
     if requested == "partial" and not prefix_view_supported():
         raise IncompatibleError(
             f"--aux-load partial needs llama-cpp-python built with kvcli's patches "
-            f"(python tools/install.py); this one is {llama_cpp_version()}")
+            f"(python tools/install.py); this one is {llama_cpp_version()}"
+        )
     if requested == "partial" and not partial_ok:
-        raise IncompatibleError("--aux-load partial cannot load this base as its first layers: "
-                                "its file stores per-layer metadata arrays (use view)")
+        raise IncompatibleError(
+            "--aux-load partial cannot load this base as its first layers: "
+            "its file stores per-layer metadata arrays (use view)"
+        )
     if requested == "auto":
         return "partial" if prefix_view_supported() and partial_ok and not needs_view else "view"
     return requested

@@ -47,11 +47,20 @@ from kvcli.predict.predictor import Predictor, StorageType, load_predictor, save
 DEFAULT_RANK = 512
 
 
-def build_bundle(base_path: str | Path, folder: str | Path, *, n_aux_layers: int | None = None,
-                 n_tokens: int | None = None, corpus: Path | None = None,
-                 text: CalibrationText = CalibrationText.MIXED, storage_type: str = "f32",
-                 reference_base: bool = False, aux_file: bool = False,
-                 rank: int = DEFAULT_RANK, progress: Progress | None = None) -> Bundle:
+def build_bundle(
+    base_path: str | Path,
+    folder: str | Path,
+    *,
+    n_aux_layers: int | None = None,
+    n_tokens: int | None = None,
+    corpus: Path | None = None,
+    text: CalibrationText = CalibrationText.MIXED,
+    storage_type: str = "f32",
+    reference_base: bool = False,
+    aux_file: bool = False,
+    rank: int = DEFAULT_RANK,
+    progress: Progress | None = None,
+) -> Bundle:
     """From a base alone: a prefix auxiliary, a predictor calibrated for it, packed atomically.
     The auxiliary is recorded as the base's first k layers, with no file of its own, unless
     ``aux_file`` (its cut is then kept, for a llama.cpp that should load it as a file).
@@ -59,8 +68,10 @@ def build_bundle(base_path: str | Path, folder: str | Path, *, n_aux_layers: int
     (kvcli.predict.factor) where its features are wider than twice that; 0: never."""
     storage_type = StorageType.parse(storage_type, "predictor type")
     if rank < 0 or rank % storage_block(storage_type):
-        raise KvcliError(f"the rank must be >= 0 and divisible by {storage_block(storage_type)} "
-                         f"(predictor type {storage_type}), not {rank}")
+        raise KvcliError(
+            f"the rank must be >= 0 and divisible by {storage_block(storage_type)} "
+            f"(predictor type {storage_type}), not {rank}"
+        )
     base_info = read_model_info(base_path, "base model")
     if base_info.n_layer < 2:
         raise KvcliError("a base of one layer has no prefix to cut an auxiliary from")
@@ -73,8 +84,14 @@ def build_bundle(base_path: str | Path, folder: str | Path, *, n_aux_layers: int
         aux = cut_auxiliary(base_info.path, work / "aux.gguf", prefix_layers(n_aux))
         if progress:
             progress("cut auxiliary", 1, 1)
-        data = collect(base_info.path, aux, n_tokens=n_tokens or DEFAULT_TOKENS, corpus=corpus,
-                       text=text, progress=(lambda i, n: progress("calibrate", i, n)) if progress else None)
+        data = collect(
+            base_info.path,
+            aux,
+            n_tokens=n_tokens or DEFAULT_TOKENS,
+            corpus=corpus,
+            text=text,
+            progress=(lambda i, n: progress("calibrate", i, n)) if progress else None,
+        )
         pred = fit_predictor(data)
         widest = max((pred.n_features(il) for il in pred.predicted_layers), default=0)
         if rank and widest > 2 * rank:
@@ -93,8 +110,9 @@ def build_bundle(base_path: str | Path, folder: str | Path, *, n_aux_layers: int
     return load_bundle(folder)
 
 
-def bundle_with_predictor(bundle: Bundle, pred, output: Path, storage: str | None = None,
-                          aux_weights: dict | None = None) -> None:
+def bundle_with_predictor(
+    bundle: Bundle, pred, output: Path, storage: str | None = None, aux_weights: dict | None = None
+) -> None:
     """A bundle of ``bundle``'s base (named by absolute path) and auxiliary (the prefix, the
     same file, or, with ``aux_weights``, a copy of its file with those tensors trained) with
     ``pred`` as its predictor, built atomically. The spans chooser measured for ``bundle``
@@ -110,14 +128,26 @@ def bundle_with_predictor(bundle: Bundle, pred, output: Path, storage: str | Non
             aux = Path(aux.name)
         save_predictor(pred, work / "predictor.gguf", storage)
         spans = bundle.manifest.get("spans")
-        write_manifest(work, {"base": bundle.base.resolve(), "aux": aux,
-                              "predictor": Path("predictor.gguf")},
-                       {"spans": spans} if spans else None)
+        write_manifest(
+            work,
+            {"base": bundle.base.resolve(), "aux": aux, "predictor": Path("predictor.gguf")},
+            {"spans": spans} if spans else None,
+        )
 
 
-def factor_bundle(bundle, output, *, rank: int, full_layers: list[int] = (), n_tokens: int | None = None,
-                  corpus=None, text=None, storage: str | None = None, settings=None,
-                  progress=None) -> dict:
+def factor_bundle(
+    bundle,
+    output,
+    *,
+    rank: int,
+    full_layers: list[int] = (),
+    n_tokens: int | None = None,
+    corpus=None,
+    text=None,
+    storage: str | None = None,
+    settings=None,
+    progress=None,
+) -> dict:
     """Factor ``bundle``'s predictor (``factor_predictor``) with feature statistics over
     calibration text, and write a bundle with it to ``output``. Returns held-out relative
     errors per layer before and after (the basis is fit on the other calibration prompts)."""
@@ -139,29 +169,50 @@ def factor_bundle(bundle, output, *, rank: int, full_layers: list[int] = (), n_t
         raise KvcliError(f"the rank must be between 1 and {widest - 1}, not {rank}")
     unknown = sorted(set(full_layers) - set(pred.predicted_layers))
     if unknown:
-        raise KvcliError(f"layer {unknown[0]} is not a predicted layer of this predictor "
-                         f"({pred.predicted_layers[0]}..{pred.predicted_layers[-1]})")
+        raise KvcliError(
+            f"layer {unknown[0]} is not a predicted layer of this predictor "
+            f"({pred.predicted_layers[0]}..{pred.predicted_layers[-1]})"
+        )
     with tempfile.TemporaryDirectory(prefix="kvcli-factor-") as tmp:
         aux = bundle.aux_source
         if isinstance(aux, int):  # calibration reads a prefix's metadata from a cut file
             aux = cut_auxiliary(bundle.base, Path(tmp) / "aux.gguf", prefix_layers(aux))
-        data = collect(bundle.base, aux, n_tokens=n_tokens or DEFAULT_TOKENS, corpus=corpus,
-                       text=text or CalibrationText.MIXED, layer_map=pred.layer_map,
-                       hidden=pred.hidden_kinds or False,
-                       settings=settings, progress=progress)
+        data = collect(
+            bundle.base,
+            aux,
+            n_tokens=n_tokens or DEFAULT_TOKENS,
+            corpus=corpus,
+            text=text or CalibrationText.MIXED,
+            layer_map=pred.layer_map,
+            hidden=pred.hidden_kinds or False,
+            settings=settings,
+            progress=progress,
+        )
     if data.plan.copied_layers != pred.copied_layers or data.plan.feature_kinds != pred.feature_kinds:
         raise KvcliError("the calibration's layers or features differ from the predictor's")
     factored, errors = factor_calibrated(pred, data, rank, full_layers)
     bundle_with_predictor(bundle, factored, Path(output), storage)
-    return {"rank": rank, "factored_layers": factored.factored_layers, "heldout_rel_error": errors,
-            "calibration_tokens": sum(s.n_rows for s in data.fit.values()), "source": data.source}
+    return {
+        "rank": rank,
+        "factored_layers": factored.factored_layers,
+        "heldout_rel_error": errors,
+        "calibration_tokens": sum(s.n_rows for s in data.fit.values()),
+        "source": data.source,
+    }
 
 
 OUTTYPES = ("f32", "f16", "q8_0", "q4_k_m")
 
 
-def import_checkpoint(checkpoint: str | Path, config: str | Path, tokenizer: str | Path,
-                      output: str | Path, *, outtype: str = "f16", progress=None):
+def import_checkpoint(
+    checkpoint: str | Path,
+    config: str | Path,
+    tokenizer: str | Path,
+    output: str | Path,
+    *,
+    outtype: str = "f16",
+    progress=None,
+):
     """A kvcli bundle from a corenet KV-prediction checkpoint: the base and the auxiliary as
     OpenELM GGUFs llama.cpp loads, the predictor (keys predicted before the base's key norm,
     from the auxiliary's raw keys) and a manifest naming the checkpoint as the origin."""
@@ -176,23 +227,33 @@ def import_checkpoint(checkpoint: str | Path, config: str | Path, tokenizer: str
     for role, shape in (("base", cfg.base), ("auxiliary", cfg.aux)):
         check_model_keys(parts[role], f"{role}.", shape)
     if cfg.aux.n_vocab != cfg.base.n_vocab:
-        raise CorenetError(f"the auxiliary's vocabulary ({cfg.aux.n_vocab}) differs from the "
-                           f"base's ({cfg.base.n_vocab})")
-    tensors = {role: gguf_tensors(parts[role], shape, prefix="") for role, shape in
-               (("base", cfg.base), ("auxiliary", cfg.aux))}
+        raise CorenetError(
+            f"the auxiliary's vocabulary ({cfg.aux.n_vocab}) differs from the base's ({cfg.base.n_vocab})"
+        )
+    tensors = {
+        role: gguf_tensors(parts[role], shape, prefix="")
+        for role, shape in (("base", cfg.base), ("auxiliary", cfg.aux))
+    }
     matrices = predictor_matrices(parts["predicter"], cfg)
     vocab = SentencePieceVocab.from_file(tokenizer, cfg.base.n_vocab)
     origin = f"corenet:{checkpoint.name}"
     with building_folder(Path(output)) as work:
         files = {}
-        for i, (role, shape, name) in enumerate((("base", cfg.base, cfg.base_name),
-                                                 ("auxiliary", cfg.aux, cfg.aux_name))):
+        for i, (role, shape, name) in enumerate(
+            (("base", cfg.base, cfg.base_name), ("auxiliary", cfg.aux, cfg.aux_name))
+        ):
             report("write models", i, 2)
             stem = "base" if role == "base" else "aux"
             write_type = outtype if outtype in ("f32", "f16") else "f16"
-            path = write_gguf(work / f"{stem}-{write_type}.gguf", shape, tensors[role], vocab,
-                              name=f"{name} ({origin})", outtype=write_type,
-                              extra={"kvcli.origin": origin})
+            path = write_gguf(
+                work / f"{stem}-{write_type}.gguf",
+                shape,
+                tensors[role],
+                vocab,
+                name=f"{name} ({origin})",
+                outtype=write_type,
+                extra={"kvcli.origin": origin},
+            )
             if write_type != outtype:
                 from kvcli.llama.quantize import quantize_model
 
@@ -205,15 +266,26 @@ def import_checkpoint(checkpoint: str | Path, config: str | Path, tokenizer: str
         aux_info = read_model_info(work / files["aux"])
         pred = corenet_predictor(matrices, cfg, base_info.fingerprint, aux_info.fingerprint, origin)
         files["predictor"] = Path(save_predictor(pred, work / "predictor.gguf", "f32").name)
-        write_manifest(work, files, {"origin": {
-            "kind": "corenet", "checkpoint": checkpoint.name, "checkpoint_sha256": sha256_file(checkpoint),
-            "config": Path(config).name, "base_model": cfg.base_name, "aux_model": cfg.aux_name,
-            "tokenizer_pieces": vocab.n_pieces, "outtype": outtype}})
+        write_manifest(
+            work,
+            files,
+            {
+                "origin": {
+                    "kind": "corenet",
+                    "checkpoint": checkpoint.name,
+                    "checkpoint_sha256": sha256_file(checkpoint),
+                    "config": Path(config).name,
+                    "base_model": cfg.base_name,
+                    "aux_model": cfg.aux_name,
+                    "tokenizer_pieces": vocab.n_pieces,
+                    "outtype": outtype,
+                }
+            },
+        )
     return load_bundle(output)
 
 
-def corenet_predictor(matrices, cfg: KVPConfig, base_fingerprint: str, aux_fingerprint: str,
-                      origin: str):
+def corenet_predictor(matrices, cfg: KVPConfig, base_fingerprint: str, aux_fingerprint: str, origin: str):
     """kvcli's Predictor for corenet's per-layer key and value Linears: one block-diagonal
     matrix per base layer over [raw aux keys, aux values] -> [pre-norm keys, values]."""
     weights, biases, k_widths = {}, {}, {}
@@ -222,8 +294,17 @@ def corenet_predictor(matrices, cfg: KVPConfig, base_fingerprint: str, aux_finge
         w[: wk.shape[1], : wk.shape[0]] = wk.T
         w[wk.shape[1] :, wk.shape[0] :] = wv.T
         weights[il], biases[il], k_widths[il] = w, np.concatenate([bk, bv]), wk.shape[0]
-    return Predictor(base_fingerprint=base_fingerprint, aux_fingerprint=aux_fingerprint,
-                     base_n_layer=cfg.base.n_layer, aux_n_layer=cfg.aux.n_layer, copied_layers=[],
-                     layer_map=list(cfg.layer_map), weights=weights, biases=biases, k_widths=k_widths,
-                     feature_kinds=(keys.FEATURE_AUX_K_RAW, keys.FEATURE_AUX_V),
-                     key_space=keys.KEY_SPACE_PRE_NORM, origin=origin)
+    return Predictor(
+        base_fingerprint=base_fingerprint,
+        aux_fingerprint=aux_fingerprint,
+        base_n_layer=cfg.base.n_layer,
+        aux_n_layer=cfg.aux.n_layer,
+        copied_layers=[],
+        layer_map=list(cfg.layer_map),
+        weights=weights,
+        biases=biases,
+        k_widths=k_widths,
+        feature_kinds=(keys.FEATURE_AUX_K_RAW, keys.FEATURE_AUX_V),
+        key_space=keys.KEY_SPACE_PRE_NORM,
+        origin=origin,
+    )

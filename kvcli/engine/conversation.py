@@ -62,15 +62,28 @@ class TurnStats:
 
 
 class Conversation:
-    def __init__(self, engine: Engine, *, system: str | None = None, template: str | None = None,
-                 mode: str = "kvp", tail: int | None = None, spans: int | None = None,
-                 n_predict: int = 256, drop_old: bool = False, sampler: Sampler | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        system: str | None = None,
+        template: str | None = None,
+        mode: str = "kvp",
+        tail: int | None = None,
+        spans: int | None = None,
+        n_predict: int = 256,
+        drop_old: bool = False,
+        sampler: Sampler | None = None,
+    ):
         """``tail``, ``spans``: kvp's, as ``generate``'s (None: the engine's defaults)."""
         self.engine = engine
         self.template = template or chat_template_for(engine.model, engine.base_info.arch)
         self.system = system
-        settings = engine.kvp_settings(tail, spans) if engine.predictor is not None else \
-            {"tail": tail or 0, "spans": 0}
+        settings = (
+            engine.kvp_settings(tail, spans)
+            if engine.predictor is not None
+            else {"tail": tail or 0, "spans": 0}
+        )
         self.tail, self.spans = settings["tail"], settings["spans"]
         self.n_predict, self.drop_old = n_predict, drop_old
         self.sampler = sampler or Sampler()
@@ -111,8 +124,10 @@ class Conversation:
             if len(tokens) + 1 <= n_ctx:
                 return tokens
             if not self.drop_old or not self.messages:
-                raise ContextError(f"this turn needs {len(tokens)} tokens but the context holds "
-                                   f"{n_ctx}; /reset, a larger --ctx, or --drop-old")
+                raise ContextError(
+                    f"this turn needs {len(tokens)} tokens but the context holds "
+                    f"{n_ctx}; /reset, a larger --ctx, or --drop-old"
+                )
             del self.messages[: 2 if len(self.messages) > 1 else 1]  # the oldest exchange
 
     def send(self, text: str, on_token: Callable[[int], None] | None = None) -> tuple[str, TurnStats]:
@@ -143,8 +158,15 @@ class Conversation:
             self.base_tokens = (tokens + out)[: ctx.n_past]
         reply = ctx.model.detokenize(out)
         self.messages.append({"role": "assistant", "content": reply})
-        stats = TurnStats(self.mode, n_new, n_predicted, ttft, len(out),
-                          (time.perf_counter() - gen_start) * 1e3, interrupted)
+        stats = TurnStats(
+            self.mode,
+            n_new,
+            n_predicted,
+            ttft,
+            len(out),
+            (time.perf_counter() - gen_start) * 1e3,
+            interrupted,
+        )
         self.history.append(stats)
         return reply, stats
 
@@ -164,8 +186,15 @@ class Conversation:
         a0 = min(common_prefix(self.aux_tokens, tokens[:n_pred]), p0)
         if n_pred > p0:
             self.aux_tokens = tokens[:a0]
-        _, logits, _ = eng.prefill(tokens, mode="kvp", tail=self.tail, spans=self.spans,
-                                   start=p0, aux_start=a0, earlier=self.predicted_spans)
+        _, logits, _ = eng.prefill(
+            tokens,
+            mode="kvp",
+            tail=self.tail,
+            spans=self.spans,
+            start=p0,
+            aux_start=a0,
+            earlier=self.predicted_spans,
+        )
         if n_pred > p0:
             self.aux_tokens = tokens[: eng.aux.n_past]
         self.base_tokens = list(tokens)

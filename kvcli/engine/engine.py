@@ -64,11 +64,19 @@ SCRATCH_CELLS = 128
 class Engine:
     """Owns the base (and, for kvp/aux, the auxiliary) models and contexts."""
 
-    def __init__(self, base_path: str | Path, *, aux_path: str | Path | None = None,
-                 predictor_path: str | Path | None = None,
-                 settings: ContextSettings | None = None, key_norm_rescale: bool = True,
-                 aux_load: str = "auto", aux_prefix: int = 0, tail_focus_layers: list[int] = (),
-                 attention_layers: list[int] = ()):
+    def __init__(
+        self,
+        base_path: str | Path,
+        *,
+        aux_path: str | Path | None = None,
+        predictor_path: str | Path | None = None,
+        settings: ContextSettings | None = None,
+        key_norm_rescale: bool = True,
+        aux_load: str = "auto",
+        aux_prefix: int = 0,
+        tail_focus_layers: list[int] = (),
+        attention_layers: list[int] = (),
+    ):
         """``aux_load``: how a prefix auxiliary is loaded (AuxLoad; "auto": choose_aux_load).
         ``aux_prefix`` k instead of ``aux_path``: the auxiliary is the base's own layers
         0..k-1, with no file (one is cut into the cache only if a mode needs it).
@@ -78,39 +86,49 @@ class Engine:
         aux_load = AuxLoad.parse(aux_load, "auxiliary load")
         self.base_info = read_model_info(base_path, "base model")
         self.aux_path = Path(aux_path) if aux_path else None
-        self.aux_info = (prefix_view_info(self.base_info.path, aux_prefix) if aux_prefix
-                         else read_model_info(aux_path, "auxiliary") if aux_path else None)
+        self.aux_info = (
+            prefix_view_info(self.base_info.path, aux_prefix)
+            if aux_prefix
+            else read_model_info(aux_path, "auxiliary")
+            if aux_path
+            else None
+        )
         self.predictor = None
         if self.aux_info is not None:
             if self.aux_info.tokenizer_digest != self.base_info.tokenizer_digest:
                 raise IncompatibleError(
                     f"the auxiliary's tokenizer differs from the base's ({self.aux_info.path.name}"
-                    f" vs {self.base_info.path.name}); an auxiliary must share the base's vocabulary")
+                    f" vs {self.base_info.path.name}); an auxiliary must share the base's vocabulary"
+                )
             if predictor_path:
                 self.predictor = load_predictor(predictor_path)
                 self.predictor.check_models(self.base_info, self.aux_info)
         self.settings = settings or ContextSettings()
-        self.key_norms = (key_norm_weights(self.base_info)
-                          if key_norm_rescale or (self.predictor is not None and
-                                                  self.predictor.key_space == keys.KEY_SPACE_PRE_NORM)
-                          else None)
+        self.key_norms = (
+            key_norm_weights(self.base_info)
+            if key_norm_rescale
+            or (self.predictor is not None and self.predictor.key_space == keys.KEY_SPACE_PRE_NORM)
+            else None
+        )
         self._models: list[Model] = []
         self._contexts: list[Context] = []
         prefix = self._prefix_of_base()
-        self.needs_view = needs_view = (self.predictor is not None
-                                        and keys.FEATURE_AUX_OUT in self.predictor.hidden_kinds)
+        self.needs_view = needs_view = (
+            self.predictor is not None and keys.FEATURE_AUX_OUT in self.predictor.hidden_kinds
+        )
         partial_ok = not (prefix and has_per_layer_arrays(self.base_info))
-        self.aux_load = ("none" if self.aux_info is None
-                         else choose_aux_load(aux_load, prefix, needs_view=needs_view,
-                                              partial_ok=partial_ok))
+        self.aux_load = (
+            "none"
+            if self.aux_info is None
+            else choose_aux_load(aux_load, prefix, needs_view=needs_view, partial_ok=partial_ok)
+        )
         self.view_layers = prefix if self.aux_load in ("view", "partial") else 0
         self.aux_state_info = self.base_info if self.aux_load == "view" else self.aux_info
         self._aux_alone: Context | None = None
         self.tail_focus_layers = list(tail_focus_layers)
         layers = sorted({*attention_layers, *tail_focus_layers})
         if layers and self.base_info.n_swa:
-            raise IncompatibleError("spans chosen from the tail need a model without sliding-window "
-                                    "layers")
+            raise IncompatibleError("spans chosen from the tail need a model without sliding-window layers")
         try:
             from kvcli.engine.tail_choice import attention_name
 
@@ -119,33 +137,47 @@ class Engine:
                 base_capture.armed = False
             # kvp works on the base's cache in place (kvcli.engine.kvp_prefill): scratch sequences
             # and cells for the ranges it recomputes
-            scratch = (dict(scratch_seqs=SCRATCH_SEQS, scratch_cells=SCRATCH_CELLS)
-                       if self.aux_info is not None else {})
+            scratch = (
+                dict(scratch_seqs=SCRATCH_SEQS, scratch_cells=SCRATCH_CELLS)
+                if self.aux_info is not None
+                else {}
+            )
             self.base = self._open(self.base_info.path, "base model", base_capture, **scratch)
             names = self._capture_names()
             # a prefix auxiliary computes the base's own layers 0..k-1: where the tail-focus
             # layers are among them, its decode of the tail gives the same attention as the
             # base's pass over the predicted cache would (those layers' cells are copied)
-            self.aux_focus_layers = (self.tail_focus_layers if prefix and self.tail_focus_layers
-                                     and max(self.tail_focus_layers) < prefix else [])
+            self.aux_focus_layers = (
+                self.tail_focus_layers
+                if prefix and self.tail_focus_layers and max(self.tail_focus_layers) < prefix
+                else []
+            )
             extra = [attention_name(il) for il in self.aux_focus_layers]
             if needs_view and self.aux_load != "view":
-                raise IncompatibleError("this predictor reads the auxiliary's last-layer output, "
-                                        "which only a prefix auxiliary run as a view provides")
+                raise IncompatibleError(
+                    "this predictor reads the auxiliary's last-layer output, "
+                    "which only a prefix auxiliary run as a view provides"
+                )
             self.aux = None
             if self.aux_load == "partial":
                 # the base's file loaded again as its first k layers: its pages are shared
-                self.aux = self._open(self.base_info.path, "base model (as a prefix view)",
-                                      TensorCapture(names, extra=extra) if names or extra else None,
-                                      prefix_layers=prefix)
+                self.aux = self._open(
+                    self.base_info.path,
+                    "base model (as a prefix view)",
+                    TensorCapture(names, extra=extra) if names or extra else None,
+                    prefix_layers=prefix,
+                )
             elif self.aux_load == "view":
                 # the base's own model, stopped after layer k-1: no second copy of the weights
                 stop = TensorCapture(names, stop_after=f"l_out-{self.view_layers - 1}", extra=extra)
                 self.aux = Context(self.base.model, self.settings, capture=stop)
                 self._contexts.append(self.aux)
             elif self.aux_load == "file":
-                self.aux = self._open(self._aux_file(), "auxiliary",
-                                      TensorCapture(names, extra=extra) if names or extra else None)
+                self.aux = self._open(
+                    self._aux_file(),
+                    "auxiliary",
+                    TensorCapture(names, extra=extra) if names or extra else None,
+                )
         except BaseException:
             self.close()
             raise
@@ -174,12 +206,15 @@ class Engine:
         rows = self.aux.capture.take(n_rows)
         n_hidden = len(self.predictor.hidden_kinds)
         raw_kv, info = {}, self.aux_info
-        for src, qkv in zip(self.predictor.feature_layers if self.predictor.raw_keys else [],
-                            rows[n_hidden:]):
+        for src, qkv in zip(
+            self.predictor.feature_layers if self.predictor.raw_keys else [], rows[n_hidden:]
+        ):
             q, kv = info.n_head[src] * info.head_dim_k, info.n_embd_k(src)
             if qkv.shape[1] != q + kv + info.n_embd_v(src):
-                raise IncompatibleError(f"auxiliary layer {src}'s QKV projection has {qkv.shape[1]} "
-                                        f"columns, not {q + kv + info.n_embd_v(src)}")
+                raise IncompatibleError(
+                    f"auxiliary layer {src}'s QKV projection has {qkv.shape[1]} "
+                    f"columns, not {q + kv + info.n_embd_v(src)}"
+                )
             raw_kv[src] = (qkv[:, q : q + kv], qkv[:, q + kv :])
         return rows[:n_hidden], raw_kv
 
@@ -214,41 +249,52 @@ class Engine:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 cut_auxiliary(self.base_info.path, path, prefix_layers(k))
             except OSError as exc:
-                raise KvcliError(f"cannot write the auxiliary's cut into {path.parent}: "
-                                 f"{exc.strerror or exc}") from None
+                raise KvcliError(
+                    f"cannot write the auxiliary's cut into {path.parent}: {exc.strerror or exc}"
+                ) from None
         if read_model_info(path, "auxiliary").fingerprint != self.aux_info.fingerprint:
-            raise IncompatibleError(f"the cut auxiliary {path} is not the base's first {k} layers;"
-                                    " delete it and run again")
+            raise IncompatibleError(
+                f"the cut auxiliary {path} is not the base's first {k} layers; delete it and run again"
+            )
         self.aux_path = path
         return path
 
     @classmethod
-    def from_bundle(cls, bundle, *, with_aux: bool = True, with_predictor: bool = True,
-                    **kwargs) -> Engine:
+    def from_bundle(cls, bundle, *, with_aux: bool = True, with_predictor: bool = True, **kwargs) -> Engine:
         """An engine over a bundle.Bundle (``with_aux`` False: the base alone); spans are
         chosen as the bundle's manifest records (``spans``: ``tail_focus_layers``)."""
         with_aux = with_aux or with_predictor
         spans = bundle.manifest.get("spans") or {}
-        if (with_predictor and spans.get("chooser") == "tail" and isinstance(spans.get("layers"), list)
-                and "tail_focus_layers" not in kwargs):
+        if (
+            with_predictor
+            and spans.get("chooser") == "tail"
+            and isinstance(spans.get("layers"), list)
+            and "tail_focus_layers" not in kwargs
+        ):
             kwargs["tail_focus_layers"] = [int(il) for il in spans["layers"]]
-        return cls(bundle.base, aux_path=bundle.aux if with_aux else None,
-                   aux_prefix=bundle.aux_prefix if with_aux else 0,
-                   predictor_path=bundle.predictor if with_predictor else None, **kwargs)
+        return cls(
+            bundle.base,
+            aux_path=bundle.aux if with_aux else None,
+            aux_prefix=bundle.aux_prefix if with_aux else 0,
+            predictor_path=bundle.predictor if with_predictor else None,
+            **kwargs,
+        )
 
-    def base_attention(self, layers: list[int], n_query: int, n_pred: int,
-                       ctx: Context | None = None) -> dict[int, np.ndarray]:
+    def base_attention(
+        self, layers: list[int], n_query: int, n_pred: int, ctx: Context | None = None
+    ) -> dict[int, np.ndarray]:
         """Per layer, position scores (kvcli.engine.tail_choice) of the base's last decode (or the
         auxiliary's: ``ctx``, a prefix of the base), when it was run with its attention
         capture armed."""
         from kvcli.engine.tail_choice import attention_name, position_scores
 
         capture = (ctx or self.base).capture
-        return {il: position_scores(capture.rows(attention_name(il)), self.base_info.n_head[il],
-                                    n_query, n_pred) for il in layers}
+        return {
+            il: position_scores(capture.rows(attention_name(il)), self.base_info.n_head[il], n_query, n_pred)
+            for il in layers
+        }
 
-    def _open(self, path: Path, what: str, capture=None, prefix_layers: int = 0,
-              **scratch) -> Context:
+    def _open(self, path: Path, what: str, capture=None, prefix_layers: int = 0, **scratch) -> Context:
         model = Model(path, what=what, prefix_layers=prefix_layers, arch=self.base_info.arch)
         self._models.append(model)
         ctx = Context(model, self.settings, capture=capture, **scratch)
@@ -293,23 +339,38 @@ class Engine:
             layers = layers_by_index(state, self.base_info)
             if self._layout is None:
                 self._layout = CacheLayout.probe(state, self.base_info)
-            self._first_cells[token] = FirstCell(token, k={il: c.k[0].copy() for il, c in layers.items()},
-                                                 v={il: c.v[0].copy() for il, c in layers.items()})
+            self._first_cells[token] = FirstCell(
+                token,
+                k={il: c.k[0].copy() for il, c in layers.items()},
+                v={il: c.v[0].copy() for il, c in layers.items()},
+            )
             self.base.clear()
         return self._first_cells[token]
 
     def _check_fits(self, n: int) -> None:
         if n > self.base.n_ctx:
-            raise ContextError(f"the prompt has {n} tokens but the context holds {self.base.n_ctx};"
-                               " use a shorter prompt or a larger --ctx")
+            raise ContextError(
+                f"the prompt has {n} tokens but the context holds {self.base.n_ctx};"
+                " use a shorter prompt or a larger --ctx"
+            )
         if n < 1:
             raise KvcliError("the prompt is empty")
 
-    def prefill(self, tokens: list[int], *, mode: str = "kvp", tail: int = 0,
-                keep: int | None = None, spans: int = 0, span_width: int = SPAN_WIDTH,
-                recompute: list[tuple[int, int]] | None = None, start: int = 0,
-                aux_start: int = 0, earlier: list[tuple[int, int]] = (),
-                capture_tail: bool = False) -> tuple[Context, np.ndarray, Timings]:
+    def prefill(
+        self,
+        tokens: list[int],
+        *,
+        mode: str = "kvp",
+        tail: int = 0,
+        keep: int | None = None,
+        spans: int = 0,
+        span_width: int = SPAN_WIDTH,
+        recompute: list[tuple[int, int]] | None = None,
+        start: int = 0,
+        aux_start: int = 0,
+        earlier: list[tuple[int, int]] = (),
+        capture_tail: bool = False,
+    ) -> tuple[Context, np.ndarray, Timings]:
         """Prefill by ``mode``; returns the context that continues, the last logits, timings.
 
         kvp: ``spans`` spans of ``span_width`` tokens chosen and recomputed by the base, or
@@ -347,9 +408,23 @@ class Engine:
             aux.decode(tokens, logits_last=True)
             t.aux_prefill_ms = clock.lap()
             return aux, aux.last_logits(), t
-        return self.base, kvp_prefill(self, tokens, tail, t, spans, span_width, recompute,
-                                      start=start, aux_start=aux_start, earlier=earlier,
-                                      capture_tail=capture_tail), t
+        return (
+            self.base,
+            kvp_prefill(
+                self,
+                tokens,
+                tail,
+                t,
+                spans,
+                span_width,
+                recompute,
+                start=start,
+                aux_start=aux_start,
+                earlier=earlier,
+                capture_tail=capture_tail,
+            ),
+            t,
+        )
 
     def plain_prefill(self, ctx: Context, tokens: list[int], t: Timings) -> np.ndarray:
         """``ctx`` decodes ``tokens`` from position 0; returns the last logits."""
@@ -371,17 +446,29 @@ class Engine:
         """kvp's tail and spans, defaults filled in: DEFAULT_SPANS spans where they can be
         chosen, else none; tail DEFAULT_SPANS_TAIL with spans, else 0."""
         if spans is None:
-            spans = ((DEFAULT_TAIL_SPANS if self.tail_focus_layers else DEFAULT_SPANS)
-                     if self.predictor is not None and self.spans_supported else 0)
+            spans = (
+                (DEFAULT_TAIL_SPANS if self.tail_focus_layers else DEFAULT_SPANS)
+                if self.predictor is not None and self.spans_supported
+                else 0
+            )
         if tail is None:
             tail = DEFAULT_SPANS_TAIL if spans else 0
         return {"tail": tail, "spans": spans}
 
     # -- generation ----------------------------------------------------------------------
 
-    def generate(self, tokens: list[int], *, mode: str = "kvp", n_predict: int = 64,
-                 tail: int = 0, keep: int | None = None, spans: int = 0,
-                 sampler: Sampler | None = None, on_token=None) -> Generation:
+    def generate(
+        self,
+        tokens: list[int],
+        *,
+        mode: str = "kvp",
+        n_predict: int = 64,
+        tail: int = 0,
+        keep: int | None = None,
+        spans: int = 0,
+        sampler: Sampler | None = None,
+        on_token=None,
+    ) -> Generation:
         """Prefill, then generate up to ``n_predict`` tokens (stops at end of generation)."""
         sampler = sampler or Sampler()
         start = time.perf_counter()
@@ -401,8 +488,16 @@ class Engine:
                 break
             ctx.decode([token], logits_last=True)
             token = sampler.sample(ctx.last_logits())
-        return Generation(mode=mode, n_prompt=len(tokens), ttft_ms=ttft_ms, timings=timings,
-                          tokens=out, text=ctx.model.detokenize(out),
-                          gen_ms=(time.perf_counter() - gen_start) * 1e3,
-                          first_logits=first_logits, tail=tail, spans=spans,
-                          recomputed=list(self.last_recomputed) if mode == "kvp" else [])
+        return Generation(
+            mode=mode,
+            n_prompt=len(tokens),
+            ttft_ms=ttft_ms,
+            timings=timings,
+            tokens=out,
+            text=ctx.model.detokenize(out),
+            gen_ms=(time.perf_counter() - gen_start) * 1e3,
+            first_logits=first_logits,
+            tail=tail,
+            spans=spans,
+            recomputed=list(self.last_recomputed) if mode == "kvp" else [],
+        )

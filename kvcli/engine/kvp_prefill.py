@@ -31,10 +31,20 @@ from kvcli.state.layout import layers_by_index
 APPEND_CHUNK = 1024  # predicted positions written into the base's context at a time
 
 
-def kvp_prefill(engine, tokens: list[int], tail: int, t: Timings, spans: int = 0,
-                span_width: int = SPAN_WIDTH, recompute: list[tuple[int, int]] | None = None, *,
-                start: int = 0, aux_start: int = 0, earlier: list[tuple[int, int]] = (),
-                capture_tail: bool = False) -> np.ndarray:
+def kvp_prefill(
+    engine,
+    tokens: list[int],
+    tail: int,
+    t: Timings,
+    spans: int = 0,
+    span_width: int = SPAN_WIDTH,
+    recompute: list[tuple[int, int]] | None = None,
+    *,
+    start: int = 0,
+    aux_start: int = 0,
+    earlier: list[tuple[int, int]] = (),
+    capture_tail: bool = False,
+) -> np.ndarray:
     """Prefill ``tokens`` into ``engine.base`` by kvp; returns the last logits and fills ``t``.
 
     ``start``: the base context holds tokens[:start] already (its own or earlier predicted
@@ -71,8 +81,18 @@ def kvp_prefill(engine, tokens: list[int], tail: int, t: Timings, spans: int = 0
     sinks, chosen, scores = [], [], None
     if n_pred > start:
         sinks, chosen, scores = _predict_into_base(
-            engine, tokens, n_pred, t, clock, start, aux_start,
-            spans if choose and not from_tail else 0, span_width, recompute, from_tail)
+            engine,
+            tokens,
+            n_pred,
+            t,
+            clock,
+            start,
+            aux_start,
+            spans if choose and not from_tail else 0,
+            span_width,
+            recompute,
+            from_tail,
+        )
     if from_tail:
         candidates = merge_ranges(earlier, [(max(1, start), n_pred)] if n_pred > start else [])
         if scores is not None:  # from the auxiliary's own pass: one batch recomputes all
@@ -90,9 +110,19 @@ def kvp_prefill(engine, tokens: list[int], tail: int, t: Timings, spans: int = 0
     return _decode_tail(base, tokens, n_pred, t, clock, capture_tail)
 
 
-def _predict_into_base(engine, tokens: list[int], n_pred: int, t: Timings, clock: Clock,
-                       start: int, aux_start: int, spans: int, span_width: int,
-                       recompute: list[tuple[int, int]] | None, from_tail: bool = False):
+def _predict_into_base(
+    engine,
+    tokens: list[int],
+    n_pred: int,
+    t: Timings,
+    clock: Clock,
+    start: int,
+    aux_start: int,
+    spans: int,
+    span_width: int,
+    recompute: list[tuple[int, int]] | None,
+    from_tail: bool = False,
+):
     """The auxiliary decodes tokens[aux_start:n_pred] (and the tail too where kvcli.engine.span_choice
     chooses ``spans`` from its last row), the base cells of positions start..n_pred-1 are
     predicted and added to the base's. Returns the attention sinks and the chosen spans
@@ -116,19 +146,30 @@ def _predict_into_base(engine, tokens: list[int], n_pred: int, t: Timings, clock
     raw = aux.get_state(-1) if needs_state else None
     t.state_get_ms = clock.lap()
     aux_layers = layers_by_index(parse_seq_state(raw), engine.aux_state_info) if needs_state else {}
-    common = dict(aux_layers=aux_layers, aux=engine.aux_info, base=info,
-                  predictor=engine.predictor,
-                  first_cell=engine.first_cell(tokens[0]) if start == 0 else None,
-                  key_norms=engine.key_norms, hidden=hidden, hidden_start=aux_start,
-                  raw_kv=raw_kv, cache={})
+    common = dict(
+        aux_layers=aux_layers,
+        aux=engine.aux_info,
+        base=info,
+        predictor=engine.predictor,
+        first_cell=engine.first_cell(tokens[0]) if start == 0 else None,
+        key_norms=engine.key_norms,
+        hidden=hidden,
+        hidden_start=aux_start,
+        raw_kv=raw_kv,
+        cache={},
+    )
     sinks = sink_ranges(engine.predictor, hidden, n_pred, first=aux_start, lo=max(1, start))
     chosen, known = checked_ranges(recompute or [], n_pred, lo=max(1, start)), {}
     if spans:
-        chosen, known = engine.spans.choose(hidden, n_aux, n_pred, spans, span_width, common,
-                                            start=start, first_row=aux_start)
+        chosen, known = engine.spans.choose(
+            hidden, n_aux, n_pred, spans, span_width, common, start=start, first_row=aux_start
+        )
     starts = [a for a, _ in merge_ranges(chosen, sinks)]
-    positions = (span_group_positions(info, n_pred, starts, SPAN_CONTEXT, TAIL_CONTEXT) if starts
-                 else needed_positions(info, n_pred, first_query=n_pred))
+    positions = (
+        span_group_positions(info, n_pred, starts, SPAN_CONTEXT, TAIL_CONTEXT)
+        if starts
+        else needed_positions(info, n_pred, first_query=n_pred)
+    )
     positions = [p[p >= start] for p in positions]
     # in chunks of positions: the state bytes of one chunk at a time are alive, not the whole
     # prompt's (at 4096 tokens on the Qwen 1.5B, 235 MB for all 28 layers)
@@ -137,10 +178,10 @@ def _predict_into_base(engine, tokens: list[int], n_pred: int, t: Timings, clock
         part = [p[(p >= a) & (p < b)] for p in positions]
         if not any(len(p) for p in part):
             continue
-        part_known = {il: (k[a - start : b - start], v[a - start : b - start])
-                      for il, (k, v) in known.items()}  # layer k's rows: positions start..
-        data = predicted_state_bytes(engine.base_layout(), group_positions=part, known=part_known,
-                                     **common)
+        part_known = {
+            il: (k[a - start : b - start], v[a - start : b - start]) for il, (k, v) in known.items()
+        }  # layer k's rows: positions start..
+        data = predicted_state_bytes(engine.base_layout(), group_positions=part, known=part_known, **common)
         t.predict_ms += clock.lap()
         base.append_state(data, n_past=b)
         t.state_set_ms += clock.lap()
@@ -148,8 +189,7 @@ def _predict_into_base(engine, tokens: list[int], n_pred: int, t: Timings, clock
     return sinks, chosen, scores
 
 
-def _decode_tail(base, tokens: list[int], at: int, t: Timings, clock: Clock, armed: bool
-                 ) -> np.ndarray:
+def _decode_tail(base, tokens: list[int], at: int, t: Timings, clock: Clock, armed: bool) -> np.ndarray:
     """The base decodes tokens[at:] itself; its capture armed for it with ``armed``."""
     if armed:
         base.capture.armed = True
@@ -178,6 +218,5 @@ def _put_cells_in_order(engine) -> None:
         kv.update({il: (layers[il].k[order], layers[il].v[order]) for il in group})
     n_past = base.n_past
     base.clear()
-    base.set_state(write_seq_state(engine.base_layout().build_state(group_positions, kv)), 0,
-                   n_past=n_past)
+    base.set_state(write_seq_state(engine.base_layout().build_state(group_positions, kv)), 0, n_past=n_past)
     base.cells_in_order = True  # written into an empty cache: cell i holds the i-th position

@@ -58,9 +58,15 @@ class SpanRecompute:
             return False
         return True
 
-    def from_tail(self, tokens: list[int], n_pred: int, spans: int, span_width: int,
-                  candidates: list[tuple[int, int]], sinks: list[tuple[int, int]]
-                  ) -> list[tuple[int, int]]:
+    def from_tail(
+        self,
+        tokens: list[int],
+        n_pred: int,
+        spans: int,
+        span_width: int,
+        candidates: list[tuple[int, int]],
+        sinks: list[tuple[int, int]],
+    ) -> list[tuple[int, int]]:
         """kvcli.engine.tail_choice: with every predicted cell in the base's context (the ``sinks``
         recomputed), the base decodes the tail once, its attention in the engine's tail-focus
         layers captured, then forgets it; the spans where their combined scores peak among the
@@ -98,14 +104,21 @@ class SpanRecompute:
             aux.decode(tokens[n_pred:], start=n_pred)
         finally:
             aux.capture.extra_armed = False
-        scores = combined_scores(eng.base_attention(eng.aux_focus_layers, len(tokens) - n_pred,
-                                                    n_pred, ctx=aux))
+        scores = combined_scores(
+            eng.base_attention(eng.aux_focus_layers, len(tokens) - n_pred, n_pred, ctx=aux)
+        )
         aux.capture.clear()
         return scores
 
-    def pick(self, scores: np.ndarray, n_pred: int, spans: int, span_width: int,
-             candidates: list[tuple[int, int]], sinks: list[tuple[int, int]]
-             ) -> list[tuple[int, int]]:
+    def pick(
+        self,
+        scores: np.ndarray,
+        n_pred: int,
+        spans: int,
+        span_width: int,
+        candidates: list[tuple[int, int]],
+        sinks: list[tuple[int, int]],
+    ) -> list[tuple[int, int]]:
         """The spans where tail-focus ``scores`` peak among the ``candidates`` ranges, away
         from the ``sinks``."""
         from kvcli.engine.tail_choice import peak_spans
@@ -115,24 +128,39 @@ class SpanRecompute:
             allowed[a:b] = True
         for a, b in sinks:
             allowed[a:b] = False
-        return peak_spans(np.where(allowed, scores, 0.0), spans, span_width, n_pred,
-                          lo=max(1, candidates[0][0]) if candidates else 1)
+        return peak_spans(
+            np.where(allowed, scores, 0.0),
+            spans,
+            span_width,
+            n_pred,
+            lo=max(1, candidates[0][0]) if candidates else 1,
+        )
 
     def check(self) -> None:
         eng = self.engine
         if eng.predictor is None:
             raise IncompatibleError("choosing spans needs a predictor (use a bundle)")
         if not (eng.predictor.uses_hidden and spans_supported(eng.predictor.hidden_kinds)):
-            raise IncompatibleError("choosing spans needs a predictor fit on the auxiliary's hidden "
-                                    "state (kvcli's default recipe)")
+            raise IncompatibleError(
+                "choosing spans needs a predictor fit on the auxiliary's hidden "
+                "state (kvcli's default recipe)"
+            )
         if eng._prefix_of_base() == 0:
             raise IncompatibleError("choosing spans needs a prefix auxiliary cut from this base")
         if self._projector is None:
             self._projector = QueryProjector.for_base(eng.base_info, eng.aux_info.n_layer)
 
-    def choose(self, hidden, n_aux: int, n_pred: int, spans: int, span_width: int,
-               common: dict, start: int = 0, first_row: int = 0
-               ) -> tuple[list[tuple[int, int]], dict]:
+    def choose(
+        self,
+        hidden,
+        n_aux: int,
+        n_pred: int,
+        spans: int,
+        span_width: int,
+        common: dict,
+        start: int = 0,
+        first_row: int = 0,
+    ) -> tuple[list[tuple[int, int]], dict]:
         """``spans_for`` the last prompt token (position n_aux - 1; ``hidden`` rows start at
         position ``first_row``) over base layer k's predicted keys of positions start..n_pred-1;
         also returns layer k's predicted rows (a full-attention layer: every one of those
@@ -142,12 +170,21 @@ class SpanRecompute:
         full = [np.arange(start, n_pred, dtype=np.int32)] * len(self.engine.base_info.cache_layer_groups)
         known = predict_base_kv(group_positions=full, only=[layer], **common)
         row = n_aux - 1 - first_row
-        return self.spans_for(hidden, [row], [n_aux - 1], known[layer][0], n_pred, spans,
-                              span_width, start=start), known
+        return self.spans_for(
+            hidden, [row], [n_aux - 1], known[layer][0], n_pred, spans, span_width, start=start
+        ), known
 
-    def spans_for(self, hidden: list[np.ndarray], rows: list[int], positions: list[int],
-                  keys_k: np.ndarray, n_pred: int, spans: int, span_width: int = SPAN_WIDTH,
-                  start: int = 0) -> list[tuple[int, int]]:
+    def spans_for(
+        self,
+        hidden: list[np.ndarray],
+        rows: list[int],
+        positions: list[int],
+        keys_k: np.ndarray,
+        n_pred: int,
+        spans: int,
+        span_width: int = SPAN_WIDTH,
+        start: int = 0,
+    ) -> list[tuple[int, int]]:
         """The spans in max(1, start)..n_pred-1 that the tokens at ``positions`` (rows
         ``rows`` of the captured ``hidden`` tensors) attend to most in base layer k: their
         queries computed from the captured rows (kvcli.engine.span_choice), ``keys_k`` layer k's cached
@@ -155,8 +192,10 @@ class SpanRecompute:
         head gives it. Position 0 (BOS) draws attention from every query and is never chosen."""
         self.check()
         proj, kinds = self._projector, list(self.engine.predictor.hidden_kinds)
-        residual = proj.residual(hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)][rows],
-                                 hidden[kinds.index(keys.FEATURE_AUX_ATTN)][rows])
+        residual = proj.residual(
+            hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)][rows],
+            hidden[kinds.index(keys.FEATURE_AUX_ATTN)][rows],
+        )
         scores = np.zeros(n_pred, dtype=np.float32)
         scores[start:] = attention_peaks(proj.queries(residual, np.asarray(positions)), keys_k)
         return choose_spans(scores, spans, span_width, lo=max(1, start), hi=n_pred)
@@ -189,17 +228,20 @@ def residual_sinks(predictor, hidden: list[np.ndarray], first: int = 0) -> list[
     kinds = list(predictor.hidden_kinds)
     if keys.FEATURE_AUX_RESIDUAL not in kinds:
         return []
-    return [first + p for p in sink_positions(hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)])
-            if first + p >= 1]
+    return [
+        first + p for p in sink_positions(hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)]) if first + p >= 1
+    ]
 
 
-def sink_ranges(predictor, hidden: list[np.ndarray], n_pred: int, first: int = 0, lo: int = 1
-                ) -> list[tuple[int, int]]:
+def sink_ranges(
+    predictor, hidden: list[np.ndarray], n_pred: int, first: int = 0, lo: int = 1
+) -> list[tuple[int, int]]:
     """The sinks among positions lo..n_pred-1 as ranges the base recomputes, those less than
     SPAN_WIDTH apart joined (a chat template's sinks come in clusters: positions 2, 3, 8,
     10, 13 -> one range [2, 14)); ``first``: the position of ``hidden``'s row 0."""
-    return merge_ranges([(p, p + 1) for p in residual_sinks(predictor, hidden, first)
-                         if lo <= p < n_pred], gap=SPAN_WIDTH)
+    return merge_ranges(
+        [(p, p + 1) for p in residual_sinks(predictor, hidden, first) if lo <= p < n_pred], gap=SPAN_WIDTH
+    )
 
 
 def merge_ranges(*groups: list[tuple[int, int]], gap: int = 0) -> list[tuple[int, int]]:
@@ -219,8 +261,9 @@ def checked_ranges(ranges, n_pred: int, lo: int = 1) -> list[tuple[int, int]]:
     for a, b in ranges:
         a, b = int(a), int(b)
         if not (end <= a < b <= n_pred):
-            raise KvcliError(f"recomputed ranges must be ordered, disjoint and within {lo}.."
-                             f"{n_pred}: got {list(ranges)}")
+            raise KvcliError(
+                f"recomputed ranges must be ordered, disjoint and within {lo}..{n_pred}: got {list(ranges)}"
+            )
         out.append((a, b))
         end = b
     return out

@@ -57,17 +57,34 @@ class QueryProjector:
         if info.n_swa and info.is_swa[layer]:
             raise IncompatibleError(
                 f"base layer {layer}, the first after the auxiliary, is a sliding-window layer: "
-                "its attention cannot see far back, so it cannot choose spans")
+                "its attention cannot see far back, so it cannot choose spans"
+            )
         prev, names = layer - 1, []
-        names += [f"blk.{prev}.{n}" for n in ("attn_output.weight", "attn_output.bias",
-                                              "post_attention_norm.weight", "ffn_norm.weight",
-                                              "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight",
-                                              "post_ffw_norm.weight")]
-        names += [f"blk.{layer}.{n}" for n in ("attn_norm.weight", "attn_q.weight", "attn_q.bias",
-                                               "attn_q_norm.weight")]
+        names += [
+            f"blk.{prev}.{n}"
+            for n in (
+                "attn_output.weight",
+                "attn_output.bias",
+                "post_attention_norm.weight",
+                "ffn_norm.weight",
+                "ffn_gate.weight",
+                "ffn_up.weight",
+                "ffn_down.weight",
+                "post_ffw_norm.weight",
+            )
+        ]
+        names += [
+            f"blk.{layer}.{n}"
+            for n in ("attn_norm.weight", "attn_q.weight", "attn_q.bias", "attn_q_norm.weight")
+        ]
         w = read_tensors(info.path, set(names))
-        missing = [n for n in names if n not in w and not n.endswith(".bias")
-                   and (info.arch == "gemma3" or ("post_" not in n and "q_norm" not in n))]
+        missing = [
+            n
+            for n in names
+            if n not in w
+            and not n.endswith(".bias")
+            and (info.arch == "gemma3" or ("post_" not in n and "q_norm" not in n))
+        ]
         if missing:
             raise IncompatibleError(f"{info.path.name} has no tensor {missing[0]}")
         return cls(info, layer, w)
@@ -85,8 +102,9 @@ class QueryProjector:
         x = x + (_rms_norm(att, self.w[f"{p}.post_attention_norm.weight"], eps) if gemma else att)
         h = _rms_norm(x, self.w[f"{p}.ffn_norm.weight"], eps)
         gate = self._proj(h, f"{p}.ffn_gate")
-        ffn = self._proj((_gelu_tanh(gate) if gemma else _silu(gate)) * self._proj(h, f"{p}.ffn_up"),
-                         f"{p}.ffn_down")
+        ffn = self._proj(
+            (_gelu_tanh(gate) if gemma else _silu(gate)) * self._proj(h, f"{p}.ffn_up"), f"{p}.ffn_down"
+        )
         return x + (_rms_norm(ffn, self.w[f"{p}.post_ffw_norm.weight"], eps) if gemma else ffn)
 
     def queries(self, residual: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -122,8 +140,7 @@ def attention_peaks(queries: np.ndarray, cached_keys: np.ndarray) -> np.ndarray:
     return peaks
 
 
-def choose_spans(scores: np.ndarray, n_spans: int, width: int, lo: int, hi: int
-                 ) -> list[tuple[int, int]]:
+def choose_spans(scores: np.ndarray, n_spans: int, width: int, lo: int, hi: int) -> list[tuple[int, int]]:
     """Up to ``n_spans`` disjoint windows [a, a + width) within [lo, hi) with the largest
     summed scores, best first taken, returned in position order."""
     width = min(width, hi - lo)

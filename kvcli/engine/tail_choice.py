@@ -42,12 +42,11 @@ def position_scores(rows: np.ndarray, n_head: int, n_query: int, n_pred: int) ->
     weights = rows.reshape(n_head, -1, rows.shape[1])[:, -n_query:, :n_pred]
     scores = weights.max(axis=(0, 1)).astype(np.float64)
     scores[:SINK_POSITIONS] = 0.0
-    scores[max(SINK_POSITIONS, n_pred - RECENT_POSITIONS):] = 0.0
+    scores[max(SINK_POSITIONS, n_pred - RECENT_POSITIONS) :] = 0.0
     return scores
 
 
-def peak_spans(scores: np.ndarray, n_spans: int, width: int, hi: int, lo: int = 1
-               ) -> list[tuple[int, int]]:
+def peak_spans(scores: np.ndarray, n_spans: int, width: int, hi: int, lo: int = 1) -> list[tuple[int, int]]:
     """Up to ``n_spans`` disjoint spans of ``width`` around the highest scores (each starts
     SPAN_LEAD before its peak), within [lo, hi), in position order."""
     scores, out = scores.copy(), []
@@ -69,5 +68,3 @@ def combined_scores(per_layer: dict[int, np.ndarray]) -> np.ndarray:
     """The layers' position scores, each scaled to its own maximum, summed: a layer's peak
     counts the same whatever its attention's sharpness."""
     return sum(s / s.max() if s.max() > 0 else s for s in per_layer.values())
-
-

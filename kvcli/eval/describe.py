@@ -31,22 +31,36 @@ def describe_model(path: Path) -> dict:
     header = read_header(info.path)
     tokens = header.get("tokenizer.ggml.tokens")
     out = {
-        "kind": "model", "path": str(info.path), "size_bytes": info.file_size, "arch": info.arch,
-        "name": header.get("general.name"), "file_type": _file_type_name(header.get("general.file_type")),
-        "n_layer": info.n_layer, "n_embd": info.n_embd, "n_head": _compact(info.n_head),
-        "n_head_kv": _compact(info.n_head_kv), "head_dim_k": info.head_dim_k,
-        "head_dim_v": info.head_dim_v, "context_length": info.context_length,
-        "rope": {"layout": "neox" if info.rope[0].neox else "normal", "n_rot": info.rope[0].n_rot,
-                 "freq_base": _compact(sorted({r.freq_base for r in info.rope}))},
+        "kind": "model",
+        "path": str(info.path),
+        "size_bytes": info.file_size,
+        "arch": info.arch,
+        "name": header.get("general.name"),
+        "file_type": _file_type_name(header.get("general.file_type")),
+        "n_layer": info.n_layer,
+        "n_embd": info.n_embd,
+        "n_head": _compact(info.n_head),
+        "n_head_kv": _compact(info.n_head_kv),
+        "head_dim_k": info.head_dim_k,
+        "head_dim_v": info.head_dim_v,
+        "context_length": info.context_length,
+        "rope": {
+            "layout": "neox" if info.rope[0].neox else "normal",
+            "n_rot": info.rope[0].n_rot,
+            "freq_base": _compact(sorted({r.freq_base for r in info.rope})),
+        },
         "sliding_window": info.n_swa,
         "sliding_pattern": "".join("S" if s else "G" for s in info.is_swa) if info.n_swa else None,
         "n_vocab": len(tokens) if isinstance(tokens, list) else getattr(tokens, "count", None),
-        "n_tensors": len(header.tensors), "fingerprint": info.fingerprint,
+        "n_tensors": len(header.tensors),
+        "fingerprint": info.fingerprint,
         "tokenizer_digest": info.tokenizer_digest,
     }
     if info.source_layers:
-        out["cut_from"] = {"base_fingerprint": info.source_fingerprint,
-                           "base_layers": list(info.source_layers)}
+        out["cut_from"] = {
+            "base_fingerprint": info.source_fingerprint,
+            "base_layers": list(info.source_layers),
+        }
     return out
 
 
@@ -55,10 +69,15 @@ def describe_prefix(base: Path, k: int) -> dict:
     from kvcli.models.model_info import prefix_view_info
 
     info = prefix_view_info(base, k)
-    return {"kind": "prefix of the base (no file)", "path": None, "size_bytes": 0, "arch": info.arch,
-            "n_layer": k, "fingerprint": info.fingerprint,
-            "cut_from": {"base_fingerprint": info.source_fingerprint,
-                         "base_layers": list(info.source_layers)}}
+    return {
+        "kind": "prefix of the base (no file)",
+        "path": None,
+        "size_bytes": 0,
+        "arch": info.arch,
+        "n_layer": k,
+        "fingerprint": info.fingerprint,
+        "cut_from": {"base_fingerprint": info.source_fingerprint, "base_layers": list(info.source_layers)},
+    }
 
 
 def describe_predictor(path: Path) -> dict:
@@ -68,15 +87,23 @@ def describe_predictor(path: Path) -> dict:
     predicted = pred.predicted_layers
     errors = pred.heldout_rel_error
     return {
-        "kind": "predictor", "path": str(Path(path).resolve()), "size_bytes": Path(path).stat().st_size,
-        "base_fingerprint": pred.base_fingerprint, "aux_fingerprint": pred.aux_fingerprint,
-        "base_n_layer": pred.base_n_layer, "aux_n_layer": pred.aux_n_layer,
-        "copied_layers": pred.copied_layers, "predicted_layers": predicted,
-        "layer_map": pred.layer_map, "feature_kinds": list(pred.feature_kinds),
+        "kind": "predictor",
+        "path": str(Path(path).resolve()),
+        "size_bytes": Path(path).stat().st_size,
+        "base_fingerprint": pred.base_fingerprint,
+        "aux_fingerprint": pred.aux_fingerprint,
+        "base_n_layer": pred.base_n_layer,
+        "aux_n_layer": pred.aux_n_layer,
+        "copied_layers": pred.copied_layers,
+        "predicted_layers": predicted,
+        "layer_map": pred.layer_map,
+        "feature_kinds": list(pred.feature_kinds),
         "n_features": _compact(pred.n_features(il) for il in predicted) if predicted else 0,
         "factored_layers": pred.factored_layers,
         "basis_shape": {src: list(b.shape) for src, b in pred.bases.items()},
-        "storage_type": pred.storage_type, "key_space": pred.key_space, "origin": pred.origin or None,
+        "storage_type": pred.storage_type,
+        "key_space": pred.key_space,
+        "origin": pred.origin or None,
         "calibration_tokens": pred.calibration_tokens,
         "calibration_source": pred.calibration_source,
         "heldout_rel_error_k": [round(e, 4) for e in errors[0::2]],
@@ -90,14 +117,20 @@ def describe_bundle(folder: Path, verify: bool = False) -> dict:
     from kvcli.engine.bundle import check_compatible, load_bundle, verify_bundle
 
     b = load_bundle(folder)
-    out = {"kind": "bundle", "path": str(Path(folder).resolve()), "kvcli": b.manifest.get("kvcli"),
-           "base": describe_model(b.base),
-           "aux": describe_model(b.aux) if b.aux else describe_prefix(b.base, b.aux_prefix),
-           "predictor": describe_predictor(b.predictor), "origin": b.manifest.get("origin")}
+    out = {
+        "kind": "bundle",
+        "path": str(Path(folder).resolve()),
+        "kvcli": b.manifest.get("kvcli"),
+        "base": describe_model(b.base),
+        "aux": describe_model(b.aux) if b.aux else describe_prefix(b.base, b.aux_prefix),
+        "predictor": describe_predictor(b.predictor),
+        "origin": b.manifest.get("origin"),
+    }
     base, aux = out["base"], out["aux"]
     prefix = aux.get("cut_from", {})
-    is_view = (prefix.get("base_fingerprint") == base["fingerprint"]
-               and prefix.get("base_layers") == list(range(aux["n_layer"])))
+    is_view = prefix.get("base_fingerprint") == base["fingerprint"] and prefix.get("base_layers") == list(
+        range(aux["n_layer"])
+    )
     # how kvcli runs the auxiliary with this llama-cpp-python build (engine.choose_aux_load)
     from kvcli.engine.aux_load import choose_aux_load
     from kvcli.llama.runtime import llama_cpp_version
@@ -106,10 +139,18 @@ def describe_bundle(folder: Path, verify: bool = False) -> dict:
     from kvcli.models.model_info import has_per_layer_arrays, read_model_info
 
     base_info = read_model_info(b.base)
-    out["aux_load"] = choose_aux_load("auto", aux["n_layer"] if is_view else 0, needs_view=needs_view,
-                                      partial_ok=not has_per_layer_arrays(base_info))
-    out["spans"] = _spans_note(base_info, aux["n_layer"] if is_view else 0,
-                               out["predictor"]["feature_kinds"], b.manifest.get("spans"))
+    out["aux_load"] = choose_aux_load(
+        "auto",
+        aux["n_layer"] if is_view else 0,
+        needs_view=needs_view,
+        partial_ok=not has_per_layer_arrays(base_info),
+    )
+    out["spans"] = _spans_note(
+        base_info,
+        aux["n_layer"] if is_view else 0,
+        out["predictor"]["feature_kinds"],
+        b.manifest.get("spans"),
+    )
     out["llama_cpp_python"] = llama_cpp_version()
     check = b.manifest.get("check")
     if isinstance(check, dict) and "aux_ttft_ratio" in check:
@@ -134,8 +175,10 @@ def _spans_note(base, prefix: int, feature_kinds, measured: dict | None = None) 
     from kvcli.engine.span_choice import spans_supported
 
     if measured and measured.get("chooser") == "tail":
-        return (f"yes: from the tail, in base layers {measured['layers']} (each found the asked "
-                f"value in {measured['found']} of {measured['prompts']} prompts)")
+        return (
+            f"yes: from the tail, in base layers {measured['layers']} (each found the asked "
+            f"value in {measured['found']} of {measured['prompts']} prompts)"
+        )
     if not prefix:
         return "no: the auxiliary is not a prefix of the base"
     if not spans_supported(feature_kinds):

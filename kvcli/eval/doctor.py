@@ -55,17 +55,21 @@ def check_codec(ctx: Context, tokens: list[int]) -> CheckResult:
         if write_seq_state(parse_seq_state(raw)) != raw:
             return CheckResult("codec round trip", False, f"seq {seq_id}: bytes differ")
         sizes.append(len(raw))
-    return CheckResult("codec round trip", True,
-                       f"{len(tokens)} tokens; seq 0 {sizes[0]} B, seq -1 {sizes[1]} B identical")
+    return CheckResult(
+        "codec round trip", True, f"{len(tokens)} tokens; seq 0 {sizes[0]} B, seq -1 {sizes[1]} B identical"
+    )
 
 
 def _reinjected_state(raw: bytes, info: ModelInfo, layout: CacheLayout) -> bytes:
     state = parse_seq_state(raw)
     layers = layers_by_index(state, info)
-    kv = {il: (rotate(unrotate(c.k, c.positions, info.rope[il]), c.positions, info.rope[il]), c.v)
-          for il, c in layers.items()}
-    group_positions = [np.sort(b.streams[0].positions) if b.streams[0] else np.zeros(0, np.int32)
-                       for b in state.blobs]
+    kv = {
+        il: (rotate(unrotate(c.k, c.positions, info.rope[il]), c.positions, info.rope[il]), c.v)
+        for il, c in layers.items()
+    }
+    group_positions = [
+        np.sort(b.streams[0].positions) if b.streams[0] else np.zeros(0, np.int32) for b in state.blobs
+    ]
     return write_seq_state(layout.build_state(group_positions, kv))
 
 
@@ -90,9 +94,12 @@ def check_reinjection(ctx: Context, info: ModelInfo, prompts: list[list[int]]) -
         ctx.decode(tokens[-1:], start=len(tokens) - 1, logits_last=True)
         worst = max(worst, float(np.max(np.abs(ctx.last_logits() - want))))
     ok = worst == 0.0
-    return CheckResult("exact re-injection", ok,
-                       f"{len(prompts)} prompts of {len(prompts[0])} tokens, max |dlogit| {worst:g}",
-                       worst)
+    return CheckResult(
+        "exact re-injection",
+        ok,
+        f"{len(prompts)} prompts of {len(prompts[0])} tokens, max |dlogit| {worst:g}",
+        worst,
+    )
 
 
 def check_rope(ctx: Context, info: ModelInfo, tokens: list[int]) -> CheckResult:
@@ -109,19 +116,22 @@ def check_rope(ctx: Context, info: ModelInfo, tokens: list[int]) -> CheckResult:
         shifted = c.positions + ROPE_SHIFT
         keep = np.isin(shifted, after[il].positions)
         rows = np.searchsorted(after[il].positions, shifted[keep])
-        expect = rotate(unrotate(c.k[keep], c.positions[keep], info.rope[il]), shifted[keep],
-                        info.rope[il])
+        expect = rotate(unrotate(c.k[keep], c.positions[keep], info.rope[il]), shifted[keep], info.rope[il])
         got = np.asarray(after[il].k[rows], np.float32)
         scale = max(1.0, float(np.max(np.abs(expect))))
         worst = max(worst, float(np.max(np.abs(got - expect))) / scale)
     ok = worst <= ROPE_TOLERANCE
-    return CheckResult("RoPE vs llama.cpp shift", ok,
-                       f"shift +{ROPE_SHIFT} over {len(before)} layers, max rel error {worst:.2e}",
-                       worst)
+    return CheckResult(
+        "RoPE vs llama.cpp shift",
+        ok,
+        f"shift +{ROPE_SHIFT} over {len(before)} layers, max rel error {worst:.2e}",
+        worst,
+    )
 
 
-def run_doctor(model_path: str | Path, *, n_tokens: int | None = None, n_prompts: int = 20,
-               threads: int = 0) -> list[CheckResult]:
+def run_doctor(
+    model_path: str | Path, *, n_tokens: int | None = None, n_prompts: int = 20, threads: int = 0
+) -> list[CheckResult]:
     info = read_model_info(model_path)
     if n_tokens is None:
         n_tokens = max(64, info.n_swa + 88) if info.n_swa else 256  # past the sliding window
@@ -131,8 +141,11 @@ def run_doctor(model_path: str | Path, *, n_tokens: int | None = None, n_prompts
         ctx = Context(model, settings)
         try:
             prompts = [check_prompt(model, info, n_tokens, seed) for seed in range(n_prompts)]
-            return [check_codec(ctx, prompts[0]), check_reinjection(ctx, info, prompts),
-                    check_rope(ctx, info, prompts[0])]
+            return [
+                check_codec(ctx, prompts[0]),
+                check_reinjection(ctx, info, prompts),
+                check_rope(ctx, info, prompts[0]),
+            ]
         finally:
             ctx.close()
     finally:
@@ -152,9 +165,13 @@ def check_bundle(folder: str | Path) -> CheckResult:
         _, aux, pred = check_compatible(b.base, b.aux_source, b.predictor)
     except KvcliError as exc:
         return CheckResult("bundle", False, str(exc))
-    return CheckResult("bundle", True, f"sha256 ok; predictor fits base and {aux.n_layer}-layer "
-                       f"auxiliary ({len(pred.copied_layers)} layers copied, "
-                       f"{len(pred.predicted_layers)} predicted, {pred.storage_type})")
+    return CheckResult(
+        "bundle",
+        True,
+        f"sha256 ok; predictor fits base and {aux.n_layer}-layer "
+        f"auxiliary ({len(pred.copied_layers)} layers copied, "
+        f"{len(pred.predicted_layers)} predicted, {pred.storage_type})",
+    )
 
 
 def check_view(folder: str | Path, n_tokens: int = 200) -> CheckResult | None:
@@ -178,10 +195,18 @@ def check_view(folder: str | Path, n_tokens: int = 200) -> CheckResult | None:
             ctx.decode(tokens)
             cells.append(layers_by_index(parse_seq_state(ctx.get_state(0)), info))
         view, base = cells
-        same = all(np.array_equal(view[il].k, base[il].k) and np.array_equal(view[il].v, base[il].v)
-                   for il in range(k))
-    where = ("the base's file loaded as its first k layers (patched llama.cpp)" if how == "partial"
-             else "the base's own model, stopped after layer k-1")
-    return CheckResult(f"auxiliary as a view ({how})", same,
-                       f"{where}: layers 0..{k - 1}, {n_tokens} tokens: K, V "
-                       + ("identical to the bit" if same else "DIFFER from the base's"))
+        same = all(
+            np.array_equal(view[il].k, base[il].k) and np.array_equal(view[il].v, base[il].v)
+            for il in range(k)
+        )
+    where = (
+        "the base's file loaded as its first k layers (patched llama.cpp)"
+        if how == "partial"
+        else "the base's own model, stopped after layer k-1"
+    )
+    return CheckResult(
+        f"auxiliary as a view ({how})",
+        same,
+        f"{where}: layers 0..{k - 1}, {n_tokens} tokens: K, V "
+        + ("identical to the bit" if same else "DIFFER from the base's"),
+    )

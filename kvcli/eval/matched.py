@@ -32,8 +32,15 @@ def median_ttft(engine: Engine, tokens: list[int], repeats: int = REPEATS, **set
     return statistics.median(timed_prefill(engine, tokens, **settings)[3] for _ in range(repeats))
 
 
-def truncation_keep(engine: Engine, tokens: list[int], target_ms: float, *,
-                    base_ms: float | None = None, rounds: int = ROUNDS, repeats: int = REPEATS) -> int:
+def truncation_keep(
+    engine: Engine,
+    tokens: list[int],
+    target_ms: float,
+    *,
+    base_ms: float | None = None,
+    rounds: int = ROUNDS,
+    repeats: int = REPEATS,
+) -> int:
     """M such that truncation to the last M of ``tokens`` takes ``target_ms``: from
     N * target / base (``base_ms``, else all of the prompt), corrected ``rounds`` times by
     truncation's measured median TTFT."""

@@ -69,16 +69,36 @@ class PssSampler:
         self.peak = max(self.peak, pss_mib() or 0.0)
 
 
-def measure_in_child(mode: str, bundle: Path, lengths: list[int], prompts: dict[int, list[int]],
-                     settings: dict, tail: int = 0, keep: dict[int, int] | None = None,
-                     aux_load: str = "auto", spans: int = 0) -> dict[int, dict]:
+def measure_in_child(
+    mode: str,
+    bundle: Path,
+    lengths: list[int],
+    prompts: dict[int, list[int]],
+    settings: dict,
+    tail: int = 0,
+    keep: dict[int, int] | None = None,
+    aux_load: str = "auto",
+    spans: int = 0,
+) -> dict[int, dict]:
     """Per prompt length: {peak_rss_mib, peak_pss_mib, pss_mib} of ``mode`` in a fresh process."""
-    job = {"mode": mode, "bundle": str(bundle), "lengths": lengths, "settings": settings,
-           "prompts": {str(n): prompts[n] for n in lengths}, "tail": tail, "aux_load": aux_load,
-           "spans": spans,
-           "keep": {str(n): k for n, k in (keep or {}).items()}}
-    res = subprocess.run([sys.executable, "-m", "kvcli.eval.memory"], input=json.dumps(job),
-                         capture_output=True, text=True, timeout=900)
+    job = {
+        "mode": mode,
+        "bundle": str(bundle),
+        "lengths": lengths,
+        "settings": settings,
+        "prompts": {str(n): prompts[n] for n in lengths},
+        "tail": tail,
+        "aux_load": aux_load,
+        "spans": spans,
+        "keep": {str(n): k for n, k in (keep or {}).items()},
+    }
+    res = subprocess.run(
+        [sys.executable, "-m", "kvcli.eval.memory"],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if res.returncode != 0:
         tail_line = (res.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"memory probe for {mode} failed: {tail_line}")
@@ -95,16 +115,28 @@ def _child() -> None:
     settings = ContextSettings(**job["settings"])
     with_aux = job["mode"] in ("kvp", "aux")
     out = {}
-    with Engine.from_bundle(b, with_aux=with_aux, with_predictor=job["mode"] == "kvp",
-                            settings=settings, aux_load=job["aux_load"] if with_aux else "auto"
-                            ) as engine:
+    with Engine.from_bundle(
+        b,
+        with_aux=with_aux,
+        with_predictor=job["mode"] == "kvp",
+        settings=settings,
+        aux_load=job["aux_load"] if with_aux else "auto",
+    ) as engine:
         for n in job["lengths"]:
             reset_peak()
             with PssSampler() as sampler:
-                engine.prefill(job["prompts"][str(n)], mode=job["mode"], tail=job["tail"],
-                               keep=job["keep"].get(str(n)), spans=job["spans"])
-            out[n] = {"peak_rss_mib": peak_rss_mib(), "peak_pss_mib": round(sampler.peak, 1),
-                      "pss_mib": pss_mib()}
+                engine.prefill(
+                    job["prompts"][str(n)],
+                    mode=job["mode"],
+                    tail=job["tail"],
+                    keep=job["keep"].get(str(n)),
+                    spans=job["spans"],
+                )
+            out[n] = {
+                "peak_rss_mib": peak_rss_mib(),
+                "peak_pss_mib": round(sampler.peak, 1),
+                "pss_mib": pss_mib(),
+            }
     print(json.dumps(out))
 
 

@@ -41,8 +41,9 @@ class MethodStats:
     v_err: list[list[float]] = field(default_factory=list)
 
 
-def kv_relative_errors(got: dict[int, LayerCells], want: dict[int, LayerCells], below: int
-                       ) -> tuple[list[float], list[float]]:
+def kv_relative_errors(
+    got: dict[int, LayerCells], want: dict[int, LayerCells], below: int
+) -> tuple[list[float], list[float]]:
     """Per layer, ||got - want|| / ||want|| of K and of V over the positions < ``below``
     that both caches hold (a sliding-window layer holds only its window)."""
     k_err, v_err = [], []
@@ -53,8 +54,9 @@ def kv_relative_errors(got: dict[int, LayerCells], want: dict[int, LayerCells], 
         gi, wi = gi[keep], wi[keep]
         for out, a, b in ((k_err, g.k, w.k), (v_err, g.v, w.v)):
             ref = b[wi].astype(np.float32)
-            out.append(float(np.linalg.norm(a[gi].astype(np.float32) - ref)
-                             / max(float(np.linalg.norm(ref)), 1e-12)))
+            out.append(
+                float(np.linalg.norm(a[gi].astype(np.float32) - ref) / max(float(np.linalg.norm(ref)), 1e-12))
+            )
     return k_err, v_err
 
 
@@ -86,8 +88,7 @@ def _answer_text(model, tokens: list[int]) -> str:
     return model.detokenize(answer)
 
 
-def base_reference(engine: Engine, tokens: list[int]
-                   ) -> tuple[BaseReference, float, dict[int, LayerCells]]:
+def base_reference(engine: Engine, tokens: list[int]) -> tuple[BaseReference, float, dict[int, LayerCells]]:
     """The base's reference, its TTFT and its cache right after the prefill."""
     ctx, logits, _, ttft = timed_prefill(engine, tokens, mode="base")
     cache = cache_layers(engine)
@@ -118,18 +119,26 @@ def forced_scores(ctx, logits: np.ndarray, ref: BaseReference) -> tuple[float, f
     return kl, float(np.mean(rows.argmax(axis=-1) == np.array(ref.tokens)))
 
 
-def score_method(engine: Engine, tokens: list[int], ref: BaseReference, stats: MethodStats,
-                 example: Example, true_cache: dict[int, LayerCells] | None = None) -> None:
+def score_method(
+    engine: Engine,
+    tokens: list[int],
+    ref: BaseReference,
+    stats: MethodStats,
+    example: Example,
+    true_cache: dict[int, LayerCells] | None = None,
+) -> None:
     """One method on one example: answer, first token, teacher-forced KL and top-1; for kvp
     with ``true_cache`` (the base's own after its prefill), per-layer K, V errors over the
     positions kvp did not decode with the base itself at the end (spans included)."""
     mode = stats.method
-    ctx, logits, first, ttft = timed_prefill(engine, tokens, mode=mode, tail=stats.tail or 0,
-                                               spans=stats.spans or 0, keep=stats.keep)
+    ctx, logits, first, ttft = timed_prefill(
+        engine, tokens, mode=mode, tail=stats.tail or 0, spans=stats.spans or 0, keep=stats.keep
+    )
     n_past = ctx.n_past
     if mode == "kvp" and true_cache is not None:
-        k_err, v_err = kv_relative_errors(cache_layers(engine), true_cache,
-                                          below=len(tokens) - 1 - (stats.tail or 0))
+        k_err, v_err = kv_relative_errors(
+            cache_layers(engine), true_cache, below=len(tokens) - 1 - (stats.tail or 0)
+        )
         stats.k_err.append(k_err)
         stats.v_err.append(v_err)
     kl, top1 = forced_scores(ctx, logits, ref)
@@ -146,9 +155,17 @@ def score_method(engine: Engine, tokens: list[int], ref: BaseReference, stats: M
         stats.correct.append(is_correct(_answer_text(ctx.model, greedy), example.answer))
 
 
-def evaluate_task(engine: Engine, task: str, n_tokens: int, *, n: int, tails: list[int],
-                  spans: list[int] = (0,), seed: int = 0,
-                  progress: Callable[[int, int], None] | None = None) -> list[dict]:
+def evaluate_task(
+    engine: Engine,
+    task: str,
+    n_tokens: int,
+    *,
+    n: int,
+    tails: list[int],
+    spans: list[int] = (0,),
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict]:
     """Rows of base, kvp at each (tail, spans), truncation matched to the TTFT of the
     costliest kvp setting, the auxiliary alone."""
     examples = make_examples(task, n=n, n_tokens=n_tokens, tokenize=engine.tokenize, seed=seed)
@@ -175,16 +192,27 @@ def evaluate_task(engine: Engine, task: str, n_tokens: int, *, n: int, tails: li
     for stats in [base, *methods]:
         acc = float(np.mean(stats.correct)) if stats.correct else None
         ttft = statistics.median(stats.ttft_ms)
-        rows.append({
-            "task": task, "n_prompt": n_tokens, "method": stats.method, "tail": stats.tail,
-            "spans": stats.spans, "keep": stats.keep, "n": len(examples), "accuracy": acc,
-            "retention": (acc / base_acc) if acc is not None and base_acc else None,
-            "first_token_agreement": float(np.mean(stats.first_agree)),
-            "kl_mean": float(np.mean(stats.kl)), "top1_agreement": float(np.mean(stats.top1)),
-            "ttft_ms_median": ttft, "ttft_ratio": ttft / base_ttft,
-            "k_rel_err": _layer_means(stats.k_err), "v_rel_err": _layer_means(stats.v_err),
-            "kv_rel_err_predicted_layers": _predicted_mean(engine, stats),
-        })
+        rows.append(
+            {
+                "task": task,
+                "n_prompt": n_tokens,
+                "method": stats.method,
+                "tail": stats.tail,
+                "spans": stats.spans,
+                "keep": stats.keep,
+                "n": len(examples),
+                "accuracy": acc,
+                "retention": (acc / base_acc) if acc is not None and base_acc else None,
+                "first_token_agreement": float(np.mean(stats.first_agree)),
+                "kl_mean": float(np.mean(stats.kl)),
+                "top1_agreement": float(np.mean(stats.top1)),
+                "ttft_ms_median": ttft,
+                "ttft_ratio": ttft / base_ttft,
+                "k_rel_err": _layer_means(stats.k_err),
+                "v_rel_err": _layer_means(stats.v_err),
+                "kv_rel_err_predicted_layers": _predicted_mean(engine, stats),
+            }
+        )
     return rows
 
 

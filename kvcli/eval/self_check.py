@@ -39,35 +39,45 @@ def _conversation(engine: Engine, rng: random.Random, n_tokens: int) -> Example:
     text = prose(rng, n_tokens, engine.tokenize).prompt
     words = text.split()
     while True:
-        messages = [{"role": "system", "content": "You are a helpful assistant."},
-                    {"role": "user", "content": " ".join(words) + "\n\nWhat is this text about?"}]
+        messages = [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": " ".join(words) + "\n\nWhat is this text about?"},
+        ]
         rendered = apply_chat_template(template, messages, add_assistant=True)
         if len(engine.tokenize(rendered)) <= n_tokens or len(words) < 16:
             return Example("conversation", rendered, None)
         words = words[: int(len(words) * 0.9)]
 
 
-def check_prompts(engine: Engine, n_tokens: int = DEFAULT_TOKENS, n: int = DEFAULT_N,
-                  seed: int = SEED) -> dict[str, list[list[int]]]:
+def check_prompts(
+    engine: Engine, n_tokens: int = DEFAULT_TOKENS, n: int = DEFAULT_N, seed: int = SEED
+) -> dict[str, list[list[int]]]:
     """Per kind, ``n`` held-out prompts of about ``n_tokens`` tokens."""
     rng = random.Random(f"self-check:{seed}:{n_tokens}")
     examples = {
         "prose": make_examples("prose", n=n, n_tokens=n_tokens, tokenize=engine.tokenize, seed=seed),
-        "code": make_examples("continuation", n=n, n_tokens=n_tokens, tokenize=engine.tokenize,
-                              seed=seed),
+        "code": make_examples("continuation", n=n, n_tokens=n_tokens, tokenize=engine.tokenize, seed=seed),
         "conversation": [_conversation(engine, rng, n_tokens) for _ in range(n)],
     }
     return {kind: [engine.tokenize(ex.prompt) for ex in exs] for kind, exs in examples.items()}
 
 
 def _summary(stats: MethodStats, base_ttft: float) -> dict:
-    return {"kl": round(float(np.mean(stats.kl)), 4), "top1": round(float(np.mean(stats.top1)), 4),
-            "ttft_ratio": round(statistics.median(stats.ttft_ms) / base_ttft, 3),
-            **({"keep": stats.keep} if stats.keep is not None else {})}
+    return {
+        "kl": round(float(np.mean(stats.kl)), 4),
+        "top1": round(float(np.mean(stats.top1)), 4),
+        "ttft_ratio": round(statistics.median(stats.ttft_ms) / base_ttft, 3),
+        **({"keep": stats.keep} if stats.keep is not None else {}),
+    }
 
 
-def check_engine(engine: Engine, *, n_tokens: int = DEFAULT_TOKENS, n: int = DEFAULT_N,
-                 progress: Callable[[int, int], None] | None = None) -> dict:
+def check_engine(
+    engine: Engine,
+    *,
+    n_tokens: int = DEFAULT_TOKENS,
+    n: int = DEFAULT_N,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """The check's figures and verdict for ``engine`` (a bundle's base, auxiliary and
     predictor), as stored in the bundle's manifest under ``check``."""
     settings = engine.kvp_settings()
@@ -86,8 +96,7 @@ def check_engine(engine: Engine, *, n_tokens: int = DEFAULT_TOKENS, n: int = DEF
             if progress:
                 progress(done, total)
         median = statistics.median(base_ttft)
-        kinds[kind] = {"base_ttft_ms": round(median, 1),
-                       **{m.method: _summary(m, median) for m in methods}}
+        kinds[kind] = {"base_ttft_ms": round(median, 1), **{m.method: _summary(m, median) for m in methods}}
     return verdict({"n_tokens": n_tokens, "n": n, "kvp_settings": settings, "kinds": kinds})
 
 
@@ -105,24 +114,37 @@ def verdict(check: dict) -> dict:
         warning = f"kvp takes {kvp_ratio:.2f}x the base's TTFT: slower than the base alone"
     if losing:
         worst = max(losing, key=lambda k: kinds[k]["kvp"]["kl"] - kinds[k]["truncate"]["kl"])
-        losing_line = (f"kvp loses to truncation at the same TTFT on {', '.join(losing)} (KL "
-                       f"{kinds[worst]['kvp']['kl']:.3f} vs {kinds[worst]['truncate']['kl']:.3f} on "
-                       f"{worst}): its predicted cache is worse than cutting the prompt")
+        losing_line = (
+            f"kvp loses to truncation at the same TTFT on {', '.join(losing)} (KL "
+            f"{kinds[worst]['kvp']['kl']:.3f} vs {kinds[worst]['truncate']['kl']:.3f} on "
+            f"{worst}): its predicted cache is worse than cutting the prompt"
+        )
         warning = f"{warning}; {losing_line}" if warning else losing_line
     # closer than kvp and than truncation: a model of its own, not two failures compared
-    aux_closer = [k for k, r in kinds.items()
-                  if r["aux"]["kl"] <= min(r["kvp"]["kl"], r["truncate"]["kl"])]
+    aux_closer = [k for k, r in kinds.items() if r["aux"]["kl"] <= min(r["kvp"]["kl"], r["truncate"]["kl"])]
     if kvp_ratio >= aux_ratio and aux_closer:
-        more = (f"the auxiliary alone is closer to the base on {', '.join(aux_closer)} and cheaper "
-                f"({aux_ratio:.2f}x the base's TTFT against kvp's {kvp_ratio:.2f}x): use it instead")
+        more = (
+            f"the auxiliary alone is closer to the base on {', '.join(aux_closer)} and cheaper "
+            f"({aux_ratio:.2f}x the base's TTFT against kvp's {kvp_ratio:.2f}x): use it instead"
+        )
         warning = f"{warning}; {more}" if warning else more
-    return {**check, "losing_kinds": losing, "aux_ttft_ratio": round(aux_ratio, 3),
-            "kvp_ttft_ratio": round(kvp_ratio, 3), "warning": warning}
+    return {
+        **check,
+        "losing_kinds": losing,
+        "aux_ttft_ratio": round(aux_ratio, 3),
+        "kvp_ttft_ratio": round(kvp_ratio, 3),
+        "warning": warning,
+    }
 
 
 def summary_line(check: dict) -> str:
     """One line: the auxiliary alone's cost against the base's, kvp's, and the verdict."""
-    head = (f"auxiliary alone: {check['aux_ttft_ratio']:.2f}x the base's TTFT; kvp: "
-            f"{check['kvp_ttft_ratio']:.2f}x")
-    return f"{head}. Warning: {check['warning']}" if check.get("warning") else (
-        f"{head}; kvp is ahead of truncation at the same TTFT on {', '.join(check['kinds'])}")
+    head = (
+        f"auxiliary alone: {check['aux_ttft_ratio']:.2f}x the base's TTFT; kvp: "
+        f"{check['kvp_ttft_ratio']:.2f}x"
+    )
+    return (
+        f"{head}. Warning: {check['warning']}"
+        if check.get("warning")
+        else (f"{head}; kvp is ahead of truncation at the same TTFT on {', '.join(check['kinds'])}")
+    )

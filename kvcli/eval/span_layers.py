@@ -17,13 +17,27 @@ MEASURE_PROMPTS = 8
 
 MEASURE_TOKENS = 1024
 
-PLACES = ["the archive", "the workshop", "the north gate", "the old mill", "the harbour office",
-          "the east wing", "the boiler room", "the chapel", "the west tower", "the granary"]
+PLACES = [
+    "the archive",
+    "the workshop",
+    "the north gate",
+    "the old mill",
+    "the harbour office",
+    "the east wing",
+    "the boiler room",
+    "the chapel",
+    "the west tower",
+    "the granary",
+]
 
 
-def needle_prompts(tokenize: Callable[[str], list[int]], n: int = MEASURE_PROMPTS,
-                   n_tokens: int = MEASURE_TOKENS, seed: int = 11, n_records: int = 4
-                   ) -> list[tuple[str, str]]:
+def needle_prompts(
+    tokenize: Callable[[str], list[int]],
+    n: int = MEASURE_PROMPTS,
+    n_tokens: int = MEASURE_TOKENS,
+    seed: int = 11,
+    n_records: int = 4,
+) -> list[tuple[str, str]]:
     """(prompt, value) pairs: held-out prose with ``n_records`` sentences of the same shape
     (a place and its number) at random depths, and a question asking for one of them by name
     at the end: a layer that merely finds the salient sentences does not pass; one that
@@ -41,8 +55,7 @@ def needle_prompts(tokenize: Callable[[str], list[int]], n: int = MEASURE_PROMPT
             pieces += [text[at:cut], f"The access number of {name} is {value}. "]
             at = cut
         asked = rng.randrange(n_records)
-        question = (f"\n\nQuestion: what is the access number of {names[asked]}? Answer: the "
-                    "access number is")
+        question = f"\n\nQuestion: what is the access number of {names[asked]}? Answer: the access number is"
         out.append(("".join(pieces) + text[at:] + question, values[asked]))
     return out
 
@@ -55,16 +68,18 @@ def best_layers(hits: np.ndarray, margins: np.ndarray, n: int = N_LAYERS) -> lis
     return [int(il) for il in order[:n] if hits[:, il].any()]
 
 
-def measure_layer(bundle, *, tail: int = 24, width: int = 16,
-                  progress: Callable[[int, int], None] | None = None) -> dict:
+def measure_layer(
+    bundle, *, tail: int = 24, width: int = 16, progress: Callable[[int, int], None] | None = None
+) -> dict:
     """Which base layer's attention from the tail finds a stated value over this bundle's
     predicted cache: per layer, in how many of MEASURE_PROMPTS needle prompts the top span
     (``peak_spans``) holds the value. Returns the manifest's ``spans`` entry: chooser
     ``tail`` and the layer, or chooser ``none`` and why."""
     from kvcli.engine.engine import Engine
 
-    with Engine.from_bundle(bundle, attention_layers=list(range(_n_layer(bundle))),
-                            tail_focus_layers=()) as eng:
+    with Engine.from_bundle(
+        bundle, attention_layers=list(range(_n_layer(bundle))), tail_focus_layers=()
+    ) as eng:
         layers = list(range(eng.base_info.n_layer))
         prompts = needle_prompts(eng.tokenize)
         hits = np.zeros((len(prompts), len(layers)))
@@ -82,7 +97,7 @@ def measure_layer(bundle, *, tail: int = 24, width: int = 16,
             lo, hi = max(0, at - 2), min(n_pred, at + n_value + 2)
             for j, il in enumerate(layers):
                 s = scores[il]
-                (a, b), = peak_spans(s, 1, width, n_pred) or [(0, 0)]
+                ((a, b),) = peak_spans(s, 1, width, n_pred) or [(0, 0)]
                 hits[i, j] = a <= at and at + n_value <= b
                 outside = np.concatenate([s[:lo], s[hi:]])
                 margins[i, j] = s[lo:hi].max() - (outside.max() if len(outside) else 0.0)
@@ -91,10 +106,19 @@ def measure_layer(bundle, *, tail: int = 24, width: int = 16,
     chosen = best_layers(hits, margins)
     per_layer = [int(h) for h in hits.sum(axis=0)]
     if not chosen:
-        return {"chooser": "none", "hits_per_layer": per_layer, "prompts": len(prompts),
-                "reason": "no layer's attention from the tail found the asked value"}
-    return {"chooser": "tail", "layers": chosen, "found": [per_layer[il] for il in chosen],
-            "prompts": len(prompts), "hits_per_layer": per_layer}
+        return {
+            "chooser": "none",
+            "hits_per_layer": per_layer,
+            "prompts": len(prompts),
+            "reason": "no layer's attention from the tail found the asked value",
+        }
+    return {
+        "chooser": "tail",
+        "layers": chosen,
+        "found": [per_layer[il] for il in chosen],
+        "prompts": len(prompts),
+        "hits_per_layer": per_layer,
+    }
 
 
 def _n_layer(bundle) -> int:

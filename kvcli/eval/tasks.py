@@ -18,15 +18,57 @@ from kvcli.predict.corpus import corpus_texts, docstring_texts
 
 Tokenize = Callable[[str], list[int]]
 
-NAMES = ["Alice", "Bruno", "Chiara", "Dmitri", "Esther", "Farid", "Greta", "Hiroshi", "Ingrid",
-         "Jonas", "Kemal", "Lucia", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa",
-         "Stefan", "Tamar", "Ulrich", "Vera", "Walter", "Ximena", "Yusuf", "Zofia"]
-CITIES = ["Lisbon", "Oslo", "Nairobi", "Lima", "Kyoto", "Dublin", "Quito", "Hanoi", "Perth",
-          "Tunis", "Riga", "Porto", "Bergen", "Dakar", "Cusco", "Lyon", "Turin", "Graz"]
+NAMES = [
+    "Alice",
+    "Bruno",
+    "Chiara",
+    "Dmitri",
+    "Esther",
+    "Farid",
+    "Greta",
+    "Hiroshi",
+    "Ingrid",
+    "Jonas",
+    "Kemal",
+    "Lucia",
+    "Mateo",
+    "Nadia",
+    "Oskar",
+    "Priya",
+    "Quentin",
+    "Rosa",
+    "Stefan",
+    "Tamar",
+    "Ulrich",
+    "Vera",
+    "Walter",
+    "Ximena",
+    "Yusuf",
+    "Zofia",
+]
+CITIES = [
+    "Lisbon",
+    "Oslo",
+    "Nairobi",
+    "Lima",
+    "Kyoto",
+    "Dublin",
+    "Quito",
+    "Hanoi",
+    "Perth",
+    "Tunis",
+    "Riga",
+    "Porto",
+    "Bergen",
+    "Dakar",
+    "Cusco",
+    "Lyon",
+    "Turin",
+    "Graz",
+]
 THINGS = ["lamp", "violin", "bicycle", "kettle", "compass", "notebook", "umbrella", "telescope"]
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "silver", "black"]
-FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
-          "There and back again. ")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
 @dataclass(frozen=True)
@@ -72,8 +114,7 @@ def _code(rng: random.Random) -> str:
 def passkey(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
     key = str(rng.randint(10000, 99999))
     depth = rng.uniform(0.05, 0.3)
-    head = ("There is an important pass key hidden in a lot of irrelevant text. Find it and "
-            "remember it.\n")
+    head = "There is an important pass key hidden in a lot of irrelevant text. Find it and remember it.\n"
     needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
     tail = "\nQuestion: What is the pass key? Answer: The pass key is"
 
@@ -115,8 +156,9 @@ def document(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
 
     def story(i: int) -> str:
         r = random.Random(i)
-        return (f"Someone found a {r.choice(COLORS)} {r.choice(THINGS)} near the market and "
-                f"gave it to a friend. ")
+        return (
+            f"Someone found a {r.choice(COLORS)} {r.choice(THINGS)} near the market and gave it to a friend. "
+        )
 
     tail = f"\n\nQuestion: Where does {people[asked]} live? Answer: {people[asked]} lives in"
 
@@ -133,8 +175,10 @@ def code(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
     head = f'"""Service settings."""\n\n{name} = {value}\n\n'
 
     def func(i: int) -> str:
-        return (f"def helper_{i}(items):\n    total = 0\n    for item in items:\n"
-                f"        total += item * {i % 7 + 1}\n    return total\n\n\n")
+        return (
+            f"def helper_{i}(items):\n    total = 0\n    for item in items:\n"
+            f"        total += item * {i % 7 + 1}\n    return total\n\n\n"
+        )
 
     tail = f"def test_settings():\n    assert {name} =="
 
@@ -147,8 +191,7 @@ def code(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
 _HELDOUT: dict[str, list[str]] = {}  # a cache of the held-out texts, per kind
 
 
-def _excerpt(task: str, texts: list[str], rng: random.Random, n_tokens: int, tokenize: Tokenize
-             ) -> Example:
+def _excerpt(task: str, texts: list[str], rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
     """About ``n_tokens`` tokens of one of ``texts`` from a random start, scored by KL only."""
     text = rng.choice(texts)
     tokens_per_char = len(tokenize(text[:4000])) / max(1, len(text[:4000]))
@@ -170,13 +213,16 @@ def prose(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
 
 
 TASKS: dict[str, Callable[[random.Random, int, Tokenize], Example]] = {
-    "passkey": passkey, "multikey": multikey, "document": document, "code": code,
-    "continuation": continuation, "prose": prose,
+    "passkey": passkey,
+    "multikey": multikey,
+    "document": document,
+    "code": code,
+    "continuation": continuation,
+    "prose": prose,
 }
 
 
-def make_examples(task: str, *, n: int, n_tokens: int, tokenize: Tokenize, seed: int = 0
-                  ) -> list[Example]:
+def make_examples(task: str, *, n: int, n_tokens: int, tokenize: Tokenize, seed: int = 0) -> list[Example]:
     """``n`` examples of ``task`` of at most ``n_tokens`` tokens each, the same for a seed."""
     if task not in TASKS:
         raise KvcliError(f"unknown task {task!r} (one of {', '.join(TASKS)})")

@@ -49,8 +49,16 @@ def bench_prompts(engine: Engine, n_tokens: int, count: int) -> list[list[int]]:
     """``count`` distinct held-out prompts of exactly ``n_tokens`` tokens (BOS first where
     the model adds one)."""
     model = engine.model
-    prompts = [t for _, t in token_chunks("heldout", lambda s: model.tokenize(s, add_special=False),
-                                          chunk_tokens=n_tokens, n_chunks=count, bos=model.prompt_bos)]
+    prompts = [
+        t
+        for _, t in token_chunks(
+            "heldout",
+            lambda s: model.tokenize(s, add_special=False),
+            chunk_tokens=n_tokens,
+            n_chunks=count,
+            bos=model.prompt_bos,
+        )
+    ]
     if len(prompts) < count:
         raise KvcliError(f"the held-out corpus has only {len(prompts)} texts of {n_tokens} tokens")
     return prompts
@@ -58,17 +66,22 @@ def bench_prompts(engine: Engine, n_tokens: int, count: int) -> list[list[int]]:
 
 def _prefill(engine: Engine, tokens: list[int], m: Method):
     start = time.perf_counter()
-    ctx, logits, timings = engine.prefill(tokens, mode=m.mode, tail=m.tail, keep=m.keep,
-                                          spans=m.spans)
+    ctx, logits, timings = engine.prefill(tokens, mode=m.mode, tail=m.tail, keep=m.keep, spans=m.spans)
     first = int(np.argmax(logits))
     return ctx, logits, first, timings, (time.perf_counter() - start) * 1e3
 
 
-def bench_length(engine: Engine, n_tokens: int, *, modes: list[str],
-                 kvp: list[tuple[int, int]], repeats: int, warmup: int,
-                 progress: Callable[[], None] | None = None,
-                 extra_engines: dict[str, Engine] | None = None
-                 ) -> tuple[dict[Method, Runs], list[list[int]]]:
+def bench_length(
+    engine: Engine,
+    n_tokens: int,
+    *,
+    modes: list[str],
+    kvp: list[tuple[int, int]],
+    repeats: int,
+    warmup: int,
+    progress: Callable[[], None] | None = None,
+    extra_engines: dict[str, Engine] | None = None,
+) -> tuple[dict[Method, Runs], list[list[int]]]:
     """``kvp``: its (tail, spans) settings, each a method; truncation is matched to the
     TTFT of the last. ``extra_engines``: aux_load -> an engine that loads the auxiliary that
     way; kvp (tail 0) is also timed on each, side by side with the main engine's."""
@@ -96,8 +109,9 @@ def bench_length(engine: Engine, n_tokens: int, *, modes: list[str],
             keep = n_tokens // 3
             matched = Method("kvp", tail=kvp[-1][0], spans=kvp[-1][1]) if kvp else None
             if Method("base") in runs and matched in runs:
-                keep = truncation_keep(engine, tokens, runs[matched].ttft_ms[0],
-                                       base_ms=runs[Method("base")].ttft_ms[0])
+                keep = truncation_keep(
+                    engine, tokens, runs[matched].ttft_ms[0], base_ms=runs[Method("base")].ttft_ms[0]
+                )
             methods.append(Method("truncate", keep=keep))
             runs[methods[-1]] = Runs()
             _prefill(engine, tokens, methods[-1])  # untimed: its first run
@@ -130,24 +144,37 @@ def summarize(n_tokens: int, runs: dict[Method, Runs]) -> list[dict]:
     for m, r in runs.items():
         mean = statistics.fmean(r.ttft_ms)
         row = {
-            "n_prompt": n_tokens, "mode": m.mode, "tail": m.tail, "spans": m.spans, "keep": m.keep,
+            "n_prompt": n_tokens,
+            "mode": m.mode,
+            "tail": m.tail,
+            "spans": m.spans,
+            "keep": m.keep,
             "aux_load": m.aux_load or None,
-            "repeats": len(r.ttft_ms), "ttft_ms_mean": round(mean, 2),
+            "repeats": len(r.ttft_ms),
+            "ttft_ms_mean": round(mean, 2),
             "ttft_ms_std": round(statistics.stdev(r.ttft_ms), 2) if len(r.ttft_ms) > 1 else 0.0,
             "ttft_ms_median": round(statistics.median(r.ttft_ms), 2),
             "ttft_ratio": round(mean / base_mean, 4) if base_mean else None,
             "first_token_agreement": round(float(np.mean(r.first_agree)), 4) if r.first_agree else None,
             "kl_mean": round(float(np.mean(r.kl)), 5) if r.kl else None,
-            "peak_rss_mib": None, "peak_pss_mib": None, "pss_mib": None,
+            "peak_rss_mib": None,
+            "peak_pss_mib": None,
+            "pss_mib": None,
         }
         if m.mode == "kvp":
-            parts = {k: round(statistics.fmean(t.as_dict()[k] for t in r.timings), 2)
-                     for k in r.timings[0].as_dict()}
+            parts = {
+                k: round(statistics.fmean(t.as_dict()[k] for t in r.timings), 2)
+                for k in r.timings[0].as_dict()
+            }
             floor = parts["aux_prefill_ms"] + parts["base_decode_ms"]
-            overhead = (parts["state_get_ms"] + parts["predict_ms"] + parts["state_set_ms"]
-                        + parts["recompute_ms"])
-            row.update(breakdown_ms=parts, floor_ms=round(floor, 2),
-                       floor_ratio=round(mean / floor, 4),
-                       overhead_share=round(overhead / mean, 4))
+            overhead = (
+                parts["state_get_ms"] + parts["predict_ms"] + parts["state_set_ms"] + parts["recompute_ms"]
+            )
+            row.update(
+                breakdown_ms=parts,
+                floor_ms=round(floor, 2),
+                floor_ratio=round(mean / floor, 4),
+                overhead_share=round(overhead / mean, 4),
+            )
         rows.append(row)
     return rows

@@ -21,10 +21,18 @@ class _GGMLTensor(ctypes.Structure):
     """The head of ggml.h's ``struct ggml_tensor`` (GGML_MAX_DIMS 4, MAX_SRC 10, MAX_NAME 64)."""
 
     _fields_ = [
-        ("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
-        ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
-        ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
-        ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64),
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * 10),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * 64),
     ]
 
 
@@ -36,8 +44,11 @@ def hidden_tensor_names(n_aux_layers: int, kinds=keys.HIDDEN_FEATURES) -> list[s
     if n_aux_layers < 2:
         raise ValueError("hidden-state features need an auxiliary of at least 2 layers")
     k = n_aux_layers
-    names = {keys.FEATURE_AUX_RESIDUAL: f"l_out-{k - 2}", keys.FEATURE_AUX_ATTN: f"kqv_out-{k - 1}",
-             keys.FEATURE_AUX_OUT: f"l_out-{k - 1}"}
+    names = {
+        keys.FEATURE_AUX_RESIDUAL: f"l_out-{k - 2}",
+        keys.FEATURE_AUX_ATTN: f"kqv_out-{k - 1}",
+        keys.FEATURE_AUX_OUT: f"l_out-{k - 1}",
+    }
     return [names[kind] for kind in kinds]
 
 

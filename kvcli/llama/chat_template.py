@@ -42,8 +42,10 @@ def apply_chat_template(template: str, messages: list[dict], add_assistant: bool
         buf = ctypes.create_string_buffer(size)
         n = lib.llama_chat_apply_template(template.encode(), chat, len(encoded), add_assistant, buf, size)
         if n < 0:
-            raise ContextError(f"llama.cpp does not know the chat template {template[:40]!r} "
-                               f"(built in: {', '.join(builtin_chat_templates())})")
+            raise ContextError(
+                f"llama.cpp does not know the chat template {template[:40]!r} "
+                f"(built in: {', '.join(builtin_chat_templates())})"
+            )
         if n <= size:
             return buf.raw[:n].decode("utf-8", "replace")
         size = n + 1

@@ -13,8 +13,25 @@ from kvcli.errors import KvcliError, ModelFileError
 from kvcli.models.model_info import read_model_info
 
 # llama-quantize's names for the common file types -> llama_ftype (llama.h)
-QUANT_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1",
-               "q4_k_m", "q4_k_s", "q4_0", "q4_1", "q3_k_m", "q3_k_s", "q3_k_l", "q2_k")
+QUANT_TYPES = (
+    "f32",
+    "f16",
+    "bf16",
+    "q8_0",
+    "q6_k",
+    "q5_k_m",
+    "q5_k_s",
+    "q5_0",
+    "q5_1",
+    "q4_k_m",
+    "q4_k_s",
+    "q4_0",
+    "q4_1",
+    "q3_k_m",
+    "q3_k_s",
+    "q3_k_l",
+    "q2_k",
+)
 _FLOAT_TYPES = {0, 1, 30}  # GGML F32, F16, BF16
 
 
@@ -30,8 +47,9 @@ def is_quantized(path: Path) -> bool:
     return any(len(t.shape) >= 2 and t.ggml_type not in _FLOAT_TYPES for t in read_header(path).tensors)
 
 
-def quantize_model(src: str | Path, dest: str | Path, qtype: str, *, threads: int = 0,
-                   allow_requantize: bool = False) -> Path:
+def quantize_model(
+    src: str | Path, dest: str | Path, qtype: str, *, threads: int = 0, allow_requantize: bool = False
+) -> Path:
     """Write ``src`` quantized to ``qtype`` (a name of QUANT_TYPES) at ``dest``."""
     from kvcli.llama.runtime import _lib, default_threads, last_llama_error
 
@@ -43,8 +61,10 @@ def quantize_model(src: str | Path, dest: str | Path, qtype: str, *, threads: in
     if dest.resolve() == info.path:
         raise KvcliError("the output would overwrite the input; choose another output path")
     if is_quantized(info.path) and not allow_requantize:
-        raise KvcliError(f"{info.path.name} is already quantized; requantizing loses quality "
-                         "(pass --allow-requantize to do it anyway)")
+        raise KvcliError(
+            f"{info.path.name} is already quantized; requantizing loses quality "
+            "(pass --allow-requantize to do it anyway)"
+        )
     lib = _lib()
     params = lib.llama_model_quantize_default_params()
     params.nthread = threads or default_threads()
@@ -56,7 +76,9 @@ def quantize_model(src: str | Path, dest: str | Path, qtype: str, *, threads: in
         rc = lib.llama_model_quantize(str(info.path).encode(), str(tmp).encode(), params)
         if rc != 0:
             why = last_llama_error()
-            raise ModelFileError(f"llama.cpp could not quantize {info.path.name} to {qtype}"
-                                 + (f": {why}" if why else " (run with --debug to see why)"))
+            raise ModelFileError(
+                f"llama.cpp could not quantize {info.path.name} to {qtype}"
+                + (f": {why}" if why else " (run with --debug to see why)")
+            )
 
     return write_atomically(dest, write)

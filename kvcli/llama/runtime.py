@@ -18,8 +18,17 @@ import numpy as np
 from kvcli.errors import ContextError, ModelFileError
 from kvcli.models.model_info import check_gguf_file
 
-KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7,
-            "bf16": 30, "iq4_nl": 20}
+KV_TYPES = {
+    "f32": 0,
+    "f16": 1,
+    "q8_0": 8,
+    "q4_0": 2,
+    "q4_1": 3,
+    "q5_0": 6,
+    "q5_1": 7,
+    "bf16": 30,
+    "iq4_nl": 20,
+}
 _LOG_CALLBACK = None
 _VERBOSE = False
 _LAST_ERROR: list[str] = []  # llama.cpp's last error-level log line, for kvcli's messages
@@ -37,6 +46,7 @@ def _lib():
 
     global _LOG_CALLBACK
     if _LOG_CALLBACK is None:
+
         @llama_cpp.llama_log_callback
         def _log(level, text, user_data):
             if _VERBOSE:
@@ -93,8 +103,7 @@ def _kv_overrides(lib, values: dict[str, int]):
 class Model:
     """A loaded llama.cpp model; ``close()`` frees it (safe to call twice)."""
 
-    def __init__(self, path: str | Path, *, what: str = "model", prefix_layers: int = 0,
-                 arch: str = ""):
+    def __init__(self, path: str | Path, *, what: str = "model", prefix_layers: int = 0, arch: str = ""):
         """``prefix_layers`` k > 0 loads only the file's layers 0..k-1 as a model of their own
         (a kv override of ``{arch}.block_count``): a prefix view whose weights share the file's
         pages. Only a llama.cpp built with kvcli's patches/ can (see prefix_view_supported)."""
@@ -108,8 +117,9 @@ class Model:
             params.kv_overrides = self._overrides
         handle = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not handle:
-            raise ModelFileError(f"llama.cpp could not load the {what} file "
-                                 f"(run with --debug to see why): {self.path}")
+            raise ModelFileError(
+                f"llama.cpp could not load the {what} file (run with --debug to see why): {self.path}"
+            )
         self._lib = lib
         self.handle = handle
         self.vocab = lib.llama_model_get_vocab(handle)
@@ -172,8 +182,15 @@ class ContextSettings:
 class Context:
     """A llama.cpp context whose prompt and reply live in sequence 0, and a reusable batch."""
 
-    def __init__(self, model: Model, settings: ContextSettings, *, capture=None,
-                 scratch_seqs: int = 0, scratch_cells: int = 0):
+    def __init__(
+        self,
+        model: Model,
+        settings: ContextSettings,
+        *,
+        capture=None,
+        scratch_seqs: int = 0,
+        scratch_cells: int = 0,
+    ):
         """``capture``: a capture.TensorCapture whose callback observes the graph.
         ``scratch_seqs`` sequences beside seq 0 and ``scratch_cells`` cells beyond the
         context's size, for work on seq 0's cache in place (``recompute``, ``append_state``):
@@ -206,8 +223,11 @@ class Context:
         self.settings = settings
         self.handle = handle
         # llama.cpp may round the requested size up; scratch cells are not the prompt's
-        self.n_ctx = (min(settings.n_ctx, lib.llama_n_ctx(handle) - scratch_cells) if scratch_cells
-                      else lib.llama_n_ctx(handle))
+        self.n_ctx = (
+            min(settings.n_ctx, lib.llama_n_ctx(handle) - scratch_cells)
+            if scratch_cells
+            else lib.llama_n_ctx(handle)
+        )
         self.scratch_seqs, self.scratch_cells = scratch_seqs, scratch_cells
         self.n_batch = lib.llama_n_batch(handle)  # ... and clamp n_batch to the requested n_ctx
         self.memory = lib.llama_get_memory(handle)
@@ -222,8 +242,14 @@ class Context:
         self.n_past = 0
         self.cells_in_order = True
 
-    def decode(self, tokens: list[int] | np.ndarray, *, start: int | None = None,
-               logits_last: bool = False, logits_all: bool = False) -> None:
+    def decode(
+        self,
+        tokens: list[int] | np.ndarray,
+        *,
+        start: int | None = None,
+        logits_last: bool = False,
+        logits_all: bool = False,
+    ) -> None:
         """Decode ``tokens`` at positions start.. (default: after what is cached) in seq 0.
 
         Logits: for the last token with ``logits_last``, for every token with ``logits_all``
@@ -231,16 +257,24 @@ class Context:
         """
         start = self.n_past if start is None else start
         if start + len(tokens) > self.n_ctx:
-            raise ContextError(f"{start + len(tokens)} tokens do not fit the context of "
-                               f"{self.n_ctx}; use a shorter prompt or a larger --ctx")
+            raise ContextError(
+                f"{start + len(tokens)} tokens do not fit the context of "
+                f"{self.n_ctx}; use a shorter prompt or a larger --ctx"
+            )
         if logits_all and len(tokens) > min(self.n_batch, self.settings.n_batch):
-            raise ContextError(f"logits for every token need at most "
-                               f"{min(self.n_batch, self.settings.n_batch)} tokens")
+            raise ContextError(
+                f"logits for every token need at most {min(self.n_batch, self.settings.n_batch)} tokens"
+            )
         self._decode_pieces([(tokens, start, 0)], logits_last=logits_last, logits_all=logits_all)
         self.n_past = start + len(tokens)
 
-    def _decode_pieces(self, pieces: list[tuple[list[int] | np.ndarray, int, int]], *,
-                       logits_last: bool = False, logits_all: bool = False) -> None:
+    def _decode_pieces(
+        self,
+        pieces: list[tuple[list[int] | np.ndarray, int, int]],
+        *,
+        logits_last: bool = False,
+        logits_all: bool = False,
+    ) -> None:
         """Decode pieces (tokens, first position, sequence) as one stream of batches: the
         weights are read once per batch, however many pieces it holds."""
         tokens = np.concatenate([np.asarray(t, dtype=np.int32) for t, _, _ in pieces])
@@ -279,8 +313,11 @@ class Context:
         pieces = [(a, min(a + step, b)) for a0, b in ranges for a in range(a0, b, step)]
         groups: list[list[tuple[int, int]]] = []
         for a, b in pieces:
-            if groups and len(groups[-1]) < self.scratch_seqs and \
-                    sum(y - x for x, y in groups[-1]) + b - a <= self.scratch_cells:
+            if (
+                groups
+                and len(groups[-1]) < self.scratch_seqs
+                and sum(y - x for x, y in groups[-1]) + b - a <= self.scratch_cells
+            ):
                 groups[-1].append((a, b))
             else:
                 groups.append([(a, b)])
@@ -314,8 +351,12 @@ class Context:
 
     def logits_rows(self, n: int) -> np.ndarray:
         """The logits of the last decode's ``n`` output rows, (n, n_vocab)."""
-        rows = [np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.handle, i),
-                                      shape=(self.model.n_vocab,)).copy() for i in range(n)]
+        rows = [
+            np.ctypeslib.as_array(
+                self._lib.llama_get_logits_ith(self.handle, i), shape=(self.model.n_vocab,)
+            ).copy()
+            for i in range(n)
+        ]
         return np.stack(rows)
 
     def truncate(self, n_past: int) -> None:
@@ -332,13 +373,13 @@ class Context:
         size = self._lib.llama_state_seq_get_size(self.handle, seq_id)
         data = bytearray(size)
         n = self._lib.llama_state_seq_get_data(
-            self.handle, (ctypes.c_uint8 * size).from_buffer(data), size, seq_id)
+            self.handle, (ctypes.c_uint8 * size).from_buffer(data), size, seq_id
+        )
         if n != size:
             raise ContextError(f"llama_state_seq_get_data wrote {n} of {size} bytes")
         return data
 
-    def set_state(self, data: bytes | bytearray, seq_id: int = 0, *, n_past: int | None = None
-                  ) -> None:
+    def set_state(self, data: bytes | bytearray, seq_id: int = 0, *, n_past: int | None = None) -> None:
         """``llama_state_seq_set_data`` into ``seq_id``; it clears that sequence first."""
         if seq_id == 0 and self.n_past:
             self.cells_in_order = False
@@ -348,8 +389,10 @@ class Context:
             buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         n = self._lib.llama_state_seq_set_data(self.handle, buf, len(data), seq_id)
         if n == 0:
-            raise ContextError("llama.cpp refused the sequence state (layout, types or size do "
-                               "not match this context; run with --debug to see why)")
+            raise ContextError(
+                "llama.cpp refused the sequence state (layout, types or size do "
+                "not match this context; run with --debug to see why)"
+            )
         if n_past is not None:
             self.n_past = n_past
         else:
@@ -364,8 +407,6 @@ class Context:
             self._lib.llama_batch_free(self._batch)
             self._lib.llama_free(self.handle)
             self.handle = None
-
-
 
 
 def system_info() -> str:

@@ -48,8 +48,9 @@ def parse_layers(spec: str, n_layer: int) -> list[int]:
     return layers
 
 
-def cut_auxiliary(base_path: str | Path, out_path: str | Path, layers: list[int],
-                  replace: dict | None = None) -> Path:
+def cut_auxiliary(
+    base_path: str | Path, out_path: str | Path, layers: list[int], replace: dict | None = None
+) -> Path:
     """Write a GGUF holding only ``layers`` of the base (renumbered), atomically.
 
     ``replace``: new float32 values of some tensors (by their name in the output), written
@@ -70,8 +71,12 @@ def cut_auxiliary(base_path: str | Path, out_path: str | Path, layers: list[int]
         for field in reader.fields.values():
             if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
                 continue
-            if field.name in (f"{arch}.block_count", f"{arch}.attention.sliding_window_pattern",
-                              keys.AUX_BASE_LAYERS, keys.AUX_BASE_FINGERPRINT):
+            if field.name in (
+                f"{arch}.block_count",
+                f"{arch}.attention.sliding_window_pattern",
+                keys.AUX_BASE_LAYERS,
+                keys.AUX_BASE_FINGERPRINT,
+            ):
                 continue
             vtype = field.types[0]
             sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
@@ -84,8 +89,9 @@ def cut_auxiliary(base_path: str | Path, out_path: str | Path, layers: list[int]
         writer.add_array(keys.AUX_BASE_LAYERS, source)
         writer.add_string(keys.AUX_BASE_FINGERPRINT, info.source_fingerprint or info.fingerprint)
         if info.n_swa > 0:
-            writer.add_array(f"{arch}.attention.sliding_window_pattern",
-                             [bool(info.is_swa[i]) for i in layers])
+            writer.add_array(
+                f"{arch}.attention.sliding_window_pattern", [bool(info.is_swa[i]) for i in layers]
+            )
         kept = []
         for tensor in reader.tensors:
             m = _BLOCK.match(tensor.name)

@@ -34,9 +34,13 @@ OPENELM_CONFIGS = {
     "OpenELM-1_1B": {"num_transformer_layers": 28, "model_dim": 2048, "head_dim": 64},
     "OpenELM-3B": {"num_transformer_layers": 36, "model_dim": 3072, "head_dim": 128},
 }
-OPENELM_COMMON = {"num_gqa_groups": 4, "normalize_qk_projections": True,
-                  "share_input_output_layers": True, "ffn_multipliers": (0.5, 4.0),
-                  "qkv_multipliers": (0.5, 1.0)}
+OPENELM_COMMON = {
+    "num_gqa_groups": 4,
+    "normalize_qk_projections": True,
+    "share_input_output_layers": True,
+    "ffn_multipliers": (0.5, 4.0),
+    "qkv_multipliers": (0.5, 1.0),
+}
 
 
 def _pruned(full: str, n: int, kind: str) -> dict:
@@ -46,19 +50,42 @@ def _pruned(full: str, n: int, kind: str) -> dict:
         return {**base, "select_layers": list(range(0, n, 4))}
     if kind == "0.75l":
         return {**base, "select_layers": [i for i in range(n) if i % 4 != 3]}
-    return {**base, "num_transformer_layers": n // 2,  # 0.50l: its own, shorter linspace
-            "ffn_multipliers": (0.5, 4.0 - (1 / (n - 1)) * (4.0 - 0.5)),
-            "qkv_multipliers": (0.5, 1.0 - (1 / (n - 1)) * (1.0 - 0.5))}
+    return {
+        **base,
+        "num_transformer_layers": n // 2,  # 0.50l: its own, shorter linspace
+        "ffn_multipliers": (0.5, 4.0 - (1 / (n - 1)) * (4.0 - 0.5)),
+        "qkv_multipliers": (0.5, 1.0 - (1 / (n - 1)) * (1.0 - 0.5)),
+    }
 
 
-OPENELM_CONFIGS.update({f"{full}-{kind}": _pruned(full, OPENELM_CONFIGS[full]["num_transformer_layers"], kind)
-                        for full in ("OpenELM-1_1B", "OpenELM-3B") for kind in ("0.25l", "0.50l", "0.75l")})
-GPT_DEFAULTS = {"vocab_size": 32000, "max_context_length": 2048, "num_transformer_layers": 12,
-                "model_dim": 2048, "head_dim": 128, "qkv_multipliers": 1.0, "num_gqa_groups": 1,
-                "ffn_multipliers": 4.0, "ffn_dim_divisor": 256, "normalize_qk_projections": False,
-                "share_input_output_layers": False, "rope_freq_constant": 10000}
-SUPPORTED_FIELDS = set(GPT_DEFAULTS) | {"ffn_with_glu", "activation_fn_name", "select_layers",
-                                        "normalization_layer_name", "rope_max_length"}
+OPENELM_CONFIGS.update(
+    {
+        f"{full}-{kind}": _pruned(full, OPENELM_CONFIGS[full]["num_transformer_layers"], kind)
+        for full in ("OpenELM-1_1B", "OpenELM-3B")
+        for kind in ("0.25l", "0.50l", "0.75l")
+    }
+)
+GPT_DEFAULTS = {
+    "vocab_size": 32000,
+    "max_context_length": 2048,
+    "num_transformer_layers": 12,
+    "model_dim": 2048,
+    "head_dim": 128,
+    "qkv_multipliers": 1.0,
+    "num_gqa_groups": 1,
+    "ffn_multipliers": 4.0,
+    "ffn_dim_divisor": 256,
+    "normalize_qk_projections": False,
+    "share_input_output_layers": False,
+    "rope_freq_constant": 10000,
+}
+SUPPORTED_FIELDS = set(GPT_DEFAULTS) | {
+    "ffn_with_glu",
+    "activation_fn_name",
+    "select_layers",
+    "normalization_layer_name",
+    "rope_max_length",
+}
 
 
 class CorenetError(KvcliError):
@@ -79,16 +106,24 @@ def gpt_shape(fields: dict) -> OpenELMShape:
     if unknown:
         raise CorenetError(f"unknown general_gpt fields: {', '.join(sorted(unknown))}")
     cfg = {**GPT_DEFAULTS, **fields}
-    for key, want in (("ffn_with_glu", True), ("activation_fn_name", "swish"),
-                      ("normalization_layer_name", "rms_norm"), ("normalize_qk_projections", True),
-                      ("share_input_output_layers", True)):
+    for key, want in (
+        ("ffn_with_glu", True),
+        ("activation_fn_name", "swish"),
+        ("normalization_layer_name", "rms_norm"),
+        ("normalize_qk_projections", True),
+        ("share_input_output_layers", True),
+    ):
         if cfg.get(key, want) != want:
             raise CorenetError(f"general_gpt {key} = {cfg[key]!r} is not supported (OpenELM: {want!r})")
-    n, d, hd, groups, divisor = (int(cfg[k]) for k in (
-        "num_transformer_layers", "model_dim", "head_dim", "num_gqa_groups", "ffn_dim_divisor"))
+    n, d, hd, groups, divisor = (
+        int(cfg[k])
+        for k in ("num_transformer_layers", "model_dim", "head_dim", "num_gqa_groups", "ffn_dim_divisor")
+    )
     if min(n, d, hd, groups, divisor, int(cfg["vocab_size"])) < 1:
-        raise CorenetError("num_transformer_layers, model_dim, head_dim, num_gqa_groups, "
-                           "ffn_dim_divisor and vocab_size must be positive integers")
+        raise CorenetError(
+            "num_transformer_layers, model_dim, head_dim, num_gqa_groups, "
+            "ffn_dim_divisor and vocab_size must be positive integers"
+        )
     q_heads = [make_divisible(d * m, hd * groups) // hd for m in _per_layer(cfg["qkv_multipliers"], n)]
     ffn = [make_divisible(m * d, divisor) for m in _per_layer(cfg["ffn_multipliers"], n)]
     if min(q_heads) < 1 or min(ffn) < 1:
@@ -98,10 +133,16 @@ def gpt_shape(fields: dict) -> OpenELMShape:
         if not select or not all(0 <= int(i) < n for i in select):
             raise CorenetError(f"select_layers {select!r} must lie in 0..{n - 1}")
         q_heads, ffn = [q_heads[int(i)] for i in select], [ffn[int(i)] for i in select]
-    return OpenELMShape(n_embd=d, head_dim=hd, n_head=tuple(q_heads),
-                        n_head_kv=tuple(q // groups for q in q_heads), n_ff=tuple(ffn),
-                        n_vocab=int(cfg["vocab_size"]), rope_freq_base=float(cfg["rope_freq_constant"]),
-                        context_length=int(cfg["max_context_length"]))
+    return OpenELMShape(
+        n_embd=d,
+        head_dim=hd,
+        n_head=tuple(q_heads),
+        n_head_kv=tuple(q // groups for q in q_heads),
+        n_ff=tuple(ffn),
+        n_vocab=int(cfg["vocab_size"]),
+        rope_freq_base=float(cfg["rope_freq_constant"]),
+        context_length=int(cfg["max_context_length"]),
+    )
 
 
 def _general_gpt_fields(block: dict, shared: dict) -> dict:
@@ -109,8 +150,10 @@ def _general_gpt_fields(block: dict, shared: dict) -> dict:
     name = fields.get("model_name")
     if name is not None:
         if name not in OPENELM_CONFIGS:
-            raise CorenetError(f"model_name {name!r} is not one kvcli knows (one of "
-                               f"{', '.join(OPENELM_CONFIGS)}); give the general_gpt fields instead")
+            raise CorenetError(
+                f"model_name {name!r} is not one kvcli knows (one of "
+                f"{', '.join(OPENELM_CONFIGS)}); give the general_gpt fields instead"
+            )
         given = {k: v for k, v in fields.items() if k in ("vocab_size", "max_context_length")}
         fields = {**OPENELM_COMMON, **OPENELM_CONFIGS[name], **given}
     fields.pop("padding_index", None)
@@ -141,8 +184,9 @@ def read_config(path: str | Path) -> KVPConfig:
     except CorenetError:
         raise
     except (TypeError, ValueError, AttributeError, KeyError, IndexError, ArithmeticError) as exc:
-        raise CorenetError(f"the config {path} has a value of the wrong kind ({type(exc).__name__}: "
-                           f"{exc})") from None
+        raise CorenetError(
+            f"the config {path} has a value of the wrong kind ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _read_config(path: str | Path) -> KVPConfig:
@@ -164,18 +208,27 @@ def _read_config(path: str | Path) -> KVPConfig:
             entry = entry[0]
         sub = _dig(entry or {}, "model", "language_modeling", what=f"the {role} model")
         if sub.get("name", "general_gpt") not in ("general_gpt", "layer_pruned_general_gpt"):
-            raise CorenetError(f"the {role} model is {sub.get('name')!r}; kvcli imports general_gpt "
-                               "and layer_pruned_general_gpt (OpenELM) models")
+            raise CorenetError(
+                f"the {role} model is {sub.get('name')!r}; kvcli imports general_gpt "
+                "and layer_pruned_general_gpt (OpenELM) models"
+            )
         fields = _general_gpt_fields(sub.get("general_gpt") or {}, shared)
         shapes[role], names[role] = gpt_shape(fields), str(fields.get("model_name", "general_gpt"))
-    layer_map = tuple(int(x) for x in _dig(kvp, "auxkv_num_layers_to_basekv_num_layers",
-                                          what="the layer map"))
-    if len(layer_map) != shapes["base"].n_layer or not all(0 <= a < shapes["aux"].n_layer
-                                                          for a in layer_map):
-        raise CorenetError(f"auxkv_num_layers_to_basekv_num_layers needs {shapes['base'].n_layer} "
-                           f"entries in 0..{shapes['aux'].n_layer - 1}, not {list(layer_map)}")
-    return KVPConfig(base=shapes["base"], aux=shapes["aux"], layer_map=layer_map,
-                     base_name=names["base"], aux_name=names["aux"])
+    layer_map = tuple(
+        int(x) for x in _dig(kvp, "auxkv_num_layers_to_basekv_num_layers", what="the layer map")
+    )
+    if len(layer_map) != shapes["base"].n_layer or not all(0 <= a < shapes["aux"].n_layer for a in layer_map):
+        raise CorenetError(
+            f"auxkv_num_layers_to_basekv_num_layers needs {shapes['base'].n_layer} "
+            f"entries in 0..{shapes['aux'].n_layer - 1}, not {list(layer_map)}"
+        )
+    return KVPConfig(
+        base=shapes["base"],
+        aux=shapes["aux"],
+        layer_map=layer_map,
+        base_name=names["base"],
+        aux_name=names["aux"],
+    )
 
 
 def split_checkpoint(state: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
@@ -184,8 +237,10 @@ def split_checkpoint(state: dict[str, np.ndarray]) -> dict[str, dict[str, np.nda
     for key, value in state.items():
         head, _, rest = key.partition(".")
         if head not in parts:
-            raise CorenetError(f"unexpected checkpoint entry {key!r} (a KV-prediction checkpoint "
-                               "holds base.*, auxiliary.* and predicter.*)")
+            raise CorenetError(
+                f"unexpected checkpoint entry {key!r} (a KV-prediction checkpoint "
+                "holds base.*, auxiliary.* and predicter.*)"
+            )
         parts[head][rest] = value
     for head, entries in parts.items():
         if not entries:
@@ -193,8 +248,9 @@ def split_checkpoint(state: dict[str, np.ndarray]) -> dict[str, dict[str, np.nda
     return parts
 
 
-def predictor_matrices(pred: dict[str, np.ndarray], cfg: KVPConfig
-                       ) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+def predictor_matrices(
+    pred: dict[str, np.ndarray], cfg: KVPConfig
+) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Per base layer i: (Wk, bk, Wv, bv), checked against the config's shapes."""
     out = {}
     for i, a in enumerate(cfg.layer_map):
@@ -207,12 +263,17 @@ def predictor_matrices(pred: dict[str, np.ndarray], cfg: KVPConfig
                 if name not in pred:
                     raise CorenetError(f"the checkpoint lacks predicter.{name}")
                 if tuple(pred[name].shape) != shape:
-                    raise CorenetError(f"predicter.{name} has shape {tuple(pred[name].shape)}, the "
-                                       f"config says {shape}")
+                    raise CorenetError(
+                        f"predicter.{name} has shape {tuple(pred[name].shape)}, the config says {shape}"
+                    )
                 mats.append(pred[name].astype(np.float32))
         out[i] = tuple(mats)
-    extra = set(pred) - {f"auxkv_to_basekv.{k}.{i}.{p}" for i in range(cfg.base.n_layer)
-                         for k in ("key_transforms", "value_transforms") for p in ("weight", "bias")}
+    extra = set(pred) - {
+        f"auxkv_to_basekv.{k}.{i}.{p}"
+        for i in range(cfg.base.n_layer)
+        for k in ("key_transforms", "value_transforms")
+        for p in ("weight", "bias")
+    }
     if extra:
         raise CorenetError(f"unexpected predictor entries: predicter.{sorted(extra)[0]}")
     return out
@@ -223,15 +284,27 @@ def check_model_keys(state: dict[str, np.ndarray], prefix: str, shape: OpenELMSh
     and nothing else."""
     expected = {"token_embeddings.weight", "norm.weight"}
     for i in range(shape.n_layer):
-        expected |= {f"layers.{i}.{k}.weight" for k in (
-            "attn.qkv_proj", "attn.q_norm", "attn.k_norm", "attn.out_proj", "ffn.proj_1",
-            "ffn.proj_2", "ffn_norm", "attn_norm")}
+        expected |= {
+            f"layers.{i}.{k}.weight"
+            for k in (
+                "attn.qkv_proj",
+                "attn.q_norm",
+                "attn.k_norm",
+                "attn.out_proj",
+                "ffn.proj_1",
+                "ffn.proj_2",
+                "ffn_norm",
+                "attn_norm",
+            )
+        }
     missing, extra = expected - set(state), set(state) - expected
     if missing:
-        raise ModelFileError(f"the checkpoint lacks {prefix}{sorted(missing)[0]}"
-                             + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        raise ModelFileError(
+            f"the checkpoint lacks {prefix}{sorted(missing)[0]}"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
     if extra:
-        raise ModelFileError(f"the checkpoint has {prefix}{sorted(extra)[0]}, which the config's "
-                             f"{shape.n_layer}-layer model does not")
-
-
+        raise ModelFileError(
+            f"the checkpoint has {prefix}{sorted(extra)[0]}, which the config's "
+            f"{shape.n_layer}-layer model does not"
+        )

@@ -17,11 +17,33 @@ import numpy as np
 from kvcli.errors import ModelFileError
 
 # GGUF value types (gguf.GGUFValueType): struct format of the fixed-size ones
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-           10: "<Q", 11: "<q", 12: "<d"}
+_SCALAR = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _STRING, _ARRAY = 8, 9
-_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
-          10: "<u8", 11: "<i8", 12: "<f8"}
+_NUMPY = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "<u1",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
 SMALL_ARRAY = 4096  # arrays up to this many elements are decoded into lists
 
 
@@ -172,8 +194,9 @@ def _read_header(path: Path) -> GGUFHeader:
         if t.offset + t.nbytes > size:
             raise ModelFileError(f"file is truncated (tensor {name} ends past the end): {path}")
         tensors.append(t)
-    return GGUFHeader(path=path, version=version, fields=fields, tensors=tensors,
-                      data_offset=data_offset, file_size=size)
+    return GGUFHeader(
+        path=path, version=version, fields=fields, tensors=tensors, data_offset=data_offset, file_size=size
+    )
 
 
 def read_tensors(path: str | Path, names=None) -> dict[str, np.ndarray]:

@@ -29,7 +29,6 @@ _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.")
 DEFAULT_GEMMA3_SWA_PATTERN = 6
 
 
-
 @dataclass(frozen=True)
 class RopeParams:
     head_dim: int
@@ -114,8 +113,14 @@ def _fingerprint(header: GGUFHeader, tensors=None) -> str:
 def _tokenizer_digest(header: GGUFHeader) -> str:
     """sha256 over the tokenizer's model, token list, scores, types and merges."""
     h = hashlib.sha256()
-    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
-                "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"):
+    for key in (
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.scores",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges",
+    ):
         value = header.get(key)
         h.update(key.encode())
         h.update(header.raw_bytes(value) if isinstance(value, RawArray) else repr(value).encode())
@@ -146,8 +151,7 @@ def _read_model_info(path: Path, mtime_ns: int, size: int) -> ModelInfo:
     arch = field_value(header, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise ModelFileError(
-            f"architecture {arch!r} is not supported (kvcli supports {', '.join(SUPPORTED_ARCHS)}): "
-            f"{path}"
+            f"architecture {arch!r} is not supported (kvcli supports {', '.join(SUPPORTED_ARCHS)}): {path}"
         )
     type_name = field_value(header, "general.type", "model")
     if type_name not in ("model", None):
@@ -162,8 +166,9 @@ def _read_model_info(path: Path, mtime_ns: int, size: int) -> ModelInfo:
     n_layer = int(req("block_count"))
     n_embd = int(req("embedding_length"))
     n_head = _per_layer(req("attention.head_count"), n_layer, "head_count")
-    n_head_kv = _per_layer(field_value(header, f"{arch}.attention.head_count_kv", n_head[0]),
-                           n_layer, "head_count_kv")
+    n_head_kv = _per_layer(
+        field_value(header, f"{arch}.attention.head_count_kv", n_head[0]), n_layer, "head_count_kv"
+    )
     head_dim_k = int(field_value(header, f"{arch}.attention.key_length", n_embd // n_head[0]))
     head_dim_v = int(field_value(header, f"{arch}.attention.value_length", head_dim_k))
     n_rot = int(field_value(header, f"{arch}.rope.dimension_count", head_dim_k))
@@ -182,19 +187,34 @@ def _read_model_info(path: Path, mtime_ns: int, size: int) -> ModelInfo:
     is_swa = _swa_layers(header, arch, n_layer, n_swa)
     neox = arch in NEOX_ARCHS
     rope = tuple(
-        RopeParams(head_dim=head_dim_k, n_rot=n_rot, neox=neox,
-                   freq_base=freq_base_swa if is_swa[il] else freq_base,
-                   freq_scale=1.0 if is_swa[il] else freq_scale)
+        RopeParams(
+            head_dim=head_dim_k,
+            n_rot=n_rot,
+            neox=neox,
+            freq_base=freq_base_swa if is_swa[il] else freq_base,
+            freq_scale=1.0 if is_swa[il] else freq_scale,
+        )
         for il in range(n_layer)
     )
     return ModelInfo(
-        path=path, arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
-        head_dim_k=head_dim_k, head_dim_v=head_dim_v, n_swa=n_swa, is_swa=is_swa, rope=rope,
+        path=path,
+        arch=arch,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim_k=head_dim_k,
+        head_dim_v=head_dim_v,
+        n_swa=n_swa,
+        is_swa=is_swa,
+        rope=rope,
         context_length=int(field_value(header, f"{arch}.context_length", 2048)),
         rms_eps=float(field_value(header, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        fingerprint=_fingerprint(header), tokenizer_digest=_tokenizer_digest(header),
+        fingerprint=_fingerprint(header),
+        tokenizer_digest=_tokenizer_digest(header),
         source_layers=_source_layers(header, n_layer),
-        source_fingerprint=field_value(header, keys.AUX_BASE_FINGERPRINT), file_size=header.file_size,
+        source_fingerprint=field_value(header, keys.AUX_BASE_FINGERPRINT),
+        file_size=header.file_size,
     )
 
 
@@ -218,8 +238,12 @@ def read_model_info(path: str | Path, what: str = "model") -> ModelInfo:
 
 
 # read by llama.cpp's get_key_or_arr with the file's layer count: an array must be that long
-_LAYER_COUNT_ARRAYS = ("feed_forward_length", "attention.head_count", "attention.head_count_kv",
-                       "expert_used_count")
+_LAYER_COUNT_ARRAYS = (
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "expert_used_count",
+)
 
 
 def has_per_layer_arrays(info: ModelInfo) -> bool:
@@ -241,11 +265,19 @@ def _prefix_view_info(base: ModelInfo, k: int) -> ModelInfo:
     if not 1 <= k < base.n_layer:
         raise ModelFileError(f"a prefix of the base needs 1..{base.n_layer - 1} layers, not {k}")
     header = read_header(base.path)
-    kept = [t for t in header.tensors
-            if not (m := _BLOCK_TENSOR.match(t.name)) or int(m.group(1)) < k]
-    return replace(base, n_layer=k, n_head=base.n_head[:k], n_head_kv=base.n_head_kv[:k],
-                   is_swa=base.is_swa[:k], rope=base.rope[:k], fingerprint=_fingerprint(header, kept),
-                   source_layers=tuple(range(k)), source_fingerprint=base.fingerprint, file_size=0)
+    kept = [t for t in header.tensors if not (m := _BLOCK_TENSOR.match(t.name)) or int(m.group(1)) < k]
+    return replace(
+        base,
+        n_layer=k,
+        n_head=base.n_head[:k],
+        n_head_kv=base.n_head_kv[:k],
+        is_swa=base.is_swa[:k],
+        rope=base.rope[:k],
+        fingerprint=_fingerprint(header, kept),
+        source_layers=tuple(range(k)),
+        source_fingerprint=base.fingerprint,
+        file_size=0,
+    )
 
 
 def key_norm_weights(info: ModelInfo) -> dict[int, np.ndarray] | None:

@@ -45,11 +45,13 @@ def make_divisible(v: float, divisor: int) -> int:
     return new_v
 
 
-def gguf_tensors(state: dict[str, np.ndarray], shape: OpenELMShape, prefix: str = ""
-                 ) -> dict[str, np.ndarray]:
+def gguf_tensors(
+    state: dict[str, np.ndarray], shape: OpenELMShape, prefix: str = ""
+) -> dict[str, np.ndarray]:
     """llama.cpp's tensor names for a corenet OpenELM state dict (keys under ``prefix``),
     checked against ``shape``; arrays keep PyTorch's (out, in) layout, which gguf-py writes
     as llama.cpp's (in, out)."""
+
     def get(key: str, expected: tuple[int, ...]) -> np.ndarray:
         name = prefix + key
         if name not in state:
@@ -60,28 +62,40 @@ def gguf_tensors(state: dict[str, np.ndarray], shape: OpenELMShape, prefix: str 
         return a
 
     d, hd = shape.n_embd, shape.head_dim
-    out = {"token_embd.weight": get("token_embeddings.weight", (shape.n_vocab, d)),
-           "output_norm.weight": get("norm.weight", (d,))}
+    out = {
+        "token_embd.weight": get("token_embeddings.weight", (shape.n_vocab, d)),
+        "output_norm.weight": get("norm.weight", (d,)),
+    }
     for i in range(shape.n_layer):
         nq, nkv, ff = shape.n_head[i], shape.n_head_kv[i], shape.n_ff[i]
         p = f"layers.{i}."
         proj_1 = get(p + "ffn.proj_1.weight", (2 * ff, d))
-        out.update({
-            f"blk.{i}.attn_norm.weight": get(p + "attn_norm.weight", (d,)),
-            f"blk.{i}.attn_qkv.weight": get(p + "attn.qkv_proj.weight", ((nq + 2 * nkv) * hd, d)),
-            f"blk.{i}.attn_q_norm.weight": get(p + "attn.q_norm.weight", (hd,)),
-            f"blk.{i}.attn_k_norm.weight": get(p + "attn.k_norm.weight", (hd,)),
-            f"blk.{i}.attn_output.weight": get(p + "attn.out_proj.weight", (d, nq * hd)),
-            f"blk.{i}.ffn_norm.weight": get(p + "ffn_norm.weight", (d,)),
-            f"blk.{i}.ffn_gate.weight": proj_1[:ff],
-            f"blk.{i}.ffn_up.weight": proj_1[ff:],
-            f"blk.{i}.ffn_down.weight": get(p + "ffn.proj_2.weight", (d, ff)),
-        })
+        out.update(
+            {
+                f"blk.{i}.attn_norm.weight": get(p + "attn_norm.weight", (d,)),
+                f"blk.{i}.attn_qkv.weight": get(p + "attn.qkv_proj.weight", ((nq + 2 * nkv) * hd, d)),
+                f"blk.{i}.attn_q_norm.weight": get(p + "attn.q_norm.weight", (hd,)),
+                f"blk.{i}.attn_k_norm.weight": get(p + "attn.k_norm.weight", (hd,)),
+                f"blk.{i}.attn_output.weight": get(p + "attn.out_proj.weight", (d, nq * hd)),
+                f"blk.{i}.ffn_norm.weight": get(p + "ffn_norm.weight", (d,)),
+                f"blk.{i}.ffn_gate.weight": proj_1[:ff],
+                f"blk.{i}.ffn_up.weight": proj_1[ff:],
+                f"blk.{i}.ffn_down.weight": get(p + "ffn.proj_2.weight", (d, ff)),
+            }
+        )
     return out
 
 
-def write_gguf(path: Path, shape: OpenELMShape, tensors: dict[str, np.ndarray], vocab,
-               *, name: str, outtype: str = "f16", extra: dict | None = None) -> Path:
+def write_gguf(
+    path: Path,
+    shape: OpenELMShape,
+    tensors: dict[str, np.ndarray],
+    vocab,
+    *,
+    name: str,
+    outtype: str = "f16",
+    extra: dict | None = None,
+) -> Path:
     """An OpenELM GGUF llama.cpp loads. ``vocab``: a tokenizer.SentencePieceVocab; norms stay
     float32, matrices are ``outtype`` (f32 or f16). Written atomically."""
     import gguf
@@ -116,8 +130,10 @@ def write_gguf(path: Path, shape: OpenELMShape, tensors: dict[str, np.ndarray], 
                 w.add_uint32(key, int(value))
         for tname, a in tensors.items():
             matrix = a.ndim == 2
-            w.add_tensor(tname, np.ascontiguousarray(
-                a.astype(np.float16 if matrix and outtype == "f16" else np.float32)))
+            w.add_tensor(
+                tname,
+                np.ascontiguousarray(a.astype(np.float16 if matrix and outtype == "f16" else np.float32)),
+            )
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -127,6 +143,7 @@ def write_gguf(path: Path, shape: OpenELMShape, tensors: dict[str, np.ndarray], 
 
 
 # -- numpy reference ---------------------------------------------------------------------
+
 
 def _rms(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
@@ -153,8 +170,7 @@ class LayerCache:
     v: np.ndarray
 
 
-def layer_kv(x: np.ndarray, w: dict[str, np.ndarray], shape: OpenELMShape, il: int,
-             positions: np.ndarray):
+def layer_kv(x: np.ndarray, w: dict[str, np.ndarray], shape: OpenELMShape, il: int, positions: np.ndarray):
     """Q (normed, roped), and the layer's LayerCache for the residual stream ``x``."""
     nq, nkv, hd = shape.n_head[il], shape.n_head_kv[il], shape.head_dim
     h = _rms(x, w[f"blk.{il}.attn_norm.weight"])
@@ -164,14 +180,23 @@ def layer_kv(x: np.ndarray, w: dict[str, np.ndarray], shape: OpenELMShape, il: i
     return q, LayerCache(k_pre=k_pre, k=normed_roped_keys(k_pre, w, shape, il, positions), v=v)
 
 
-def normed_roped_keys(k_pre: np.ndarray, w: dict[str, np.ndarray], shape: OpenELMShape, il: int,
-                      positions: np.ndarray) -> np.ndarray:
+def normed_roped_keys(
+    k_pre: np.ndarray, w: dict[str, np.ndarray], shape: OpenELMShape, il: int, positions: np.ndarray
+) -> np.ndarray:
     return rope_neox(_rms(k_pre, w[f"blk.{il}.attn_k_norm.weight"]), positions, shape.rope_freq_base)
 
 
-def attend_and_ffn(x: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray,
-                   key_positions: np.ndarray, w: dict[str, np.ndarray], shape: OpenELMShape,
-                   il: int) -> np.ndarray:
+def attend_and_ffn(
+    x: np.ndarray,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    positions: np.ndarray,
+    key_positions: np.ndarray,
+    w: dict[str, np.ndarray],
+    shape: OpenELMShape,
+    il: int,
+) -> np.ndarray:
     """The rest of layer ``il`` for queries at ``positions`` over keys/values at
     ``key_positions`` (causal): the new residual stream."""
     nq, nkv, hd = shape.n_head[il], shape.n_head_kv[il], shape.head_dim
@@ -194,8 +219,9 @@ def logits(x: np.ndarray, w: dict[str, np.ndarray]) -> np.ndarray:
     return _rms(x, w["output_norm.weight"]) @ w["token_embd.weight"].T.astype(np.float64)
 
 
-def forward(w: dict[str, np.ndarray], shape: OpenELMShape, tokens: list[int]
-            ) -> tuple[np.ndarray, list[LayerCache]]:
+def forward(
+    w: dict[str, np.ndarray], shape: OpenELMShape, tokens: list[int]
+) -> tuple[np.ndarray, list[LayerCache]]:
     """Logits at every position (float64) and every layer's cache, for a whole prompt."""
     positions = np.arange(len(tokens))
     x = w["token_embd.weight"][np.asarray(tokens)].astype(np.float64)
@@ -236,17 +262,27 @@ class SentencePieceVocab:
             raise ModelFileError(f"not a sentencepiece tokenizer.model ({exc}): {path}") from None
         n = sp.vocab_size()
         if n > n_rows:
-            raise ModelFileError(f"the tokenizer has {n} pieces but the embedding only {n_rows} rows: "
-                                 f"{path} is not this model's tokenizer")
+            raise ModelFileError(
+                f"the tokenizer has {n} pieces but the embedding only {n_rows} rows: "
+                f"{path} is not this model's tokenizer"
+            )
         tokens = [f"[PAD{i}]".encode() for i in range(n_rows)]
         scores, types = [-10000.0] * n_rows, [5] * n_rows  # 5: unused
         for i in range(n):
             tokens[i] = sp.IdToPiece(i).encode("utf-8")
             scores[i] = sp.GetScore(i)
-            types[i] = (2 if sp.IsUnknown(i) else 3 if sp.IsControl(i) else 5 if sp.IsUnused(i)
-                        else 6 if sp.IsByte(i) else 1)
-        return cls(tokens, scores, types, bos=sp.bos_id(), eos=sp.eos_id(), unk=sp.unk_id(),
-                   n_pieces=n)
+            types[i] = (
+                2
+                if sp.IsUnknown(i)
+                else 3
+                if sp.IsControl(i)
+                else 5
+                if sp.IsUnused(i)
+                else 6
+                if sp.IsByte(i)
+                else 1
+            )
+        return cls(tokens, scores, types, bos=sp.bos_id(), eos=sp.eos_id(), unk=sp.unk_id(), n_pieces=n)
 
     def add_to(self, w) -> None:
         w.add_tokenizer_model("llama")
@@ -254,17 +290,26 @@ class SentencePieceVocab:
         w.add_token_list(self.tokens)
         w.add_token_scores(self.scores)
         w.add_token_types(self.types)
-        for setter, value in ((w.add_bos_token_id, self.bos), (w.add_eos_token_id, self.eos),
-                              (w.add_unk_token_id, self.unk)):
+        for setter, value in (
+            (w.add_bos_token_id, self.bos),
+            (w.add_eos_token_id, self.eos),
+            (w.add_unk_token_id, self.unk),
+        ):
             if value >= 0:
                 setter(value)
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
 
 
-def kvp_forward(base_w: dict[str, np.ndarray], base: OpenELMShape, aux_w: dict[str, np.ndarray],
-                aux: OpenELMShape, matrices: dict[int, tuple], layer_map, tokens: list[int]
-                ) -> np.ndarray:
+def kvp_forward(
+    base_w: dict[str, np.ndarray],
+    base: OpenELMShape,
+    aux_w: dict[str, np.ndarray],
+    aux: OpenELMShape,
+    matrices: dict[int, tuple],
+    layer_map,
+    tokens: list[int],
+) -> np.ndarray:
     """corenet's KV-prediction generation step in numpy (float64): the auxiliary prefills
     tokens[:-1]; per base layer i, its raw keys and values of layer ``layer_map[i]`` go through
     the Linears ``matrices[i] = (Wk, bk, Wv, bv)``; the base applies its key norm and RoPE to

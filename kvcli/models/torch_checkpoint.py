@@ -19,9 +19,15 @@ import numpy as np
 from kvcli.errors import ModelFileError
 
 STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "HalfStorage": np.float16, "BFloat16Storage": "bfloat16",
-    "DoubleStorage": np.float64, "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": "bfloat16",
+    "DoubleStorage": np.float64,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
     "BoolStorage": np.bool_,
 }
 
@@ -57,7 +63,8 @@ def _rebuild_tensor(storage: _Storage, offset: int, size, stride, *_ignored) -> 
         # few bytes of storage is how a small file would exhaust memory
         raise CheckpointError(f"a tensor of shape {tuple(size)} repeats its storage (stride 0)")
     view = np.lib.stride_tricks.as_strided(
-        base[offset:], shape=tuple(size), strides=tuple(s * base.itemsize for s in stride))
+        base[offset:], shape=tuple(size), strides=tuple(s * base.itemsize for s in stride)
+    )
     if view.flags.c_contiguous:
         return view  # a read-only view of the file's pages (stored members are memory-mapped)
     return np.ascontiguousarray(view)
@@ -94,12 +101,18 @@ class _Unpickler(pickle.Unpickler):
             return _ALLOWED[(module, name)]
         if module == "torch" and name in STORAGE_DTYPES:
             return _StorageType(name)
-        raise CheckpointError(f"the checkpoint's pickle asks for {module}.{name}; only tensors "
-                              "and plain containers are read (nothing in it is executed)")
+        raise CheckpointError(
+            f"the checkpoint's pickle asks for {module}.{name}; only tensors "
+            "and plain containers are read (nothing in it is executed)"
+        )
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) >= 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+        ):
             raise CheckpointError(f"unexpected storage reference in the checkpoint: {pid!r:.80}")
         return _Storage(self.read_record(str(pid[2])), STORAGE_DTYPES[pid[1].name])
 
@@ -123,36 +136,39 @@ def load_checkpoint(path: str | Path) -> dict:
                     try:
                         info = zf.getinfo(f"{prefix}data/{key}")
                     except KeyError:
-                        raise CheckpointError(f"the checkpoint lacks tensor storage {key}: {path}") \
-                            from None
+                        raise CheckpointError(f"the checkpoint lacks tensor storage {key}: {path}") from None
                     cache[key] = _member_bytes(zf, info, whole)
                 return cache[key]
 
             info = zf.getinfo(pkl[0])
             if info.file_size > MAX_PICKLE_BYTES:
-                raise CheckpointError(f"the checkpoint's pickle is {info.file_size} bytes; a state "
-                                      f"dict's is far below {MAX_PICKLE_BYTES}: {path}")
+                raise CheckpointError(
+                    f"the checkpoint's pickle is {info.file_size} bytes; a state "
+                    f"dict's is far below {MAX_PICKLE_BYTES}: {path}"
+                )
             return _Unpickler(zf.read(pkl[0]), read_record).load()
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError) as exc:
         raise CheckpointError(f"not a readable PyTorch zip checkpoint ({exc}): {path}") from None
     except Exception as exc:  # untrusted bytes: any other failure is a damaged pickle or zip
-        raise CheckpointError(f"the checkpoint is corrupt ({type(exc).__name__}: {exc}): {path}") \
-            from None
+        raise CheckpointError(f"the checkpoint is corrupt ({type(exc).__name__}: {exc}): {path}") from None
 
 
 def _member_bytes(zf: zipfile.ZipFile, info: zipfile.ZipInfo, whole: np.memmap):
     """A zip member's bytes: a view of the mapped file for a stored (uncompressed) member,
     as torch.save writes them, so a checkpoint larger than memory can still be read."""
     if info.compress_type != zipfile.ZIP_STORED:  # torch.save never compresses them
-        raise CheckpointError(f"tensor storage {info.filename} is compressed; torch.save writes "
-                              "them stored")
+        raise CheckpointError(f"tensor storage {info.filename} is compressed; torch.save writes them stored")
     header = bytes(whole[info.header_offset : info.header_offset + 30])
     if len(header) < 30 or header[:4] != b"PK\x03\x04":
         raise CheckpointError("a tensor storage's zip entry is damaged")
-    start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") \
+    start = (
+        info.header_offset
+        + 30
+        + int.from_bytes(header[26:28], "little")
         + int.from_bytes(header[28:30], "little")
+    )
     if start + info.file_size > len(whole):
         raise CheckpointError("the checkpoint is truncated")
     return whole[start : start + info.file_size]

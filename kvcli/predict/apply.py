@@ -63,12 +63,15 @@ def _window_start(info: ModelInfo, first_query: int) -> int:
 
 def needed_positions(info: ModelInfo, n_cells: int, first_query: int) -> list[np.ndarray]:
     """Per cache group of ``info``: positions 0..n_cells-1 that queries at >= first_query see."""
-    return [np.arange(_window_start(info, first_query) if _sliding(info, group) else 0, n_cells,
-                      dtype=np.int32) for group in info.cache_layer_groups]
+    return [
+        np.arange(_window_start(info, first_query) if _sliding(info, group) else 0, n_cells, dtype=np.int32)
+        for group in info.cache_layer_groups
+    ]
 
 
-def span_group_positions(info: ModelInfo, n_cells: int, starts: list[int], span_context: int,
-                         tail_context: int) -> list[np.ndarray]:
+def span_group_positions(
+    info: ModelInfo, n_cells: int, starts: list[int], span_context: int, tail_context: int
+) -> list[np.ndarray]:
     """Per cache group, the predicted positions < n_cells written when the base recomputes
     spans starting at ``starts``: every position in full-attention groups; in sliding-window
     groups only the last ``span_context`` cells before each span and the last
@@ -106,13 +109,20 @@ def apply_key_norm(k: np.ndarray, weight: np.ndarray, head_dim: int, eps: float)
     return heads.reshape(len(k), -1)
 
 
-def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: ModelInfo,
-                    predictor: Predictor, group_positions: list[np.ndarray],
-                    first_cell: FirstCell | None = None, key_norms: dict[int, np.ndarray] | None = None,
-                    hidden: list[np.ndarray] = (), hidden_start: int = 0,
-                    raw_kv: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
-                    only: list[int] | None = None, cache: dict | None = None
-                    ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def predict_base_kv(
+    aux_layers: dict[int, LayerCells],
+    aux: ModelInfo,
+    base: ModelInfo,
+    predictor: Predictor,
+    group_positions: list[np.ndarray],
+    first_cell: FirstCell | None = None,
+    key_norms: dict[int, np.ndarray] | None = None,
+    hidden: list[np.ndarray] = (),
+    hidden_start: int = 0,
+    raw_kv: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+    only: list[int] | None = None,
+    cache: dict | None = None,
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """K (post-RoPE) and V rows per base layer, for the positions of its cache group.
 
     The auxiliary's cells must hold positions 0..n-1; ``hidden`` rows start at position
@@ -121,8 +131,20 @@ def predict_base_kv(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: Mod
     like ``hidden``, from the same position), for a predictor that reads raw keys. ``only``:
     just these layers. ``cache``: a dict kept across calls on the same prompt, where a
     factored predictor's basis products are reused."""
-    out, jobs = _layer_jobs(aux_layers, aux, base, predictor, group_positions, first_cell, key_norms,
-                            hidden, hidden_start, raw_kv, only, cache)
+    out, jobs = _layer_jobs(
+        aux_layers,
+        aux,
+        base,
+        predictor,
+        group_positions,
+        first_cell,
+        key_norms,
+        hidden,
+        hidden_start,
+        raw_kv,
+        only,
+        cache,
+    )
     # numpy releases the GIL in its kernels: layers run in parallel on single-threaded BLAS
     out.update(zip(jobs, _pool().map(lambda job: job(), jobs.values())))
     return out
@@ -139,8 +161,10 @@ def predicted_state_bytes(layout: CacheLayout, known: dict | None = None, **kwar
         if il in known:
             continue
         n = len(_positions_of(kwargs["base"], kwargs["group_positions"], il))
-        out[il] = (Pending((n, kwargs["base"].n_embd_k(il)), job, 0),
-                   Pending((n, kwargs["base"].n_embd_v(il)), job, 1))
+        out[il] = (
+            Pending((n, kwargs["base"].n_embd_k(il)), job, 0),
+            Pending((n, kwargs["base"].n_embd_v(il)), job, 1),
+        )
     return state_bytes(layout, kwargs["group_positions"], out)
 
 
@@ -151,31 +175,51 @@ def _positions_of(base: ModelInfo, group_positions: list[np.ndarray], il: int) -
     raise IncompatibleError(f"base layer {il} is in no cache group")
 
 
-def _layer_jobs(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: ModelInfo,
-                predictor: Predictor, group_positions: list[np.ndarray],
-                first_cell: FirstCell | None = None, key_norms: dict[int, np.ndarray] | None = None,
-                hidden: list[np.ndarray] = (), hidden_start: int = 0,
-                raw_kv: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
-                only: list[int] | None = None, cache: dict | None = None):
+def _layer_jobs(
+    aux_layers: dict[int, LayerCells],
+    aux: ModelInfo,
+    base: ModelInfo,
+    predictor: Predictor,
+    group_positions: list[np.ndarray],
+    first_cell: FirstCell | None = None,
+    key_norms: dict[int, np.ndarray] | None = None,
+    hidden: list[np.ndarray] = (),
+    hidden_start: int = 0,
+    raw_kv: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+    only: list[int] | None = None,
+    cache: dict | None = None,
+):
     """The copied layers' rows, and per predicted layer a function that computes its rows
     (``only``: just these layers; ``cache``: see ``predict_base_kv``)."""
     n_cells = max((len(p) and int(p[-1]) + 1) for p in group_positions)
     first = min((int(p[0]) for p in group_positions if len(p)), default=n_cells)
     if hidden and not (hidden_start <= first and hidden_start + len(hidden[0]) >= n_cells):
-        raise IncompatibleError(f"captured hidden rows cover positions {hidden_start}.."
-                                f"{hidden_start + len(hidden[0]) - 1}, not {first}..{n_cells - 1}")
-    if predictor.raw_keys and (raw_kv is None or any(
+        raise IncompatibleError(
+            f"captured hidden rows cover positions {hidden_start}.."
+            f"{hidden_start + len(hidden[0]) - 1}, not {first}..{n_cells - 1}"
+        )
+    if predictor.raw_keys and (
+        raw_kv is None
+        or any(
             src not in raw_kv or hidden_start > first or hidden_start + len(raw_kv[src][0]) < n_cells
-            for src in predictor.feature_layers)):
-        raise IncompatibleError(f"this predictor reads the auxiliary's raw keys at positions "
-                                f"{first}..{n_cells - 1}: capture them")
+            for src in predictor.feature_layers
+        )
+    ):
+        raise IncompatibleError(
+            f"this predictor reads the auxiliary's raw keys at positions {first}..{n_cells - 1}: capture them"
+        )
     if predictor.key_space == keys.KEY_SPACE_PRE_NORM and key_norms is None:
-        raise IncompatibleError("this predictor's keys need the base's key norm, which the base "
-                                "model does not have as float32 weights")
+        raise IncompatibleError(
+            "this predictor's keys need the base's key norm, which the base "
+            "model does not have as float32 weights"
+        )
     for il in ([] if predictor.raw_keys else predictor.feature_layers) + predictor.copied_layers:
         cells = aux_layers.get(il)
-        if cells is None or len(cells.positions) < n_cells or (
-                n_cells and int(cells.positions[n_cells - 1]) != n_cells - 1):
+        if (
+            cells is None
+            or len(cells.positions) < n_cells
+            or (n_cells and int(cells.positions[n_cells - 1]) != n_cells - 1)
+        ):
             raise IncompatibleError(f"auxiliary layer {il} does not hold positions 0..{n_cells - 1}")
 
     wanted = (lambda il: True) if only is None else (lambda il: il in only)
@@ -188,13 +232,11 @@ def _layer_jobs(aux_layers: dict[int, LayerCells], aux: ModelInfo, base: ModelIn
     h0 = first - hidden_start
     for src in predictor.feature_layers:
         if predictor.raw_keys:
-            kv = {src: (raw_kv[src][0][h0 : h0 + n_cells - first],
-                        raw_kv[src][1][h0 : h0 + n_cells - first])}
+            kv = {src: (raw_kv[src][0][h0 : h0 + n_cells - first], raw_kv[src][1][h0 : h0 + n_cells - first])}
         else:
             cells = aux_layers[src]
             positions = cells.positions[first:n_cells]
-            kv = {src: (unrotate(cells.k[first:n_cells], positions, aux.rope[src]),
-                        cells.v[first:n_cells])}
+            kv = {src: (unrotate(cells.k[first:n_cells], positions, aux.rope[src]), cells.v[first:n_cells])}
         features[src] = build_features(kv, src, [h[h0 : h0 + n_cells - first] for h in hidden])
     layers = list(filter(wanted, predictor.predicted_layers))
     cache = {} if cache is None else cache
@@ -228,12 +270,14 @@ def _times_basis(features: np.ndarray, basis: np.ndarray) -> np.ndarray:
     if n_parts < 2:
         return features @ basis
     bounds = np.linspace(0, len(features), n_parts + 1).astype(int)
-    return np.concatenate(list(_pool().map(lambda i: features[bounds[i] : bounds[i + 1]] @ basis,
-                                           range(n_parts))))
+    return np.concatenate(
+        list(_pool().map(lambda i: features[bounds[i] : bounds[i + 1]] @ basis, range(n_parts)))
+    )
 
 
-def state_bytes(layout: CacheLayout, group_positions: list[np.ndarray],
-                kv: dict[int, tuple[np.ndarray, np.ndarray]]) -> bytearray:
+def state_bytes(
+    layout: CacheLayout, group_positions: list[np.ndarray], kv: dict[int, tuple[np.ndarray, np.ndarray]]
+) -> bytearray:
     """The state bytes of these rows in ``layout`` (seq 0), cast layer by layer on the pool."""
     from kvcli.state.codec import write_seq_state
 

@@ -82,8 +82,10 @@ def default_layer_map(base: ModelInfo, aux: ModelInfo) -> list[int]:
     """A cut of this base: each base layer from the last auxiliary layer cut from at or
     before it. Another model (KVP-C): base layer l from aux layer round(l (La-1) / (Lb-1))."""
     if aux.source_fingerprint == base.fingerprint and aux.source_layers:
-        return [max(i for i, src in enumerate(aux.source_layers) if src <= il or i == 0)
-                for il in range(base.n_layer)]
+        return [
+            max(i for i, src in enumerate(aux.source_layers) if src <= il or i == 0)
+            for il in range(base.n_layer)
+        ]
     if base.n_layer == 1:
         return [0]
     return [round(il * (aux.n_layer - 1) / (base.n_layer - 1)) for il in range(base.n_layer)]
@@ -99,8 +101,13 @@ def parse_layer_map(spec: str, base: ModelInfo, aux: ModelInfo) -> list[int]:
     return out
 
 
-def make_plan(base: ModelInfo, aux: ModelInfo, *, layer_map: list[int] | None = None,
-              hidden: bool | tuple[str, ...] = True) -> CalibrationPlan:
+def make_plan(
+    base: ModelInfo,
+    aux: ModelInfo,
+    *,
+    layer_map: list[int] | None = None,
+    hidden: bool | tuple[str, ...] = True,
+) -> CalibrationPlan:
     """``hidden``: True for the default hidden features, False for none, or their kinds."""
     copied = copied_layers(base, aux)
     layer_map = list(layer_map or default_layer_map(base, aux))
@@ -113,8 +120,10 @@ def make_plan(base: ModelInfo, aux: ModelInfo, *, layer_map: list[int] | None = 
         kinds = ()
     plan = CalibrationPlan(copied, layer_map, hidden=kinds)
     if keys.FEATURE_AUX_OUT in kinds and not plan.is_prefix(aux):
-        raise KvcliError("the auxiliary's last-layer output is a feature only for a prefix "
-                         "auxiliary of this base (it runs as a view of the base)")
+        raise KvcliError(
+            "the auxiliary's last-layer output is a feature only for a prefix "
+            "auxiliary of this base (it runs as a view of the base)"
+        )
     return plan
 
 
@@ -138,29 +147,46 @@ class CalibrationData:
     source: str
 
 
-def collect(base_path, aux_path, *, n_tokens: int = DEFAULT_TOKENS, chunk_tokens: int = DEFAULT_CHUNK,
-            layer_map: list[int] | None = None, hidden: bool | tuple[str, ...] = True,
-            corpus: Path | None = None, text: CalibrationText = CalibrationText.MIXED,
-            settings: ContextSettings | None = None,
-            progress: Callable[[int, int], None] | None = None) -> CalibrationData:
+def collect(
+    base_path,
+    aux_path,
+    *,
+    n_tokens: int = DEFAULT_TOKENS,
+    chunk_tokens: int = DEFAULT_CHUNK,
+    layer_map: list[int] | None = None,
+    hidden: bool | tuple[str, ...] = True,
+    corpus: Path | None = None,
+    text: CalibrationText = CalibrationText.MIXED,
+    settings: ContextSettings | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> CalibrationData:
     """Prefill >= ``n_tokens`` tokens of calibration text through both models: the user's
     ``corpus``, else the standard library's ``text`` (predict/corpus.py)."""
     base_info = read_model_info(base_path, "base model")
     aux_info = read_model_info(aux_path, "auxiliary")
     if base_info.tokenizer_digest != aux_info.tokenizer_digest:
-        raise IncompatibleError(f"the auxiliary's tokenizer differs from the base's "
-                                f"({aux_info.path.name} vs {base_info.path.name})")
+        raise IncompatibleError(
+            f"the auxiliary's tokenizer differs from the base's "
+            f"({aux_info.path.name} vs {base_info.path.name})"
+        )
     if chunk_tokens < 16 or n_tokens < chunk_tokens:
-        raise KvcliError(f"calibration needs at least one prompt of >= 16 tokens "
-                         f"(--tokens {n_tokens}, chunk {chunk_tokens})")
+        raise KvcliError(
+            f"calibration needs at least one prompt of >= 16 tokens "
+            f"(--tokens {n_tokens}, chunk {chunk_tokens})"
+        )
     plan = make_plan(base_info, aux_info, layer_map=layer_map, hidden=hidden)
     settings = settings or ContextSettings()
     settings = ContextSettings(**{**settings.__dict__, "n_ctx": chunk_tokens})
     n_chunks = max(-(-n_tokens // (chunk_tokens - 1)), HELDOUT_EVERY)  # >= 1 held-out prompt
     view = plan.is_prefix(aux_info)
     names = hidden_tensor_names(aux_info.n_layer, plan.hidden) if plan.hidden else []
-    capture = (TensorCapture(names, stop_after=f"l_out-{aux_info.n_layer - 1}") if view
-               else TensorCapture(names) if names else None)
+    capture = (
+        TensorCapture(names, stop_after=f"l_out-{aux_info.n_layer - 1}")
+        if view
+        else TensorCapture(names)
+        if names
+        else None
+    )
     extra = hidden_feature_width(aux_info, plan.hidden)
     fit, heldout = {}, {}
     for src in plan.sources:
@@ -189,15 +215,30 @@ def collect(base_path, aux_path, *, n_tokens: int = DEFAULT_TOKENS, chunk_tokens
             def render(messages: list[dict]) -> str:
                 return apply_chat_template(template, messages, add_assistant=False)
 
-        chunks, source = named_chunks(corpus, tokenize, chunk_tokens=chunk_tokens,
-                                      n_chunks=n_chunks, bos=model.prompt_bos, render=render)
+        chunks, source = named_chunks(
+            corpus,
+            tokenize,
+            chunk_tokens=chunk_tokens,
+            n_chunks=n_chunks,
+            bos=model.prompt_bos,
+            render=render,
+        )
         if len(chunks) < n_chunks:
-            raise KvcliError(f"the calibration corpus gave {len(chunks)} prompts of "
-                             f"{chunk_tokens} tokens, {n_chunks} needed (give more text or "
-                             "fewer --tokens)")
+            raise KvcliError(
+                f"the calibration corpus gave {len(chunks)} prompts of "
+                f"{chunk_tokens} tokens, {n_chunks} needed (give more text or "
+                "fewer --tokens)"
+            )
         for i, (_, tokens) in enumerate(chunks):
-            rows = _chunk_rows(base_ctx, aux_ctx, tokens, base_info, base_info if view else aux_info,
-                               plan, check_copies=i == 0)
+            rows = _chunk_rows(
+                base_ctx,
+                aux_ctx,
+                tokens,
+                base_info,
+                base_info if view else aux_info,
+                plan,
+                check_copies=i == 0,
+            )
             part = heldout if i % HELDOUT_EVERY == HELDOUT_EVERY - 1 else fit
             for src, (x, y) in rows.items():
                 part[src].add(x, y)
@@ -233,26 +274,44 @@ def fit_predictor(data: CalibrationData, alphas: tuple[float, ...] = DEFAULT_ALP
     predicted = data.plan.predicted_layers
     n_rows = sum(s.n_rows for s in (*data.fit.values(), *data.heldout.values())) // max(len(data.fit), 1)
     return Predictor(
-        base_fingerprint=data.base.fingerprint, aux_fingerprint=data.aux.fingerprint,
-        base_n_layer=data.base.n_layer, aux_n_layer=data.aux.n_layer,
-        copied_layers=data.plan.copied_layers, layer_map=data.plan.layer_map,
-        weights=weights, biases=biases, k_widths=k_widths,
+        base_fingerprint=data.base.fingerprint,
+        aux_fingerprint=data.aux.fingerprint,
+        base_n_layer=data.base.n_layer,
+        aux_n_layer=data.aux.n_layer,
+        copied_layers=data.plan.copied_layers,
+        layer_map=data.plan.layer_map,
+        weights=weights,
+        biases=biases,
+        k_widths=k_widths,
         alphas=[a for il in predicted for a in chosen[il]],
         heldout_rel_error=[e for il in predicted for e in errors[il]],
-        calibration_tokens=n_rows, calibration_source=data.source,
+        calibration_tokens=n_rows,
+        calibration_source=data.source,
         feature_kinds=data.plan.feature_kinds,
     )
 
 
-def calibrate(base_path, aux_path, *, alphas: tuple[float, ...] = DEFAULT_ALPHAS,
-              progress: Callable[[int, int], None] | None = None, **collect_options) -> Predictor:
+def calibrate(
+    base_path,
+    aux_path,
+    *,
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS,
+    progress: Callable[[int, int], None] | None = None,
+    **collect_options,
+) -> Predictor:
     """Collect calibration statistics and fit a predictor (see ``collect``, ``fit_predictor``)."""
     return fit_predictor(collect(base_path, aux_path, progress=progress, **collect_options), alphas)
 
 
-def _chunk_rows(base_ctx: Context, aux_ctx: Context, tokens: list[int], base_info: ModelInfo,
-                aux_info: ModelInfo, plan: CalibrationPlan, check_copies: bool = False
-                ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def _chunk_rows(
+    base_ctx: Context,
+    aux_ctx: Context,
+    tokens: list[int],
+    base_info: ModelInfo,
+    aux_info: ModelInfo,
+    plan: CalibrationPlan,
+    check_copies: bool = False,
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per source layer: (features, targets) rows of this prompt, BOS row dropped.
 
     ``aux_info`` describes the auxiliary context's state (the base's, for a view)."""
@@ -266,15 +325,16 @@ def _chunk_rows(base_ctx: Context, aux_ctx: Context, tokens: list[int], base_inf
     if check_copies:
         for il in plan.copied_layers:
             if not np.array_equal(states[True][il].k, states[False][il].k):
-                raise IncompatibleError(f"auxiliary layer {il} claims to be base layer {il} but "
-                                        "its cache differs; was it cut from another base?")
+                raise IncompatibleError(
+                    f"auxiliary layer {il} claims to be base layer {il} but "
+                    "its cache differs; was it cut from another base?"
+                )
     hidden = aux_ctx.capture.take(len(tokens)) if aux_ctx.capture is not None else []
     aux_kv = _unroped_kv(states[False], aux_info, plan.sources)
     base_kv = _unroped_kv(states[True], base_info, plan.predicted_layers)
     out = {}
     for src in plan.sources:
         x = build_features(aux_kv, src, hidden)[1:]
-        y = np.concatenate([np.concatenate(base_kv[il], axis=1) for il in plan.layers_of(src)],
-                           axis=1)[1:]
+        y = np.concatenate([np.concatenate(base_kv[il], axis=1) for il in plan.layers_of(src)], axis=1)[1:]
         out[src] = (x, y)
     return out

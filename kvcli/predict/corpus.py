@@ -77,8 +77,11 @@ def docstring_texts(part: str, root: Path | None = None) -> Iterator[tuple[str, 
                 tree = ast.parse(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
             continue
-        docs = [ast.get_docstring(node) for node in ast.walk(tree)
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        docs = [
+            ast.get_docstring(node)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        ]
         text = "\n\n".join(d for d in docs if d and len(d) > 200)
         if len(text) > 2000:
             yield str(path.relative_to(root)), text
@@ -94,8 +97,7 @@ def _paragraphs(text: str, chars: int = PASTED_CHARS) -> str:
     return "\n\n".join(out)
 
 
-def mixed_texts(part: str, render: Render, root: Path | None = None
-                ) -> Iterator[tuple[str, str]]:
+def mixed_texts(part: str, render: Render, root: Path | None = None) -> Iterator[tuple[str, str]]:
     """Code, prose and a conversation in turn, until one kind runs out. Each docstring file
     is used once: as prose, or as one side of a conversation."""
     code, docs = corpus_texts(part, root), docstring_texts(part, root)
@@ -107,14 +109,28 @@ def mixed_texts(part: str, render: Render, root: Path | None = None
             return
         yield source
         yield prose
-        yield f"{name}:conversation", render([
-            {"role": "user", "content": f"{_paragraphs(pasted)}\n\nWhat does this text describe?"},
-            {"role": "assistant", "content": reply}])
+        yield (
+            f"{name}:conversation",
+            render(
+                [
+                    {"role": "user", "content": f"{_paragraphs(pasted)}\n\nWhat does this text describe?"},
+                    {"role": "assistant", "content": reply},
+                ]
+            ),
+        )
 
 
-def token_chunks(part: str, tokenize: Callable[[str], list[int]], *, chunk_tokens: int,
-                 n_chunks: int, bos: int | None, root: Path | None = None, per_file: int = 1,
-                 render: Render | None = None) -> Iterator[tuple[str, list[int]]]:
+def token_chunks(
+    part: str,
+    tokenize: Callable[[str], list[int]],
+    *,
+    chunk_tokens: int,
+    n_chunks: int,
+    bos: int | None,
+    root: Path | None = None,
+    per_file: int = 1,
+    render: Render | None = None,
+) -> Iterator[tuple[str, list[int]]]:
     """Up to ``n_chunks`` prompts of exactly ``chunk_tokens`` tokens (BOS first, if given).
 
     Each comes from the start of one text, so chunks are distinct text; ``per_file`` > 1
@@ -131,8 +147,10 @@ def token_chunks(part: str, tokenize: Callable[[str], list[int]], *, chunk_token
         for i in range(min(per_file, len(tokens) // body)):
             if made >= n_chunks:
                 return
-            yield (f"{name}@{i * body}" if i else name), ([bos] if bos is not None else []) + tokens[
-                i * body : (i + 1) * body]
+            yield (
+                (f"{name}@{i * body}" if i else name),
+                ([bos] if bos is not None else []) + tokens[i * body : (i + 1) * body],
+            )
             made += 1
 
 
@@ -149,8 +167,9 @@ def user_texts(corpus: Path) -> Iterator[tuple[str, str]]:
             yield str(path), text
 
 
-def user_token_chunks(corpus: Path, tokenize: Callable[[str], list[int]], *, chunk_tokens: int,
-                      n_chunks: int, bos: int | None) -> Iterator[tuple[str, list[int]]]:
+def user_token_chunks(
+    corpus: Path, tokenize: Callable[[str], list[int]], *, chunk_tokens: int, n_chunks: int, bos: int | None
+) -> Iterator[tuple[str, list[int]]]:
     """Up to ``n_chunks`` prompts of ``chunk_tokens`` tokens cut one after another from the
     user's text (a long document gives many)."""
     body = chunk_tokens - (1 if bos is not None else 0)
@@ -164,17 +183,34 @@ def user_token_chunks(corpus: Path, tokenize: Callable[[str], list[int]], *, chu
             made += 1
 
 
-def named_chunks(corpus: Path | None, tokenize: Callable[[str], list[int]], *, chunk_tokens: int,
-                 n_chunks: int, bos: int | None, per_file: int = 1, render: Render | None = None
-                 ) -> tuple[list[tuple[str, list[int]]], str]:
+def named_chunks(
+    corpus: Path | None,
+    tokenize: Callable[[str], list[int]],
+    *,
+    chunk_tokens: int,
+    n_chunks: int,
+    bos: int | None,
+    per_file: int = 1,
+    render: Render | None = None,
+) -> tuple[list[tuple[str, list[int]]], str]:
     """Up to ``n_chunks`` (name, tokens) prompts from the user's ``corpus``, else from the
     calibration part of the standard library (its sources, or with ``render`` the mixed
     text), and the name of their source."""
     if corpus is not None:
-        chunks = list(user_token_chunks(corpus, tokenize, chunk_tokens=chunk_tokens,
-                                        n_chunks=n_chunks, bos=bos))
+        chunks = list(
+            user_token_chunks(corpus, tokenize, chunk_tokens=chunk_tokens, n_chunks=n_chunks, bos=bos)
+        )
         return chunks, f"{Path(corpus).name}:{len(chunks)}x{chunk_tokens}"
-    chunks = list(token_chunks("calibration", tokenize, chunk_tokens=chunk_tokens,
-                               n_chunks=n_chunks, bos=bos, per_file=per_file, render=render))
+    chunks = list(
+        token_chunks(
+            "calibration",
+            tokenize,
+            chunk_tokens=chunk_tokens,
+            n_chunks=n_chunks,
+            bos=bos,
+            per_file=per_file,
+            render=render,
+        )
+    )
     kind = "sources" if render is None else "mixed"
     return chunks, f"python-stdlib-{kind}:{len(chunks)}x{chunk_tokens}"

@@ -29,8 +29,9 @@ def feature_moments(stats: RidgeStats) -> tuple[np.ndarray, np.ndarray]:
     return mean, stats.xx[:-1, :-1] / n - np.outer(mean, mean)
 
 
-def reduced_rank_basis(weights: list[np.ndarray], group_scales: list[np.ndarray],
-                       cov: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+def reduced_rank_basis(
+    weights: list[np.ndarray], group_scales: list[np.ndarray], cov: np.ndarray, rank: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(A, P): the basis A (F, rank) whose span keeps most of the scaled predictions, and
     P (rank, F) = the map with W ~ A (P W) for every layer's W (F, T): A P is the projection
     onto A's span along the covariance's metric."""
@@ -58,8 +59,9 @@ def target_scales(stats: RidgeStats, widths: list[int]) -> list[np.ndarray]:
     return out
 
 
-def factor_predictor(pred: Predictor, stats: dict[int, RidgeStats], rank: int,
-                     full_layers: list[int] = ()) -> Predictor:
+def factor_predictor(
+    pred: Predictor, stats: dict[int, RidgeStats], rank: int, full_layers: list[int] = ()
+) -> Predictor:
     """``pred`` with each source's layers (but ``full_layers``) reading a rank-``rank`` basis.
 
     ``stats[src]``: calibration statistics of that source's features against its layers'
@@ -79,13 +81,16 @@ def factor_predictor(pred: Predictor, stats: dict[int, RidgeStats], rank: int,
         mean, cov = feature_moments(stats[src])
         widths = [w for il in layers for w in (pred.k_widths[il], weights[il].shape[1] - pred.k_widths[il])]
         if stats[src].n_targets != sum(widths):
-            raise KvcliError(f"the calibration statistics of source {src} have "
-                             f"{stats[src].n_targets} targets, its layers {sum(widths)}")
+            raise KvcliError(
+                f"the calibration statistics of source {src} have "
+                f"{stats[src].n_targets} targets, its layers {sum(widths)}"
+            )
         scales = target_scales(stats[src], widths)
         per_layer = [np.concatenate(scales[2 * j : 2 * j + 2]) for j in range(len(layers))]
         picked = [layers.index(il) for il in chosen]
-        basis, project = reduced_rank_basis([weights[il] for il in chosen],
-                                            [per_layer[j] for j in picked], cov, rank)
+        basis, project = reduced_rank_basis(
+            [weights[il] for il in chosen], [per_layer[j] for j in picked], cov, rank
+        )
         for il in chosen:
             w = weights[il].astype(np.float64)
             reduced = project @ w
@@ -93,8 +98,9 @@ def factor_predictor(pred: Predictor, stats: dict[int, RidgeStats], rank: int,
             biases[il] = (biases[il] + mean @ (w - basis @ reduced)).astype(np.float32)
         bases[src] = np.ascontiguousarray(basis, np.float32)
         factored += chosen
-    return dataclasses.replace(pred, weights=weights, biases=biases, bases=bases,
-                               factored_layers=sorted(factored))
+    return dataclasses.replace(
+        pred, weights=weights, biases=biases, bases=bases, factored_layers=sorted(factored)
+    )
 
 
 def heldout_errors(pred: Predictor, stats: dict[int, RidgeStats]) -> dict[int, tuple[float, float]]:
@@ -114,19 +120,24 @@ def heldout_errors(pred: Predictor, stats: dict[int, RidgeStats]) -> dict[int, t
             part = RidgeStats(st.n_features, width)
             part.xx, part.xy, part.yy = st.xx, st.xy[:, sl], st.yy[sl]
             err = squared_error(part, w, pred.biases[il].astype(np.float64))
-            out[il] = tuple(float(np.sqrt(max(err[g].sum(), 0.0) / max(part.yy[g].sum(), 1e-30)))
-                            for g in (slice(0, kw), slice(kw, width)))
+            out[il] = tuple(
+                float(np.sqrt(max(err[g].sum(), 0.0) / max(part.yy[g].sum(), 1e-30)))
+                for g in (slice(0, kw), slice(kw, width))
+            )
             at += width
     return out
 
 
-def factor_calibrated(pred: Predictor, data, rank: int, full_layers: list[int] = ()
-                      ) -> tuple[Predictor, dict[int, dict[str, tuple[float, float]]]]:
+def factor_calibrated(
+    pred: Predictor, data, rank: int, full_layers: list[int] = ()
+) -> tuple[Predictor, dict[int, dict[str, tuple[float, float]]]]:
     """``factor_predictor`` on calibration data (kvcli.predict.calibrate.collect's), with its
     held-out relative errors per layer before and after, recorded in the predictor too."""
     factored = factor_predictor(pred, data.fit, rank, full_layers)
     before, after = heldout_errors(pred, data.heldout), heldout_errors(factored, data.heldout)
     factored = dataclasses.replace(
-        factored, heldout_rel_error=[e for il in factored.predicted_layers for e in after[il]],
-        calibration_source=f"{pred.calibration_source} + factored to rank {rank} on {data.source}")
+        factored,
+        heldout_rel_error=[e for il in factored.predicted_layers for e in after[il]],
+        calibration_source=f"{pred.calibration_source} + factored to rank {rank} on {data.source}",
+    )
     return factored, {il: {"before": before[il], "after": after[il]} for il in before}

@@ -133,16 +133,21 @@ class Predictor:
             if il in self.factored_layers:
                 basis = self.bases.get(src)
                 if basis is None or basis.shape[0] != want_in:
-                    raise IncompatibleError(f"predictor layer {il} is factored but its source "
-                                            f"{src} has no basis of {want_in} features")
+                    raise IncompatibleError(
+                        f"predictor layer {il} is factored but its source "
+                        f"{src} has no basis of {want_in} features"
+                    )
                 want_in = basis.shape[1]
             want_out = base.n_embd_k(il) + base.n_embd_v(il)
             if self.weights[il].shape != (want_in, want_out) or self.k_widths[il] != base.n_embd_k(il):
-                raise IncompatibleError(f"predictor layer {il} has shape {self.weights[il].shape}, "
-                                        f"the models need ({want_in}, {want_out})")
+                raise IncompatibleError(
+                    f"predictor layer {il} has shape {self.weights[il].shape}, "
+                    f"the models need ({want_in}, {want_out})"
+                )
 
-    def predict_layer(self, features: np.ndarray, layer: int, rows: np.ndarray | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
+    def predict_layer(
+        self, features: np.ndarray, layer: int, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Pre-RoPE keys and values of one predicted base layer at feature ``rows``, float32.
 
         ``features``: the rows of this layer's source (``build_features``; for a factored
@@ -156,8 +161,9 @@ class Predictor:
         return y[:, :kw], y[:, kw:]
 
 
-def build_features(aux_kv: dict[int, tuple[np.ndarray, np.ndarray]], source: int,
-                   hidden: list[np.ndarray] = ()) -> np.ndarray:
+def build_features(
+    aux_kv: dict[int, tuple[np.ndarray, np.ndarray]], source: int, hidden: list[np.ndarray] = ()
+) -> np.ndarray:
     """The un-roped K and the V of auxiliary layer ``source``, then the captured hidden
     tensors (same rows): (positions, n_features) float32."""
     k, v = aux_kv[source]
@@ -178,8 +184,10 @@ def save_predictor(pred: Predictor, path: str | Path, storage_type: str | None =
     for il in pred.predicted_layers:
         w = np.ascontiguousarray(pred.weights[il].T, np.float32)  # (n_targets, n_features)
         if w.shape[1] % block:
-            raise ModelFileError(f"predictor type {storage} needs a feature count divisible by "
-                                 f"{block}; layer {il} has {w.shape[1]} (use f16 or f32)")
+            raise ModelFileError(
+                f"predictor type {storage} needs a feature count divisible by "
+                f"{block}; layer {il} has {w.shape[1]} (use f16 or f32)"
+            )
         tensors.append((keys.weight_name(il), gguf.quants.quantize(w, qtype)))
         tensors.append((keys.bias_name(il), np.ascontiguousarray(pred.biases[il], np.float32)))
     for src, basis in sorted(pred.bases.items()):  # kept F32: its columns span large ranges
@@ -223,18 +231,20 @@ def load_predictor(path: str | Path) -> Predictor:
     path = check_gguf_file(path, "predictor")
     header = read_header(path)  # validates the header and every tensor's extent
     if header.get("general.type") != keys.PREDICTOR_TYPE:
-        raise ModelFileError(f"not a kvcli predictor file (general.type is "
-                             f"{header.get('general.type')!r}): {path}")
+        raise ModelFileError(
+            f"not a kvcli predictor file (general.type is {header.get('general.type')!r}): {path}"
+        )
     if header.get(keys.VERSION) != keys.FORMAT_VERSION:
-        raise ModelFileError(f"predictor format version {header.get(keys.VERSION)} is not "
-                             f"{keys.FORMAT_VERSION}; recalibrate: {path}")
+        raise ModelFileError(
+            f"predictor format version {header.get(keys.VERSION)} is not "
+            f"{keys.FORMAT_VERSION}; recalibrate: {path}"
+        )
     try:
         return _parse(path)
     except ModelFileError:
         raise
     except Exception as exc:  # untrusted bytes: any failure to parse is a damaged file
-        raise ModelFileError(f"predictor file is corrupt ({type(exc).__name__}: {exc}): {path}"
-                             ) from None
+        raise ModelFileError(f"predictor file is corrupt ({type(exc).__name__}: {exc}): {path}") from None
 
 
 def _parse(path: Path) -> Predictor:
@@ -251,8 +261,9 @@ def _parse(path: Path) -> Predictor:
     copied = [int(x) for x in get(keys.COPIED_LAYERS) if int(x) >= 0]
     layer_map = [int(x) for x in get(keys.LAYER_MAP)]
     if len(layer_map) != base_n or not all(0 <= x < aux_n for x in layer_map):
-        raise ModelFileError(f"predictor layer map does not fit {base_n} base and {aux_n} "
-                             f"auxiliary layers: {path}")
+        raise ModelFileError(
+            f"predictor layer map does not fit {base_n} base and {aux_n} auxiliary layers: {path}"
+        )
     predicted = [il for il in range(base_n) if il not in copied]
     k_widths = [int(x) for x in get(keys.K_WIDTHS)][: len(predicted)]
     tensors = {t.name: t for t in r.tensors}
@@ -287,15 +298,23 @@ def _parse(path: Path) -> Predictor:
     if key_space not in keys.KEY_SPACES:
         raise ModelFileError(f"predictor key space {key_space!r} is not one kvcli knows: {path}")
     return Predictor(
-        base_fingerprint=str(get(keys.BASE_FINGERPRINT)), aux_fingerprint=str(get(keys.AUX_FINGERPRINT)),
-        base_n_layer=base_n, aux_n_layer=aux_n, copied_layers=copied, layer_map=layer_map,
-        weights=weights, biases=biases, k_widths=dict(zip(predicted, k_widths, strict=True)),
+        base_fingerprint=str(get(keys.BASE_FINGERPRINT)),
+        aux_fingerprint=str(get(keys.AUX_FINGERPRINT)),
+        base_n_layer=base_n,
+        aux_n_layer=aux_n,
+        copied_layers=copied,
+        layer_map=layer_map,
+        weights=weights,
+        biases=biases,
+        k_widths=dict(zip(predicted, k_widths, strict=True)),
         alphas=[float(x) for x in get(keys.ALPHAS, [])],
         heldout_rel_error=[float(x) for x in get(keys.HELDOUT_REL_ERROR, [])],
         calibration_tokens=int(get(keys.CALIBRATION_TOKENS, 0)),
         calibration_source=str(get(keys.CALIBRATION_SOURCE, "")),
         feature_kinds=tuple(str(x) for x in get(keys.FEATURE_KINDS)),
         storage_type=storage if storage in STORAGE_TYPES else "f32",
-        key_space=key_space, origin=str(get(keys.ORIGIN, "")),
-        bases=bases, factored_layers=factored,
+        key_space=key_space,
+        origin=str(get(keys.ORIGIN, "")),
+        bases=bases,
+        factored_layers=factored,
     )

@@ -79,8 +79,9 @@ class RidgeFit:
     heldout_rel_error: list[float]  # per group: ||y - y_hat|| / ||y|| on held-out rows
 
 
-def fit_ridge(fit: RidgeStats, heldout: RidgeStats, groups: list[slice],
-              alphas: tuple[float, ...] = DEFAULT_ALPHAS) -> RidgeFit:
+def fit_ridge(
+    fit: RidgeStats, heldout: RidgeStats, groups: list[slice], alphas: tuple[float, ...] = DEFAULT_ALPHAS
+) -> RidgeFit:
     """Choose alpha per target group on ``heldout`` among ``alphas`` and the mean alone, then
     refit on fit + heldout."""
     alphas = (*alphas, math.inf)
@@ -104,4 +105,3 @@ def fit_ridge(fit: RidgeStats, heldout: RidgeStats, groups: list[slice],
             if a == alpha:
                 weight[:, g], bias[g] = w[:, g], b[g]
     return RidgeFit(weight=weight, bias=bias, alphas=chosen, heldout_rel_error=rel)
-

@@ -36,8 +36,21 @@ GGML_TYPE_F32 = 0
 GGML_TYPE_F16 = 1
 KV_DTYPES = {GGML_TYPE_F32: np.dtype("<f4"), GGML_TYPE_F16: np.dtype("<f2")}
 GGML_TYPE_NAMES = {
-    0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 9: "q8_1",
-    10: "q2_k", 11: "q3_k", 12: "q4_k", 13: "q5_k", 14: "q6_k", 15: "q8_k", 20: "iq4_nl",
+    0: "f32",
+    1: "f16",
+    2: "q4_0",
+    3: "q4_1",
+    6: "q5_0",
+    7: "q5_1",
+    8: "q8_0",
+    9: "q8_1",
+    10: "q2_k",
+    11: "q3_k",
+    12: "q4_k",
+    13: "q5_k",
+    14: "q6_k",
+    15: "q8_k",
+    20: "iq4_nl",
     30: "bf16",
 }
 
@@ -177,8 +190,7 @@ def _parse_stream(r: _Reader, n_cells: int, cell_ext_bytes: int) -> StreamState:
             dtype = _kv_dtype(v_type, f"the value cache of layer {il}")
             if el_size != dtype.itemsize:
                 raise StateFormatError(
-                    f"value element size {el_size} of layer {il} does not match "
-                    f"{ggml_type_name(v_type)}"
+                    f"value element size {el_size} of layer {il} does not match {ggml_type_name(v_type)}"
                 )
             v = r.array(dtype, n_cells * n_embd, "value columns").reshape(n_embd, n_cells).T
         k_type, k = keys[il]
@@ -186,8 +198,9 @@ def _parse_stream(r: _Reader, n_cells: int, cell_ext_bytes: int) -> StreamState:
     return StreamState(positions=positions, seq_ids=seq_ids, v_trans=bool(v_trans), layers=layers)
 
 
-def parse_seq_state(data: bytes | memoryview, *, n_blobs: int | None = None,
-                    cell_ext_bytes: int = 0) -> SeqState:
+def parse_seq_state(
+    data: bytes | memoryview, *, n_blobs: int | None = None, cell_ext_bytes: int = 0
+) -> SeqState:
     """Parse a sequence state. ``n_blobs``: how many KV caches to expect (None: until the end).
 
     The arrays returned are read-only views into ``data`` where the layout allows it.

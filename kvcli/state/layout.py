@@ -32,8 +32,9 @@ def layers_by_index(state: SeqState, info: ModelInfo) -> dict[int, LayerCells]:
     """Map a single-stream state's layers to model layer indices, cells sorted by position."""
     groups = info.cache_layer_groups
     if len(state.blobs) != len(groups):
-        raise StateFormatError(f"state has {len(state.blobs)} KV caches, {info.path.name} "
-                               f"implies {len(groups)}")
+        raise StateFormatError(
+            f"state has {len(state.blobs)} KV caches, {info.path.name} implies {len(groups)}"
+        )
     out = {}
     for blob, group in zip(state.blobs, groups):
         if len(blob.streams) != 1:
@@ -42,16 +43,22 @@ def layers_by_index(state: SeqState, info: ModelInfo) -> dict[int, LayerCells]:
         if stream is None:
             continue
         if len(stream.layers) != len(group):
-            raise StateFormatError(f"a KV cache holds {len(stream.layers)} layers, "
-                                   f"{info.path.name} implies {len(group)}")
+            raise StateFormatError(
+                f"a KV cache holds {len(stream.layers)} layers, {info.path.name} implies {len(group)}"
+            )
         order = np.argsort(stream.positions, kind="stable")
         if not np.all(order == np.arange(len(order))):
             positions = stream.positions[order]
         else:
             order, positions = slice(None), stream.positions
         for il, layer in zip(group, stream.layers):
-            out[il] = LayerCells(positions=positions, k=layer.k[order], v=layer.v[order],
-                                 k_type=layer.k_type, v_type=layer.v_type)
+            out[il] = LayerCells(
+                positions=positions,
+                k=layer.k[order],
+                v=layer.v[order],
+                k_type=layer.k_type,
+                v_type=layer.v_type,
+            )
     return out
 
 
@@ -70,12 +77,16 @@ class CacheLayout:
         v_trans = {s.v_trans for b in state.blobs for s in b.streams if s is not None}
         if len(v_trans) != 1:
             raise StateFormatError("could not read the context's V layout from its state")
-        return cls(groups=info.cache_layer_groups, v_trans=v_trans.pop(),
-                   k_types={il: c.k_type for il, c in layers.items()},
-                   v_types={il: c.v_type for il, c in layers.items()})
+        return cls(
+            groups=info.cache_layer_groups,
+            v_trans=v_trans.pop(),
+            k_types={il: c.k_type for il, c in layers.items()},
+            v_types={il: c.v_type for il, c in layers.items()},
+        )
 
-    def build_state(self, group_positions: list[np.ndarray],
-                    kv: dict[int, tuple[np.ndarray, np.ndarray]], seq_id: int = 0) -> SeqState:
+    def build_state(
+        self, group_positions: list[np.ndarray], kv: dict[int, tuple[np.ndarray, np.ndarray]], seq_id: int = 0
+    ) -> SeqState:
         """A state holding, per cache group, cells at ``group_positions[g]`` with K, V rows.
 
         ``kv[l]`` rows must match the positions of layer l's group; ``write_seq_state``
@@ -94,8 +105,11 @@ class CacheLayout:
                 kt, vt = self.k_types[il], self.v_types[il]
                 layers.append(LayerKV(k_type=kt, k=k, v_type=vt, v=v))
             seq = np.full(1, seq_id, dtype=np.int32)
-            stream = StreamState(positions=np.asarray(positions, np.int32),
-                                 seq_ids=[seq] * len(positions), v_trans=self.v_trans,
-                                 layers=layers)
+            stream = StreamState(
+                positions=np.asarray(positions, np.int32),
+                seq_ids=[seq] * len(positions),
+                v_trans=self.v_trans,
+                layers=layers,
+            )
             blobs.append(CacheBlob(streams=[stream]))
         return SeqState(seq_id=seq_id, blobs=blobs)

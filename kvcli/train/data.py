@@ -13,8 +13,9 @@ from kvcli.errors import KvcliError
 FILE_CHUNKS = 8
 
 
-def training_sequences(base: Path, n_tokens: int, corpus: Path | None = None,
-                       limit: int = 4000) -> tuple[list[tuple[str, list[int]]], str]:
+def training_sequences(
+    base: Path, n_tokens: int, corpus: Path | None = None, limit: int = 4000
+) -> tuple[list[tuple[str, list[int]]], str]:
     """(file name, tokens) of sequences of exactly ``n_tokens`` tokens (BOS first where the
     model adds one to its prompts) and the name of their source:
     the user's text, else the calibration part of the standard library's sources (predict/corpus.py),
@@ -24,16 +25,25 @@ def training_sequences(base: Path, n_tokens: int, corpus: Path | None = None,
 
     model = Model(base, what="base model")
     try:
+
         def tokenize(text: str) -> list[int]:
             return model.tokenize(text, add_special=False)
 
-        seqs, source = named_chunks(corpus, tokenize, chunk_tokens=n_tokens, n_chunks=limit,
-                                    bos=model.prompt_bos, per_file=FILE_CHUNKS)
+        seqs, source = named_chunks(
+            corpus,
+            tokenize,
+            chunk_tokens=n_tokens,
+            n_chunks=limit,
+            bos=model.prompt_bos,
+            per_file=FILE_CHUNKS,
+        )
     finally:
         model.close()
     if not seqs:
-        raise KvcliError(f"the training text gave no sequence of {n_tokens} tokens "
-                         f"({corpus or 'the standard library'}); give more text or fewer --tokens")
+        raise KvcliError(
+            f"the training text gave no sequence of {n_tokens} tokens "
+            f"({corpus or 'the standard library'}); give more text or fewer --tokens"
+        )
     return seqs, source
 
 
@@ -44,7 +54,15 @@ def validation_sequences(base: Path, n_tokens: int, n: int) -> list[list[int]]:
 
     model = Model(base, what="base model")
     try:
-        return [t for _, t in token_chunks("heldout", lambda s: model.tokenize(s, add_special=False),
-                                           chunk_tokens=n_tokens, n_chunks=n, bos=model.prompt_bos)]
+        return [
+            t
+            for _, t in token_chunks(
+                "heldout",
+                lambda s: model.tokenize(s, add_special=False),
+                chunk_tokens=n_tokens,
+                n_chunks=n,
+                bos=model.prompt_bos,
+            )
+        ]
     finally:
         model.close()

@@ -84,8 +84,15 @@ class TorchModel:
             trace[f"k_pre_rope-{il}"], trace[f"v-{il}"] = k.reshape(len(x), -1), v.reshape(len(x), -1)
         return h, self._rope(k, positions, il), v
 
-    def forward(self, tokens, n_logits: int = 1, kv_override=None, trace: dict | None = None,
-                n_layers: int | None = None, past: dict | None = None):
+    def forward(
+        self,
+        tokens,
+        n_logits: int = 1,
+        kv_override=None,
+        trace: dict | None = None,
+        n_layers: int | None = None,
+        past: dict | None = None,
+    ):
         """Logits (float32) of the last ``n_logits`` positions of ``tokens`` (a 1-D sequence
         starting at position 0), and every layer's (K, V). ``kv_override[il] = (K, V)``
         replaces layer il's K and V at every position (a predicted cache). ``trace``: filled
@@ -131,8 +138,11 @@ class TorchModel:
             att = self._proj(att, il, "attn_output")
             x = x + (self._norm(att, w[f"blk.{il}.post_attention_norm.weight"]) if self.gemma else att)
             h = self._norm(x, w[f"blk.{il}.ffn_norm.weight"])
-            act = (torch.nn.functional.gelu(self._proj(h, il, "ffn_gate"), approximate="tanh")
-                   if self.gemma else torch.nn.functional.silu(self._proj(h, il, "ffn_gate")))
+            act = (
+                torch.nn.functional.gelu(self._proj(h, il, "ffn_gate"), approximate="tanh")
+                if self.gemma
+                else torch.nn.functional.silu(self._proj(h, il, "ffn_gate"))
+            )
             ffn = self._proj(act * self._proj(h, il, "ffn_up"), il, "ffn_down")
             x = x + (self._norm(ffn, w[f"blk.{il}.post_ffw_norm.weight"]) if self.gemma else ffn)
         if trace is not None:

@@ -37,8 +37,10 @@ class TrainSettings:
 
     def check(self) -> None:
         if self.tokens < 32 or not 2 <= self.tail <= self.tokens // 2:
-            raise KvcliError(f"need --tokens >= 32 and 2 <= --tail <= tokens / 2 (got --tokens "
-                             f"{self.tokens}, --tail {self.tail})")
+            raise KvcliError(
+                f"need --tokens >= 32 and 2 <= --tail <= tokens / 2 (got --tokens "
+                f"{self.tokens}, --tail {self.tail})"
+            )
         if self.lr <= 0:
             raise KvcliError(f"--lr must be positive, not {self.lr}")
 
@@ -46,8 +48,10 @@ class TrainSettings:
 def trainable_reason(pred: Predictor) -> str | None:
     """Why ``pred`` cannot be trained here, or None."""
     if pred.origin or pred.raw_keys or pred.key_space != keys.KEY_SPACE_PRE_ROPE:
-        return (f"kvcli trains its own fits (keys as llama.cpp caches them, less RoPE); this "
-                f"predictor is {pred.origin or 'fed raw keys'}")
+        return (
+            f"kvcli trains its own fits (keys as llama.cpp caches them, less RoPE); this "
+            f"predictor is {pred.origin or 'fed raw keys'}"
+        )
     return None
 
 
@@ -61,8 +65,16 @@ def order_of_sequences(n_sequences: int, step: int, seed: int) -> int:
 class PredictorTrainer:
     """The frozen base (and auxiliary) in PyTorch, the predictor's matrices as parameters."""
 
-    def __init__(self, base: Path, aux: Path | int, pred: Predictor, settings: TrainSettings,
-                 *, device: str = "cpu", train_aux: bool = False):
+    def __init__(
+        self,
+        base: Path,
+        aux: Path | int,
+        pred: Predictor,
+        settings: TrainSettings,
+        *,
+        device: str = "cpu",
+        train_aux: bool = False,
+    ):
         from kvcli.models.model_info import key_norm_weights
         from kvcli.train.torch_forward import TorchModel, _torch
 
@@ -80,15 +92,29 @@ class PredictorTrainer:
         info = self.base.info
         self.l1_weight = settings.l1_weight if settings.l1_weight is not None else 1 / info.n_layer
         norms = key_norm_weights(info)
-        self.inv_norms = None if norms is None else {
-            il: torch.tensor(np.where(np.abs(w) > 1e-3, 1 / np.where(np.abs(w) > 1e-3, w, 1), 0),
-                             dtype=torch.float32, device=device) for il, w in norms.items()}
-        self.params = {il: (torch.tensor(pred.weights[il], device=device, requires_grad=True),
-                            torch.tensor(pred.biases[il], device=device, requires_grad=True))
-                       for il in pred.predicted_layers}
+        self.inv_norms = (
+            None
+            if norms is None
+            else {
+                il: torch.tensor(
+                    np.where(np.abs(w) > 1e-3, 1 / np.where(np.abs(w) > 1e-3, w, 1), 0),
+                    dtype=torch.float32,
+                    device=device,
+                )
+                for il, w in norms.items()
+            }
+        )
+        self.params = {
+            il: (
+                torch.tensor(pred.weights[il], device=device, requires_grad=True),
+                torch.tensor(pred.biases[il], device=device, requires_grad=True),
+            )
+            for il in pred.predicted_layers
+        }
         # a factored predictor's shared bases train with the matrices that read them
-        self.bases = {src: torch.tensor(b, device=device, requires_grad=True)
-                      for src, b in pred.bases.items()}
+        self.bases = {
+            src: torch.tensor(b, device=device, requires_grad=True) for src, b in pred.bases.items()
+        }
         self.aux_params = self._trainable_aux() if train_aux else {}
         self.optimizer = torch.optim.AdamW(self._all_params(), lr=settings.lr, weight_decay=0.0)
         self.step = 0
@@ -99,9 +125,11 @@ class PredictorTrainer:
         import re
 
         if self.aux is self.base:
-            raise KvcliError(f"--train-aux: this bundle's auxiliary is the base's own first "
-                             f"{self.aux_layers} layers, an exact prefix: training it would change "
-                             f"the base")
+            raise KvcliError(
+                f"--train-aux: this bundle's auxiliary is the base's own first "
+                f"{self.aux_layers} layers, an exact prefix: training it would change "
+                f"the base"
+            )
         out = {}
         for name, tensor in self.aux.w.items():
             m = re.match(r"blk\.(\d+)\.", name)
@@ -113,8 +141,11 @@ class PredictorTrainer:
         return out
 
     def _all_params(self) -> list:
-        return ([p for pair in self.params.values() for p in pair] + list(self.bases.values())
-                + list(self.aux_params.values()))
+        return (
+            [p for pair in self.params.values() for p in pair]
+            + list(self.bases.values())
+            + list(self.aux_params.values())
+        )
 
     def _features(self, base_trace: dict, tokens) -> tuple[dict, object]:
         """Per source layer of the auxiliary: [un-roped K, V, hidden tensors] at every
@@ -129,11 +160,16 @@ class PredictorTrainer:
             trace = {}
             self.aux.forward(tokens, trace=trace, n_layers=self.aux_layers)
         k = self.aux_layers
-        hidden_names = {keys.FEATURE_AUX_RESIDUAL: f"l_in-{k - 1}",
-                        keys.FEATURE_AUX_ATTN: f"kqv_out-{k - 1}", keys.FEATURE_AUX_OUT: f"l_in-{k}"}
+        hidden_names = {
+            keys.FEATURE_AUX_RESIDUAL: f"l_in-{k - 1}",
+            keys.FEATURE_AUX_ATTN: f"kqv_out-{k - 1}",
+            keys.FEATURE_AUX_OUT: f"l_in-{k}",
+        }
         hidden = [trace[hidden_names[kind]] for kind in self.pred.hidden_kinds]
-        return {src: self.torch.cat([trace[f"k_pre_rope-{src}"], trace[f"v-{src}"], *hidden], dim=1)
-                for src in self.pred.feature_layers}, aux_logits
+        return {
+            src: self.torch.cat([trace[f"k_pre_rope-{src}"], trace[f"v-{src}"], *hidden], dim=1)
+            for src in self.pred.feature_layers
+        }, aux_logits
 
     def _predicted_past(self, features: dict, true_cache: list, n: int, exact_first: bool) -> dict:
         """Every base layer's cache of positions 0..n-1 as kvp writes it."""
@@ -178,10 +214,18 @@ class PredictorTrainer:
             aux_ce = torch.nn.functional.cross_entropy(aux_logits[:-1], targets)
         past = self._predicted_past(features, true_cache, n_past, self.pred.exact_first_cell)
         logits, _ = self.base.forward(tokens_t[n_past:], n_logits=s.tail, past=past)
-        l1 = sum((past[il][0] - true_cache[il][0][:n_past]).abs().mean()
-                 + (past[il][1] - true_cache[il][1][:n_past]).abs().mean() for il in self.params)
-        return {"logits": logits, "ce": torch.nn.functional.cross_entropy(logits[:-1], targets),
-                "ce_base": ce_base, "kv_l1": l1, "aux_ce": aux_ce}
+        l1 = sum(
+            (past[il][0] - true_cache[il][0][:n_past]).abs().mean()
+            + (past[il][1] - true_cache[il][1][:n_past]).abs().mean()
+            for il in self.params
+        )
+        return {
+            "logits": logits,
+            "ce": torch.nn.functional.cross_entropy(logits[:-1], targets),
+            "ce_base": ce_base,
+            "kv_l1": l1,
+            "aux_ce": aux_ce,
+        }
 
     def train_step(self, tokens: list[int]) -> dict:
         """One optimizer step on one sequence; the losses are measured before the update."""
@@ -194,36 +238,51 @@ class PredictorTrainer:
         self.optimizer.step()
         self.step += 1
         seconds = time.perf_counter() - start
-        return {"step": self.step, "loss": loss.item(), "ce": out["ce"].item(),
-                "ce_base": out["ce_base"].item(), "kv_l1": out["kv_l1"].item(),
-                "aux_ce": out["aux_ce"].item(), "seconds": seconds,
-                "tokens_per_s": len(tokens) / seconds}
+        return {
+            "step": self.step,
+            "loss": loss.item(),
+            "ce": out["ce"].item(),
+            "ce_base": out["ce_base"].item(),
+            "kv_l1": out["kv_l1"].item(),
+            "aux_ce": out["aux_ce"].item(),
+            "seconds": seconds,
+            "tokens_per_s": len(tokens) / seconds,
+        }
 
     def predictor(self, source: str) -> Predictor:
         """The trained matrices as a predictor (numpy), its calibration source extended."""
         p = self.pred
         return dataclasses.replace(
-            p, weights={il: w.detach().cpu().numpy().copy() for il, (w, _) in self.params.items()},
+            p,
+            weights={il: w.detach().cpu().numpy().copy() for il, (w, _) in self.params.items()},
             biases={il: b.detach().cpu().numpy().copy() for il, (_, b) in self.params.items()},
             bases={src: b.detach().cpu().numpy().copy() for src, b in self.bases.items()},
             heldout_rel_error=[],  # the ridge's figures describe the closed-form fit only
             calibration_source=f"{p.calibration_source} + trained {self.step} steps x "
-                               f"{self.settings.tokens} tokens on {source}")
+            f"{self.settings.tokens} tokens on {source}",
+        )
 
     def checkpoint(self, identity: dict) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "identity": identity, "step": self.step,
-                "params": {il: (w.detach().cpu(), b.detach().cpu()) for il, (w, b) in self.params.items()},
-                "bases": {src: b.detach().cpu() for src, b in self.bases.items()},
-                "aux_params": {name: t.detach().cpu() for name, t in self.aux_params.items()},
-                "optimizer": self.optimizer.state_dict()}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "identity": identity,
+            "step": self.step,
+            "params": {il: (w.detach().cpu(), b.detach().cpu()) for il, (w, b) in self.params.items()},
+            "bases": {src: b.detach().cpu() for src, b in self.bases.items()},
+            "aux_params": {name: t.detach().cpu() for name, t in self.aux_params.items()},
+            "optimizer": self.optimizer.state_dict(),
+        }
 
     def restore(self, checkpoint: dict, identity: dict) -> None:
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
             raise KvcliError("not a kvcli training checkpoint")
         if checkpoint["identity"] != identity:
             theirs, ours = checkpoint["identity"], identity
-            diff = ", ".join(f"{k}: {theirs.get(k)!r} vs {ours.get(k)!r}" for k in sorted(ours)
-                             if theirs.get(k) != ours.get(k))
+            diff = ", ".join(
+                f"{k}: {theirs.get(k)!r} vs {ours.get(k)!r}"
+                for k in sorted(ours)
+                if theirs.get(k) != ours.get(k)
+            )
             raise KvcliError(f"the checkpoint is of another training run ({diff})")
         with self.torch.no_grad():
             for il, (w, b) in self.params.items():
@@ -260,20 +319,36 @@ def validation_losses(trainer: PredictorTrainer, sequences: list[list[int]]) -> 
         return None
     with trainer.torch.no_grad():
         out = [trainer.losses(s) for s in sequences]
-    return {"step": trainer.step, "ce": round(float(np.mean([o["ce"].item() for o in out])), 4),
-            "ce_base": round(float(np.mean([o["ce_base"].item() for o in out])), 4),
-            "kv_l1": round(float(np.mean([o["kv_l1"].item() for o in out])), 4)}
+    return {
+        "step": trainer.step,
+        "ce": round(float(np.mean([o["ce"].item() for o in out])), 4),
+        "ce_base": round(float(np.mean([o["ce_base"].item() for o in out])), 4),
+        "kv_l1": round(float(np.mean([o["kv_l1"].item() for o in out])), 4),
+    }
 
 
 def default_checkpoint(output: Path) -> Path:
     return output.with_name(output.name + ".checkpoint.pt")
 
 
-def train_bundle(bundle, output: Path, *, settings: TrainSettings, steps: int,
-                 corpus: Path | None = None, checkpoint: Path | None = None, resume: bool = False,
-                 save_every: int = 25, device: str = "cpu", storage: str | None = None,
-                 validate: int = 4, validate_every: int = 100, train_aux: bool = False,
-                 report=None, notice=None) -> dict:
+def train_bundle(
+    bundle,
+    output: Path,
+    *,
+    settings: TrainSettings,
+    steps: int,
+    corpus: Path | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    save_every: int = 25,
+    device: str = "cpu",
+    storage: str | None = None,
+    validate: int = 4,
+    validate_every: int = 100,
+    train_aux: bool = False,
+    report=None,
+    notice=None,
+) -> dict:
     """Train ``bundle``'s predictor for ``steps`` steps (counted from the start of the run a
     resumed checkpoint belongs to) and write a bundle with it to ``output``. A checkpoint is
     saved every ``save_every`` steps and on Ctrl-C. ``report(row)`` after every step;
@@ -296,15 +371,23 @@ def train_bundle(bundle, output: Path, *, settings: TrainSettings, steps: int,
     if resume and not checkpoint.is_file():
         raise KvcliError(f"--resume: no checkpoint at {checkpoint}")
     if not resume and checkpoint.exists():
-        raise KvcliError(f"a checkpoint of an earlier run is at {checkpoint}: --resume continues "
-                         f"it; delete it to start over")
+        raise KvcliError(
+            f"a checkpoint of an earlier run is at {checkpoint}: --resume continues "
+            f"it; delete it to start over"
+        )
     from kvcli.train.data import training_sequences, validation_sequences
 
     sequences, source = training_sequences(bundle.base, settings.tokens, corpus)
-    trainer = PredictorTrainer(bundle.base, bundle.aux_source, pred, settings, device=device,
-                               train_aux=train_aux)
-    identity = {"predictor_sha256": sha256_file(bundle.predictor), "source": source,
-                **dataclasses.asdict(settings), "l1_weight": trainer.l1_weight, "train_aux": train_aux}
+    trainer = PredictorTrainer(
+        bundle.base, bundle.aux_source, pred, settings, device=device, train_aux=train_aux
+    )
+    identity = {
+        "predictor_sha256": sha256_file(bundle.predictor),
+        "source": source,
+        **dataclasses.asdict(settings),
+        "l1_weight": trainer.l1_weight,
+        "train_aux": train_aux,
+    }
     if resume:
         trainer.restore(load_checkpoint(checkpoint), identity)
         if notice:
@@ -316,8 +399,10 @@ def train_bundle(bundle, output: Path, *, settings: TrainSettings, steps: int,
             validation.append(validation_losses(trainer, held))
             if notice:
                 v = validation[-1]
-                notice(f"step {v['step']}: held-out cross-entropy {v['ce']} (the base over its own "
-                       f"cache: {v['ce_base']}), K/V L1 {v['kv_l1']}")
+                notice(
+                    f"step {v['step']}: held-out cross-entropy {v['ce']} (the base over its own "
+                    f"cache: {v['ce_base']}), K/V L1 {v['kv_l1']}"
+                )
 
     rows, validation = [], []
     check()
@@ -338,22 +423,39 @@ def train_bundle(bundle, output: Path, *, settings: TrainSettings, steps: int,
         raise
     save_checkpoint(trainer.checkpoint(identity), checkpoint)
     check()
-    bundle_with_predictor(bundle, trainer.predictor(source), output, storage,
-                          aux_weights={k: t.detach().cpu().numpy() for k, t in trainer.aux_params.items()})
+    bundle_with_predictor(
+        bundle,
+        trainer.predictor(source),
+        output,
+        storage,
+        aux_weights={k: t.detach().cpu().numpy() for k, t in trainer.aux_params.items()},
+    )
     first, last = rows[: min(10, len(rows))], rows[-min(10, len(rows)) :]
 
     def mean(key, part):
         return round(float(np.mean([r[key] for r in part])), 4) if part else None
 
-    return {"output": str(output), "checkpoint": str(checkpoint), "step": trainer.step,
-            "steps_this_run": len(rows), "tokens_per_sequence": settings.tokens,
-            "tail": settings.tail, "sequences_available": len(sequences), "source": source,
-            "l1_weight": trainer.l1_weight, "lr": settings.lr, "seed": settings.seed, "device": device,
-            "train_aux": train_aux, "aux_ce_last_10": mean("aux_ce", last) if train_aux else None,
-            "ce_first_10": mean("ce", first), "ce_last_10": mean("ce", last),
-            "ce_base_last_10": mean("ce_base", last), "kv_l1_first_10": mean("kv_l1", first),
-            "kv_l1_last_10": mean("kv_l1", last),
-            "tokens_per_s": round(float(np.median([r["tokens_per_s"] for r in rows])), 1) if rows else None,
-            "validation": validation,
-            "history": [{k: round(r[k], 4) for k in ("step", "ce", "ce_base", "kv_l1", "seconds")}
-                        for r in rows]}
+    return {
+        "output": str(output),
+        "checkpoint": str(checkpoint),
+        "step": trainer.step,
+        "steps_this_run": len(rows),
+        "tokens_per_sequence": settings.tokens,
+        "tail": settings.tail,
+        "sequences_available": len(sequences),
+        "source": source,
+        "l1_weight": trainer.l1_weight,
+        "lr": settings.lr,
+        "seed": settings.seed,
+        "device": device,
+        "train_aux": train_aux,
+        "aux_ce_last_10": mean("aux_ce", last) if train_aux else None,
+        "ce_first_10": mean("ce", first),
+        "ce_last_10": mean("ce", last),
+        "ce_base_last_10": mean("ce_base", last),
+        "kv_l1_first_10": mean("kv_l1", first),
+        "kv_l1_last_10": mean("kv_l1", last),
+        "tokens_per_s": round(float(np.median([r["tokens_per_s"] for r in rows])), 1) if rows else None,
+        "validation": validation,
+        "history": [{k: round(r[k], 4) for k in ("step", "ce", "ce_base", "kv_l1", "seconds")} for r in rows],
+    }
