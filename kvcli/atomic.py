@@ -32,6 +32,12 @@ def _output_folder(path: Path, *, replace_folder: bool = False) -> Path:
     return parent
 
 
+def check_writable(path: str | Path, *, folder: bool = False) -> None:
+    """Refuse, before any long work, an output that could not be written at the end: its
+    parent cannot be created or written, or a file output is an existing folder."""
+    _output_folder(Path(path), replace_folder=folder)
+
+
 def _fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from kvcli.atomic import check_writable
 from kvcli.choices import parse_list
 from kvcli.cli.options import BundleOpt, JsonOpt, ThreadsOpt
 from kvcli.errors import IncompatibleError, KvcliError
@@ -182,6 +183,8 @@ def command(
     loads = _aux_loads(aux_load)
     if repeats < 1 or warmup < 0:
         raise KvcliError("need -r >= 1 and --warmup >= 0")
+    if plot is not None:
+        check_writable(plot)
     b = resolve_bundle(bundle)
     settings = ContextSettings(n_ctx=max(length_list) + 64, n_threads=threads)
     engines = []

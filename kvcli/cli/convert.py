@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from kvcli.atomic import check_writable
 from kvcli.choices import parse_list
 from kvcli.cli.options import BundleOpt, JsonOpt, ThreadsOpt, paragraphs
 from kvcli.cli.runner import run, set_debug
@@ -160,6 +161,7 @@ def calibrate_cmd(
     from kvcli.predict.calibrate import DEFAULT_TOKENS, calibrate, parse_layer_map
     from kvcli.predict.predictor import save_predictor
 
+    check_writable(output)
     alphas = None
     if lambdas:
         alphas = tuple(parse_list(lambdas, "--lambda", float))
@@ -226,6 +228,7 @@ def quantize_cmd(
     from kvcli.models.model_info import check_gguf_file
 
     check_gguf_file(src, "input")
+    check_writable(dest)
     if read_header(src).get("general.type") == keys.PREDICTOR_TYPE:
         from kvcli.predict.predictor import load_predictor, save_predictor
 

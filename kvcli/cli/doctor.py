@@ -41,6 +41,8 @@ def command(
 
     if model is not None and bundle is not None:
         raise KvcliError("give either --bundle or --model, not both")
+    if prompts < 1:
+        raise KvcliError("--prompts must be >= 1")
     path = load_bundle(bundle).base if bundle is not None else model or embedded_model_path()
     results = run_doctor(path, n_prompts=prompts, threads=threads)
     if bundle is not None:

@@ -8,9 +8,11 @@ from typing import Annotated, Optional
 
 import typer
 
+from kvcli.atomic import check_writable
 from kvcli.choices import parse_list
 from kvcli.cli.common import open_engine
 from kvcli.cli.options import BundleOpt, JsonOpt, ThreadsOpt
+from kvcli.errors import KvcliError
 from kvcli.eval.tasks import TASKS
 from kvcli.llama.runtime import ContextSettings
 
@@ -72,6 +74,10 @@ def command(
     length_list = parse_list(lengths, "--lengths", int, minimum=16)
     tail_list = parse_list(tails, "--tails", int, minimum=0)
     span_list = None if spans is None else parse_list(spans, "--spans", int, minimum=0)
+    if n < 1:
+        raise KvcliError("--n must be >= 1")
+    if plot is not None:
+        check_writable(plot)
     settings = ContextSettings(n_ctx=max(length_list) + 64, n_threads=threads)
     rows = []
     with open_engine(bundle=bundle, model=None, mode="kvp", settings=settings) as engine:

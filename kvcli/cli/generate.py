@@ -127,6 +127,8 @@ def command(
 ) -> None:
     if sum(x is not None for x in (prompt, file, batch)) != 1:
         raise KvcliError("give exactly one of PROMPT, --file or --batch")
+    if n_predict < 1 or temp < 0:
+        raise KvcliError("-n must be >= 1 and --temp >= 0")
     if mode == "kvp" and not {cache_type_k, cache_type_v} <= {"f16", "f32"}:
         raise KvcliError(
             f"KV cache type {cache_type_k}/{cache_type_v} is quantized; predicted "

@@ -23,8 +23,20 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """Click's usage errors: typer >= 0.2x raises those of its own copy of click."""
+    import click
+
+    try:
+        from typer.exceptions import TyperException
+    except ImportError:
+        return (click.ClickException,)
+    return click.ClickException, TyperException
+
+
 def run(typer_app: typer.Typer) -> None:
-    """Run a typer app with kvcli's error handling: a one-line ``Error: ...``, exit 1."""
+    """Run a typer app with kvcli's error handling: a one-line ``Error: ...``, exit 1 (exit 2
+    for a command line click cannot read: a bad value, a missing argument)."""
     import signal
 
     from kvcli.errors import KvcliError
@@ -32,14 +44,20 @@ def run(typer_app: typer.Typer) -> None:
     # SIGTERM unwinds like Ctrl-C, so that temp outputs are cleaned up on the way out
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        typer_app()
+        # not standalone: click raises its usage errors instead of printing a boxed usage
+        code = typer.main.get_command(typer_app).main(standalone_mode=False)
     except KvcliError as exc:
         if _DEBUG:
             raise
         typer.echo(f"Error: {exc}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except _usage_errors() as exc:
+        message = " ".join(exc.format_message().split())
+        typer.echo(f"Error: {message} (see --help)", err=True)
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("Interrupted.", err=True)
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)

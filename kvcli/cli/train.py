@@ -78,6 +78,7 @@ def command(
     threads: ThreadsOpt = 0,
     json_out: JsonOpt = False,
 ) -> None:
+    from kvcli.atomic import check_writable
     from kvcli.cli import ui
     from kvcli.cli.common import resolve_bundle
     from kvcli.errors import KvcliError
@@ -87,6 +88,7 @@ def command(
 
     if device != "cpu" and not device.startswith("cuda"):
         raise KvcliError(f"--device is cpu or cuda, not {device!r}")
+    check_writable(output, folder=True)
     torch = _torch()
     torch.set_num_threads(threads or default_threads())
     torch.manual_seed(seed)
