@@ -17,12 +17,8 @@ from kvcli.predict.predictor import load_predictor
 torch = pytest.importorskip("torch", reason="training needs kvcli[train]")
 
 from kvcli.train.data import training_sequences  # noqa: E402
-from kvcli.train.train import (  # noqa: E402
-    PredictorTrainer,
-    TrainSettings,
-    order_of_sequences,
-    train_bundle,
-)
+from kvcli.train.loop import train_bundle  # noqa: E402
+from kvcli.train.train import PredictorTrainer, TrainSettings, order_of_sequences  # noqa: E402
 
 
 @pytest.fixture(scope="module")

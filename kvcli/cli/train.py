@@ -83,8 +83,9 @@ def command(
     from kvcli.cli.common import resolve_bundle
     from kvcli.errors import KvcliError
     from kvcli.llama.runtime import default_threads
+    from kvcli.train.loop import train_bundle
     from kvcli.train.torch_forward import _torch
-    from kvcli.train.train import TrainSettings, train_bundle
+    from kvcli.train.train import TrainSettings
 
     if device != "cpu" and not device.startswith("cuda"):
         raise KvcliError(f"--device is cpu or cuda, not {device!r}")

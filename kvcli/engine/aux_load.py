@@ -9,9 +9,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from kvcli.choices import Choice
-from kvcli.errors import IncompatibleError
-from kvcli.llama.runtime import llama_cpp_version, prefix_view_supported
+from kvcli.errors import IncompatibleError, KvcliError
+from kvcli.llama.capture import TensorCapture
+from kvcli.llama.runtime import Context, llama_cpp_version, prefix_view_supported
+from kvcli.models.aux_cut import cut_auxiliary, prefix_layers
+from kvcli.models.model_info import read_model_info
 
 
 class AuxLoad(Choice):
@@ -51,3 +56,53 @@ def choose_aux_load(requested: str, prefix: int, *, needs_view: bool = False, pa
     if requested == "auto":
         return "partial" if prefix_view_supported() and partial_ok and not needs_view else "view"
     return requested
+
+
+def open_aux_context(engine, prefix: int, names: list[str], extra: list[str]):
+    """The auxiliary's context for ``engine``'s load (``engine.aux_load``), capturing the
+    predictor's ``names`` and the tail-focus attention ``extra``; None without an auxiliary."""
+    if engine.aux_load == "partial":
+        # the base's file loaded again as its first k layers: its pages are shared
+        return engine._open(
+            engine.base_info.path,
+            "base model (as a prefix view)",
+            TensorCapture(names, extra=extra) if names or extra else None,
+            prefix_layers=prefix,
+        )
+    elif engine.aux_load == "view":
+        # the base's own model, stopped after layer k-1: no second copy of the weights
+        stop = TensorCapture(names, stop_after=f"l_out-{engine.view_layers - 1}", extra=extra)
+        aux = Context(engine.base.model, engine.settings, capture=stop)
+        engine._contexts.append(aux)
+        return aux
+    elif engine.aux_load == "file":
+        return engine._open(
+            aux_file(engine),
+            "auxiliary",
+            TensorCapture(names, extra=extra) if names or extra else None,
+        )
+    return None
+
+
+def aux_file(engine) -> Path:
+    """The auxiliary's file; for a prefix with none, its cut, made once into the cache."""
+    if engine.aux_path is not None:
+        return engine.aux_path
+    from kvcli.engine.bundle import cache_dir
+
+    k = engine.aux_info.n_layer
+    path = cache_dir() / "aux" / f"{engine.base_info.fingerprint}-prefix{k}.gguf"
+    if not path.is_file():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cut_auxiliary(engine.base_info.path, path, prefix_layers(k))
+        except OSError as exc:
+            raise KvcliError(
+                f"cannot write the auxiliary's cut into {path.parent}: {exc.strerror or exc}"
+            ) from None
+    if read_model_info(path, "auxiliary").fingerprint != engine.aux_info.fingerprint:
+        raise IncompatibleError(
+            f"the cut auxiliary {path} is not the base's first {k} layers; delete it and run again"
+        )
+    engine.aux_path = path
+    return path

@@ -22,7 +22,7 @@ import numpy as np
 
 from kvcli import keys
 from kvcli.choices import Choice
-from kvcli.engine.aux_load import AuxLoad, choose_aux_load
+from kvcli.engine.aux_load import AuxLoad, aux_file, choose_aux_load, open_aux_context
 from kvcli.engine.kvp_prefill import kvp_prefill
 from kvcli.engine.recompute import (
     DEFAULT_SPANS,
@@ -158,26 +158,7 @@ class Engine:
                     "this predictor reads the auxiliary's last-layer output, "
                     "which only a prefix auxiliary run as a view provides"
                 )
-            self.aux = None
-            if self.aux_load == "partial":
-                # the base's file loaded again as its first k layers: its pages are shared
-                self.aux = self._open(
-                    self.base_info.path,
-                    "base model (as a prefix view)",
-                    TensorCapture(names, extra=extra) if names or extra else None,
-                    prefix_layers=prefix,
-                )
-            elif self.aux_load == "view":
-                # the base's own model, stopped after layer k-1: no second copy of the weights
-                stop = TensorCapture(names, stop_after=f"l_out-{self.view_layers - 1}", extra=extra)
-                self.aux = Context(self.base.model, self.settings, capture=stop)
-                self._contexts.append(self.aux)
-            elif self.aux_load == "file":
-                self.aux = self._open(
-                    self._aux_file(),
-                    "auxiliary",
-                    TensorCapture(names, extra=extra) if names or extra else None,
-                )
+            self.aux = open_aux_context(self, prefix, names, extra)
         except BaseException:
             self.close()
             raise
@@ -232,32 +213,8 @@ class Engine:
         if self.aux_load != "view":
             return self.aux
         if self._aux_alone is None:
-            self._aux_alone = self._open(self._aux_file(), "auxiliary")
+            self._aux_alone = self._open(aux_file(self), "auxiliary")
         return self._aux_alone
-
-    def _aux_file(self) -> Path:
-        """The auxiliary's file; for a prefix with none, its cut, made once into the cache."""
-        if self.aux_path is not None:
-            return self.aux_path
-        from kvcli.engine.bundle import cache_dir
-        from kvcli.models.aux_cut import cut_auxiliary, prefix_layers
-
-        k = self.aux_info.n_layer
-        path = cache_dir() / "aux" / f"{self.base_info.fingerprint}-prefix{k}.gguf"
-        if not path.is_file():
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                cut_auxiliary(self.base_info.path, path, prefix_layers(k))
-            except OSError as exc:
-                raise KvcliError(
-                    f"cannot write the auxiliary's cut into {path.parent}: {exc.strerror or exc}"
-                ) from None
-        if read_model_info(path, "auxiliary").fingerprint != self.aux_info.fingerprint:
-            raise IncompatibleError(
-                f"the cut auxiliary {path} is not the base's first {k} layers; delete it and run again"
-            )
-        self.aux_path = path
-        return path
 
     @classmethod
     def from_bundle(cls, bundle, *, with_aux: bool = True, with_predictor: bool = True, **kwargs) -> Engine:
