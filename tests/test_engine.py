@@ -125,6 +125,7 @@ def test_calibrated_predictor_shapes_and_heldout_error(tiny_gemma3, tiny_bundle)
     _, _, pred = tiny_bundle
     assert pred.copied_layers == [0, 1] and pred.predicted_layers == [2, 3]
     assert pred.calibration_tokens >= 600
+    assert pred.calibration_source.startswith("python-stdlib-mixed:")  # the default text
     assert len(pred.heldout_rel_error) == 4 and all(0 < e < 1 for e in pred.heldout_rel_error)
 
 
