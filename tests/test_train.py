@@ -59,14 +59,14 @@ def test_runs_are_reproducible_and_resume_where_they_stopped(tiny_bundle, tmp_pa
     b = train_bundle(tiny_bundle, tmp_path / "b", settings=settings, steps=3)
     train_bundle(tiny_bundle, tmp_path / "c", settings=settings, steps=1)
     c = train_bundle(tiny_bundle, tmp_path / "c", settings=settings, steps=3, resume=True)
-    assert a["step"] == c["step"] == 3 and c["steps_this_run"] == 2
+    assert a.step == c.step == 3 and c.steps_this_run == 2
     start = load_predictor(tiny_bundle.predictor).weights
     wa, wb, wc = weights(tmp_path / "a"), weights(tmp_path / "b"), weights(tmp_path / "c")
     for il in start:
         assert not np.array_equal(wa[il], start[il])
         np.testing.assert_array_equal(wa[il], wb[il])
         np.testing.assert_array_equal(wa[il], wc[il])
-    assert [r["ce"] for r in a["history"]] == [r["ce"] for r in b["history"]]
+    assert [r["ce"] for r in a.history] == [r["ce"] for r in b.history]
 
 
 def test_sequence_order_covers_every_sequence_each_epoch():
@@ -110,7 +110,7 @@ def test_cli_trains_writes_a_bundle_and_refuses_to_overwrite_a_checkpoint(tiny_b
     result = runner.invoke(app, [*args, "--steps", "2", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["step"] == 2 and len(summary["history"]) == 2
+    assert summary.step == 2 and len(summary.history) == 2
     assert load_bundle(tmp_path / "t").predictor.is_file()
     with Engine.from_bundle(load_bundle(tmp_path / "t")) as engine:
         tokens = random_prompt(40, engine.model.n_vocab, engine.model.bos, low=3)
@@ -140,7 +140,7 @@ def test_train_aux_writes_back_an_auxiliary_llama_cpp_runs(tiny_gemma3, tiny_bun
     strided = pack_bundle(tmp_path / "strided", base=tiny_gemma3, aux=aux, predictor=pred)
     settings = TrainSettings(tokens=64, tail=16, lr=1e-2)
     summary = train_bundle(strided, tmp_path / "out", settings=settings, steps=2, train_aux=True, validate=0)
-    assert summary["aux_ce_last_10"] > 0
+    assert summary.aux_ce_last_10 > 0
     out = load_bundle(tmp_path / "out")
     before, after = read_tensors(aux), read_tensors(out.aux)
     np.testing.assert_array_equal(before["blk.0.attn_q.weight"], after["blk.0.attn_q.weight"])

@@ -295,9 +295,9 @@ def factor_cmd(
             progress=lambda i, n: report("calibrate", i, n),
         )
     if json_out:
-        typer.echo(json.dumps(result, indent=2))
+        typer.echo(json.dumps(result.to_json(), indent=2))
         return
-    errors = result["heldout_rel_error"]
+    errors = result.heldout_rel_error
     for il, e in errors.items():
         typer.echo(
             f"layer {il:3d}: K {e['before'][0]:.3f} -> {e['after'][0]:.3f}   "
@@ -309,7 +309,7 @@ def factor_cmd(
         for i in (0, 1)
     }
     typer.echo(
-        f"wrote bundle {output} (rank {rank}, {len(result['factored_layers'])} layers "
+        f"wrote bundle {output} (rank {rank}, {len(result.factored_layers)} layers "
         f"factored; held-out mean K {means['before', 0]:.3f} -> {means['after', 0]:.3f}, "
         f"V {means['before', 1]:.3f} -> {means['after', 1]:.3f})"
     )

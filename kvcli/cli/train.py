@@ -114,22 +114,22 @@ def command(
             notice=lambda text: ui.err.print(text, soft_wrap=True),
         )
     if json_out:
-        typer.echo(json.dumps(summary, indent=2))
+        typer.echo(json.dumps(summary.to_json(), indent=2))
         return
     ui.out.print(
-        f"trained {summary['steps_this_run']} steps (step {summary['step']} of the run) on "
-        f"{summary['source']}, {summary['tokens_per_s']} tokens/s"
+        f"trained {summary.steps_this_run} steps (step {summary.step} of the run) on "
+        f"{summary.source}, {summary.tokens_per_s} tokens/s"
     )
     ui.out.print(
-        f"cross-entropy over the tail: {summary['ce_first_10']} (first 10 steps) -> "
-        f"{summary['ce_last_10']} (last 10; the base over its own cache: "
-        f"{summary['ce_base_last_10']}); K/V L1 {summary['kv_l1_first_10']} -> "
-        f"{summary['kv_l1_last_10']}"
+        f"cross-entropy over the tail: {summary.ce_first_10} (first 10 steps) -> "
+        f"{summary.ce_last_10} (last 10; the base over its own cache: "
+        f"{summary.ce_base_last_10}); K/V L1 {summary.kv_l1_first_10} -> "
+        f"{summary.kv_l1_last_10}"
     )
-    if summary["validation"]:
-        first, last = summary["validation"][0], summary["validation"][-1]
+    if summary.validation:
+        first, last = summary.validation[0], summary.validation[-1]
         ui.out.print(
             f"held-out cross-entropy over the tail: {first['ce']} (step {first['step']}) -> "
             f"{last['ce']} (step {last['step']}; the base over its own cache: {last['ce_base']})"
         )
-    ui.out.print(f"bundle: {summary['output']}  (checkpoint: {summary['checkpoint']})")
+    ui.out.print(f"bundle: {summary.output}  (checkpoint: {summary.checkpoint})")

@@ -135,6 +135,21 @@ def bundle_with_predictor(
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class FactorResult:
+    """What ``factor_bundle`` did (``kvcli convert factor --json`` prints ``to_json()``): per
+    factored layer, the held-out relative error of K and V before and after."""
+
+    rank: int
+    factored_layers: list[int]
+    heldout_rel_error: dict[int, dict[str, tuple[float, float]]]
+    calibration_tokens: int
+    source: str
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def factor_bundle(
     bundle,
     output,
@@ -147,7 +162,7 @@ def factor_bundle(
     storage: str | None = None,
     settings=None,
     progress=None,
-) -> dict:
+) -> FactorResult:
     """Factor ``bundle``'s predictor (``factor_predictor``) with feature statistics over
     calibration text, and write a bundle with it to ``output``. Returns held-out relative
     errors per layer before and after (the basis is fit on the other calibration prompts)."""
@@ -192,13 +207,13 @@ def factor_bundle(
         raise KvcliError("the calibration's layers or features differ from the predictor's")
     factored, errors = factor_calibrated(pred, data, rank, full_layers)
     bundle_with_predictor(bundle, factored, Path(output), storage)
-    return {
-        "rank": rank,
-        "factored_layers": factored.factored_layers,
-        "heldout_rel_error": errors,
-        "calibration_tokens": sum(s.n_rows for s in data.fit.values()),
-        "source": data.source,
-    }
+    return FactorResult(
+        rank=rank,
+        factored_layers=factored.factored_layers,
+        heldout_rel_error=errors,
+        calibration_tokens=sum(s.n_rows for s in data.fit.values()),
+        source=data.source,
+    )
 
 
 OUTTYPES = ("f32", "f16", "q8_0", "q4_k_m")

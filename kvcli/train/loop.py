@@ -5,12 +5,46 @@ and on Ctrl-C, resumable, and written as a new bundle."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from kvcli.errors import KvcliError
 from kvcli.train.train import PredictorTrainer, TrainSettings, order_of_sequences, trainable_reason
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """What a run of kvcli train did (``--json`` prints ``to_json()``): cross-entropy over the
+    tail of its first and last 10 steps, the base's own over its true cache, the K/V L1
+    term, speed, held-out validation, and every step's figures."""
+
+    output: str
+    checkpoint: str
+    step: int
+    steps_this_run: int
+    tokens_per_sequence: int
+    tail: int
+    sequences_available: int
+    source: str
+    l1_weight: float
+    lr: float
+    seed: int
+    device: str
+    train_aux: bool
+    aux_ce_last_10: float | None
+    ce_first_10: float | None
+    ce_last_10: float | None
+    ce_base_last_10: float | None
+    kv_l1_first_10: float | None
+    kv_l1_last_10: float | None
+    tokens_per_s: float | None
+    validation: list[dict] | None
+    history: list[dict]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def save_checkpoint(state: dict, path: Path) -> Path:
@@ -152,27 +186,27 @@ def train_bundle(
     def mean(key, part):
         return round(float(np.mean([r[key] for r in part])), 4) if part else None
 
-    return {
-        "output": str(output),
-        "checkpoint": str(checkpoint),
-        "step": trainer.step,
-        "steps_this_run": len(rows),
-        "tokens_per_sequence": settings.tokens,
-        "tail": settings.tail,
-        "sequences_available": len(sequences),
-        "source": source,
-        "l1_weight": trainer.l1_weight,
-        "lr": settings.lr,
-        "seed": settings.seed,
-        "device": device,
-        "train_aux": train_aux,
-        "aux_ce_last_10": mean("aux_ce", last) if train_aux else None,
-        "ce_first_10": mean("ce", first),
-        "ce_last_10": mean("ce", last),
-        "ce_base_last_10": mean("ce_base", last),
-        "kv_l1_first_10": mean("kv_l1", first),
-        "kv_l1_last_10": mean("kv_l1", last),
-        "tokens_per_s": round(float(np.median([r["tokens_per_s"] for r in rows])), 1) if rows else None,
-        "validation": validation,
-        "history": [{k: round(r[k], 4) for k in ("step", "ce", "ce_base", "kv_l1", "seconds")} for r in rows],
-    }
+    return TrainSummary(
+        output=str(output),
+        checkpoint=str(checkpoint),
+        step=trainer.step,
+        steps_this_run=len(rows),
+        tokens_per_sequence=settings.tokens,
+        tail=settings.tail,
+        sequences_available=len(sequences),
+        source=source,
+        l1_weight=trainer.l1_weight,
+        lr=settings.lr,
+        seed=settings.seed,
+        device=device,
+        train_aux=train_aux,
+        aux_ce_last_10=mean("aux_ce", last) if train_aux else None,
+        ce_first_10=mean("ce", first),
+        ce_last_10=mean("ce", last),
+        ce_base_last_10=mean("ce_base", last),
+        kv_l1_first_10=mean("kv_l1", first),
+        kv_l1_last_10=mean("kv_l1", last),
+        tokens_per_s=round(float(np.median([r["tokens_per_s"] for r in rows])), 1) if rows else None,
+        validation=validation,
+        history=[{k: round(r[k], 4) for k in ("step", "ce", "ce_base", "kv_l1", "seconds")} for r in rows],
+    )
