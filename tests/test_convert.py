@@ -384,7 +384,7 @@ def test_hidden_out_feature_needs_the_view(tmp_path, tiny_gemma3, tiny_llama, sm
     )
     assert_one_line_error(
         convert("calibrate", tiny_gemma3, aux, "-o", tmp_path / "x.gguf", "--hidden", "middle"),
-        "--hidden takes",
+        "unknown 'middle'",
     )
 
 

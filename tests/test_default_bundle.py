@@ -19,7 +19,9 @@ def test_default_bundle_uses_the_shipped_predictor_without_calibrating(gemma_bun
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibrated although a fitting predictor ships")
 
-    monkeypatch.setattr(bundle_mod, "build_bundle", no_calibration)
+    import kvcli.engine.build
+
+    monkeypatch.setattr(kvcli.engine.build, "build_bundle", no_calibration)
     b = default_bundle()
     assert b.predictor.resolve() == gemma_bundle.predictor.resolve()
     assert b.aux_prefix == DEFAULT_AUX_LAYERS and str(b.folder).startswith(str(tmp_path))

@@ -110,7 +110,7 @@ def test_cli_trains_writes_a_bundle_and_refuses_to_overwrite_a_checkpoint(tiny_b
     result = runner.invoke(app, [*args, "--steps", "2", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary.step == 2 and len(summary.history) == 2
+    assert summary["step"] == 2 and len(summary["history"]) == 2
     assert load_bundle(tmp_path / "t").predictor.is_file()
     with Engine.from_bundle(load_bundle(tmp_path / "t")) as engine:
         tokens = random_prompt(40, engine.model.n_vocab, engine.model.bos, low=3)
