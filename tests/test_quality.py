@@ -42,6 +42,11 @@ def test_quick_eval_scores_what_it_should(gemma_bundle, tmp_path):
         round(float(np.mean(k_err[5:])), 4),
         round(float(np.mean(v_err[5:])), 4),
     ]
+    for r in rows.values():  # 95% Wilson intervals over the 3 prompts, holding the accuracy
+        assert r["correct"] == round(r["accuracy"] * 3) and r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
+    assert rows["aux"]["ci95"] == [0.0, 0.5615]  # 0 of 3 still admits 0.56
+    summary = {s["method"]: s for s in result["summary"]}
+    assert summary["aux"]["mean_retention"] == 0.0 and summary["aux"]["worst_family"] == "passkey"
 
 
 def test_kv_relative_errors_over_shared_positions_below_the_tail():

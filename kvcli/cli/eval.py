@@ -13,6 +13,7 @@ from kvcli.choices import parse_list
 from kvcli.cli.common import open_engine
 from kvcli.cli.options import BundleOpt, JsonOpt, ThreadsOpt
 from kvcli.errors import KvcliError
+from kvcli.eval.stats import summarize_methods
 from kvcli.eval.tasks import TASKS
 from kvcli.llama.runtime import ContextSettings
 
@@ -97,7 +98,11 @@ def command(
                         seed=seed,
                         progress=lambda i, total, s=stage: report(s, i, total),
                     )
-    result = {"settings": {**settings.__dict__, "n": n, "seed": seed}, "rows": rows}
+    result = {
+        "settings": {**settings.__dict__, "n": n, "seed": seed},
+        "rows": rows,
+        "summary": summarize_methods(rows),
+    }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -116,7 +121,7 @@ def command(
             + (f" tail {r['tail']}" if r["tail"] else "")
             + (f" spans {r['spans']}" if r.get("spans") else "")
             + (f" keep {r['keep']}" if r["keep"] else ""),
-            _fmt(r["accuracy"]),
+            _fmt(r["accuracy"]) + (f" [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" if r.get("ci95") else ""),
             _fmt(r["retention"]),
             _fmt(r["first_token_agreement"]),
             _fmt(r["kl_mean"], 3),
@@ -135,7 +140,7 @@ def command(
                 "task",
                 "N",
                 "method",
-                "accuracy",
+                "accuracy [95% CI]",
                 "retention",
                 "first token",
                 "KL",
@@ -146,3 +151,21 @@ def command(
             table_rows,
         )
     )
+    summary = [s for s in result["summary"] if s["families"]]
+    if summary:
+        ui.out.print(
+            ui.table(
+                "per method: mean retention over the tasks, the worst task",
+                ["method", "N", "mean retention", "worst task", "TTFT / base"],
+                [
+                    [
+                        s["method"],
+                        str(s["n_prompt"]),
+                        _fmt(s["mean_retention"]),
+                        f"{s['worst_family']} {_fmt(s['worst_retention'])}",
+                        f"{s['ttft_ratio_min']:.2f}-{s['ttft_ratio_max']:.2f}",
+                    ]
+                    for s in summary
+                ],
+            )
+        )

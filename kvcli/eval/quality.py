@@ -18,6 +18,7 @@ import numpy as np
 
 from kvcli.engine.engine import Engine
 from kvcli.eval.matched import matched_keep, timed_prefill
+from kvcli.eval.stats import wilson
 from kvcli.eval.tasks import Example, is_correct, make_examples
 from kvcli.state.codec import parse_seq_state
 from kvcli.state.layout import LayerCells, layers_by_index
@@ -202,6 +203,10 @@ def evaluate_task(
                 "keep": stats.keep,
                 "n": len(examples),
                 "accuracy": acc,
+                "correct": int(sum(stats.correct)) if stats.correct else None,
+                "ci95": [round(x, 4) for x in wilson(int(sum(stats.correct)), len(stats.correct))]
+                if stats.correct
+                else None,
                 "retention": (acc / base_acc) if acc is not None and base_acc else None,
                 "first_token_agreement": float(np.mean(stats.first_agree)),
                 "kl_mean": float(np.mean(stats.kl)),

@@ -1,0 +1,61 @@
+"""Statistics a reader can trust: Wilson score intervals for accuracies over n prompts, and a
+per-method summary over task families (mean retention, the worst family).
+
+Wilson rather than the normal approximation: at n = 10-20 and accuracies near 0 or 1 (most
+of kvcli's cells) the normal interval collapses to a point or leaves [0, 1]."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+Z95 = 1.959964  # the standard normal's 97.5% quantile
+
+
+def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The 95% (by default) Wilson score interval of ``successes`` out of ``n``."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def method_label(row: dict) -> str:
+    """'kvp tail 24 spans 2', 'truncate', 'base': the method and its settings, not its keep
+    (truncation's keep is matched per length and family)."""
+    return (
+        row["method"]
+        + (f" tail {row['tail']}" if row.get("tail") else "")
+        + (f" spans {row['spans']}" if row.get("spans") else "")
+    )
+
+
+def summarize_methods(rows: list[dict]) -> list[dict]:
+    """Per method (and prompt length): mean retention over the families with an accuracy,
+    the worst family and its retention, the TTFT / base range."""
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[method_label(r), r["n_prompt"]].append(r)
+    out = []
+    for (label, n_prompt), group in groups.items():
+        scored = [r for r in group if r.get("retention") is not None]
+        worst = min(scored, key=lambda r: r["retention"]) if scored else None
+        ratios = [r["ttft_ratio"] for r in group]
+        out.append(
+            {
+                "method": label,
+                "n_prompt": n_prompt,
+                "families": len(scored),
+                "mean_retention": round(sum(r["retention"] for r in scored) / len(scored), 4)
+                if scored
+                else None,
+                "worst_family": worst["task"] if worst else None,
+                "worst_retention": round(worst["retention"], 4) if worst else None,
+                "ttft_ratio_min": round(min(ratios), 4),
+                "ttft_ratio_max": round(max(ratios), 4),
+            }
+        )
+    return out

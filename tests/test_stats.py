@@ -1,0 +1,51 @@
+import pytest
+
+from kvcli.eval.stats import method_label, summarize_methods, wilson
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "lo", "hi"),
+    [
+        (20, 20, 0.8389, 1.0),  # all right: the interval still admits 0.84
+        (18, 20, 0.6990, 0.9721),
+        (0, 20, 0.0, 0.1611),
+        (5, 10, 0.2366, 0.7634),
+        (3, 3, 0.4385, 1.0),
+    ],
+)
+def test_wilson_intervals_match_published_values(k, n, lo, hi):
+    got = wilson(k, n)
+    assert got == pytest.approx((lo, hi), abs=1e-4)
+
+
+def test_wilson_without_prompts_says_nothing():
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_summary_takes_mean_and_worst_family_per_method_and_length():
+    def row(task, method, retention, ratio, n_prompt=1024, **kw):
+        return {
+            "task": task,
+            "method": method,
+            "retention": retention,
+            "ttft_ratio": ratio,
+            "n_prompt": n_prompt,
+            **kw,
+        }
+
+    rows = [
+        row("passkey", "kvp", 1.0, 0.31, tail=24, spans=2),
+        row("document", "kvp", 0.5, 0.33, tail=24, spans=2),
+        row("passkey", "truncate", 0.0, 0.30, keep=300),
+        row("document", "truncate", 0.2, 0.32, keep=280),
+        row("passkey", "kvp", 0.9, 0.30, n_prompt=2048, tail=24, spans=2),
+    ]
+    by = {(s["method"], s["n_prompt"]): s for s in summarize_methods(rows)}
+    kvp = by["kvp tail 24 spans 2", 1024]
+    assert (
+        kvp["mean_retention"] == 0.75 and kvp["worst_family"] == "document" and kvp["worst_retention"] == 0.5
+    )
+    assert (kvp["ttft_ratio_min"], kvp["ttft_ratio_max"]) == (0.31, 0.33)
+    assert by["truncate", 1024]["mean_retention"] == 0.1  # one label whatever the matched keep
+    assert by["kvp tail 24 spans 2", 2048]["families"] == 1
+    assert method_label({"method": "aux"}) == "aux"
