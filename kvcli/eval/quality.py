@@ -18,13 +18,13 @@ import numpy as np
 
 from kvcli.engine.engine import Engine
 from kvcli.eval.matched import matched_keep, timed_prefill
+from kvcli.eval.prompts import ANSWER_TOKENS, Example
 from kvcli.eval.stats import wilson
-from kvcli.eval.tasks import Example, is_correct, make_examples
+from kvcli.eval.tasks import make_examples
 from kvcli.state.codec import parse_seq_state
 from kvcli.state.layout import LayerCells, layers_by_index
 
 FORCED = 32
-ANSWER_TOKENS = 8
 
 
 @dataclass
@@ -79,10 +79,10 @@ class BaseReference:
     answer: str
 
 
-def _answer_text(model, tokens: list[int]) -> str:
-    """The first ANSWER_TOKENS greedy tokens up to end of generation, as text."""
+def _answer_text(model, tokens: list[int], n: int = ANSWER_TOKENS) -> str:
+    """The first ``n`` greedy tokens up to end of generation, as text."""
     answer = []
-    for token in tokens[:ANSWER_TOKENS]:
+    for token in tokens[:n]:
         if model.is_eog(token):
             break
         answer.append(token)
@@ -147,13 +147,13 @@ def score_method(
     stats.top1.append(top1)
     stats.first_agree.append(first == ref.tokens[0])
     stats.ttft_ms.append(ttft)
-    if example.answer is not None:
+    if example.answer is not None or example.answers:
         ctx.truncate(n_past)
         greedy = [first]
-        while len(greedy) < ANSWER_TOKENS and not ctx.model.is_eog(greedy[-1]):
+        while len(greedy) < example.answer_tokens and not ctx.model.is_eog(greedy[-1]):
             ctx.decode(greedy[-1:], logits_last=True)
             greedy.append(int(np.argmax(ctx.last_logits())))
-        stats.correct.append(is_correct(_answer_text(ctx.model, greedy), example.answer))
+        stats.correct.append(example.correct(_answer_text(ctx.model, greedy, example.answer_tokens)))
 
 
 def evaluate_task(
@@ -181,8 +181,8 @@ def evaluate_task(
         base.first_agree.append(True)
         base.kl.append(0.0)
         base.top1.append(1.0)
-        if ex.answer is not None:
-            base.correct.append(is_correct(ref.answer, ex.answer))
+        if ex.answer is not None or ex.answers:
+            base.correct.append(ex.correct(_answer_text(engine.model, ref.tokens, ex.answer_tokens)))
         for stats in methods:
             score_method(engine, tokens, ref, stats, ex, true_cache)
         if progress:

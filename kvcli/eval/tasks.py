@@ -9,14 +9,12 @@ from the held-out part of the offline corpus (never used for calibration).
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from kvcli.errors import KvcliError
+from kvcli.eval.prompts import FILLER, Example, Tokenize, fit_prompt, is_correct, normalize  # noqa: F401
+from kvcli.eval.ruler import RULER_TASKS
 from kvcli.predict.corpus import corpus_texts, docstring_texts
-
-Tokenize = Callable[[str], list[int]]
 
 NAMES = [
     "Alice",
@@ -68,43 +66,6 @@ CITIES = [
 ]
 THINGS = ["lamp", "violin", "bicycle", "kettle", "compass", "notebook", "umbrella", "telescope"]
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "silver", "black"]
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-
-
-@dataclass(frozen=True)
-class Example:
-    task: str
-    prompt: str
-    answer: str | None  # None: scored by KL and top-1 agreement only (continuation)
-
-
-def normalize(text: str) -> str:
-    return re.sub(r"[^0-9a-z]+", " ", text.lower()).strip()
-
-
-def is_correct(output: str, answer: str) -> bool:
-    """Strict: the normalised greedy output starts with the normalised answer."""
-    out, want = normalize(output), normalize(answer)
-    return bool(want) and (out == want or out.startswith(want + " "))
-
-
-def _fit(build: Callable[[int], str], n_tokens: int, tokenize: Tokenize) -> str:
-    """The longest ``build(k)`` (k filler units) that stays within ``n_tokens`` tokens."""
-    lo, hi = 0, 1
-    while len(tokenize(build(hi))) <= n_tokens:
-        lo, hi = hi, hi * 2
-        if hi > 1 << 16:
-            break
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if len(tokenize(build(mid))) <= n_tokens:
-            lo = mid
-        else:
-            hi = mid
-    text = build(lo)
-    if len(tokenize(text)) > n_tokens:
-        raise KvcliError(f"prompt length {n_tokens} is too short for this task")
-    return text
 
 
 def _code(rng: random.Random) -> str:
@@ -122,7 +83,7 @@ def passkey(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
         before = int(k * depth)
         return head + FILLER * before + needle + FILLER * (k - before) + tail
 
-    return Example("passkey", _fit(build, n_tokens, tokenize), key)
+    return Example("passkey", fit_prompt(build, n_tokens, tokenize), key)
 
 
 def multikey(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
@@ -143,7 +104,7 @@ def multikey(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
             at = upto
         return "".join(parts) + FILLER * (k - at) + tail
 
-    return Example("multikey", _fit(build, n_tokens, tokenize), codes[asked])
+    return Example("multikey", fit_prompt(build, n_tokens, tokenize), codes[asked])
 
 
 def document(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
@@ -165,7 +126,7 @@ def document(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
     def build(k: int) -> str:
         return head + "".join(story(i) for i in range(k)) + tail
 
-    return Example("document", _fit(build, n_tokens, tokenize), cities[asked])
+    return Example("document", fit_prompt(build, n_tokens, tokenize), cities[asked])
 
 
 def code(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
@@ -185,7 +146,7 @@ def code(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
     def build(k: int) -> str:
         return head + "".join(func(i) for i in range(k)) + tail
 
-    return Example("code", _fit(build, n_tokens, tokenize), value)
+    return Example("code", fit_prompt(build, n_tokens, tokenize), value)
 
 
 _HELDOUT: dict[str, list[str]] = {}  # a cache of the held-out texts, per kind
@@ -197,7 +158,7 @@ def _excerpt(task: str, texts: list[str], rng: random.Random, n_tokens: int, tok
     tokens_per_char = len(tokenize(text[:4000])) / max(1, len(text[:4000]))
     chars = int(n_tokens / max(tokens_per_char, 1e-3))
     start = rng.randrange(0, max(1, len(text) - chars))
-    return Example(task, _fit(lambda k: text[start : start + k * 16], n_tokens, tokenize), None)
+    return Example(task, fit_prompt(lambda k: text[start : start + k * 16], n_tokens, tokenize), None)
 
 
 def continuation(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
@@ -219,6 +180,7 @@ TASKS: dict[str, Callable[[random.Random, int, Tokenize], Example]] = {
     "code": code,
     "continuation": continuation,
     "prose": prose,
+    **RULER_TASKS,
 }
 
 

@@ -1,0 +1,168 @@
+"""Task families in the manner of RULER (Hsieh et al., arXiv 2404.06654), written from the
+paper's description: retrieval of a UUID, of every value of one key, of the values of two
+keys, variable tracking through chains of assignments, and the most frequent words of a
+long list. Each is seeded and grows to any prompt length; the haystack here is kvcli's
+repeated noise, where the needles are the salient tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from kvcli.eval.prompts import FILLER, Example, Tokenize, fit_prompt
+
+KEYS = [
+    "amber-falcon",
+    "quiet-harbor",
+    "iron-meadow",
+    "silver-orchid",
+    "north-lantern",
+    "velvet-canyon",
+    "copper-willow",
+    "hollow-summit",
+    "crimson-delta",
+    "pale-juniper",
+    "lunar-thistle",
+    "granite-fjord",
+]
+LONG_ANSWER = 32  # greedy tokens scored where the answer is a UUID or several values
+
+
+def _spread(k: int, needles: list[str], depths: list[float], noise: str = FILLER) -> str:
+    """``k`` noise units with ``needles`` inserted at their relative ``depths`` (sorted)."""
+    parts, at = [], 0
+    for needle, d in sorted(zip(needles, depths), key=lambda x: x[1]):
+        upto = int(k * d)
+        parts.append(noise * (upto - at) + needle)
+        at = upto
+    return "".join(parts) + noise * (k - at)
+
+
+def _number(rng: random.Random) -> str:
+    return str(rng.randint(1000000, 9999999))
+
+
+def uuid_value(rng: random.Random) -> str:
+    hexes = "".join(rng.choice("0123456789abcdef") for _ in range(32))
+    return f"{hexes[:8]}-{hexes[8:12]}-{hexes[12:16]}-{hexes[16:20]}-{hexes[20:]}"
+
+
+def uuid(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
+    """One needle whose value is a UUID, at a random depth."""
+    key, value, depth = rng.choice(KEYS), uuid_value(rng), rng.uniform(0.05, 0.95)
+    head = "A special magic uuid is hidden within the following text. Make sure to memorize it.\n"
+    needle = f" One of the special magic uuids for {key} is: {value}. "
+    tail = (
+        f"\nWhat is the special magic uuid for {key} mentioned in the provided text? "
+        f"The special magic uuid for {key} mentioned in the provided text is"
+    )
+    prompt = fit_prompt(lambda k: head + _spread(k, [needle], [depth]) + tail, n_tokens, tokenize)
+    return Example("uuid", prompt, value, answer_tokens=LONG_ANSWER)
+
+
+def multivalue(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
+    """Four values of one key at random depths; all four are asked for."""
+    key, values = rng.choice(KEYS), [_number(rng) for _ in range(4)]
+    depths = [rng.uniform(0.02, 0.98) for _ in values]
+    head = "Some special magic numbers are hidden within the following text. Make sure to memorize them.\n"
+    needles = [f" One of the special magic numbers for {key} is: {v}. " for v in values]
+    tail = (
+        f"\nWhat are all the special magic numbers for {key} mentioned in the provided text? "
+        f"The special magic numbers for {key} mentioned in the provided text are"
+    )
+    prompt = fit_prompt(lambda k: head + _spread(k, needles, depths) + tail, n_tokens, tokenize)
+    return Example("multivalue", prompt, None, answers=tuple(values), answer_tokens=LONG_ANSWER)
+
+
+def multiquery(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
+    """Four keys with a value each at random depths; the values of two are asked for."""
+    keys = rng.sample(KEYS, 4)
+    values = [_number(rng) for _ in keys]
+    depths = [rng.uniform(0.02, 0.98) for _ in keys]
+    asked = rng.sample(range(4), 2)
+    head = "Some special magic numbers are hidden within the following text. Make sure to memorize them.\n"
+    needles = [f" One of the special magic numbers for {k} is: {v}. " for k, v in zip(keys, values)]
+    names = f"{keys[asked[0]]} and {keys[asked[1]]}"
+    tail = (
+        f"\nWhat are the special magic numbers for {names} mentioned in the provided text? "
+        f"The special magic numbers for {names} mentioned in the provided text are"
+    )
+    prompt = fit_prompt(lambda k: head + _spread(k, needles, depths) + tail, n_tokens, tokenize)
+    return Example(
+        "multiquery", prompt, None, answers=tuple(values[i] for i in asked), answer_tokens=LONG_ANSWER
+    )
+
+
+def _var_names(rng: random.Random, n: int) -> list[str]:
+    names: set[str] = set()
+    while len(names) < n:
+        names.add("".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)))
+    return sorted(names, key=lambda _: rng.random())
+
+
+def vartrack(rng: random.Random, n_tokens: int, tokenize: Tokenize, hops: int = 4) -> Example:
+    """A chain VAR A = 12345, VAR B = A, ... (``hops`` assignments after the first) spread in
+    order through the noise, beside a distractor chain of another value; every variable
+    bound to the first value is asked for."""
+    names = _var_names(rng, 2 * (hops + 1))
+    chain, other = names[: hops + 1], names[hops + 1 :]
+    value, distractor = str(rng.randint(10000, 99999)), str(rng.randint(10000, 99999))
+
+    def statements(vars_: list[str], v: str) -> list[str]:
+        return [f" VAR {vars_[0]} = {v} "] + [f" VAR {b} = {a} " for a, b in itertools.pairwise(vars_)]
+
+    needles = statements(chain, value) + statements(other, distractor)
+    depths = sorted(rng.uniform(0.02, 0.98) for _ in chain) + sorted(rng.uniform(0.02, 0.98) for _ in other)
+    head = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n"
+    tail = (
+        f"\nQuestion: Find all variables that are assigned the value {value} in the text above. "
+        f"Answer: According to the chain(s) of variable assignment in the text above, {hops + 1} "
+        f"variables are assigned the value {value}, they are:"
+    )
+    prompt = fit_prompt(lambda k: head + _spread(k, needles, depths) + tail, n_tokens, tokenize)
+    return Example("vartrack", prompt, None, answers=tuple(chain), answer_tokens=LONG_ANSWER)
+
+
+def coded_word(rng: random.Random) -> str:
+    return "".join(rng.choice("bcdfghjklmnpqrstvwxz") + rng.choice("aeiou") for _ in range(3))
+
+
+def words(rng: random.Random, n_tokens: int, tokenize: Tokenize, vocabulary: int = 40) -> Example:
+    """Frequent-words extraction: coded words drawn with Zipf-like frequencies (the r-th
+    word about 1/r of the time); the three most frequent are asked for. Counts are made
+    strictly decreasing at the top, so the answer is unique."""
+    vocab = list(dict.fromkeys(coded_word(rng) for _ in range(vocabulary * 2)))[:vocabulary]
+    weights = [1 / (r + 1) for r in range(len(vocab))]
+    head = "Read the following coded text and track the frequency of each coded word.\n"
+    tail = (
+        "\nQuestion: What are the three most frequently appeared words in the above coded "
+        "text? Answer: According to the coded text above, the three most frequently appeared words are:"
+    )
+
+    seed = rng.random()
+
+    def build(k: int) -> str:
+        draw = random.Random(f"words:{seed}:{k}")
+        counts = {w: 0 for w in vocab}
+        seq = draw.choices(vocab, weights, k=k * 8)
+        for w in seq:
+            counts[w] += 1
+        # the top three: strictly more than any other word, in this order
+        floor = max(counts[w] for w in vocab[3:]) if len(vocab) > 3 else 0
+        extra = [vocab[i] for i in range(3) for _ in range(max(0, floor + 3 - i - counts[vocab[i]]))]
+        seq += extra
+        draw.shuffle(seq)
+        return head + " ".join(seq) + tail
+
+    prompt = fit_prompt(build, n_tokens, tokenize)
+    return Example("words", prompt, None, answers=tuple(vocab[:3]), answer_tokens=LONG_ANSWER)
+
+
+RULER_TASKS = {
+    "uuid": uuid,
+    "multivalue": multivalue,
+    "multiquery": multiquery,
+    "vartrack": vartrack,
+    "words": words,
+}
