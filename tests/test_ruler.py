@@ -75,3 +75,30 @@ def test_set_answers_need_every_value_as_a_whole_word():
     assert contains_all("They are: 1234567, 7654321.", ("7654321", "1234567"))
     assert not contains_all("They are: 1234567.", ("7654321", "1234567"))
     assert not contains_all("12345678", ("1234567",))
+
+
+def test_the_same_prompts_in_every_process():
+    """Seeded means across processes too: nothing may follow a set's order, which follows
+    the process's string hashing (PYTHONHASHSEED)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from kvcli.eval.tasks import make_examples\n"
+        "from kvcli.eval.ruler import RULER_TASKS\n"
+        "for t in sorted(RULER_TASKS):\n"
+        "    ex = make_examples(t, n=2, n_tokens=600, tokenize=lambda s: list(range((len(s) + 3) // 4)))\n"
+        "    print([(e.answers or e.answer, len(e.prompt)) for e in ex])\n"
+    )
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(outs) == 1

@@ -77,6 +77,7 @@ class BaseReference:
     tokens: list[int]  # the base's greedy next FORCED tokens
     logp: np.ndarray  # (FORCED, n_vocab) float32 log-probabilities
     answer: str
+    greedy: list[int]  # its greedy tokens: the FORCED ones, or more where a long answer needs them
 
 
 def _answer_text(model, tokens: list[int], n: int = ANSWER_TOKENS) -> str:
@@ -89,24 +90,30 @@ def _answer_text(model, tokens: list[int], n: int = ANSWER_TOKENS) -> str:
     return model.detokenize(answer)
 
 
-def base_reference(engine: Engine, tokens: list[int]) -> tuple[BaseReference, float, dict[int, LayerCells]]:
+def base_reference(
+    engine: Engine, tokens: list[int], n_greedy: int = FORCED
+) -> tuple[BaseReference, float, dict[int, LayerCells]]:
     """The base's reference, its TTFT and its cache right after the prefill."""
     ctx, logits, _, ttft = timed_prefill(engine, tokens, mode="base")
     cache = cache_layers(engine)
-    return reference_after_prefill(ctx, logits), ttft, cache
+    return reference_after_prefill(ctx, logits, n_greedy), ttft, cache
 
 
-def reference_after_prefill(ctx, logits: np.ndarray) -> BaseReference:
-    """The base's greedy next FORCED tokens and log-probabilities, from its prefilled ``ctx``."""
+def reference_after_prefill(ctx, logits: np.ndarray, n_greedy: int = FORCED) -> BaseReference:
+    """The base's greedy next FORCED tokens and log-probabilities, from its prefilled ``ctx``
+    (``n_greedy`` > FORCED: that many greedy tokens in ``greedy``, for a long answer)."""
     token = int(np.argmax(logits))
     out, rows = [], []
-    for _ in range(FORCED):
+    for i in range(max(FORCED, n_greedy)):
         out.append(token)
-        rows.append(_log_softmax(logits).astype(np.float32))
+        if i < FORCED:
+            rows.append(_log_softmax(logits).astype(np.float32))
+        if i >= FORCED and ctx.model.is_eog(token):
+            break
         ctx.decode([token], logits_last=True)
         logits = ctx.last_logits()
         token = int(np.argmax(logits))
-    return BaseReference(out, np.stack(rows), _answer_text(ctx.model, out))
+    return BaseReference(out[:FORCED], np.stack(rows), _answer_text(ctx.model, out), out)
 
 
 def forced_scores(ctx, logits: np.ndarray, ref: BaseReference) -> tuple[float, float]:
@@ -176,13 +183,13 @@ def evaluate_task(
     methods = [MethodStats("kvp", tail=t, spans=s) for s in spans for t in tails]
     methods += [MethodStats("truncate", keep=keep), MethodStats("aux")]
     for i, (ex, tokens) in enumerate(zip(examples, prompts)):
-        ref, ttft, true_cache = base_reference(engine, tokens)
+        ref, ttft, true_cache = base_reference(engine, tokens, ex.answer_tokens)
         base.ttft_ms.append(ttft)
         base.first_agree.append(True)
         base.kl.append(0.0)
         base.top1.append(1.0)
         if ex.answer is not None or ex.answers:
-            base.correct.append(ex.correct(_answer_text(engine.model, ref.tokens, ex.answer_tokens)))
+            base.correct.append(ex.correct(_answer_text(engine.model, ref.greedy, ex.answer_tokens)))
         for stats in methods:
             score_method(engine, tokens, ref, stats, ex, true_cache)
         if progress:

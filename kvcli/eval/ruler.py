@@ -26,7 +26,8 @@ KEYS = [
     "lunar-thistle",
     "granite-fjord",
 ]
-LONG_ANSWER = 32  # greedy tokens scored where the answer is a UUID or several values
+LONG_ANSWER = 64  # greedy tokens scored where the answer is a UUID or several values (Qwen
+# spells a UUID in 36 tokens, one per digit)
 
 
 def _spread(k: int, needles: list[str], depths: list[float], noise: str = FILLER) -> str:
@@ -95,10 +96,14 @@ def multiquery(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example
 
 
 def _var_names(rng: random.Random, n: int) -> list[str]:
-    names: set[str] = set()
+    """``n`` distinct names, in the order drawn (never a set's order: that follows the
+    process's string hashing, and the prompts must be the same in every process)."""
+    names: list[str] = []
     while len(names) < n:
-        names.add("".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)))
-    return sorted(names, key=lambda _: rng.random())
+        name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def vartrack(rng: random.Random, n_tokens: int, tokenize: Tokenize, hops: int = 4) -> Example:
