@@ -54,6 +54,7 @@ CASES = [
     (("convert", "make-aux", MISSING, "-o", "/tmp/kvcli-x.gguf", "--layers", "0"), "not found"),
     (("convert", "calibrate", MISSING, MISSING, "-o", "/tmp/kvcli-x.gguf"), "not found"),
     (("convert", "calibrate", "a", "b", "-o", "x", "--text", "poems"), "'poems' is not one of"),
+    (("convert", "calibrate", "a", "b", "-o", "x", "--corpus", MISSING), "does not exist"),
     (("convert", "quantize", MISSING, "/tmp/kvcli-y.gguf", "q4_0"), "not found"),
     (("convert", "bundle", "--base", MISSING, "-o", "/tmp/kvcli-z"), "not found"),
     (("convert", "bundle", "--base", "b", "-o", "z", "--predictor-type", "q2"), "'q2' is not one of"),

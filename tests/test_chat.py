@@ -6,6 +6,7 @@ import pytest
 from kvcli.engine.build import build_bundle
 from kvcli.engine.conversation import Conversation, _minus, common_prefix
 from kvcli.engine.engine import Engine
+from kvcli.engine.generation import generate
 from kvcli.errors import ContextError
 from kvcli.llama.runtime import ContextSettings
 from kvcli.predict.apply import needed_positions, predict_base_kv
@@ -177,7 +178,7 @@ def test_a_chat_turn_is_prefilled_as_generate_prefills_it(gemma_bundle):
         example = document(random.Random(3), 700, eng.tokenize)
         conv = Conversation(eng, n_predict=1)
         tokens = conv.tokens_for([{"role": "user", "content": example.prompt}])
-        gen = eng.generate(tokens, mode="kvp", n_predict=1, **settings)
+        gen = generate(eng, tokens, mode="kvp", n_predict=1, **settings)
         assert gen.recomputed
         conv.send(example.prompt)
         assert eng.last_recomputed == gen.recomputed

@@ -11,7 +11,7 @@ import pytest
 from test_predictor import small_predictor
 
 from kvcli.engine.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST
-from kvcli.llama.runtime import prefix_view_supported
+from kvcli.llama.library import prefix_view_supported
 from kvcli.predict.predictor import save_predictor
 
 
@@ -138,9 +138,8 @@ def test_stock_build_notice(tiny_llama, tmp_path):
 
     b = build_bundle(tiny_llama, tmp_path / "b", n_aux_layers=2, n_tokens=600)
     code = (
-        "import sys, kvcli.engine.aux_load as e; e.prefix_view_supported = lambda: False; "
-        "import kvcli.cli.common as c; c.prefix_view_supported = lambda: False; "
-        "import kvcli.llama.runtime as r; r.prefix_view_supported = lambda: False; "
+        # the patch check reads the version: a stock build's says no patch, everywhere
+        "import sys, kvcli.llama.library as lib; lib.llama_cpp_version = lambda: '0.3.36'; "
         "from kvcli.cli.app import main; "
         f"sys.argv = ['kvcli', 'generate', 'the cat', '-n', '2', '--bundle', {str(b.folder)!r}]; main()"
     )

@@ -11,7 +11,8 @@ import pytest
 from test_cli import assert_one_line_error, kvcli
 from tiny_gguf import write_tiny_llama
 
-from kvcli.llama.runtime import prefix_view_supported
+from kvcli.engine.generation import generate
+from kvcli.llama.library import prefix_view_supported
 from kvcli.models.model_info import read_model_info
 
 CONVERT = Path(__file__).parent.parent / "tools" / "convert_gguf.py"
@@ -375,7 +376,7 @@ def test_hidden_out_feature_needs_the_view(tmp_path, tiny_gemma3, tiny_llama, sm
     settings = ContextSettings(n_ctx=256)
     with Engine(tiny_gemma3, aux_path=aux, predictor_path=pred, settings=settings) as eng:
         tokens = eng.tokenize("the cat sat on the mat and the dog ate the fish " * 3)
-        assert eng.generate(tokens, mode="kvp", n_predict=2).ttft_ms > 0
+        assert generate(eng, tokens, mode="kvp", n_predict=2).ttft_ms > 0
     with pytest.raises(IncompatibleError, match="view"):
         Engine(tiny_gemma3, aux_path=aux, predictor_path=pred, settings=settings, aux_load="file")
     assert_one_line_error(

@@ -15,7 +15,8 @@ from kvcli.engine.build import import_checkpoint
 from kvcli.engine.bundle import load_bundle
 from kvcli.engine.engine import Engine
 from kvcli.errors import IncompatibleError
-from kvcli.llama.runtime import ContextSettings, prefix_view_supported
+from kvcli.llama.library import prefix_view_supported
+from kvcli.llama.runtime import ContextSettings
 from kvcli.models.corenet import (
     OPENELM_CONFIGS,
     _general_gpt_fields,

@@ -7,8 +7,10 @@ import pytest
 from conftest import random_prompt
 
 from kvcli.engine.engine import Engine
+from kvcli.engine.generation import generate
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
-from kvcli.llama.runtime import Context, ContextSettings, llama_cpp_version, prefix_view_supported
+from kvcli.llama.library import llama_cpp_version, prefix_view_supported
+from kvcli.llama.runtime import Context, ContextSettings
 from kvcli.models.aux_cut import cut_auxiliary
 from kvcli.models.model_info import read_model_info
 from kvcli.predict.apply import predict_base_kv
@@ -161,10 +163,10 @@ def test_all_modes_generate_on_tiny_gemma3(tiny_gemma3, tiny_bundle):
     with Engine(tiny_gemma3, aux_path=aux, predictor_path=pred_path, settings=SETTINGS) as eng:
         tokens = random_prompt(80, eng.model.n_vocab, eng.model.bos, low=3)
         for mode in ("base", "kvp", "truncate", "aux"):
-            gen = eng.generate(tokens, mode=mode, n_predict=5, keep=20)
+            gen = generate(eng, tokens, mode=mode, n_predict=5, keep=20)
             assert gen.n_prompt == 80 and gen.ttft_ms > 0 and len(gen.tokens) <= 5
         with pytest.raises(ContextError, match="context holds 256"):
-            eng.generate(tokens * 4, mode="kvp")
+            generate(eng, tokens * 4, mode="kvp")
 
 
 def test_auxiliary_with_another_tokenizer_is_refused(tmp_path):
@@ -181,8 +183,8 @@ def test_embedded_model_kvp_past_the_sliding_window(gemma_bundle):
         text = " ".join(f"Item {i} is stored in box {i * 7 % 97}." for i in range(120))
         tokens = eng.tokenize(text)[:700]
         assert len(tokens) == 700
-        base = eng.generate(tokens, mode="base", n_predict=4)
-        kvp = eng.generate(tokens, mode="kvp", n_predict=4)
+        base = generate(eng, tokens, mode="base", n_predict=4)
+        kvp = generate(eng, tokens, mode="kvp", n_predict=4)
         t = kvp.timings
         assert min(t.aux_prefill_ms, t.state_get_ms, t.predict_ms, t.state_set_ms, t.base_decode_ms) > 0
         assert len(kvp.tokens) == 4 and len(base.tokens) == 4
@@ -273,8 +275,8 @@ def test_prefix_auxiliary_as_a_view_of_the_base_is_exact(fixture, load, request,
             lc = cut.prefill(tokens, mode="kvp", tail=tail)[1]
             np.testing.assert_array_equal(lv, lc)
         # the auxiliary alone still runs (view: from the cut file, loaded on first use)
-        gen = view.generate(tokens, mode="aux", n_predict=3)
-        ref = cut.generate(tokens, mode="aux", n_predict=3)
+        gen = generate(view, tokens, mode="aux", n_predict=3)
+        ref = generate(cut, tokens, mode="aux", n_predict=3)
         assert gen.tokens == ref.tokens and view.aux_load == load
 
 

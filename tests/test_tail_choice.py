@@ -6,6 +6,7 @@ from conftest import random_prompt
 from test_engine import SETTINGS, copy_everything_predictor, split_reference
 
 from kvcli.engine.engine import Engine
+from kvcli.engine.generation import generate
 from kvcli.engine.tail_choice import (
     RECENT_POSITIONS,
     SINK_POSITIONS,
@@ -75,7 +76,7 @@ def test_spans_from_the_tail_over_the_true_cache_are_exact(tiny_llama, tmp_path,
         eng.base_layout()
         assert eng.spans_supported and eng.kvp_settings() == {"tail": 24, "spans": 2}
         tokens = random_prompt(150, eng.model.n_vocab, eng.model.bos, low=3)
-        gen = eng.generate(tokens, mode="kvp", tail=10, spans=2, n_predict=1)
+        gen = generate(eng, tokens, mode="kvp", tail=10, spans=2, n_predict=1)
         n_pred = len(tokens) - 11
         assert len(gen.recomputed) == 2 and gen.timings.recompute_ms > 0
         for a, b in gen.recomputed:

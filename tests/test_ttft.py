@@ -6,7 +6,7 @@ import pytest
 from test_cli import assert_one_line_error, kvcli
 
 from kvcli.engine.build import build_bundle
-from kvcli.llama.runtime import prefix_view_supported
+from kvcli.llama.library import prefix_view_supported
 
 ROW_KEYS = {
     "n_prompt",

@@ -7,7 +7,7 @@
     python tools/convert_gguf.py bundle --base B [--aux A --predictor P] -o DIR
 
 The same commands as ``kvcli convert ...`` (installed with the package).
-Every subcommand is a thin wrapper over kvcli's own functions (kvcli/cli/convert.py), so
+Every subcommand is a thin wrapper over kvcli's own functions (kvcli/cli/convert*.py), so
 the converter and the kvcli commands share one implementation.
 """
 

@@ -16,6 +16,7 @@ from functools import partial
 
 import numpy as np
 
+from kvcli.engine.aux_load import take_captured
 from kvcli.engine.bundle import default_bundle, load_bundle
 from kvcli.engine.engine import Engine
 from kvcli.eval.ttft import bench_prompts
@@ -48,7 +49,7 @@ def profile(e: Engine, n: int, repeats: int) -> dict[str, float]:
         if e.aux.capture is not None:
             e.aux.capture.clear()
         e.aux.decode(tokens[:n_pred])
-        hidden, _ = e.take_captured(n_pred)
+        hidden, _ = take_captured(e, n_pred)
         raw = timed("state get", e.aux.get_state, -1)
         state = timed("parse", parse_seq_state, raw)
         aux_layers = layers_by_index(state, e.aux_state_info)

@@ -40,7 +40,7 @@ def _root(
 
 def _register() -> None:
     from kvcli.cli import bench, chat, doctor, eval, generate, inspect, train
-    from kvcli.cli.convert import app as convert_app
+    from kvcli.cli.convert import converter
 
     for name, module in (
         ("generate", generate),
@@ -52,6 +52,7 @@ def _register() -> None:
         ("inspect", inspect),
     ):
         app.command(name, help=paragraphs(module.HELP))(module.command)
+    convert_app = converter()
     app.add_typer(convert_app, name="convert", help=paragraphs(convert_app.info.help or ""))
 
 

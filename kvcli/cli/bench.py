@@ -27,7 +27,7 @@ Truncation keeps the last M tokens, M matched to kvp's TTFT from timings taken a
 
 
 def _settings_info(settings, bundle) -> dict:
-    from kvcli.llama.runtime import llama_cpp_version, system_info
+    from kvcli.llama.library import llama_cpp_version, system_info
     from kvcli.predict.predictor import load_predictor
 
     return {
@@ -256,7 +256,7 @@ def command(
 def _aux_loads(text: str) -> list[str]:
     """--aux-load: one load, a comma list (the first is the main engine's), or all."""
     from kvcli.engine.aux_load import AUX_LOADS
-    from kvcli.llama.runtime import prefix_view_supported
+    from kvcli.llama.library import prefix_view_supported
 
     if text == "all":  # the main engine picks its own; the others are tried beside it
         return ["auto", *(["partial"] if prefix_view_supported() else []), "view", "file"]

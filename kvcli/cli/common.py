@@ -47,7 +47,7 @@ def notice_aux_load(engine: Engine) -> Engine:
     """One dim line on stderr when a prefix auxiliary falls back to the eval-callback view
     because this llama-cpp-python lacks kvcli's patch (it would load as ``partial``)."""
     from kvcli.cli import ui
-    from kvcli.llama.runtime import prefix_view_supported
+    from kvcli.llama.library import prefix_view_supported
 
     if engine.aux_load == "view" and not prefix_view_supported() and not engine.needs_view:
         ui.err.print(

@@ -37,7 +37,7 @@ def command(
     from kvcli.engine.bundle import embedded_model_path, load_bundle
     from kvcli.errors import KvcliError
     from kvcli.eval.doctor import check_bundle, check_view, run_doctor
-    from kvcli.llama.runtime import llama_cpp_version
+    from kvcli.llama.library import llama_cpp_version
 
     if model is not None and bundle is not None:
         raise KvcliError("give either --bundle or --model, not both")

@@ -13,6 +13,7 @@ import typer
 from kvcli.cli.common import open_engine
 from kvcli.cli.options import BundleOpt, CtxOpt, JsonOpt, ModelOpt, SeedOpt, ThreadsOpt
 from kvcli.engine.engine import Engine, Mode
+from kvcli.engine.generation import generate
 from kvcli.engine.recompute import SPAN_WIDTH
 from kvcli.engine.sampling import Sampler
 from kvcli.engine.timings import Generation
@@ -78,7 +79,7 @@ def _run_batch(engine: Engine, batch: Path, defaults: dict) -> None:
             opts.update(engine.kvp_settings(opts["tail"], opts["spans"]))
         sampler = Sampler(temperature=opts.pop("temp", 0.0))
         try:
-            gen = engine.generate(engine.tokenize(prompt), sampler=sampler, **opts)
+            gen = generate(engine, engine.tokenize(prompt), sampler=sampler, **opts)
             record = result_json(gen, id=item.get("id"))
         except KvcliError as exc:
             record = {"id": item.get("id"), "error": str(exc)}
@@ -159,10 +160,10 @@ def command(
             )
         sampler = Sampler(temperature=temp, seed=seed)
         if json_out:
-            gen = engine.generate(tokens, sampler=sampler, **opts)
+            gen = generate(engine, tokens, sampler=sampler, **opts)
             typer.echo(json.dumps(result_json(gen)))
             return
-        gen = engine.generate(tokens, sampler=sampler, on_token=_stream_printer(engine, mode), **opts)
+        gen = generate(engine, tokens, sampler=sampler, on_token=_stream_printer(engine, mode), **opts)
         sys.stdout.write("\n")
         from kvcli.cli import ui
 

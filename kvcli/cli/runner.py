@@ -14,7 +14,7 @@ def set_debug(debug: bool) -> None:
     global _DEBUG
     _DEBUG = debug
     if debug:
-        from kvcli.llama.runtime import set_verbose
+        from kvcli.llama.library import set_verbose
 
         set_verbose(True)
 

@@ -82,7 +82,7 @@ def command(
     from kvcli.cli import ui
     from kvcli.cli.common import resolve_bundle
     from kvcli.errors import KvcliError
-    from kvcli.llama.runtime import default_threads
+    from kvcli.llama.library import default_threads
     from kvcli.train.loop import train_bundle
     from kvcli.train.torch_forward import _torch
     from kvcli.train.train import TrainSettings

@@ -5,16 +5,22 @@
 - "view": a second context on the base's own model whose graph the eval callback stops after
   layer k-1 (stock llama.cpp; docs/design.md, the auxiliary as a view);
 - "file": the cut auxiliary file, a second copy of the shared weights.
+
+Also the auxiliary's context for an engine, the tensors it captures for the predictor, and
+their rows read back after a prefill.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from kvcli.choices import Choice
 from kvcli.errors import IncompatibleError, KvcliError
-from kvcli.llama.capture import TensorCapture
-from kvcli.llama.runtime import Context, llama_cpp_version, prefix_view_supported
+from kvcli.llama.capture import TensorCapture, hidden_tensor_names
+from kvcli.llama.library import llama_cpp_version, prefix_view_supported
+from kvcli.llama.runtime import Context
 from kvcli.models.aux_cut import cut_auxiliary, prefix_layers
 from kvcli.models.model_info import read_model_info
 
@@ -106,3 +112,34 @@ def aux_file(engine) -> Path:
         )
     engine.aux_path = path
     return path
+
+
+def capture_names(engine) -> list[str]:
+    """The auxiliary's graph tensors the predictor reads: hidden tensors, then (for raw
+    keys) each feature layer's fused QKV projection output (OpenELM's ``wqkv``: raw keys
+    come only with an imported corenet predictor, whose auxiliary is an OpenELM)."""
+    pred = engine.predictor
+    if pred is None:
+        return []
+    names = hidden_tensor_names(engine.aux_info.n_layer, pred.hidden_kinds) if pred.uses_hidden else []
+    return names + ([f"wqkv-{src}" for src in pred.feature_layers] if pred.raw_keys else [])
+
+
+def take_captured(engine, n_rows: int) -> tuple[list[np.ndarray], dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """The auxiliary's captured rows: (hidden tensors, raw K and V per feature layer)."""
+    if engine.aux.capture is None:
+        return [], {}
+    rows = engine.aux.capture.take(n_rows)
+    n_hidden = len(engine.predictor.hidden_kinds)
+    raw_kv, info = {}, engine.aux_info
+    for src, qkv in zip(
+        engine.predictor.feature_layers if engine.predictor.raw_keys else [], rows[n_hidden:]
+    ):
+        q, kv = info.n_head[src] * info.head_dim_k, info.n_embd_k(src)
+        if qkv.shape[1] != q + kv + info.n_embd_v(src):
+            raise IncompatibleError(
+                f"auxiliary layer {src}'s QKV projection has {qkv.shape[1]} "
+                f"columns, not {q + kv + info.n_embd_v(src)}"
+            )
+        raw_kv[src] = (qkv[:, q : q + kv], qkv[:, q + kv :])
+    return rows[:n_hidden], raw_kv

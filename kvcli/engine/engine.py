@@ -15,14 +15,13 @@ TTFT is measured from having the prompt tokens to having the first sampled token
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 
 from kvcli import keys
 from kvcli.choices import Choice
-from kvcli.engine.aux_load import AuxLoad, aux_file, choose_aux_load, open_aux_context
+from kvcli.engine.aux_load import AuxLoad, aux_file, capture_names, choose_aux_load, open_aux_context
 from kvcli.engine.kvp_prefill import kvp_prefill
 from kvcli.engine.recompute import (
     DEFAULT_SPANS,
@@ -31,10 +30,9 @@ from kvcli.engine.recompute import (
     SPAN_WIDTH,
     SpanRecompute,
 )
-from kvcli.engine.sampling import Sampler
-from kvcli.engine.timings import Clock, Generation, Timings
+from kvcli.engine.timings import Clock, Timings
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
-from kvcli.llama.capture import TensorCapture, hidden_tensor_names
+from kvcli.llama.capture import TensorCapture
 from kvcli.llama.runtime import Context, ContextSettings, Model
 from kvcli.models.model_info import has_per_layer_arrays, key_norm_weights, prefix_view_info, read_model_info
 from kvcli.predict.apply import FirstCell
@@ -143,7 +141,7 @@ class Engine:
                 else {}
             )
             self.base = self._open(self.base_info.path, "base model", base_capture, **scratch)
-            names = self._capture_names()
+            names = capture_names(self)
             # a prefix auxiliary computes the base's own layers 0..k-1: where the tail-focus
             # layers are among them, its decode of the tail gives the same attention as the
             # base's pass over the predicted cache would (those layers' cells are copied)
@@ -169,35 +167,6 @@ class Engine:
         if self.predictor is not None:
             self.base_layout()  # once, outside any timed prefill
             self.first_cell(self.model.bos)
-
-    def _capture_names(self) -> list[str]:
-        """The auxiliary's graph tensors the predictor reads: hidden tensors, then (for raw
-        keys) each feature layer's fused QKV projection output (OpenELM's ``wqkv``: raw keys
-        come only with an imported corenet predictor, whose auxiliary is an OpenELM)."""
-        pred = self.predictor
-        if pred is None:
-            return []
-        names = hidden_tensor_names(self.aux_info.n_layer, pred.hidden_kinds) if pred.uses_hidden else []
-        return names + ([f"wqkv-{src}" for src in pred.feature_layers] if pred.raw_keys else [])
-
-    def take_captured(self, n_rows: int) -> tuple[list[np.ndarray], dict[int, tuple[np.ndarray, np.ndarray]]]:
-        """The auxiliary's captured rows: (hidden tensors, raw K and V per feature layer)."""
-        if self.aux.capture is None:
-            return [], {}
-        rows = self.aux.capture.take(n_rows)
-        n_hidden = len(self.predictor.hidden_kinds)
-        raw_kv, info = {}, self.aux_info
-        for src, qkv in zip(
-            self.predictor.feature_layers if self.predictor.raw_keys else [], rows[n_hidden:]
-        ):
-            q, kv = info.n_head[src] * info.head_dim_k, info.n_embd_k(src)
-            if qkv.shape[1] != q + kv + info.n_embd_v(src):
-                raise IncompatibleError(
-                    f"auxiliary layer {src}'s QKV projection has {qkv.shape[1]} "
-                    f"columns, not {q + kv + info.n_embd_v(src)}"
-                )
-            raw_kv[src] = (qkv[:, q : q + kv], qkv[:, q + kv :])
-        return rows[:n_hidden], raw_kv
 
     def _prefix_of_base(self) -> int:
         """k when the auxiliary is the base's layers 0..k-1 (a kvcli prefix cut) and a
@@ -411,50 +380,3 @@ class Engine:
         if tail is None:
             tail = DEFAULT_SPANS_TAIL if spans else 0
         return {"tail": tail, "spans": spans}
-
-    # -- generation ----------------------------------------------------------------------
-
-    def generate(
-        self,
-        tokens: list[int],
-        *,
-        mode: str = "kvp",
-        n_predict: int = 64,
-        tail: int = 0,
-        keep: int | None = None,
-        spans: int = 0,
-        sampler: Sampler | None = None,
-        on_token=None,
-    ) -> Generation:
-        """Prefill, then generate up to ``n_predict`` tokens (stops at end of generation)."""
-        sampler = sampler or Sampler()
-        start = time.perf_counter()
-        ctx, logits, timings = self.prefill(tokens, mode=mode, tail=tail, keep=keep, spans=spans)
-        first_logits = logits
-        token = sampler.sample(logits)
-        ttft_ms = (time.perf_counter() - start) * 1e3
-        out: list[int] = []
-        gen_start = time.perf_counter()
-        while True:
-            if ctx.model.is_eog(token):
-                break
-            out.append(token)
-            if on_token is not None:
-                on_token(token)
-            if len(out) >= n_predict or ctx.n_past + 1 > ctx.n_ctx:
-                break
-            ctx.decode([token], logits_last=True)
-            token = sampler.sample(ctx.last_logits())
-        return Generation(
-            mode=mode,
-            n_prompt=len(tokens),
-            ttft_ms=ttft_ms,
-            timings=timings,
-            tokens=out,
-            text=ctx.model.detokenize(out),
-            gen_ms=(time.perf_counter() - gen_start) * 1e3,
-            first_logits=first_logits,
-            tail=tail,
-            spans=spans,
-            recomputed=list(self.last_recomputed) if mode == "kvp" else [],
-        )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvcli.engine.aux_load import take_captured
 from kvcli.engine.recompute import (
     SPAN_CONTEXT,
     SPAN_WIDTH,
@@ -139,7 +140,7 @@ def _predict_into_base(
     n_aux = len(tokens) if spans else n_pred
     aux.decode(tokens[aux_start:n_aux], start=aux_start)
     t.aux_prefill_ms = clock.lap()
-    hidden, raw_kv = engine.take_captured(n_aux - aux_start)
+    hidden, raw_kv = take_captured(engine, n_aux - aux_start)
     scores = engine.spans.aux_tail_scores(tokens, n_pred) if from_tail else None
     t.aux_prefill_ms += clock.lap()
     needs_state = engine.predictor.copied_layers or not engine.predictor.raw_keys

@@ -133,7 +133,7 @@ def describe_bundle(folder: Path, verify: bool = False) -> dict:
     )
     # how kvcli runs the auxiliary with this llama-cpp-python build (engine.choose_aux_load)
     from kvcli.engine.aux_load import choose_aux_load
-    from kvcli.llama.runtime import llama_cpp_version
+    from kvcli.llama.library import llama_cpp_version
 
     needs_view = keys.FEATURE_AUX_OUT in out["predictor"]["feature_kinds"]
     from kvcli.models.model_info import has_per_layer_arrays, read_model_info

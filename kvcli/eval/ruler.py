@@ -26,8 +26,8 @@ KEYS = [
     "lunar-thistle",
     "granite-fjord",
 ]
-LONG_ANSWER = 64  # greedy tokens scored where the answer is a UUID or several values (Qwen
-# spells a UUID in 36 tokens, one per digit)
+LONG_ANSWER = 64  # greedy tokens scored where the answer is a UUID or several values (32 cut
+# Qwen 2.5's UUIDs short: it spells digits one token each)
 
 
 def _spread(k: int, needles: list[str], depths: list[float], noise: str = FILLER) -> str:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import ctypes
 
 from kvcli.errors import ContextError
-from kvcli.llama.runtime import Model, _lib
+from kvcli.llama.library import _lib
+from kvcli.llama.runtime import Model
 
 # llama.cpp's built-in template per architecture, for a GGUF that stores none
 ARCH_TEMPLATES = {"gemma3": "gemma", "qwen2": "chatml", "llama": "llama2", "openelm": "llama2"}

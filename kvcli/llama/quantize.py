@@ -51,7 +51,7 @@ def quantize_model(
     src: str | Path, dest: str | Path, qtype: str, *, threads: int = 0, allow_requantize: bool = False
 ) -> Path:
     """Write ``src`` quantized to ``qtype`` (a name of QUANT_TYPES) at ``dest``."""
-    from kvcli.llama.runtime import _lib, default_threads, last_llama_error
+    from kvcli.llama.library import _lib, default_threads, last_llama_error
 
     qtype = qtype.lower()
     if qtype not in QUANT_TYPES:

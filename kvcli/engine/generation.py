@@ -1,0 +1,57 @@
+"""The token loop after a prefill: what ``kvcli generate`` runs (chat's turns stream and stop
+on Ctrl-C in kvcli.engine.conversation)."""
+
+from __future__ import annotations
+
+import time
+
+from kvcli.engine.engine import Engine
+from kvcli.engine.sampling import Sampler
+from kvcli.engine.timings import Generation
+
+
+def generate(
+    engine: Engine,
+    tokens: list[int],
+    *,
+    mode: str = "kvp",
+    n_predict: int = 64,
+    tail: int = 0,
+    keep: int | None = None,
+    spans: int = 0,
+    sampler: Sampler | None = None,
+    on_token=None,
+) -> Generation:
+    """``engine`` prefills ``tokens`` by ``mode``, then its context generates up to
+    ``n_predict`` tokens (stops at end of generation or a full context)."""
+    sampler = sampler or Sampler()
+    start = time.perf_counter()
+    ctx, logits, timings = engine.prefill(tokens, mode=mode, tail=tail, keep=keep, spans=spans)
+    first_logits = logits
+    token = sampler.sample(logits)
+    ttft_ms = (time.perf_counter() - start) * 1e3
+    out: list[int] = []
+    gen_start = time.perf_counter()
+    while True:
+        if ctx.model.is_eog(token):
+            break
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+        if len(out) >= n_predict or ctx.n_past + 1 > ctx.n_ctx:
+            break
+        ctx.decode([token], logits_last=True)
+        token = sampler.sample(ctx.last_logits())
+    return Generation(
+        mode=mode,
+        n_prompt=len(tokens),
+        ttft_ms=ttft_ms,
+        timings=timings,
+        tokens=out,
+        text=ctx.model.detokenize(out),
+        gen_ms=(time.perf_counter() - gen_start) * 1e3,
+        first_logits=first_logits,
+        tail=tail,
+        spans=spans,
+        recomputed=list(engine.last_recomputed) if mode == "kvp" else [],
+    )
