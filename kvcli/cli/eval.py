@@ -13,7 +13,7 @@ from kvcli.choices import parse_list
 from kvcli.cli.common import open_engine
 from kvcli.cli.options import BundleOpt, JsonOpt, ThreadsOpt
 from kvcli.errors import KvcliError
-from kvcli.eval.stats import summarize_methods
+from kvcli.eval.stats import method_label, summarize_methods
 from kvcli.eval.tasks import TASKS
 from kvcli.llama.runtime import ContextSettings
 
@@ -117,10 +117,7 @@ def command(
         [
             r["task"],
             str(r["n_prompt"]),
-            r["method"]
-            + (f" tail {r['tail']}" if r["tail"] else "")
-            + (f" spans {r['spans']}" if r.get("spans") else "")
-            + (f" keep {r['keep']}" if r["keep"] else ""),
+            method_label(r) + (f" keep {r['keep']}" if r["keep"] else ""),
             _fmt(r["accuracy"]) + (f" [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" if r.get("ci95") else ""),
             _fmt(r["retention"]),
             _fmt(r["first_token_agreement"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvcli.errors import KvcliError
+from kvcli.eval.stats import method_label
 
 
 def _pyplot():
@@ -29,11 +30,7 @@ def eval_pareto(rows: list[dict], path: Path) -> Path:
         ax.set_visible(False)
     for ax, (task, n_prompt) in zip(axes.flat, groups):
         for r in (r for r in rows if (r["task"], r["n_prompt"]) == (task, n_prompt)):
-            label = (
-                r["method"]
-                + (f" tail {r['tail']}" if r["tail"] else "")
-                + (f" spans {r['spans']}" if r.get("spans") else "")
-            )
+            label = method_label(r)
             y = r["accuracy"] if r["accuracy"] is not None else r["top1_agreement"]
             ax.scatter(r["ttft_ratio"], y, label=label, s=40)
         metric = (
