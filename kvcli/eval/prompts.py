@@ -26,6 +26,7 @@ class Example:
     # value): the answer is right when each appears in the greedy output as a whole word
     answers: tuple[str, ...] = ()
     answer_tokens: int = ANSWER_TOKENS
+    haystack: str = "generated"  # where the text around the facts comes from (kvcli.eval.haystack)
 
     def correct(self, output: str) -> bool:
         if self.answers:

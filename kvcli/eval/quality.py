@@ -209,6 +209,8 @@ def evaluate_task(
                 "spans": stats.spans,
                 "keep": stats.keep,
                 "n": len(examples),
+                "seed": seed,
+                "haystacks": [ex.haystack for ex in examples],
                 "accuracy": acc,
                 "correct": int(sum(stats.correct)) if stats.correct else None,
                 "ci95": [round(x, 4) for x in wilson(int(sum(stats.correct)), len(stats.correct))]

@@ -1,8 +1,9 @@
 """Task families in the manner of RULER (Hsieh et al., arXiv 2404.06654), written from the
 paper's description: retrieval of a UUID, of every value of one key, of the values of two
 keys, variable tracking through chains of assignments, and the most frequent words of a
-long list. Each is seeded and grows to any prompt length; the haystack here is kvcli's
-repeated noise, where the needles are the salient tokens.
+long list. Each is seeded and grows to any prompt length. As in RULER, the key-value
+needles hide in real prose (``needle``, ``multivalue``, ``multiquery``) or in repeated noise
+(``uuid``, ``vartrack``; kvcli.eval.haystack).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import itertools
 import random
 
-from kvcli.eval.prompts import FILLER, Example, Tokenize, fit_prompt
+from kvcli.eval.haystack import noise, prose, spread
+from kvcli.eval.prompts import Example, Tokenize, fit_prompt
 
 KEYS = [
     "amber-falcon",
@@ -30,16 +32,6 @@ LONG_ANSWER = 64  # greedy tokens scored where the answer is a UUID or several v
 # Qwen 2.5's UUIDs short: it spells digits one token each)
 
 
-def _spread(k: int, needles: list[str], depths: list[float], noise: str = FILLER) -> str:
-    """``k`` noise units with ``needles`` inserted at their relative ``depths`` (sorted)."""
-    parts, at = [], 0
-    for needle, d in sorted(zip(needles, depths), key=lambda x: x[1]):
-        upto = int(k * d)
-        parts.append(noise * (upto - at) + needle)
-        at = upto
-    return "".join(parts) + noise * (k - at)
-
-
 def _number(rng: random.Random) -> str:
     return str(rng.randint(1000000, 9999999))
 
@@ -49,8 +41,22 @@ def uuid_value(rng: random.Random) -> str:
     return f"{hexes[:8]}-{hexes[8:12]}-{hexes[12:16]}-{hexes[16:20]}-{hexes[20:]}"
 
 
+def needle(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
+    """One needle, a 7-digit number, at a random depth in real prose."""
+    key, value, depth = rng.choice(KEYS), _number(rng), rng.uniform(0.05, 0.95)
+    hay = prose(rng)
+    head = "A special magic number is hidden within the following text. Make sure to memorize it.\n"
+    text = f"One of the special magic numbers for {key} is: {value}. "
+    tail = (
+        f"\nWhat is the special magic number for {key} mentioned in the provided text? "
+        f"The special magic number for {key} mentioned in the provided text is"
+    )
+    prompt = fit_prompt(lambda k: head + spread(hay, k, [text], [depth]) + tail, n_tokens, tokenize)
+    return Example("needle", prompt, value, haystack=hay.name)
+
+
 def uuid(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
-    """One needle whose value is a UUID, at a random depth."""
+    """One needle whose value is a UUID, at a random depth in noise."""
     key, value, depth = rng.choice(KEYS), uuid_value(rng), rng.uniform(0.05, 0.95)
     head = "A special magic uuid is hidden within the following text. Make sure to memorize it.\n"
     needle = f" One of the special magic uuids for {key} is: {value}. "
@@ -58,41 +64,45 @@ def uuid(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
         f"\nWhat is the special magic uuid for {key} mentioned in the provided text? "
         f"The special magic uuid for {key} mentioned in the provided text is"
     )
-    prompt = fit_prompt(lambda k: head + _spread(k, [needle], [depth]) + tail, n_tokens, tokenize)
-    return Example("uuid", prompt, value, answer_tokens=LONG_ANSWER)
+    prompt = fit_prompt(lambda k: head + spread(noise(), k, [needle], [depth]) + tail, n_tokens, tokenize)
+    return Example("uuid", prompt, value, answer_tokens=LONG_ANSWER, haystack="noise")
 
 
 def multivalue(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
-    """Four values of one key at random depths; all four are asked for."""
+    """Four values of one key at random depths in real prose; all four are asked for."""
     key, values = rng.choice(KEYS), [_number(rng) for _ in range(4)]
     depths = [rng.uniform(0.02, 0.98) for _ in values]
+    hay = prose(rng)
     head = "Some special magic numbers are hidden within the following text. Make sure to memorize them.\n"
-    needles = [f" One of the special magic numbers for {key} is: {v}. " for v in values]
+    needles = [f"One of the special magic numbers for {key} is: {v}. " for v in values]
     tail = (
         f"\nWhat are all the special magic numbers for {key} mentioned in the provided text? "
         f"The special magic numbers for {key} mentioned in the provided text are"
     )
-    prompt = fit_prompt(lambda k: head + _spread(k, needles, depths) + tail, n_tokens, tokenize)
-    return Example("multivalue", prompt, None, answers=tuple(values), answer_tokens=LONG_ANSWER)
+    prompt = fit_prompt(lambda k: head + spread(hay, k, needles, depths) + tail, n_tokens, tokenize)
+    return Example(
+        "multivalue", prompt, None, answers=tuple(values), answer_tokens=LONG_ANSWER, haystack=hay.name
+    )
 
 
 def multiquery(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
-    """Four keys with a value each at random depths; the values of two are asked for."""
+    """Four keys with a value each at random depths in real prose; the values of two are
+    asked for."""
     keys = rng.sample(KEYS, 4)
     values = [_number(rng) for _ in keys]
     depths = [rng.uniform(0.02, 0.98) for _ in keys]
     asked = rng.sample(range(4), 2)
+    hay = prose(rng)
     head = "Some special magic numbers are hidden within the following text. Make sure to memorize them.\n"
-    needles = [f" One of the special magic numbers for {k} is: {v}. " for k, v in zip(keys, values)]
+    needles = [f"One of the special magic numbers for {k} is: {v}. " for k, v in zip(keys, values)]
     names = f"{keys[asked[0]]} and {keys[asked[1]]}"
     tail = (
         f"\nWhat are the special magic numbers for {names} mentioned in the provided text? "
         f"The special magic numbers for {names} mentioned in the provided text are"
     )
-    prompt = fit_prompt(lambda k: head + _spread(k, needles, depths) + tail, n_tokens, tokenize)
-    return Example(
-        "multiquery", prompt, None, answers=tuple(values[i] for i in asked), answer_tokens=LONG_ANSWER
-    )
+    prompt = fit_prompt(lambda k: head + spread(hay, k, needles, depths) + tail, n_tokens, tokenize)
+    answers = tuple(values[i] for i in asked)
+    return Example("multiquery", prompt, None, answers=answers, answer_tokens=LONG_ANSWER, haystack=hay.name)
 
 
 def _var_names(rng: random.Random, n: int) -> list[str]:
@@ -125,8 +135,9 @@ def vartrack(rng: random.Random, n_tokens: int, tokenize: Tokenize, hops: int = 
         f"Answer: According to the chain(s) of variable assignment in the text above, {hops + 1} "
         f"variables are assigned the value {value}, they are:"
     )
-    prompt = fit_prompt(lambda k: head + _spread(k, needles, depths) + tail, n_tokens, tokenize)
-    return Example("vartrack", prompt, None, answers=tuple(chain), answer_tokens=LONG_ANSWER)
+    prompt = fit_prompt(lambda k: head + spread(noise(), k, needles, depths) + tail, n_tokens, tokenize)
+    answers = tuple(chain)
+    return Example("vartrack", prompt, None, answers=answers, answer_tokens=LONG_ANSWER, haystack="noise")
 
 
 def coded_word(rng: random.Random) -> str:
@@ -165,6 +176,7 @@ def words(rng: random.Random, n_tokens: int, tokenize: Tokenize, vocabulary: int
 
 
 RULER_TASKS = {
+    "needle": needle,
     "uuid": uuid,
     "multivalue": multivalue,
     "multiquery": multiquery,

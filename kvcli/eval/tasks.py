@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable
 
 from kvcli.errors import KvcliError
+from kvcli.eval.lookalike import LOOKALIKE_TASKS
 from kvcli.eval.prompts import FILLER, Example, Tokenize, fit_prompt, is_correct, normalize  # noqa: F401
 from kvcli.eval.ruler import RULER_TASKS
 from kvcli.predict.corpus import corpus_texts, docstring_texts
@@ -83,7 +84,7 @@ def passkey(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
         before = int(k * depth)
         return head + FILLER * before + needle + FILLER * (k - before) + tail
 
-    return Example("passkey", fit_prompt(build, n_tokens, tokenize), key)
+    return Example("passkey", fit_prompt(build, n_tokens, tokenize), key, haystack="noise")
 
 
 def multikey(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
@@ -104,7 +105,7 @@ def multikey(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
             at = upto
         return "".join(parts) + FILLER * (k - at) + tail
 
-    return Example("multikey", fit_prompt(build, n_tokens, tokenize), codes[asked])
+    return Example("multikey", fit_prompt(build, n_tokens, tokenize), codes[asked], haystack="noise")
 
 
 def document(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
@@ -152,25 +153,28 @@ def code(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
 _HELDOUT: dict[str, list[str]] = {}  # a cache of the held-out texts, per kind
 
 
-def _excerpt(task: str, texts: list[str], rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
+def _excerpt(
+    task: str, texts: list[str], rng: random.Random, n_tokens: int, tokenize: Tokenize, source: str
+) -> Example:
     """About ``n_tokens`` tokens of one of ``texts`` from a random start, scored by KL only."""
     text = rng.choice(texts)
     tokens_per_char = len(tokenize(text[:4000])) / max(1, len(text[:4000]))
     chars = int(n_tokens / max(tokens_per_char, 1e-3))
     start = rng.randrange(0, max(1, len(text) - chars))
-    return Example(task, fit_prompt(lambda k: text[start : start + k * 16], n_tokens, tokenize), None)
+    prompt = fit_prompt(lambda k: text[start : start + k * 16], n_tokens, tokenize)
+    return Example(task, prompt, None, haystack=source)
 
 
 def continuation(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
     """Held-out Python source: code."""
     texts = _HELDOUT.setdefault("code", [t for _, t in corpus_texts("heldout")])
-    return _excerpt("continuation", texts, rng, n_tokens, tokenize)
+    return _excerpt("continuation", texts, rng, n_tokens, tokenize, "held-out stdlib sources")
 
 
 def prose(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
     """Held-out docstrings: English prose about programs."""
     texts = _HELDOUT.setdefault("prose", [t for _, t in docstring_texts("heldout")])
-    return _excerpt("prose", texts, rng, n_tokens, tokenize)
+    return _excerpt("prose", texts, rng, n_tokens, tokenize, "held-out stdlib docstrings")
 
 
 TASKS: dict[str, Callable[[random.Random, int, Tokenize], Example]] = {
@@ -181,6 +185,7 @@ TASKS: dict[str, Callable[[random.Random, int, Tokenize], Example]] = {
     "continuation": continuation,
     "prose": prose,
     **RULER_TASKS,
+    **LOOKALIKE_TASKS,
 }
 
 
