@@ -26,7 +26,8 @@ def test_quick_eval_scores_what_it_should(gemma_bundle, tmp_path):
     result = json.loads(res.stdout)
     assert json.loads((tmp_path / "results.json").read_text()) == result
     rows = {r["method"]: r for r in result["rows"]}
-    assert set(rows) == {"base", "kvp", "truncate", "aux"}
+    assert set(rows) == {"base", "kvp", "truncate", "select", "aux"}
+    assert rows["select"]["select_by"] == "keys" and 1 + 32 + 8 <= rows["select"]["keep"] < 512
     assert rows["base"]["accuracy"] >= 2 / 3  # the base retrieves the pass key at 512 tokens
     assert rows["aux"]["accuracy"] == 0.0  # a 5-layer prefix cannot answer alone
     assert rows["truncate"]["accuracy"] == 0.0  # matched to kvp's TTFT, it cuts the key away
@@ -42,6 +43,7 @@ def test_quick_eval_scores_what_it_should(gemma_bundle, tmp_path):
         round(float(np.mean(k_err[5:])), 4),
         round(float(np.mean(v_err[5:])), 4),
     ]
+    assert all(h == "noise" for h in rows["base"]["haystacks"]) and rows["base"]["seed"] == 0
     for r in rows.values():  # 95% Wilson intervals over the 3 prompts, holding the accuracy
         assert r["correct"] == round(r["accuracy"] * 3) and r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
     assert rows["aux"]["ci95"] == [0.0, 0.5615]  # 0 of 3 still admits 0.56

@@ -13,9 +13,9 @@ from kvcli.choices import parse_list
 from kvcli.cli.options import BundleOpt, JsonOpt, ThreadsOpt
 from kvcli.errors import IncompatibleError, KvcliError
 
-HELP = """Measure time to first token (TTFT) of the base alone, of predicted prefill (kvp) and
-of truncation, on prompts of exactly N tokens of held-out text, the modes interleaved round
-by round so that machine noise hits all alike.
+HELP = """Measure time to first token (TTFT) of the base alone, of predicted prefill (kvp), of
+truncation and of token selection, on prompts of exactly N tokens of held-out text, the
+modes interleaved round by round so that machine noise hits all alike.
 
 Per N and mode: TTFT mean, standard deviation and median; the ratio to the base of the same
 run; kvp's breakdown (auxiliary prefill, state get, predict, state set, base decode), its
@@ -23,7 +23,11 @@ floor (auxiliary prefill + base decode) and its distance to it; first-token agre
 the base and mean KL(base || mode) over the base's next 32 tokens (the full quality suite
 is kvcli eval); peak RSS and PSS of each mode measured in a process of its own.
 
-Truncation keeps the last M tokens, M matched to kvp's TTFT from timings taken after the warm-up."""
+Truncation keeps the last M tokens, token selection the M the auxiliary ranks highest (with
+BOS and the last 32); each M matched to kvp's TTFT from timings taken after the warm-up."""
+
+
+DEFAULT_MODES = "base,kvp,truncate,select"
 
 
 def _settings_info(settings, bundle) -> dict:
@@ -132,8 +136,8 @@ def command(
     ] = 3,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed rounds per N.")] = 1,
     modes: Annotated[
-        str, typer.Option("--modes", help="Comma list of base, kvp, truncate.")
-    ] = "base,kvp,truncate",
+        str, typer.Option("--modes", help="Comma list of base, kvp, truncate, select.")
+    ] = DEFAULT_MODES,
     tails: Annotated[
         str, typer.Option("--tails", help="kvp tails: prompt tokens the base recomputes itself.")
     ] = "0",
@@ -191,6 +195,15 @@ def command(
     try:
         engine = notice_aux_load(Engine.from_bundle(b, settings=settings, aux_load=loads[0]))
         engines.append(engine)
+        if "select" in mode_list:
+            from kvcli.engine.token_select import resolve_select_by
+
+            try:
+                resolve_select_by(engine, "auto")
+            except IncompatibleError:
+                if modes != DEFAULT_MODES:
+                    raise
+                mode_list.remove("select")  # by default, only where this bundle can rank
         if span_list is None:
             kvp = [(t, 0) for t in tail_list]
             default = engine.kvp_settings()
@@ -230,7 +243,7 @@ def command(
                 length_list,
                 prompts,
                 settings.__dict__,
-                keep=keeps if mode == "truncate" else None,
+                keep=keeps.get(mode),
                 aux_load=load,
                 tail=t,
                 spans=sp,
@@ -287,7 +300,9 @@ def _run(engine, extra, length_list, mode_list, kvp, repeats, warmup, n_methods)
                 extra_engines=extra,
             )
             prompts[n] = ps[0]
-            keeps[n] = next((m.keep for m in runs if m.mode == "truncate"), None)
+            for m in runs:
+                if m.mode in ("truncate", "select"):
+                    keeps.setdefault(m.mode, {})[n] = m.keep
             for r in summarize(n, runs):
                 if r["mode"] == "kvp" and r["aux_load"] is None:
                     r["aux_load"] = engine.aux_load

@@ -15,7 +15,7 @@ def open_engine(*, bundle: Path | None, model: Path | None, mode: str, settings:
     if model is not None:
         if bundle is not None:
             raise KvcliError("give either --bundle or --model, not both")
-        if mode in ("kvp", "aux"):
+        if mode in ("kvp", "select", "aux"):
             raise KvcliError(
                 f"mode {mode} needs an auxiliary and a predictor: use --bundle "
                 "(or leave both out for the embedded default)"

@@ -17,6 +17,7 @@ from kvcli.engine.generation import generate
 from kvcli.engine.recompute import SPAN_WIDTH
 from kvcli.engine.sampling import Sampler
 from kvcli.engine.timings import Generation
+from kvcli.engine.token_select import SelectBy
 from kvcli.errors import KvcliError
 from kvcli.llama.runtime import ContextSettings
 
@@ -24,7 +25,9 @@ HELP = """Generate text from a prompt with predicted prefill (mode kvp, the defa
 
 
 Modes: kvp (auxiliary prefill + predicted cache, the base generates), base (the base alone),
-truncate (the base over only the last --keep tokens), aux (the auxiliary alone).
+truncate (the base over only the last --keep tokens), select (the base over --keep tokens
+the auxiliary ranks highest, at their own positions, with BOS and the last 32), aux (the
+auxiliary alone).
 
 --batch FILE.jsonl reads {"id": ..., "prompt": ...} per line, loads the models once, and
 writes one JSON object per prompt to stdout."""
@@ -73,7 +76,7 @@ def _run_batch(engine: Engine, batch: Path, defaults: dict) -> None:
             raise KvcliError(f"{batch}:{lineno}: expected a JSON object with a 'prompt'") from None
         opts = {
             **defaults,
-            **{k: item[k] for k in ("mode", "n_predict", "tail", "spans", "keep") if k in item},
+            **{k: item[k] for k in ("mode", "n_predict", "tail", "spans", "keep", "select_by") if k in item},
         }
         if opts["mode"] == "kvp":
             opts.update(engine.kvp_settings(opts["tail"], opts["spans"]))
@@ -110,8 +113,21 @@ def command(
         ),
     ] = None,
     keep: Annotated[
-        Optional[int], typer.Option("--keep", help="truncate: keep the last M prompt tokens.")
+        Optional[int],
+        typer.Option(
+            "--keep",
+            help="truncate: keep the last M prompt tokens; select: keep M tokens in all "
+            "(default: a quarter of the prompt).",
+        ),
     ] = None,
+    select_by: Annotated[
+        SelectBy,
+        typer.Option(
+            "--select-by",
+            help="select: rank positions by the auxiliary's own attention, by base layer k's over "
+            "predicted keys, or auto (attention where the bundle's auxiliary chooses kvp's spans).",
+        ),
+    ] = SelectBy.AUTO,
     temp: Annotated[float, typer.Option("--temp", help="Sampling temperature (0: greedy).")] = 0.0,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = 0,
@@ -143,7 +159,11 @@ def command(
     settings = ContextSettings(n_ctx=ctx, n_threads=threads, type_k=cache_type_k, type_v=cache_type_v)
     if (tail is not None and tail < 0) or (spans is not None and spans < 0):
         raise KvcliError("--tail and --spans must be >= 0")
+    if keep is not None and keep < 1:
+        raise KvcliError("--keep must be >= 1")
     opts = {"mode": mode, "n_predict": n_predict, "tail": tail, "spans": spans, "keep": keep}
+    if mode == "select":
+        opts["select_by"] = select_by
     with open_engine(bundle=bundle, model=model, mode=mode, settings=settings) as engine:
         if mode == "kvp":
             opts.update(engine.kvp_settings(tail, spans))

@@ -20,7 +20,8 @@ def _pyplot():
 
 
 def eval_pareto(rows: list[dict], path: Path) -> Path:
-    """Accuracy (or top-1 agreement where a task has no answer) against TTFT / base."""
+    """One panel per family and length: accuracy with its 95% interval (or top-1 agreement
+    where a task has no answer) against TTFT / base, a point per method."""
     plt = _pyplot()
     groups = sorted({(r["task"], r["n_prompt"]) for r in rows})
     n_cols = min(5, len(groups))
@@ -32,7 +33,8 @@ def eval_pareto(rows: list[dict], path: Path) -> Path:
         for r in (r for r in rows if (r["task"], r["n_prompt"]) == (task, n_prompt)):
             label = method_label(r)
             y = r["accuracy"] if r["accuracy"] is not None else r["top1_agreement"]
-            ax.scatter(r["ttft_ratio"], y, label=label, s=40)
+            lo, hi = r.get("ci95") or (y, y)
+            ax.errorbar(r["ttft_ratio"], y, yerr=[[y - lo], [hi - y]], fmt="o", capsize=3, label=label)
         metric = (
             "accuracy"
             if any(r["accuracy"] is not None for r in rows if r["task"] == task)

@@ -8,6 +8,8 @@
   cache, in place, chosen where the question attends (kvcli.engine.recompute, kvcli.engine.tail_choice); the
   attention sinks too (kvcli.engine.kvp_prefill, one path for generate and chat).
 - ``truncate``: the base decodes BOS + only the last M prompt tokens.
+- ``select``: the auxiliary ranks the prompt's positions, the base decodes BOS, the top M
+  in chunks and the last tokens at their own positions (kvcli.engine.token_select).
 - ``aux``: the auxiliary alone prefills and generates.
 
 TTFT is measured from having the prompt tokens to having the first sampled token.
@@ -43,12 +45,13 @@ from kvcli.state.layout import CacheLayout, layers_by_index
 
 class Mode(Choice):
     """How a prompt is prefilled: by the base, by kvp (the auxiliary and the predictor, with
-    the base recomputing its tail and spans), truncated to its last tokens, by the auxiliary
-    alone (which then generates too)."""
+    the base recomputing its tail and spans), truncated to its last tokens, the tokens the
+    auxiliary selects, by the auxiliary alone (which then generates too)."""
 
     BASE = "base"
     KVP = "kvp"
     TRUNCATE = "truncate"
+    SELECT = "select"
     AUX = "aux"
 
 
@@ -164,6 +167,7 @@ class Engine:
         self._first_cells: dict[int, FirstCell] = {}
         self.spans = SpanRecompute(self)
         self.last_recomputed: list[tuple[int, int]] = []  # kvp's spans in the last prefill
+        self.last_selected = np.zeros(0, dtype=np.int64)  # select's positions in the last prefill
         if self.predictor is not None:
             self.base_layout()  # once, outside any timed prefill
             self.first_cell(self.model.bos)
@@ -296,13 +300,15 @@ class Engine:
         aux_start: int = 0,
         earlier: list[tuple[int, int]] = (),
         capture_tail: bool = False,
+        select_by: str = "auto",
     ) -> tuple[Context, np.ndarray, Timings]:
         """Prefill by ``mode``; returns the context that continues, the last logits, timings.
 
         kvp: ``spans`` spans of ``span_width`` tokens chosen and recomputed by the base, or
         the given ``recompute`` ranges [a, b) (1 <= a < b <= N - 1 - tail, in order).
         base and kvp: ``start``: the base context already holds tokens[:start] and keeps them
-        (a conversation); kvp's ``aux_start`` and ``earlier``: kvcli.engine.kvp_prefill."""
+        (a conversation); kvp's ``aux_start`` and ``earlier``: kvcli.engine.kvp_prefill.
+        select: ``keep`` positions in all, ranked by ``select_by`` (kvcli.engine.token_select)."""
         mode = Mode.parse(mode, "mode")
         self._check_fits(len(tokens))
         t = Timings()
@@ -325,6 +331,10 @@ class Engine:
             return self.base, self.plain_prefill(self.base, kept, t), t
         if self.aux is None:
             raise KvcliError(f"mode {mode} needs an auxiliary model (use a bundle)")
+        if mode == "select":
+            from kvcli.engine.token_select import select_prefill
+
+            return self.base, select_prefill(self, tokens, keep, t, select_by), t
         if mode == "aux":
             aux = self._aux_alone_context()
             clock = Clock()

@@ -19,6 +19,7 @@ def generate(
     tail: int = 0,
     keep: int | None = None,
     spans: int = 0,
+    select_by: str = "auto",
     sampler: Sampler | None = None,
     on_token=None,
 ) -> Generation:
@@ -26,7 +27,9 @@ def generate(
     ``n_predict`` tokens (stops at end of generation or a full context)."""
     sampler = sampler or Sampler()
     start = time.perf_counter()
-    ctx, logits, timings = engine.prefill(tokens, mode=mode, tail=tail, keep=keep, spans=spans)
+    ctx, logits, timings = engine.prefill(
+        tokens, mode=mode, tail=tail, keep=keep, spans=spans, select_by=select_by
+    )
     first_logits = logits
     token = sampler.sample(logits)
     ttft_ms = (time.perf_counter() - start) * 1e3

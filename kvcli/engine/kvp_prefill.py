@@ -143,22 +143,7 @@ def _predict_into_base(
     hidden, raw_kv = take_captured(engine, n_aux - aux_start)
     scores = engine.spans.aux_tail_scores(tokens, n_pred) if from_tail else None
     t.aux_prefill_ms += clock.lap()
-    needs_state = engine.predictor.copied_layers or not engine.predictor.raw_keys
-    raw = aux.get_state(-1) if needs_state else None
-    t.state_get_ms = clock.lap()
-    aux_layers = layers_by_index(parse_seq_state(raw), engine.aux_state_info) if needs_state else {}
-    common = dict(
-        aux_layers=aux_layers,
-        aux=engine.aux_info,
-        base=info,
-        predictor=engine.predictor,
-        first_cell=engine.first_cell(tokens[0]) if start == 0 else None,
-        key_norms=engine.key_norms,
-        hidden=hidden,
-        hidden_start=aux_start,
-        raw_kv=raw_kv,
-        cache={},
-    )
+    common = predictor_inputs(engine, tokens, hidden, raw_kv, t, clock, start, aux_start)
     sinks = sink_ranges(engine.predictor, hidden, n_pred, first=aux_start, lo=max(1, start))
     chosen, known = checked_ranges(recompute or [], n_pred, lo=max(1, start)), {}
     if spans:
@@ -188,6 +173,30 @@ def _predict_into_base(
         t.state_set_ms += clock.lap()
     base.n_past = n_pred
     return sinks, chosen, scores
+
+
+def predictor_inputs(
+    engine, tokens: list[int], hidden, raw_kv, t: Timings, clock: Clock, start: int = 0, aux_start: int = 0
+) -> dict:
+    """What the predictor reads (kvcli.predict.apply) once the auxiliary has decoded the prompt
+    and its captured rows are taken (``hidden``, ``raw_kv``): its state where the predictor
+    copies layers or reads keys from it (read here, timed as ``state_get_ms``)."""
+    aux, info = engine.aux, engine.base_info
+    needs_state = engine.predictor.copied_layers or not engine.predictor.raw_keys
+    raw = aux.get_state(-1) if needs_state else None
+    t.state_get_ms = clock.lap()
+    return dict(
+        aux_layers=layers_by_index(parse_seq_state(raw), engine.aux_state_info) if needs_state else {},
+        aux=engine.aux_info,
+        base=info,
+        predictor=engine.predictor,
+        first_cell=engine.first_cell(tokens[0]) if start == 0 else None,
+        key_norms=engine.key_norms,
+        hidden=hidden,
+        hidden_start=aux_start,
+        raw_kv=raw_kv,
+        cache={},
+    )
 
 
 def _decode_tail(base, tokens: list[int], at: int, t: Timings, clock: Clock, armed: bool) -> np.ndarray:

@@ -52,6 +52,12 @@ class SpanRecompute:
     def supported(self) -> bool:
         if self.engine.predictor is not None and self.engine.tail_focus_layers:
             return True  # chosen from the tail (kvcli.engine.tail_choice)
+        return self.by_keys
+
+    @property
+    def by_keys(self) -> bool:
+        """Whether base layer k's attention over predicted keys can rank positions here
+        (kvcli.engine.span_choice)."""
         try:
             self.check()
         except IncompatibleError:
@@ -150,6 +156,29 @@ class SpanRecompute:
         if self._projector is None:
             self._projector = QueryProjector.for_base(eng.base_info, eng.aux_info.n_layer)
 
+    def layer_scores(
+        self, hidden, n_aux: int, n_pred: int, common: dict, start: int = 0, first_row: int = 0
+    ) -> tuple[np.ndarray, dict]:
+        """Per position < n_pred, the attention the last prompt token (position n_aux - 1;
+        ``hidden`` rows start at position ``first_row``) gives it in base layer k, over that
+        layer's predicted keys of positions start..n_pred-1 (0 before ``start``): its query
+        computed from the captured rows (kvcli.engine.span_choice), a position scored by the
+        largest weight any query head gives it. Also returns layer k's predicted rows (a
+        full-attention layer: every one of those positions), not to predict them twice."""
+        self.check()
+        proj, kinds = self._projector, list(self.engine.predictor.hidden_kinds)
+        layer = proj.layer
+        full = [np.arange(start, n_pred, dtype=np.int32)] * len(self.engine.base_info.cache_layer_groups)
+        known = predict_base_kv(group_positions=full, only=[layer], **common)
+        row = n_aux - 1 - first_row
+        residual = proj.residual(
+            hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)][[row]],
+            hidden[kinds.index(keys.FEATURE_AUX_ATTN)][[row]],
+        )
+        scores = np.zeros(n_pred, dtype=np.float32)
+        scores[start:] = attention_peaks(proj.queries(residual, np.asarray([n_aux - 1])), known[layer][0])
+        return scores, known
+
     def choose(
         self,
         hidden,
@@ -161,44 +190,11 @@ class SpanRecompute:
         start: int = 0,
         first_row: int = 0,
     ) -> tuple[list[tuple[int, int]], dict]:
-        """``spans_for`` the last prompt token (position n_aux - 1; ``hidden`` rows start at
-        position ``first_row``) over base layer k's predicted keys of positions start..n_pred-1;
-        also returns layer k's predicted rows (a full-attention layer: every one of those
-        positions), not to predict them twice."""
-        self.check()
-        layer = self._projector.layer
-        full = [np.arange(start, n_pred, dtype=np.int32)] * len(self.engine.base_info.cache_layer_groups)
-        known = predict_base_kv(group_positions=full, only=[layer], **common)
-        row = n_aux - 1 - first_row
-        return self.spans_for(
-            hidden, [row], [n_aux - 1], known[layer][0], n_pred, spans, span_width, start=start
-        ), known
-
-    def spans_for(
-        self,
-        hidden: list[np.ndarray],
-        rows: list[int],
-        positions: list[int],
-        keys_k: np.ndarray,
-        n_pred: int,
-        spans: int,
-        span_width: int = SPAN_WIDTH,
-        start: int = 0,
-    ) -> list[tuple[int, int]]:
-        """The spans in max(1, start)..n_pred-1 that the tokens at ``positions`` (rows
-        ``rows`` of the captured ``hidden`` tensors) attend to most in base layer k: their
-        queries computed from the captured rows (kvcli.engine.span_choice), ``keys_k`` layer k's cached
-        keys of positions start..n_pred-1, a position scored by the largest weight any query
-        head gives it. Position 0 (BOS) draws attention from every query and is never chosen."""
-        self.check()
-        proj, kinds = self._projector, list(self.engine.predictor.hidden_kinds)
-        residual = proj.residual(
-            hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)][rows],
-            hidden[kinds.index(keys.FEATURE_AUX_ATTN)][rows],
-        )
-        scores = np.zeros(n_pred, dtype=np.float32)
-        scores[start:] = attention_peaks(proj.queries(residual, np.asarray(positions)), keys_k)
-        return choose_spans(scores, spans, span_width, lo=max(1, start), hi=n_pred)
+        """The ``spans`` of ``span_width`` in max(1, start)..n_pred-1 where ``layer_scores``
+        peak (position 0, BOS, draws attention from every query and is never chosen), and
+        layer k's predicted rows."""
+        scores, known = self.layer_scores(hidden, n_aux, n_pred, common, start, first_row)
+        return choose_spans(scores, spans, span_width, lo=max(1, start), hi=n_pred), known
 
 
 # A position whose residual (the auxiliary's captured ``l_out-(k-2)``) is this many times the

@@ -1,5 +1,5 @@
-"""Truncation at kvp's TTFT: the one way bench-ttft, eval and the self-check match the count
-of prompt tokens truncation keeps (M) to a measured TTFT.
+"""Truncation and token selection at kvp's TTFT: the one way bench-ttft, eval and the
+self-check match the count of prompt tokens a method keeps (M) to a measured TTFT.
 
 Prefill time is not proportional to length (the one LM-head row, fixed costs), so M is not
 the ratio of TTFTs times N: it starts there and is corrected from truncation's own measured
@@ -32,28 +32,42 @@ def median_ttft(engine: Engine, tokens: list[int], repeats: int = REPEATS, **set
     return statistics.median(timed_prefill(engine, tokens, **settings)[3] for _ in range(repeats))
 
 
-def truncation_keep(
+def matched_count(
     engine: Engine,
     tokens: list[int],
     target_ms: float,
     *,
+    mode: str = "truncate",
     base_ms: float | None = None,
     rounds: int = ROUNDS,
     repeats: int = REPEATS,
+    minimum: int = MIN_KEEP,
+    **settings,
 ) -> int:
-    """M such that truncation to the last M of ``tokens`` takes ``target_ms``: from
-    N * target / base (``base_ms``, else all of the prompt), corrected ``rounds`` times by
-    truncation's measured median TTFT."""
+    """M such that ``mode`` (truncate: the last M of ``tokens``; select: M tokens the
+    auxiliary ranks highest) takes ``target_ms``: from N * target / base (``base_ms``, else
+    all of the prompt), then corrected ``rounds`` times from the mode's measured median
+    TTFT: in proportion the first time, after that along the line through the last two
+    measurements (select's TTFT has a fixed part, the auxiliary's prefill)."""
     n = len(tokens) - 1
 
     def clamp(x: float) -> int:
-        return max(MIN_KEEP, min(n, round(x)))
+        return max(minimum, min(n, round(x)))
 
-    keep = clamp(n * target_ms / base_ms) if base_ms else n
+    keep, last = (clamp(n * target_ms / base_ms) if base_ms else n), None
     for _ in range(rounds):
-        measured = median_ttft(engine, tokens, repeats, mode="truncate", keep=keep)
-        keep = clamp(keep * target_ms / measured)
+        measured = median_ttft(engine, tokens, repeats, mode=mode, keep=keep, **settings)
+        slope = (measured - last[1]) / (keep - last[0]) if last and keep != last[0] else 0.0
+        last = (keep, measured)
+        keep = clamp(keep + (target_ms - measured) / slope if slope > 0 else keep * target_ms / measured)
+        if keep == last[0]:
+            break
     return keep
+
+
+def truncation_keep(engine: Engine, tokens: list[int], target_ms: float, **kwargs) -> int:
+    """M such that truncation to the last M of ``tokens`` takes ``target_ms`` (matched_count)."""
+    return matched_count(engine, tokens, target_ms, mode="truncate", **kwargs)
 
 
 def matched_keep(engine: Engine, tokens: list[int], **kvp) -> int:

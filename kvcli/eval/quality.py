@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvcli.engine.engine import Engine
-from kvcli.eval.matched import matched_keep, timed_prefill
+from kvcli.eval.matched import matched_count, median_ttft, timed_prefill
 from kvcli.eval.prompts import ANSWER_TOKENS, Example
 from kvcli.eval.stats import wilson
 from kvcli.eval.tasks import make_examples
@@ -33,6 +33,7 @@ class MethodStats:
     tail: int | None = None
     spans: int | None = None
     keep: int | None = None
+    select_by: str | None = None
     correct: list[bool] = field(default_factory=list)
     first_agree: list[bool] = field(default_factory=list)
     kl: list[float] = field(default_factory=list)
@@ -139,9 +140,7 @@ def score_method(
     with ``true_cache`` (the base's own after its prefill), per-layer K, V errors over the
     positions kvp did not decode with the base itself at the end (spans included)."""
     mode = stats.method
-    ctx, logits, first, ttft = timed_prefill(
-        engine, tokens, mode=mode, tail=stats.tail or 0, spans=stats.spans or 0, keep=stats.keep
-    )
+    ctx, logits, first, ttft = timed_prefill(engine, tokens, **_settings(stats))
     n_past = ctx.n_past
     if mode == "kvp" and true_cache is not None:
         k_err, v_err = kv_relative_errors(
@@ -163,6 +162,20 @@ def score_method(
         stats.correct.append(example.correct(_answer_text(ctx.model, greedy, example.answer_tokens)))
 
 
+def _settings(stats: MethodStats) -> dict:
+    """The prefill settings of one method."""
+    out = dict(mode=stats.method, tail=stats.tail or 0, spans=stats.spans or 0, keep=stats.keep)
+    return out | ({"select_by": stats.select_by} if stats.select_by else {})
+
+
+def selection_rankings(engine: Engine) -> list[str]:
+    """The rankings token selection can use on this engine (kvcli.engine.token_select)."""
+    from kvcli.engine.token_select import SelectBy
+
+    out = [SelectBy.ATTENTION.value] if engine.aux_focus_layers else []
+    return out + ([SelectBy.KEYS.value] if engine.spans.by_keys else [])
+
+
 def evaluate_task(
     engine: Engine,
     task: str,
@@ -174,14 +187,22 @@ def evaluate_task(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
-    """Rows of base, kvp at each (tail, spans), truncation matched to the TTFT of the
-    costliest kvp setting, the auxiliary alone."""
+    """Rows of base, kvp at each (tail, spans), truncation and token selection (each ranking)
+    matched to the TTFT of the costliest kvp setting, the auxiliary alone."""
+    from kvcli.engine.token_select import CHUNK, SELECT_TAIL
+
     examples = make_examples(task, n=n, n_tokens=n_tokens, tokenize=engine.tokenize, seed=seed)
     prompts = [engine.tokenize(ex.prompt) for ex in examples]
-    keep = matched_keep(engine, prompts[0], tail=max(tails), spans=max(spans))
+    target = median_ttft(engine, prompts[0], mode="kvp", tail=max(tails), spans=max(spans))
     base = MethodStats("base")
     methods = [MethodStats("kvp", tail=t, spans=s) for s in spans for t in tails]
-    methods += [MethodStats("truncate", keep=keep), MethodStats("aux")]
+    methods.append(MethodStats("truncate", keep=matched_count(engine, prompts[0], target)))
+    for by in selection_rankings(engine):
+        keep = matched_count(
+            engine, prompts[0], target, mode="select", select_by=by, rounds=3, minimum=1 + SELECT_TAIL + CHUNK
+        )
+        methods.append(MethodStats("select", keep=keep, select_by=by))
+    methods.append(MethodStats("aux"))
     for i, (ex, tokens) in enumerate(zip(examples, prompts)):
         ref, ttft, true_cache = base_reference(engine, tokens, ex.answer_tokens)
         base.ttft_ms.append(ttft)
@@ -208,6 +229,7 @@ def evaluate_task(
                 "tail": stats.tail,
                 "spans": stats.spans,
                 "keep": stats.keep,
+                "select_by": stats.select_by,
                 "n": len(examples),
                 "seed": seed,
                 "haystacks": [ex.haystack for ex in examples],

@@ -24,12 +24,13 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
 
 
 def method_label(row: dict) -> str:
-    """'kvp tail 24 spans 2', 'truncate', 'base': the method and its settings, not its keep
-    (truncation's keep is matched per length and family)."""
+    """'kvp tail 24 spans 2', 'select by keys', 'truncate', 'base': the method and its
+    settings, not its keep (truncation's and selection's keep is matched per length and family)."""
     return (
         row["method"]
         + (f" tail {row['tail']}" if row.get("tail") else "")
         + (f" spans {row['spans']}" if row.get("spans") else "")
+        + (f" by {row['select_by']}" if row.get("select_by") else "")
     )
 
 

@@ -20,12 +20,13 @@ import numpy as np
 
 from kvcli.engine.engine import Engine
 from kvcli.engine.timings import Timings
+from kvcli.engine.token_select import CHUNK, SELECT_TAIL
 from kvcli.errors import KvcliError
-from kvcli.eval.matched import truncation_keep
+from kvcli.eval.matched import matched_count
 from kvcli.eval.quality import forced_scores, reference_after_prefill
 from kvcli.predict.corpus import token_chunks
 
-BENCH_MODES = ("base", "kvp", "truncate")
+BENCH_MODES = ("base", "kvp", "truncate", "select")
 
 
 @dataclass(frozen=True)
@@ -105,20 +106,29 @@ def bench_length(
             ref = _record(pick(m), tokens, m, runs[m], ref)
             if progress:
                 progress()
-        if i == 0 and "truncate" in modes:
-            keep = n_tokens // 3
-            matched = Method("kvp", tail=kvp[-1][0], spans=kvp[-1][1]) if kvp else None
-            if Method("base") in runs and matched in runs:
-                keep = truncation_keep(
-                    engine, tokens, runs[matched].ttft_ms[0], base_ms=runs[Method("base")].ttft_ms[0]
-                )
-            methods.append(Method("truncate", keep=keep))
-            runs[methods[-1]] = Runs()
-            _prefill(engine, tokens, methods[-1])  # untimed: its first run
-            ref = _record(engine, tokens, methods[-1], runs[methods[-1]], ref)
+        for mode in ("truncate", "select") if i == 0 else ():
+            if mode not in modes:
+                continue
+            m = Method(mode, keep=_matched(engine, tokens, mode, runs, kvp))
+            methods.append(m)
+            runs[m] = Runs()
+            _prefill(engine, tokens, m)  # untimed: its first run
+            ref = _record(engine, tokens, m, runs[m], ref)
             if progress:
                 progress()
     return runs, prompts
+
+
+def _matched(engine: Engine, tokens: list[int], mode: str, runs: dict, kvp) -> int:
+    """The keep of truncation or selection for the TTFT of the last kvp setting (a third of
+    the prompt without kvp or the base in this run)."""
+    matched = Method("kvp", tail=kvp[-1][0], spans=kvp[-1][1]) if kvp else None
+    if Method("base") not in runs or matched not in runs:
+        return len(tokens) // 3
+    extra = dict(rounds=3, minimum=1 + SELECT_TAIL + CHUNK) if mode == "select" else {}
+    return matched_count(
+        engine, tokens, runs[matched].ttft_ms[0], mode=mode, base_ms=runs[Method("base")].ttft_ms[0], **extra
+    )
 
 
 def _record(engine: Engine, tokens: list[int], m: Method, r: Runs, ref):

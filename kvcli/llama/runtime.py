@@ -209,6 +209,24 @@ class Context:
         self._decode_pieces([(tokens, start, 0)], logits_last=logits_last, logits_all=logits_all)
         self.n_past = start + len(tokens)
 
+    def decode_at(
+        self, tokens: list[int], positions: list[int] | np.ndarray, *, logits_last: bool = False
+    ) -> None:
+        """Decode ``tokens`` at their increasing ``positions`` (gaps allowed) in an empty seq 0:
+        the positions skipped are never in the cache, the ones kept keep their own RoPE
+        angles. Needs kvcli's patches/0002 (stock llama.cpp asks for consecutive positions)."""
+        positions = np.asarray(positions, dtype=np.int32)
+        if len(positions) != len(tokens) or np.any(np.diff(positions) <= 0):
+            raise ContextError("positions must increase, one for each token")
+        if positions[-1] + 1 > self.n_ctx:
+            raise ContextError(f"position {positions[-1]} does not fit the context of {self.n_ctx}")
+        breaks = np.flatnonzero(np.diff(positions) > 1) + 1
+        runs = np.split(np.arange(len(tokens)), breaks)
+        toks = np.asarray(tokens, dtype=np.int32)
+        self._decode_pieces([(toks[r], int(positions[r[0]]), 0) for r in runs], logits_last=logits_last)
+        self.n_past = int(positions[-1]) + 1
+        self.cells_in_order = False  # cell i no longer holds position i
+
     def _decode_pieces(
         self,
         pieces: list[tuple[list[int] | np.ndarray, int, int]],
@@ -220,6 +238,7 @@ class Context:
         weights are read once per batch, however many pieces it holds."""
         tokens = np.concatenate([np.asarray(t, dtype=np.int32) for t, _, _ in pieces])
         pos = np.concatenate([np.arange(p, p + len(t), dtype=np.int32) for t, p, _ in pieces])
+        # (consecutive pieces of one sequence may jump forward: Context.decode_at)
         seqs = np.concatenate([np.full(len(t), s, dtype=np.int32) for t, _, s in pieces])
         b = self._batch
         n_batch = min(self.n_batch, self.settings.n_batch)

@@ -1,0 +1,123 @@
+"""Token selection (mode ``select``), the rival kvp's hybrid is judged against: the auxiliary
+prefills the prompt and ranks its positions by the attention of the prompt's last rows; the
+base then prefills only the top ones, in chunks, with BOS and the prompt's last tokens, each
+at its own position (the positions left out are never in its cache), and generates from
+there. In the manner of GemFilter (arXiv 2409.17422: a model's early layers pick the tokens)
+and SpecPrefill (arXiv 2502.02789: a small draft model scores them).
+
+Two rankings, both kvcli's span choosers' machinery (``SelectBy``):
+- ``attention``: the auxiliary's own attention from its decode of the last tokens, in the
+  bundle's tail-focus layers where they are a prefix auxiliary's (kvcli.engine.tail_choice);
+- ``keys``: the last prompt token's query in base layer k, the first after a k-layer prefix
+  auxiliary, over that layer's predicted keys (kvcli.engine.span_choice).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvcli.choices import Choice
+from kvcli.engine.aux_load import take_captured
+from kvcli.engine.kvp_prefill import predictor_inputs
+from kvcli.engine.timings import Clock, Timings
+from kvcli.errors import ContextError, IncompatibleError
+
+CHUNK = 8  # positions kept together: a fact and the words around it, not single tokens
+SELECT_TAIL = 32  # the prompt's last tokens, always kept: the question; their rows rank the rest
+DEFAULT_KEEP_SHARE = 0.25  # without --keep: a quarter of the prompt
+
+
+class SelectBy(Choice):
+    """How token selection ranks the prompt's positions: the auxiliary's own attention
+    (``attention``), base layer k's attention over predicted keys (``keys``), or the one the
+    bundle has (``auto``: attention where the auxiliary's layers choose kvp's spans)."""
+
+    AUTO = "auto"
+    ATTENTION = "attention"
+    KEYS = "keys"
+
+
+def kept_positions(scores: np.ndarray, n: int, keep: int, tail: int, chunk: int = CHUNK) -> np.ndarray:
+    """The positions the base prefills: 0 (BOS), the last ``tail``, and the chunks of
+    ``chunk`` positions among 1..n-tail-1 whose largest ``scores`` are highest, until ``keep``
+    positions in all (the last chunk cut to fit); increasing."""
+    hi = n - tail
+    budget = keep - 1 - tail
+    chosen: list[np.ndarray] = []
+    if hi > 1 and budget > 0:
+        starts = np.arange(1, hi, chunk)
+        best = np.maximum.reduceat(np.asarray(scores[1:hi], dtype=np.float64), starts - 1)
+        for i in np.argsort(-best, kind="stable"):
+            take = min(chunk, hi - starts[i], budget)
+            chosen.append(np.arange(starts[i], starts[i] + take))
+            budget -= take
+            if budget <= 0:
+                break
+    return np.unique(np.concatenate([[0], *chosen, np.arange(max(1, hi), n)]).astype(np.int64))
+
+
+def default_keep(n: int) -> int:
+    return max(1 + min(SELECT_TAIL, n - 1), round(n * DEFAULT_KEEP_SHARE))
+
+
+def resolve_select_by(engine, select_by: str) -> str:
+    """``select_by`` for this engine (``auto`` resolved), or an error naming what is missing."""
+    select_by = SelectBy.parse(select_by, "selection ranking")
+    if select_by == SelectBy.AUTO:
+        select_by = SelectBy.ATTENTION if engine.aux_focus_layers else SelectBy.KEYS
+    if select_by == SelectBy.ATTENTION and not engine.aux_focus_layers:
+        raise IncompatibleError(
+            "selection by the auxiliary's attention needs a bundle whose spans are chosen by "
+            "the auxiliary's own layers (a prefix bundle of a model without sliding-window layers)"
+        )
+    if select_by == SelectBy.KEYS:
+        engine.spans.check()
+    return select_by
+
+
+def position_scores(engine, tokens: list[int], n_pred: int, select_by: str, t: Timings, clock: Clock):
+    """The auxiliary prefills ``tokens``; per position < n_pred, how much the last rows attend to it."""
+    aux = engine.aux
+    aux.clear()
+    if aux.capture is not None:
+        aux.capture.clear()
+    if select_by == SelectBy.ATTENTION:
+        aux.decode(tokens[:n_pred])
+        t.aux_prefill_ms = clock.lap()
+        scores = engine.spans.aux_tail_scores(tokens, n_pred)
+        t.predict_ms = clock.lap()
+        return scores
+    aux.decode(tokens)
+    t.aux_prefill_ms = clock.lap()
+    hidden, raw_kv = take_captured(engine, len(tokens))
+    common = predictor_inputs(engine, tokens, hidden, raw_kv, t, clock)
+    scores, _ = engine.spans.layer_scores(hidden, len(tokens), n_pred, common)
+    t.predict_ms = clock.lap()
+    return scores
+
+
+def select_prefill(
+    engine, tokens: list[int], keep: int | None, t: Timings, select_by: str = "auto"
+) -> np.ndarray:
+    """Prefill ``tokens`` into ``engine.base`` by token selection, ``keep`` positions in all
+    (``default_keep`` when None); returns the last logits and fills ``t``."""
+    select_by = resolve_select_by(engine, select_by)
+    n = len(tokens)
+    keep = default_keep(n) if keep is None else keep
+    tail = min(SELECT_TAIL, n - 1)
+    base = engine.base
+    if keep >= n or n - tail <= 1:
+        return engine.plain_prefill(base, tokens, t)
+    clock = Clock()
+    scores = position_scores(engine, tokens, n - tail, select_by, t, clock)
+    positions = kept_positions(scores, n, keep, tail)
+    engine.last_selected = positions
+    base.clear()
+    try:
+        base.decode_at([tokens[p] for p in positions], positions, logits_last=True)
+    except ContextError as e:
+        raise IncompatibleError(
+            f"token selection needs kvcli's build of llama.cpp (python tools/install.py): {e}"
+        ) from e
+    t.base_decode_ms = clock.lap()
+    return base.last_logits()
