@@ -12,6 +12,7 @@ import random
 
 from kvcli.eval.haystack import paragraphs_of, prose, spread
 from kvcli.eval.prompts import Example, Tokenize, fit_prompt
+from kvcli.eval.ruler import MEDIUM_ANSWER
 
 PEOPLE = [
     "Agnes Thornbury",
@@ -90,7 +91,7 @@ def _lookalike_example(
     who = people[asked]
     tail = f"\nQuestion: {question.format(name=who)} Answer: {answer.format(name=who)}"
     prompt = fit_prompt(lambda k: head + spread(hay, k, needles, depths) + tail, n_tokens, tokenize)
-    return Example(task, prompt, values[asked], haystack=hay.name)
+    return Example(task, prompt, values[asked], answer_tokens=MEDIUM_ANSWER, haystack=hay.name)
 
 
 def records(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:

@@ -1,9 +1,10 @@
 """Truncation and token selection at kvp's TTFT: the one way bench-ttft, eval and the
 self-check match the count of prompt tokens a method keeps (M) to a measured TTFT.
 
-Prefill time is not proportional to length (the one LM-head row, fixed costs), so M is not
-the ratio of TTFTs times N: it starts there and is corrected from truncation's own measured
-TTFT, each measurement after a warm-up at its shape (a new batch shape allocates)."""
+Prefill time is not proportional to length (the one LM-head row, fixed costs; selection's
+auxiliary prefill), so M is not the ratio of TTFTs times N: it is read off a line fit to the
+method's own measured TTFTs, each measurement after a warm-up at its shape (a new batch
+shape allocates)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import numpy as np
 from kvcli.engine.engine import Engine
 
 MIN_KEEP = 16
-ROUNDS = 2
 REPEATS = 2
+FIT_REPEATS = 3
 
 
 def timed_prefill(engine: Engine, tokens: list[int], **settings):
@@ -39,29 +40,34 @@ def matched_count(
     *,
     mode: str = "truncate",
     base_ms: float | None = None,
-    rounds: int = ROUNDS,
-    repeats: int = REPEATS,
+    repeats: int = FIT_REPEATS,
     minimum: int = MIN_KEEP,
     **settings,
 ) -> int:
     """M such that ``mode`` (truncate: the last M of ``tokens``; select: M tokens the
-    auxiliary ranks highest) takes ``target_ms``: from N * target / base (``base_ms``, else
-    all of the prompt), then corrected ``rounds`` times from the mode's measured median
-    TTFT: in proportion the first time, after that along the line through the last two
-    measurements (select's TTFT has a fixed part, the auxiliary's prefill)."""
+    auxiliary ranks highest) takes ``target_ms``. A prefill's time is close to a line in M
+    with a fixed part (selection's: the auxiliary's prefill), and one measurement on a
+    2-core laptop is off by 10-20%: the mode's median TTFT is measured at half, one and
+    twice a first guess in proportion (N * target / base, ``base_ms`` else measured), a line
+    fit through them by least squares, M read off it, measured there too, and read off the
+    line through all four."""
     n = len(tokens) - 1
 
     def clamp(x: float) -> int:
         return max(minimum, min(n, round(x)))
 
-    keep, last = (clamp(n * target_ms / base_ms) if base_ms else n), None
-    for _ in range(rounds):
-        measured = median_ttft(engine, tokens, repeats, mode=mode, keep=keep, **settings)
-        slope = (measured - last[1]) / (keep - last[0]) if last and keep != last[0] else 0.0
-        last = (keep, measured)
-        keep = clamp(keep + (target_ms - measured) / slope if slope > 0 else keep * target_ms / measured)
-        if keep == last[0]:
-            break
+    base_ms = base_ms or median_ttft(engine, tokens, repeats, mode="base")
+    guess = clamp(n * target_ms / base_ms)
+    points = {m: 0.0 for m in (clamp(guess / 2), guess, clamp(guess * 2))}
+    keep = guess
+    for _ in range(2):
+        for m in [m for m, t in points.items() if not t]:
+            points[m] = median_ttft(engine, tokens, repeats, mode=mode, keep=m, **settings)
+        if len(points) < 2:
+            return keep
+        slope, intercept = np.polyfit(list(points), list(points.values()), 1)
+        keep = clamp((target_ms - intercept) / slope) if slope > 0 else guess
+        points.setdefault(keep, 0.0)
     return keep
 
 

@@ -196,10 +196,17 @@ def evaluate_task(
     target = median_ttft(engine, prompts[0], mode="kvp", tail=max(tails), spans=max(spans))
     base = MethodStats("base")
     methods = [MethodStats("kvp", tail=t, spans=s) for s in spans for t in tails]
-    methods.append(MethodStats("truncate", keep=matched_count(engine, prompts[0], target)))
+    base_ms = median_ttft(engine, prompts[0], mode="base")
+    methods.append(MethodStats("truncate", keep=matched_count(engine, prompts[0], target, base_ms=base_ms)))
     for by in selection_rankings(engine):
         keep = matched_count(
-            engine, prompts[0], target, mode="select", select_by=by, rounds=3, minimum=1 + SELECT_TAIL + CHUNK
+            engine,
+            prompts[0],
+            target,
+            mode="select",
+            select_by=by,
+            base_ms=base_ms,
+            minimum=1 + SELECT_TAIL + CHUNK,
         )
         methods.append(MethodStats("select", keep=keep, select_by=by))
     methods.append(MethodStats("aux"))

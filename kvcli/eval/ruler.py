@@ -28,6 +28,7 @@ KEYS = [
     "lunar-thistle",
     "granite-fjord",
 ]
+MEDIUM_ANSWER = 16  # a 7-digit number: Gemma 3 spells digits one token each, after ": "
 LONG_ANSWER = 64  # greedy tokens scored where the answer is a UUID or several values (32 cut
 # Qwen 2.5's UUIDs short: it spells digits one token each)
 
@@ -52,7 +53,7 @@ def needle(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
         f"The special magic number for {key} mentioned in the provided text is"
     )
     prompt = fit_prompt(lambda k: head + spread(hay, k, [text], [depth]) + tail, n_tokens, tokenize)
-    return Example("needle", prompt, value, haystack=hay.name)
+    return Example("needle", prompt, value, answer_tokens=MEDIUM_ANSWER, haystack=hay.name)
 
 
 def uuid(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:

@@ -125,7 +125,7 @@ def _matched(engine: Engine, tokens: list[int], mode: str, runs: dict, kvp) -> i
     matched = Method("kvp", tail=kvp[-1][0], spans=kvp[-1][1]) if kvp else None
     if Method("base") not in runs or matched not in runs:
         return len(tokens) // 3
-    extra = dict(rounds=3, minimum=1 + SELECT_TAIL + CHUNK) if mode == "select" else {}
+    extra = dict(minimum=1 + SELECT_TAIL + CHUNK) if mode == "select" else {}
     return matched_count(
         engine, tokens, runs[matched].ttft_ms[0], mode=mode, base_ms=runs[Method("base")].ttft_ms[0], **extra
     )
