@@ -15,7 +15,7 @@ from kvcli.eval.haystack import (
     prose_sentences,
     spread,
 )
-from kvcli.eval.lookalike import LOOKALIKE_TASKS, N_RECORDS
+from kvcli.eval.lookalike import LOOKALIKE_TASKS, N_RECORDS, SHAPES
 from kvcli.eval.tasks import make_examples
 from kvcli.predict.corpus import stdlib_root
 
@@ -79,19 +79,26 @@ def test_lookalike_families_are_seeded_and_within_the_length(task, n_tokens):
         assert ex.prompt.count(ex.answer) >= 1 and "@" in ex.haystack
 
 
+def _records_in(prompt):
+    """(name, value, offset) of every record of any shape in ``prompt``."""
+    found = []
+    for record, _, _ in SHAPES:
+        pattern = re.escape(record.strip()).replace(r"\{name\}", r"(?P<name>[A-Z][a-z]+ [A-Z][a-z]+)")
+        pattern = pattern.replace(r"\{value\}", r"(?P<value>\d{4})")
+        found += [(m["name"], m["value"], m.start()) for m in re.finditer(pattern, prompt)]
+    return found
+
+
 def test_records_state_the_asked_value_once_among_lookalikes():
     for task in ("records", "records_between"):
         for ex in make_examples(task, n=6, n_tokens=1024, tokenize=tokenize):
-            question = ex.prompt[ex.prompt.rindex("Question:") :]
-            numbers = re.findall(r"\b\d{4}\b", ex.prompt[: ex.prompt.rindex("Question:")])
-            values = [n for n in numbers if ex.prompt.count(n) == 1 or n == ex.answer]
-            assert ex.prompt.count(ex.answer) == 1 and len(set(values) & set(numbers)) >= N_RECORDS - 1
-            name = re.search(r"([A-Z][a-z]+ [A-Z][a-z]+)", question).group(1)
-            asked_at = ex.prompt.index(ex.answer)
-            assert name in ex.prompt[max(0, asked_at - 80) : asked_at + 80]
-            if task == "records_between":  # every other record lies after the asked one
-                others = [m.start() for m in re.finditer(r"\b\d{4}\b", ex.prompt) if m.group() in values]
-                assert min(others) == asked_at
+            records = _records_in(ex.prompt)
+            assert len(records) == N_RECORDS and len({n for n, _, _ in records}) == N_RECORDS
+            asked = re.search(r"Question: .*?([A-Z][a-z]+ [A-Z][a-z]+)", ex.prompt).group(1)
+            (value, at), *_ = [(v, at) for n, v, at in records if n == asked]
+            assert value == ex.answer and ex.prompt.count(ex.answer) == 1
+            if task == "records_between":  # every look-alike lies between it and the question
+                assert at == min(at for _, _, at in records)
 
 
 def test_paragraphs_ask_one_of_four_voyages_alike():

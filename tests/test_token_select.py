@@ -6,8 +6,8 @@ import pytest
 from conftest import random_prompt
 
 from kvcli.engine.engine import Engine
-from kvcli.engine.token_select import CHUNK, SELECT_TAIL, kept_positions
-from kvcli.eval.quality import selection_rankings
+from kvcli.engine.token_select import CHUNK, SELECT_TAIL, kept_positions, selection_rankings
+from kvcli.errors import ContextError, IncompatibleError
 from kvcli.llama.runtime import Context, ContextSettings, Model
 from kvcli.models.model_info import read_model_info
 from kvcli.state.codec import parse_seq_state
@@ -35,8 +35,11 @@ def test_decode_at_keeps_each_token_at_its_own_position(fixture, request):
     path = request.getfixturevalue(fixture)
     info = read_model_info(path)
     model = Model(path)
-    ctx = Context(model, ContextSettings(n_ctx=256))
+    ctx = Context(model, ContextSettings(n_ctx=256), scratch_seqs=1, scratch_cells=16)
     try:
+        assert ctx.gapped_positions_supported()  # kvcli's build (patches/0002)
+        with pytest.raises(ContextError, match="increase"):
+            ctx.decode_at([model.bos, model.bos], [3, 3])
         tokens = random_prompt(120, model.n_vocab, model.bos, low=10)
         ctx.decode(tokens, logits_last=True)
         full = layers_by_index(parse_seq_state(ctx.get_state(0)), info)[0]
@@ -74,10 +77,13 @@ def test_select_on_the_embedded_model(gemma_bundle):
             and list(kept[-SELECT_TAIL:]) == list(range(len(tokens) - SELECT_TAIL, len(tokens)))
         )
         assert t.aux_prefill_ms > 0 and eng.base.n_past == len(tokens)
+        key = eng.tokenize("The pass key is 71432.")[1:]
+        at = next(i for i in range(len(tokens)) if tokens[i : i + len(key)] == key)
+        assert set(range(at + 4, at + len(key) - 1)) <= set(kept)  # the ranking found the key
         _, base_logits, _ = eng.prefill(tokens, mode="base")
         _, all_kept, _ = eng.prefill(tokens, mode="select", keep=len(tokens))
         np.testing.assert_array_equal(all_kept, base_logits)  # keeping all is the base's prefill
-        with pytest.raises(Exception, match="attention"):
+        with pytest.raises(IncompatibleError, match="attention"):
             eng.prefill(tokens, mode="select", keep=keep, select_by="attention")
 
 

@@ -136,8 +136,13 @@ def command(
     ] = 3,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed rounds per N.")] = 1,
     modes: Annotated[
-        str, typer.Option("--modes", help="Comma list of base, kvp, truncate, select.")
-    ] = DEFAULT_MODES,
+        Optional[str],
+        typer.Option(
+            "--modes",
+            help="Comma list of base, kvp, truncate, select (default: all four; select only where "
+            "the bundle can rank positions).",
+        ),
+    ] = None,
     tails: Annotated[
         str, typer.Option("--tails", help="kvp tails: prompt tokens the base recomputes itself.")
     ] = "0",
@@ -183,7 +188,7 @@ def command(
     length_list = parse_list(lengths, "-p", int, minimum=16)
     tail_list = parse_list(tails, "--tails", int, minimum=0)
     span_list = parse_list(spans, "--spans", int, minimum=0) if spans is not None else None
-    mode_list = parse_list(modes, "--modes", choices=BENCH_MODES)
+    mode_list = parse_list(modes or DEFAULT_MODES, "--modes", choices=BENCH_MODES)
     loads = _aux_loads(aux_load)
     if repeats < 1 or warmup < 0:
         raise KvcliError("need -r >= 1 and --warmup >= 0")
@@ -201,7 +206,7 @@ def command(
             try:
                 resolve_select_by(engine, "auto")
             except IncompatibleError:
-                if modes != DEFAULT_MODES:
+                if modes is not None:
                     raise
                 mode_list.remove("select")  # by default, only where this bundle can rank
         if span_list is None:

@@ -40,6 +40,7 @@ def result_json(gen: Generation, **extra) -> dict:
         "tail": gen.tail,
         "spans": gen.spans,
         "recomputed": [list(r) for r in gen.recomputed],
+        "selected": gen.selected,
         "n_prompt": gen.n_prompt,
         "ttft_ms": round(gen.ttft_ms, 3),
         "breakdown": gen.timings.as_dict(),
@@ -78,6 +79,9 @@ def _run_batch(engine: Engine, batch: Path, defaults: dict) -> None:
             **defaults,
             **{k: item[k] for k in ("mode", "n_predict", "tail", "spans", "keep", "select_by") if k in item},
         }
+        for key in ("n_predict", "tail", "spans", "keep"):
+            if opts.get(key) is not None and (not isinstance(opts[key], int) or opts[key] < 0):
+                raise KvcliError(f"{batch}:{lineno}: '{key}' must be a whole number >= 0")
         if opts["mode"] == "kvp":
             opts.update(engine.kvp_settings(opts["tail"], opts["spans"]))
         sampler = Sampler(temperature=opts.pop("temp", 0.0))

@@ -57,4 +57,5 @@ def generate(
         tail=tail,
         spans=spans,
         recomputed=list(engine.last_recomputed) if mode == "kvp" else [],
+        selected=len(engine.last_selected) if mode == "select" else None,
     )

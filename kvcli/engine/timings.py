@@ -34,6 +34,7 @@ class Generation:
     tail: int = 0
     spans: int = 0
     recomputed: list[tuple[int, int]] = field(default_factory=list)
+    selected: int | None = None  # select: the positions the base prefilled
 
 
 class Clock:

@@ -20,10 +20,11 @@ from kvcli.choices import Choice
 from kvcli.engine.aux_load import take_captured
 from kvcli.engine.kvp_prefill import predictor_inputs
 from kvcli.engine.timings import Clock, Timings
-from kvcli.errors import ContextError, IncompatibleError
+from kvcli.errors import IncompatibleError, KvcliError
 
 CHUNK = 8  # positions kept together: a fact and the words around it, not single tokens
-SELECT_TAIL = 32  # the prompt's last tokens, always kept: the question; their rows rank the rest
+SELECT_TAIL = 32  # the prompt's last tokens, always kept: the question
+MIN_SELECT_KEEP = 1 + CHUNK + SELECT_TAIL  # BOS, one chosen chunk, the last tokens
 DEFAULT_KEEP_SHARE = 0.25  # without --keep: a quarter of the prompt
 
 
@@ -57,11 +58,27 @@ def kept_positions(scores: np.ndarray, n: int, keep: int, tail: int, chunk: int 
 
 
 def default_keep(n: int) -> int:
-    return max(1 + min(SELECT_TAIL, n - 1), round(n * DEFAULT_KEEP_SHARE))
+    return max(MIN_SELECT_KEEP, round(n * DEFAULT_KEEP_SHARE))
+
+
+def selection_rankings(engine) -> list[str]:
+    """The rankings token selection can use on this engine and build (none without kvcli's
+    patches/0002)."""
+    if engine.aux is None or not engine.base.gapped_positions_supported():
+        return []
+    out = [SelectBy.ATTENTION.value] if engine.aux_focus_layers else []
+    return out + ([SelectBy.KEYS.value] if engine.spans.by_keys else [])
 
 
 def resolve_select_by(engine, select_by: str) -> str:
     """``select_by`` for this engine (``auto`` resolved), or an error naming what is missing."""
+    if engine.aux is None:
+        raise IncompatibleError("token selection needs an auxiliary model (use a bundle)")
+    if not engine.base.gapped_positions_supported():
+        raise IncompatibleError(
+            "token selection needs kvcli's build of llama.cpp, which lets a sequence's "
+            "positions jump forward (python tools/install.py)"
+        )
     select_by = SelectBy.parse(select_by, "selection ranking")
     if select_by == SelectBy.AUTO:
         select_by = SelectBy.ATTENTION if engine.aux_focus_layers else SelectBy.KEYS
@@ -76,16 +93,16 @@ def resolve_select_by(engine, select_by: str) -> str:
 
 
 def position_scores(engine, tokens: list[int], n_pred: int, select_by: str, t: Timings, clock: Clock):
-    """The auxiliary prefills ``tokens``; per position < n_pred, how much the last rows attend to it."""
+    """The auxiliary prefills ``tokens``; per position < n_pred, how much the prompt's last
+    tokens attend to it (``attention``: the last n - n_pred rows; ``keys``: the last one)."""
     aux = engine.aux
     aux.clear()
     if aux.capture is not None:
         aux.capture.clear()
     if select_by == SelectBy.ATTENTION:
         aux.decode(tokens[:n_pred])
+        scores = engine.spans.aux_tail_scores(tokens, n_pred)  # decodes the last tokens too
         t.aux_prefill_ms = clock.lap()
-        scores = engine.spans.aux_tail_scores(tokens, n_pred)
-        t.predict_ms = clock.lap()
         return scores
     aux.decode(tokens)
     t.aux_prefill_ms = clock.lap()
@@ -100,24 +117,23 @@ def select_prefill(
     engine, tokens: list[int], keep: int | None, t: Timings, select_by: str = "auto"
 ) -> np.ndarray:
     """Prefill ``tokens`` into ``engine.base`` by token selection, ``keep`` positions in all
-    (``default_keep`` when None); returns the last logits and fills ``t``."""
+    (at least MIN_SELECT_KEEP; ``default_keep`` when None); returns the last logits and fills ``t``."""
     select_by = resolve_select_by(engine, select_by)
     n = len(tokens)
     keep = default_keep(n) if keep is None else keep
-    tail = min(SELECT_TAIL, n - 1)
+    if keep < MIN_SELECT_KEEP:
+        raise KvcliError(
+            f"token selection keeps at least {MIN_SELECT_KEEP} tokens (BOS, a chunk, the last {SELECT_TAIL})"
+        )
     base = engine.base
-    if keep >= n or n - tail <= 1:
+    if keep >= n:
+        engine.last_selected = np.arange(n)
         return engine.plain_prefill(base, tokens, t)
     clock = Clock()
-    scores = position_scores(engine, tokens, n - tail, select_by, t, clock)
-    positions = kept_positions(scores, n, keep, tail)
+    scores = position_scores(engine, tokens, n - SELECT_TAIL, select_by, t, clock)
+    positions = kept_positions(scores, n, keep, SELECT_TAIL)
     engine.last_selected = positions
     base.clear()
-    try:
-        base.decode_at([tokens[p] for p in positions], positions, logits_last=True)
-    except ContextError as e:
-        raise IncompatibleError(
-            f"token selection needs kvcli's build of llama.cpp (python tools/install.py): {e}"
-        ) from e
+    base.decode_at([tokens[p] for p in positions], positions, logits_last=True)
     t.base_decode_ms = clock.lap()
     return base.last_logits()

@@ -2,7 +2,7 @@
 
 One process holding both models would charge the auxiliary to the base alone, so each mode
 is measured by ``python -m kvcli.eval.memory MODE ...`` in its own process: base and truncate
-load the base only; kvp loads the base, the auxiliary and the predictor. After each prompt
+load the base only; kvp and select load the base, the auxiliary and the predictor. After each prompt
 length it reports the peak RSS (VmHWM, reset between lengths through /proc/self/clear_refs),
 the peak PSS (/proc/self/smaps_rollup sampled every few milliseconds during the prefill by a
 thread: shared pages split between the mappings and processes that map them, so a file
@@ -113,12 +113,12 @@ def _child() -> None:
     job = json.loads(sys.stdin.read())
     b = load_bundle(job["bundle"])
     settings = ContextSettings(**job["settings"])
-    with_aux = job["mode"] in ("kvp", "aux")
+    with_aux = job["mode"] in ("kvp", "select", "aux")
     out = {}
     with Engine.from_bundle(
         b,
         with_aux=with_aux,
-        with_predictor=job["mode"] == "kvp",
+        with_predictor=job["mode"] in ("kvp", "select"),  # select ranks by predicted keys
         settings=settings,
         aux_load=job["aux_load"] if with_aux else "auto",
     ) as engine:

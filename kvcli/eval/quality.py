@@ -168,14 +168,6 @@ def _settings(stats: MethodStats) -> dict:
     return out | ({"select_by": stats.select_by} if stats.select_by else {})
 
 
-def selection_rankings(engine: Engine) -> list[str]:
-    """The rankings token selection can use on this engine (kvcli.engine.token_select)."""
-    from kvcli.engine.token_select import SelectBy
-
-    out = [SelectBy.ATTENTION.value] if engine.aux_focus_layers else []
-    return out + ([SelectBy.KEYS.value] if engine.spans.by_keys else [])
-
-
 def evaluate_task(
     engine: Engine,
     task: str,
@@ -189,7 +181,7 @@ def evaluate_task(
 ) -> list[dict]:
     """Rows of base, kvp at each (tail, spans), truncation and token selection (each ranking)
     matched to the TTFT of the costliest kvp setting, the auxiliary alone."""
-    from kvcli.engine.token_select import CHUNK, SELECT_TAIL
+    from kvcli.engine.token_select import MIN_SELECT_KEEP, selection_rankings
 
     examples = make_examples(task, n=n, n_tokens=n_tokens, tokenize=engine.tokenize, seed=seed)
     prompts = [engine.tokenize(ex.prompt) for ex in examples]
@@ -206,7 +198,7 @@ def evaluate_task(
             mode="select",
             select_by=by,
             base_ms=base_ms,
-            minimum=1 + SELECT_TAIL + CHUNK,
+            minimum=MIN_SELECT_KEEP,
         )
         methods.append(MethodStats("select", keep=keep, select_by=by))
     methods.append(MethodStats("aux"))

@@ -2,11 +2,12 @@
 
 Per prompt length N: ``repeats`` distinct prompts of exactly N tokens from the held-out
 corpus part. Each round runs every method on that round's prompt, base first (base, kvp per
-tail, truncate), so that machine noise hits all alike. TTFT is from having the tokens to
+tail, truncate, select), so that machine noise hits all alike. TTFT is from having the tokens to
 having the greedy first token. Untimed, after each timed prefill: the base continues
 greedily for FORCED tokens (the reference), and every other method is teacher-forced on
 them (first-token agreement, mean KL(base || method)). Truncation keeps the last M tokens,
-M matched to the last kvp setting's TTFT on the first prompt (kvcli.eval.matched).
+token selection M tokens the auxiliary ranks highest, each M matched to the last kvp
+setting's TTFT on the first prompt (kvcli.eval.matched).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from kvcli.engine.engine import Engine
 from kvcli.engine.timings import Timings
-from kvcli.engine.token_select import CHUNK, SELECT_TAIL
+from kvcli.engine.token_select import MIN_SELECT_KEEP
 from kvcli.errors import KvcliError
 from kvcli.eval.matched import matched_count
 from kvcli.eval.quality import forced_scores, reference_after_prefill
@@ -83,8 +84,8 @@ def bench_length(
     progress: Callable[[], None] | None = None,
     extra_engines: dict[str, Engine] | None = None,
 ) -> tuple[dict[Method, Runs], list[list[int]]]:
-    """``kvp``: its (tail, spans) settings, each a method; truncation is matched to the
-    TTFT of the last. ``extra_engines``: aux_load -> an engine that loads the auxiliary that
+    """``kvp``: its (tail, spans) settings, each a method; truncation and selection are
+    matched to the TTFT of the last. ``extra_engines``: aux_load -> an engine that loads the auxiliary that
     way; kvp (tail 0) is also timed on each, side by side with the main engine's."""
     extra_engines = extra_engines or {}
     prompts = bench_prompts(engine, n_tokens, repeats)
@@ -125,7 +126,7 @@ def _matched(engine: Engine, tokens: list[int], mode: str, runs: dict, kvp) -> i
     matched = Method("kvp", tail=kvp[-1][0], spans=kvp[-1][1]) if kvp else None
     if Method("base") not in runs or matched not in runs:
         return len(tokens) // 3
-    extra = dict(minimum=1 + SELECT_TAIL + CHUNK) if mode == "select" else {}
+    extra = dict(minimum=MIN_SELECT_KEEP) if mode == "select" else {}
     return matched_count(
         engine, tokens, runs[matched].ttft_ms[0], mode=mode, base_ms=runs[Method("base")].ttft_ms[0], **extra
     )

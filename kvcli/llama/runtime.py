@@ -177,6 +177,7 @@ class Context:
         # whether cache cell i holds position i of seq 0 (a captured attention row's columns
         # are cells): true from empty while tokens are only appended
         self.cells_in_order = True
+        self._gaps_ok: bool | None = None  # gapped_positions_supported, once probed
 
     def clear(self) -> None:
         self._lib.llama_memory_clear(self.memory, True)
@@ -208,6 +209,22 @@ class Context:
             )
         self._decode_pieces([(tokens, start, 0)], logits_last=logits_last, logits_all=logits_all)
         self.n_past = start + len(tokens)
+
+    def gapped_positions_supported(self) -> bool:
+        """Whether this build's llama.cpp decodes a sequence whose positions jump forward
+        (kvcli's patches/0002; stock llama.cpp refuses the batch): probed once per context
+        by two tokens at positions 0 and 2 of the last scratch sequence, removed after."""
+        if self._gaps_ok is None:
+            if not self.scratch_seqs:
+                raise ContextError("this context has no scratch sequence to probe in")
+            seq, bos = self.scratch_seqs, self.model.bos
+            try:
+                self._decode_pieces([([bos], 0, seq), ([bos], 2, seq)])
+                self._gaps_ok = True
+            except ContextError:
+                self._gaps_ok = False
+            self._lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        return self._gaps_ok
 
     def decode_at(
         self, tokens: list[int], positions: list[int] | np.ndarray, *, logits_last: bool = False
