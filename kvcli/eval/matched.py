@@ -71,11 +71,6 @@ def matched_count(
     return keep
 
 
-def truncation_keep(engine: Engine, tokens: list[int], target_ms: float, **kwargs) -> int:
-    """M such that truncation to the last M of ``tokens`` takes ``target_ms`` (matched_count)."""
-    return matched_count(engine, tokens, target_ms, mode="truncate", **kwargs)
-
-
 def matched_keep(engine: Engine, tokens: list[int], **kvp) -> int:
     """M for kvp's median TTFT with settings ``kvp`` (tail, spans), both measured on ``tokens``."""
-    return truncation_keep(engine, tokens, median_ttft(engine, tokens, mode="kvp", **kvp))
+    return matched_count(engine, tokens, median_ttft(engine, tokens, mode="kvp", **kvp))
