@@ -171,7 +171,7 @@ def command(
         typer.Option(
             "--tail",
             help="kvp: the last W prompt tokens of each turn the base decodes itself "
-            "(default: as generate's, 24 with spans, else 0).",
+            "(default: as generate's, 40 with spans, else 0).",
         ),
     ] = None,
     spans: Annotated[

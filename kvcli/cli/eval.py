@@ -53,14 +53,13 @@ def command(
             "the families stands out of the noise; docs/judge.md).",
         ),
     ] = 20,
-    tails: Annotated[str, typer.Option("--tails", help="kvp tails to evaluate.")] = "0,24",
+    tails: Annotated[str, typer.Option("--tails", help="kvp tails to evaluate.")] = "0,40",
     spans: Annotated[
         Optional[str],
         typer.Option(
             "--spans",
             help="Numbers of recomputed spans to evaluate (each with each tail); "
-            "default 0 and the bundle's default (1; 2 where spans are chosen from the tail) where "
-            "the bundle can choose spans, else 0.",
+            "default 0 and the bundle's default (2) where the bundle can choose spans, else 0.",
         ),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the task generators.")] = 0,

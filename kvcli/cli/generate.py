@@ -14,8 +14,9 @@ from kvcli.cli.common import open_engine
 from kvcli.cli.options import BundleOpt, CtxOpt, JsonOpt, ModelOpt, SeedOpt, ThreadsOpt
 from kvcli.engine.engine import Engine, Mode
 from kvcli.engine.generation import generate
-from kvcli.engine.recompute import SPAN_WIDTH
+from kvcli.engine.recompute import DEFAULT_SPANS, DEFAULT_SPANS_TAIL
 from kvcli.engine.sampling import Sampler
+from kvcli.engine.span_choice import SPAN_MAX
 from kvcli.engine.timings import Generation
 from kvcli.engine.token_select import SelectBy
 from kvcli.errors import KvcliError
@@ -104,16 +105,17 @@ def command(
         Optional[int],
         typer.Option(
             "--tail",
-            help="kvp: the base recomputes the last W prompt tokens (default: 24 with spans, else 0).",
+            help="kvp: the base recomputes the last W prompt tokens, the question "
+            f"(default: {DEFAULT_SPANS_TAIL} with spans, else 0).",
         ),
     ] = None,
     spans: Annotated[
         Optional[int],
         typer.Option(
             "--spans",
-            help=f"kvp: the base also recomputes S spans of {SPAN_WIDTH} tokens, where the "
-            "question attends most (default: the bundle's, 1, or 2 where spans are chosen from the "
-            "tail; 0 where the bundle cannot choose them).",
+            help="kvp: the base also recomputes the S sentences (at most "
+            f"{SPAN_MAX} tokens each) the question attends to most (default: {DEFAULT_SPANS}; "
+            "0 where the bundle cannot choose them).",
         ),
     ] = None,
     keep: Annotated[

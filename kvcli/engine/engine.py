@@ -25,13 +25,8 @@ from kvcli import keys
 from kvcli.choices import Choice
 from kvcli.engine.aux_load import AuxLoad, aux_file, capture_names, choose_aux_load, open_aux_context
 from kvcli.engine.kvp_prefill import kvp_prefill
-from kvcli.engine.recompute import (
-    DEFAULT_SPANS,
-    DEFAULT_SPANS_TAIL,
-    DEFAULT_TAIL_SPANS,
-    SPAN_WIDTH,
-    SpanRecompute,
-)
+from kvcli.engine.recompute import DEFAULT_SPANS, DEFAULT_SPANS_TAIL, SpanRecompute
+from kvcli.engine.span_choice import SPAN_MAX
 from kvcli.engine.timings import Clock, Timings
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
 from kvcli.llama.capture import TensorCapture
@@ -57,9 +52,9 @@ class Mode(Choice):
 
 MODES = Mode.values()
 # ranges kvp recomputes in one decode (each in a scratch sequence) and the cells they may
-# take beside the prompt's: 2 spans of 16 and a chat template's sinks fit in one batch
+# take beside the prompt's: 2 spans of up to 64 and a chat template's sinks fit in one batch
 SCRATCH_SEQS = 8
-SCRATCH_CELLS = 128
+SCRATCH_CELLS = 256
 
 
 class Engine:
@@ -294,7 +289,7 @@ class Engine:
         tail: int = 0,
         keep: int | None = None,
         spans: int = 0,
-        span_width: int = SPAN_WIDTH,
+        span_max: int = SPAN_MAX,
         recompute: list[tuple[int, int]] | None = None,
         start: int = 0,
         aux_start: int = 0,
@@ -304,7 +299,7 @@ class Engine:
     ) -> tuple[Context, np.ndarray, Timings]:
         """Prefill by ``mode``; returns the context that continues, the last logits, timings.
 
-        kvp: ``spans`` spans of ``span_width`` tokens chosen and recomputed by the base, or
+        kvp: ``spans`` sentences of at most ``span_max`` tokens chosen and recomputed by the base, or
         the given ``recompute`` ranges [a, b) (1 <= a < b <= N - 1 - tail, in order).
         base and kvp: ``start``: the base context already holds tokens[:start] and keeps them
         (a conversation); kvp's ``aux_start`` and ``earlier``: kvcli.engine.kvp_prefill.
@@ -352,7 +347,7 @@ class Engine:
                 tail,
                 t,
                 spans,
-                span_width,
+                span_max,
                 recompute,
                 start=start,
                 aux_start=aux_start,
@@ -382,11 +377,7 @@ class Engine:
         """kvp's tail and spans, defaults filled in: DEFAULT_SPANS spans where they can be
         chosen, else none; tail DEFAULT_SPANS_TAIL with spans, else 0."""
         if spans is None:
-            spans = (
-                (DEFAULT_TAIL_SPANS if self.tail_focus_layers else DEFAULT_SPANS)
-                if self.predictor is not None and self.spans_supported
-                else 0
-            )
+            spans = DEFAULT_SPANS if self.predictor is not None and self.spans_supported else 0
         if tail is None:
             tail = DEFAULT_SPANS_TAIL if spans else 0
         return {"tail": tail, "spans": spans}

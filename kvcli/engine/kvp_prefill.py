@@ -17,12 +17,12 @@ import numpy as np
 from kvcli.engine.aux_load import take_captured
 from kvcli.engine.recompute import (
     SPAN_CONTEXT,
-    SPAN_WIDTH,
     TAIL_CONTEXT,
     checked_ranges,
     merge_ranges,
     sink_ranges,
 )
+from kvcli.engine.span_choice import SPAN_MAX
 from kvcli.engine.timings import Clock, Timings
 from kvcli.errors import KvcliError
 from kvcli.predict.apply import needed_positions, predicted_state_bytes, span_group_positions
@@ -38,7 +38,7 @@ def kvp_prefill(
     tail: int,
     t: Timings,
     spans: int = 0,
-    span_width: int = SPAN_WIDTH,
+    span_max: int = SPAN_MAX,
     recompute: list[tuple[int, int]] | None = None,
     *,
     start: int = 0,
@@ -90,18 +90,18 @@ def kvp_prefill(
             start,
             aux_start,
             spans if choose and not from_tail else 0,
-            span_width,
+            span_max,
             recompute,
             from_tail,
         )
     if from_tail:
         candidates = merge_ranges(earlier, [(max(1, start), n_pred)] if n_pred > start else [])
         if scores is not None:  # from the auxiliary's own pass: one batch recomputes all
-            chosen = engine.spans.pick(scores, n_pred, spans, span_width, candidates, sinks)
+            chosen = engine.spans.pick(scores, tokens, n_pred, spans, span_max, candidates, sinks)
             base.recompute(tokens, merge_ranges(chosen, sinks))
         else:  # the base's pass over the predicted cache, its sinks recomputed first
             base.recompute(tokens, sinks)
-            chosen = engine.spans.from_tail(tokens, n_pred, spans, span_width, candidates, sinks)
+            chosen = engine.spans.from_tail(tokens, n_pred, spans, span_max, candidates, sinks)
             base.recompute(tokens, chosen)
     else:
         base.recompute(tokens, merge_ranges(chosen, sinks))
@@ -120,7 +120,7 @@ def _predict_into_base(
     start: int,
     aux_start: int,
     spans: int,
-    span_width: int,
+    span_max: int,
     recompute: list[tuple[int, int]] | None,
     from_tail: bool = False,
 ):
@@ -148,7 +148,7 @@ def _predict_into_base(
     chosen, known = checked_ranges(recompute or [], n_pred, lo=max(1, start)), {}
     if spans:
         chosen, known = engine.spans.choose(
-            hidden, n_aux, n_pred, spans, span_width, common, start=start, first_row=aux_start
+            tokens, hidden, n_pred, spans, span_max, common, sinks, start=start, first_row=aux_start
         )
     starts = [a for a, _ in merge_ranges(chosen, sinks)]
     positions = (

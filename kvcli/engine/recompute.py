@@ -13,25 +13,31 @@ from __future__ import annotations
 import numpy as np
 
 from kvcli import keys
-from kvcli.engine.span_choice import QueryProjector, attention_peaks, choose_spans, spans_supported
+from kvcli.engine.span_choice import (
+    SINK_POSITIONS,
+    QueryProjector,
+    question_scores,
+    sentence_ends,
+    sentence_spans,
+    spans_supported,
+)
 from kvcli.errors import IncompatibleError, KvcliError
 from kvcli.predict.apply import predict_base_kv
 
-# tokens per recomputed span: a stated fact and its words around it. 16 rather than 24: the
-# same answers on kvcli eval at 1024 tokens (pass key, several keys, register, code; n = 10,
-# shipped predictor: 1.0 / 1.0 / 0.8 / 1.0 with either), 0.005-0.008x less TTFT (README)
-SPAN_WIDTH = 16
-DEFAULT_SPANS = 1
-# spans chosen from the tail (kvcli.engine.tail_choice): two, as its layers disagree by kind of
-# prompt (Qwen 1.5B prefix 7, 6 prompts each, scratch run over dumped attention: layers
-# 2,5,6 combined put the pass key in the first span 2/6, in one of two 5/6, and the asked
-# record among look-alikes 6/6 with either)
-DEFAULT_TAIL_SPANS = 2
-DEFAULT_SPANS_TAIL = 24  # with spans, the base also decodes the question itself
-# Spans are chosen by the last prompt token's query alone, the best chooser measured
-# (passkey, multikey, document at 1024 and 2048 tokens, n = 10 each): the top span held the
-# fact in 60/60 prompts; by the largest weight any of the 4 tokens before it gives, in
-# 58/60; of the 16 before it, 52/60.
+# spans recomputed by default: two, as one chosen span missed what two held on kvcli eval
+# (a scratch run, 1,024 tokens, seed 1, n = 10, sentence spans, tail 40: passkey 5/10 with
+# one, 10/10 with two; uuid 8/10 and 9/10; the other 8 families the same or within one);
+# chosen from the tail, as its layers disagree by kind of prompt (Qwen 1.5B prefix 7, 6
+# prompts each, scratch run over dumped attention: layers 2,5,6 combined put the pass key in
+# the first span 2/6, in one of two 5/6, and the asked record among look-alikes 6/6 with
+# either)
+DEFAULT_SPANS = 2
+# with spans, the base also decodes the question itself: 40 tokens, as a question is longer
+# than 24 ("What is the special magic uuid for velvet-canyon mentioned in the provided text?
+# The special magic uuid for velvet-canyon mentioned in the provided text is" is 35 Gemma
+# tokens; cut at 24, the base answered uuid 0/10 with one span, at 40 8/10)
+DEFAULT_SPANS_TAIL = 40
+SINK_GAP = 16  # attention sinks less than this apart are recomputed as one range
 # The predicted sliding-window cells written: the last SPAN_CONTEXT before each span and the
 # last TAIL_CONTEXT before the base's own tail, not the whole window, which the predict step
 # would otherwise spend most of its time on. Measured (1024 tokens, 2 spans, tail 24,
@@ -47,6 +53,14 @@ class SpanRecompute:
     def __init__(self, engine):
         self.engine = engine
         self._projector: QueryProjector | None = None
+        self._ends: dict[int, bool] = {}  # token -> whether it ends a sentence
+
+    def sentence_ends(self, tokens: list[int]) -> np.ndarray:
+        """span_choice.sentence_ends of the tokens' texts, each token looked up once."""
+        model, ends = self.engine.model, self._ends
+        for t in set(tokens) - ends.keys():
+            ends[t] = bool(sentence_ends([model.token_bytes(t).decode("utf-8", "replace")])[0])
+        return np.fromiter((ends[t] for t in tokens), dtype=bool, count=len(tokens))
 
     @property
     def supported(self) -> bool:
@@ -69,7 +83,7 @@ class SpanRecompute:
         tokens: list[int],
         n_pred: int,
         spans: int,
-        span_width: int,
+        span_max: int,
         candidates: list[tuple[int, int]],
         sinks: list[tuple[int, int]],
     ) -> list[tuple[int, int]]:
@@ -91,7 +105,7 @@ class SpanRecompute:
         scores = combined_scores(eng.base_attention(eng.tail_focus_layers, len(tokens) - n_pred, n_pred))
         capture.clear()
         base.truncate(n_pred)
-        return self.pick(scores, n_pred, spans, span_width, candidates, sinks)
+        return self.pick(scores, tokens, n_pred, spans, span_max, candidates, sinks)
 
     def aux_tail_scores(self, tokens: list[int], n_pred: int) -> np.ndarray | None:
         """kvcli.engine.tail_choice's scores from the auxiliary's own decode of the tail, where the
@@ -119,27 +133,27 @@ class SpanRecompute:
     def pick(
         self,
         scores: np.ndarray,
+        tokens: list[int],
         n_pred: int,
         spans: int,
-        span_width: int,
+        span_max: int,
         candidates: list[tuple[int, int]],
         sinks: list[tuple[int, int]],
     ) -> list[tuple[int, int]]:
-        """The spans where tail-focus ``scores`` peak among the ``candidates`` ranges, away
-        from the ``sinks``."""
-        from kvcli.engine.tail_choice import peak_spans
-
+        """The sentences (span_choice.sentence_spans, ``span_max`` tokens at most) where
+        ``scores`` peak among the ``candidates`` ranges, away from the ``sinks``."""
         allowed = np.zeros(n_pred, dtype=bool)
         for a, b in candidates:
             allowed[a:b] = True
         for a, b in sinks:
             allowed[a:b] = False
-        return peak_spans(
-            np.where(allowed, scores, 0.0),
+        return sentence_spans(
+            np.where(allowed, scores[:n_pred], 0.0),
             spans,
-            span_width,
-            n_pred,
+            self.sentence_ends(tokens[:n_pred]),
             lo=max(1, candidates[0][0]) if candidates else 1,
+            hi=n_pred,
+            max_width=span_max,
         )
 
     def check(self) -> None:
@@ -159,42 +173,46 @@ class SpanRecompute:
     def layer_scores(
         self, hidden, n_aux: int, n_pred: int, common: dict, start: int = 0, first_row: int = 0
     ) -> tuple[np.ndarray, dict]:
-        """Per position < n_pred, the attention the last prompt token (position n_aux - 1;
-        ``hidden`` rows start at position ``first_row``) gives it in base layer k, over that
-        layer's predicted keys of positions start..n_pred-1 (0 before ``start``): its query
-        computed from the captured rows (kvcli.engine.span_choice), a position scored by the
-        largest weight any query head gives it. Also returns layer k's predicted rows (a
-        full-attention layer: every one of those positions), not to predict them twice."""
+        """Per position < n_pred, the attention the question (positions n_pred..n_aux-1, the
+        tail; ``hidden`` rows start at position ``first_row``) gives it in base layer k,
+        over that layer's predicted keys of positions start..n_pred-1 (0 before ``start``):
+        its queries computed from the captured rows, scored by span_choice.question_scores.
+        Also returns layer k's predicted rows (a full-attention layer: every one of those
+        positions), not to predict them twice."""
         self.check()
         proj, kinds = self._projector, list(self.engine.predictor.hidden_kinds)
         layer = proj.layer
         full = [np.arange(start, n_pred, dtype=np.int32)] * len(self.engine.base_info.cache_layer_groups)
         known = predict_base_kv(group_positions=full, only=[layer], **common)
-        row = n_aux - 1 - first_row
+        positions = np.arange(min(n_pred, n_aux - 1), n_aux)  # at least the last token
+        rows = positions - first_row
         residual = proj.residual(
-            hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)][[row]],
-            hidden[kinds.index(keys.FEATURE_AUX_ATTN)][[row]],
+            hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)][rows],
+            hidden[kinds.index(keys.FEATURE_AUX_ATTN)][rows],
         )
         scores = np.zeros(n_pred, dtype=np.float32)
-        scores[start:] = attention_peaks(proj.queries(residual, np.asarray([n_aux - 1])), known[layer][0])
+        scores[start:] = question_scores(proj.queries(residual, positions), known[layer][0])
+        scores[:SINK_POSITIONS] = 0.0  # the first tokens draw attention whatever the question
         return scores, known
 
     def choose(
         self,
+        tokens: list[int],
         hidden,
-        n_aux: int,
         n_pred: int,
         spans: int,
-        span_width: int,
+        span_max: int,
         common: dict,
+        sinks: list[tuple[int, int]],
         start: int = 0,
         first_row: int = 0,
     ) -> tuple[list[tuple[int, int]], dict]:
-        """The ``spans`` of ``span_width`` in max(1, start)..n_pred-1 where ``layer_scores``
-        peak (position 0, BOS, draws attention from every query and is never chosen), and
-        layer k's predicted rows."""
-        scores, known = self.layer_scores(hidden, n_aux, n_pred, common, start, first_row)
-        return choose_spans(scores, spans, span_width, lo=max(1, start), hi=n_pred), known
+        """The ``spans`` sentences in max(1, start)..n_pred-1 where ``layer_scores`` of the
+        question tokens[n_pred:] peak, away from the ``sinks`` (position 0, BOS, draws
+        attention from every query and is never chosen), and layer k's predicted rows."""
+        scores, known = self.layer_scores(hidden, len(tokens), n_pred, common, start, first_row)
+        lo = max(1, start)
+        return self.pick(scores, tokens, n_pred, spans, span_max, [(lo, n_pred)], sinks), known
 
 
 # A position whose residual (the auxiliary's captured ``l_out-(k-2)``) is this many times the
@@ -233,10 +251,10 @@ def sink_ranges(
     predictor, hidden: list[np.ndarray], n_pred: int, first: int = 0, lo: int = 1
 ) -> list[tuple[int, int]]:
     """The sinks among positions lo..n_pred-1 as ranges the base recomputes, those less than
-    SPAN_WIDTH apart joined (a chat template's sinks come in clusters: positions 2, 3, 8,
+    SINK_GAP apart joined (a chat template's sinks come in clusters: positions 2, 3, 8,
     10, 13 -> one range [2, 14)); ``first``: the position of ``hidden``'s row 0."""
     return merge_ranges(
-        [(p, p + 1) for p in residual_sinks(predictor, hidden, first) if lo <= p < n_pred], gap=SPAN_WIDTH
+        [(p, p + 1) for p in residual_sinks(predictor, hidden, first) if lo <= p < n_pred], gap=SINK_GAP
     )
 
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import numpy as np
 
-SINK_POSITIONS = 8  # positions never chosen: the first (attention sinks)
-RECENT_POSITIONS = 16  # ... nor the last before the tail (what every next token attends to)
-SPAN_LEAD = 4  # a span starts this many tokens before the peak: a value and its name before it
+from kvcli.engine.span_choice import SINK_POSITIONS
+
+RECENT_POSITIONS = 16  # never chosen: the last before the tail (what every next token attends to)
 N_LAYERS = 3  # layers combined: one layer's choice differs by kind of prompt
 
 
@@ -44,24 +44,6 @@ def position_scores(rows: np.ndarray, n_head: int, n_query: int, n_pred: int) ->
     scores[:SINK_POSITIONS] = 0.0
     scores[max(SINK_POSITIONS, n_pred - RECENT_POSITIONS) :] = 0.0
     return scores
-
-
-def peak_spans(scores: np.ndarray, n_spans: int, width: int, hi: int, lo: int = 1) -> list[tuple[int, int]]:
-    """Up to ``n_spans`` disjoint spans of ``width`` around the highest scores (each starts
-    SPAN_LEAD before its peak), within [lo, hi), in position order."""
-    scores, out = scores.copy(), []
-    width = min(width, hi - lo)
-    for _ in range(n_spans):
-        peak = int(np.argmax(scores))
-        if width < 1 or scores[peak] <= 0:
-            break
-        a = min(max(lo, peak - SPAN_LEAD), hi - width)
-        if any(a < b1 and b0 < a + width for b0, b1 in out):
-            scores[peak] = 0.0
-            continue
-        out.append((a, a + width))
-        scores[max(0, a - width) : a + 2 * width] = 0.0
-    return sorted(out)
 
 
 def combined_scores(per_layer: dict[int, np.ndarray]) -> np.ndarray:

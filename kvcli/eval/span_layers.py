@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from kvcli.engine.tail_choice import N_LAYERS, peak_spans
+from kvcli.engine.span_choice import sentence_spans
+from kvcli.engine.tail_choice import N_LAYERS
 from kvcli.eval.tasks import prose
 
 MEASURE_PROMPTS = 8
@@ -68,12 +69,10 @@ def best_layers(hits: np.ndarray, margins: np.ndarray, n: int = N_LAYERS) -> lis
     return [int(il) for il in order[:n] if hits[:, il].any()]
 
 
-def measure_layer(
-    bundle, *, tail: int = 24, width: int = 16, progress: Callable[[int, int], None] | None = None
-) -> dict:
+def measure_layer(bundle, *, tail: int = 40, progress: Callable[[int, int], None] | None = None) -> dict:
     """Which base layer's attention from the tail finds a stated value over this bundle's
     predicted cache: per layer, in how many of MEASURE_PROMPTS needle prompts the top span
-    (``peak_spans``) holds the value. Returns the manifest's ``spans`` entry: chooser
+    (``sentence_spans``) holds the value. Returns the manifest's ``spans`` entry: chooser
     ``tail`` and the layer, or chooser ``none`` and why."""
     from kvcli.engine.engine import Engine
 
@@ -95,9 +94,10 @@ def measure_layer(
             scores = eng.base_attention(layers, tail + 1, n_pred)
             capture.clear()
             lo, hi = max(0, at - 2), min(n_pred, at + n_value + 2)
+            ends = eng.spans.sentence_ends(tokens[:n_pred])
             for j, il in enumerate(layers):
                 s = scores[il]
-                ((a, b),) = peak_spans(s, 1, width, n_pred) or [(0, 0)]
+                ((a, b),) = sentence_spans(s, 1, ends, 1, n_pred) or [(0, 0)]
                 hits[i, j] = a <= at and at + n_value <= b
                 outside = np.concatenate([s[:lo], s[hi:]])
                 margins[i, j] = s[lo:hi].max() - (outside.max() if len(outside) else 0.0)
