@@ -39,6 +39,8 @@ def test_summary_takes_mean_and_worst_family_per_method_and_length():
         row("passkey", "truncate", 0.0, 0.30, keep=300),
         row("document", "truncate", 0.2, 0.32, keep=280),
         row("passkey", "kvp", 0.9, 0.30, n_prompt=2048, tail=24, spans=2),
+        row("passkey", "select", 1.0, 0.30, n_prompt=2048),
+        row("document", "select", 3.0, 0.30, n_prompt=2048),  # 0.6 where the base has 0.2
     ]
     by = {(s["method"], s["n_prompt"]): s for s in summarize_methods(rows)}
     kvp = by["kvp tail 24 spans 2", 1024]
@@ -48,4 +50,5 @@ def test_summary_takes_mean_and_worst_family_per_method_and_length():
     assert (kvp["ttft_ratio_min"], kvp["ttft_ratio_max"]) == (0.31, 0.33)
     assert by["truncate", 1024]["mean_retention"] == 0.1  # one label whatever the matched keep
     assert by["kvp tail 24 spans 2", 2048]["families"] == 1
+    assert by["select", 2048]["mean_retention"] == 1.0  # capped: beating the base counts as 1
     assert method_label({"method": "aux"}) == "aux"

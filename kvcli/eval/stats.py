@@ -36,7 +36,8 @@ def method_label(row: dict) -> str:
 
 def summarize_methods(rows: list[dict]) -> list[dict]:
     """Per method (and prompt length): mean retention over the families with an accuracy,
-    the worst family and its retention, the TTFT / base range."""
+    each capped at 1 (a method that beats the base on one family must not hide a loss on
+    another), the worst family and its retention, the TTFT / base range."""
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in rows:
         groups[method_label(r), r["n_prompt"]].append(r)
@@ -50,7 +51,7 @@ def summarize_methods(rows: list[dict]) -> list[dict]:
                 "method": label,
                 "n_prompt": n_prompt,
                 "families": len(scored),
-                "mean_retention": round(sum(r["retention"] for r in scored) / len(scored), 4)
+                "mean_retention": round(sum(min(1.0, r["retention"]) for r in scored) / len(scored), 4)
                 if scored
                 else None,
                 "worst_family": worst["task"] if worst else None,
