@@ -109,7 +109,11 @@ def test_a_short_sentence_takes_the_one_before_and_spans_stay_apart_and_in_range
     assert sentence_spans(np.zeros(len(texts)), 2, ends, lo=1, hi=len(texts)) == []
     # a sentence longer than the cap is cut at it
     long_texts, _ = _text([["w"] * 200])
-    ((a, b),) = sentence_spans(
-        np.eye(1, 201, 100)[0], 1, sentence_ends(long_texts), lo=1, hi=201, max_width=32
-    )
+    peak = np.eye(1, 201, 100)[0]
+    ((a, b),) = sentence_spans(peak, 1, sentence_ends(long_texts), lo=1, hi=201, max_width=32)
     assert b - a == 32 and a <= 100 < b
+    # ... and never into a position left out (another turn's cells, a sink)
+    allowed = np.ones(201, dtype=bool)
+    allowed[[95, 104]] = False
+    ((a, b),) = sentence_spans(peak, 1, sentence_ends(long_texts), lo=1, hi=201, allowed=allowed)
+    assert (a, b) == (96, 104)

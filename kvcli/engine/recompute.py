@@ -148,12 +148,13 @@ class SpanRecompute:
         for a, b in sinks:
             allowed[a:b] = False
         return sentence_spans(
-            np.where(allowed, scores[:n_pred], 0.0),
+            scores[:n_pred],
             spans,
             self.sentence_ends(tokens[:n_pred]),
             lo=max(1, candidates[0][0]) if candidates else 1,
             hi=n_pred,
             max_width=span_max,
+            allowed=allowed,
         )
 
     def check(self) -> None:

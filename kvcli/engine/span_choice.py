@@ -173,26 +173,29 @@ def sentence_spans(
     lo: int,
     hi: int,
     max_width: int = SPAN_MAX,
+    allowed: np.ndarray | None = None,
 ) -> list[tuple[int, int]]:
     """Up to ``n_spans`` disjoint spans within [lo, hi), in position order, around the
     highest ``scores``: each from the peak's sentence start (at most SPAN_LEAD_MAX back) to
     its end (``ends[i]``: token i ends a sentence), earlier sentences added while it is
-    shorter than SPAN_MIN, ``max_width`` tokens at most."""
+    shorter than SPAN_MIN, ``max_width`` tokens at most, never into a position ``allowed``
+    (if given) leaves out."""
+    ok = np.ones(len(scores), dtype=bool) if allowed is None else allowed
     s = np.zeros(len(scores), dtype=np.float64)
-    s[lo:hi] = scores[lo:hi]
+    s[lo:hi] = np.where(ok[lo:hi], scores[lo:hi], 0.0)
     out: list[tuple[int, int]] = []
     for _ in range(n_spans):
         peak = int(np.argmax(s))
         if s[peak] <= 0:
             break
         a, b = peak, peak + 1
-        while a > lo and peak - a < SPAN_LEAD_MAX and not ends[a - 1]:
+        while a > lo and ok[a - 1] and peak - a < SPAN_LEAD_MAX and not ends[a - 1]:
             a -= 1
-        while b < hi and b - a < max_width and not ends[b - 1]:
+        while b < hi and ok[b] and b - a < max_width and not ends[b - 1]:
             b += 1
-        while b - a < min(SPAN_MIN, max_width) and a > lo:  # one more sentence back
+        while b - a < min(SPAN_MIN, max_width) and a > lo and ok[a - 1]:  # one more sentence back
             a -= 1
-            while a > lo and b - a < max_width and not ends[a - 1]:
+            while a > lo and ok[a - 1] and b - a < max_width and not ends[a - 1]:
                 a -= 1
         for x, y in out:  # never into a span already taken
             if x < b and a < y:
