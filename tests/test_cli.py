@@ -11,6 +11,7 @@ import pytest
 from test_predictor import small_predictor
 
 from kvcli.engine.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST
+from kvcli.engine.recompute import DEFAULT_SPANS, DEFAULT_SPANS_TAIL
 from kvcli.llama.library import prefix_view_supported
 from kvcli.predict.predictor import save_predictor
 
@@ -103,7 +104,7 @@ def test_json_and_batch_on_the_embedded_bundle(gemma_bundle, tmp_path):
         "recompute_ms",
         "base_decode_ms",
     }
-    assert (out["tail"], out["spans"]) == (24, 1)  # the default where spans can be chosen
+    assert (out["tail"], out["spans"]) == (DEFAULT_SPANS_TAIL, DEFAULT_SPANS)  # where spans can be chosen
     assert len(out["tokens"]) == out["n_gen"] <= 8 and isinstance(out["text"], str)
 
     batch = tmp_path / "prompts.jsonl"
