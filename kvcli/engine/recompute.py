@@ -1,11 +1,12 @@
-"""kvp's recomputed spans: the base decodes, over the predicted cache, the few prompt tokens
-the question looks for, and their exact K and V replace the predicted ones.
+"""kvp's recomputed spans: the base decodes, over the predicted cache, the sentences the
+question looks for, and their exact K and V replace the predicted ones.
 
 A predicted cache loses facts stated once, far back (docs/design.md). The spans are chosen by
-the last prompt token's query in base layer k, the first after a k-layer prefix auxiliary
-(kvcli.engine.span_choice), over that layer's predicted keys, or by the base's own attention from the
-tail (kvcli.engine.tail_choice); each is decoded by the base over the predicted cells before it, in
-place (kvcli.engine.kvp_prefill), and the base then decodes the tail itself.
+the question's queries (the tail's) in base layer k, the first after a k-layer prefix
+auxiliary (kvcli.engine.span_choice), over that layer's predicted keys, or by the base's own
+attention from the tail (kvcli.engine.tail_choice); each is decoded by the base over the
+predicted cells before it, in place (kvcli.engine.kvp_prefill), and the base then decodes the
+tail itself.
 """
 
 from __future__ import annotations

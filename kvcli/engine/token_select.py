@@ -8,8 +8,9 @@ and SpecPrefill (arXiv 2502.02789: a small draft model scores them).
 Two rankings, both kvcli's span choosers' machinery (``SelectBy``):
 - ``attention``: the auxiliary's own attention from its decode of the last tokens, in the
   bundle's tail-focus layers where they are a prefix auxiliary's (kvcli.engine.tail_choice);
-- ``keys``: the last prompt token's query in base layer k, the first after a k-layer prefix
-  auxiliary, over that layer's predicted keys (kvcli.engine.span_choice).
+- ``keys``: the queries of the prompt's last SELECT_TAIL tokens in base layer k, the first
+  after a k-layer prefix auxiliary, over that layer's predicted keys
+  (kvcli.engine.span_choice).
 """
 
 from __future__ import annotations
