@@ -13,6 +13,7 @@ import typer
 
 from kvcli.cli.options import BundleOpt, CtxOpt, SeedOpt, ThreadsOpt
 from kvcli.engine.conversation import ChatMode
+from kvcli.engine.recompute import DEFAULT_SPANS_TAIL
 from kvcli.errors import KvcliError
 
 HELP = """Chat with the base model; each turn's new prompt tokens are prefilled by the
@@ -171,7 +172,7 @@ def command(
         typer.Option(
             "--tail",
             help="kvp: the last W prompt tokens of each turn the base decodes itself "
-            "(default: as generate's, 40 with spans, else 0).",
+            f"(default: as generate's, {DEFAULT_SPANS_TAIL} with spans, else 0).",
         ),
     ] = None,
     spans: Annotated[

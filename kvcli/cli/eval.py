@@ -12,6 +12,7 @@ from kvcli.atomic import check_writable
 from kvcli.choices import parse_list
 from kvcli.cli.common import open_engine
 from kvcli.cli.options import BundleOpt, JsonOpt, ThreadsOpt
+from kvcli.engine.recompute import DEFAULT_SPANS_TAIL
 from kvcli.errors import KvcliError
 from kvcli.eval.stats import method_label, summarize_methods
 from kvcli.eval.tasks import TASKS
@@ -53,7 +54,7 @@ def command(
             "the families stands out of the noise; docs/judge.md).",
         ),
     ] = 20,
-    tails: Annotated[str, typer.Option("--tails", help="kvp tails to evaluate.")] = "0,40",
+    tails: Annotated[str, typer.Option("--tails", help="kvp tails to evaluate.")] = f"0,{DEFAULT_SPANS_TAIL}",
     spans: Annotated[
         Optional[str],
         typer.Option(

@@ -27,16 +27,17 @@ from kvcli.predict.apply import predict_base_kv
 
 # spans recomputed by default: two, as one chosen span missed what two held on kvcli eval
 # (a scratch run, 1,024 tokens, seed 1, n = 10, sentence spans, tail 40: passkey 5/10 with
-# one, 10/10 with two; uuid 8/10 and 9/10; the other 8 families the same or within one);
+# one, 10/10 with two; uuid 8/10 and 9/10; multiquery 0/10 and 2/10; the other 7 families the
+# same or within one);
 # chosen from the tail, as its layers disagree by kind of prompt (Qwen 1.5B prefix 7, 6
 # prompts each, scratch run over dumped attention: layers 2,5,6 combined put the pass key in
 # the first span 2/6, in one of two 5/6, and the asked record among look-alikes 6/6 with
 # either)
 DEFAULT_SPANS = 2
 # with spans, the base also decodes the question itself: 40 tokens, as a question is longer
-# than 24 ("What is the special magic uuid for velvet-canyon mentioned in the provided text?
-# The special magic uuid for velvet-canyon mentioned in the provided text is" is 35 Gemma
-# tokens; cut at 24, the base answered uuid 0/10 with one span, at 40 8/10)
+# than 24 ("\nWhat is the special magic uuid for velvet-canyon mentioned in the provided
+# text? The special magic uuid for velvet-canyon mentioned in the provided text is" is 33
+# Gemma tokens; cut at 24, the base answered uuid 0/10 with one span, at 40 8/10)
 DEFAULT_SPANS_TAIL = 40
 SINK_GAP = 16  # attention sinks less than this apart are recomputed as one range
 # The predicted sliding-window cells written: the last SPAN_CONTEXT before each span and the

@@ -180,7 +180,7 @@ def sentence_spans(
     its end (``ends[i]``: token i ends a sentence), earlier sentences added while it is
     shorter than SPAN_MIN, ``max_width`` tokens at most, never into a position ``allowed``
     (if given) leaves out."""
-    ok = np.ones(len(scores), dtype=bool) if allowed is None else allowed
+    ok = np.ones(len(scores), dtype=bool) if allowed is None else allowed.copy()
     s = np.zeros(len(scores), dtype=np.float64)
     s[lo:hi] = np.where(ok[lo:hi], scores[lo:hi], 0.0)
     out: list[tuple[int, int]] = []
@@ -197,11 +197,7 @@ def sentence_spans(
             a -= 1
             while a > lo and ok[a - 1] and b - a < max_width and not ends[a - 1]:
                 a -= 1
-        for x, y in out:  # never into a span already taken
-            if x < b and a < y:
-                a, b = (y, b) if peak >= y else (a, x)
-        if a < b:
-            out.append((a, b))
+        out.append((a, b))
         s[a:b] = 0.0
-        s[peak] = 0.0
+        ok[a:b] = False  # the next span grows up to this one, never into it
     return sorted(out)

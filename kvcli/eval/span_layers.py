@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from kvcli.engine.recompute import DEFAULT_SPANS_TAIL
 from kvcli.engine.span_choice import sentence_spans
 from kvcli.engine.tail_choice import N_LAYERS
 from kvcli.eval.tasks import prose
@@ -69,7 +70,9 @@ def best_layers(hits: np.ndarray, margins: np.ndarray, n: int = N_LAYERS) -> lis
     return [int(il) for il in order[:n] if hits[:, il].any()]
 
 
-def measure_layer(bundle, *, tail: int = 40, progress: Callable[[int, int], None] | None = None) -> dict:
+def measure_layer(
+    bundle, *, tail: int = DEFAULT_SPANS_TAIL, progress: Callable[[int, int], None] | None = None
+) -> dict:
     """Which base layer's attention from the tail finds a stated value over this bundle's
     predicted cache: per layer, in how many of MEASURE_PROMPTS needle prompts the top span
     (``sentence_spans``) holds the value. Returns the manifest's ``spans`` entry: chooser
