@@ -164,7 +164,9 @@ def test_kvp_c_pair_of_other_dimensions_end_to_end(tmp_path, tiny_llama, small_l
             "--no-check",
         )
     )
-    out = json.loads(ok(kvcli("generate", "the cat and the", "-n", "4", "--json", "--bundle", bundle)).stdout)
+    # long enough to predict past the default tail (a shorter prompt is all tail: nothing predicted)
+    prompt = "the cat and the dog. " * 12
+    out = json.loads(ok(kvcli("generate", prompt, "-n", "4", "--json", "--bundle", bundle)).stdout)
     assert out["mode"] == "kvp" and out["breakdown"]["predict_ms"] > 0
     described = inspect_json(bundle)
     assert described["compatible"] and described["aux"]["n_embd"] == 32
@@ -313,7 +315,7 @@ def test_llama_and_qwen2_bundle_and_generate(fixture, request, tmp_path):
     info = inspect_json(tmp_path / "b")
     assert info["compatible"] and info["predictor"]["copied_layers"] == [0]
     assert info["base"]["rope"]["layout"] == ("neox" if fixture == "tiny_qwen2" else "normal")
-    # long enough to predict past the default tail (24 where spans are chosen from the tail)
+    # long enough to predict past the default tail (DEFAULT_SPANS_TAIL tokens)
     out = json.loads(
         ok(
             kvcli(
