@@ -13,6 +13,7 @@ from test_convert import convert, ok
 from kvcli.engine.engine import Engine
 from kvcli.errors import KvcliError, ModelFileError
 from kvcli.llama.runtime import ContextSettings
+from kvcli.predict.apply import basis_rows
 from kvcli.predict.factor import factor_predictor, heldout_errors, reduced_rank_basis
 from kvcli.predict.predictor import Predictor, load_predictor, save_predictor
 from kvcli.predict.ridge import RidgeStats
@@ -108,6 +109,19 @@ def test_factored_file_round_trip_and_damage(tmp_path):
     lying = dataclasses.replace(factored, bases={})  # says layers 2, 3 read a basis it lacks
     with pytest.raises(ModelFileError, match="lacks the basis of source layer 1"):
         load_predictor(save_predictor(lying, tmp_path / "lying.gguf"))
+
+
+def test_basis_rows_reuse_the_product_that_covers_them():
+    rng = np.random.default_rng(0)
+    features, basis = rng.normal(size=(40, 8)), rng.normal(size=(8, 3))
+    cache = {}
+    whole = basis_rows(cache, 4, features, basis, first=10)  # positions 10..49
+    np.testing.assert_allclose(whole, features @ basis)
+    part = basis_rows(cache, 4, features[5:20], basis, first=15)  # 15..29: inside, a view
+    assert np.shares_memory(part, whole)
+    np.testing.assert_allclose(part, (features @ basis)[5:20])
+    wider = basis_rows(cache, 4, rng.normal(size=(50, 8)), basis, first=0)  # 0..49: computed anew
+    assert not np.shares_memory(wider, whole) and cache[("basis", 4)][1] is wider
 
 
 @pytest.fixture(scope="module")

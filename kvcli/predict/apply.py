@@ -242,10 +242,7 @@ def _layer_jobs(
     cache = {} if cache is None else cache
     reduced = {}
     for src in predictor.sources_with_basis(layers):
-        key = ("basis", src, first, n_cells)
-        if key not in cache:
-            cache[key] = _times_basis(features[src], predictor.bases[src])
-        reduced[src] = cache[key]
+        reduced[src] = basis_rows(cache, src, features[src], predictor.bases[src], first)
 
     def predict_one(il: int) -> tuple[np.ndarray, np.ndarray]:
         rows = _positions_of(base, group_positions, il)
@@ -262,6 +259,20 @@ def _layer_jobs(
         return k, v
 
     return out, {il: partial(predict_one, il) for il in layers}
+
+
+def basis_rows(cache: dict, src: int, features: np.ndarray, basis: np.ndarray, first: int) -> np.ndarray:
+    """features @ basis for the positions first..first+len(features)-1, a view of the product
+    ``cache`` holds where that covers them. The span chooser predicts its layer at every
+    position, then the state is written in chunks of positions: without the view each chunk
+    multiplied its rows again (at 2048 tokens on Gemma 3 270M, 2008 x 2176 x 512 twice)."""
+    key = ("basis", src)
+    if key in cache:
+        lo, product = cache[key]
+        if lo <= first and first + len(features) <= lo + len(product):
+            return product[first - lo : first - lo + len(features)]
+    cache[key] = (first, _times_basis(features, basis))
+    return cache[key][1]
 
 
 def _times_basis(features: np.ndarray, basis: np.ndarray) -> np.ndarray:
