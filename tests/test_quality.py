@@ -49,6 +49,11 @@ def test_quick_eval_scores_what_it_should(gemma_bundle, tmp_path):
     assert rows["aux"]["ci95"] == [0.0, 0.5615]  # 0 of 3 still admits 0.56
     summary = {s["method"]: s for s in result["summary"]}
     assert summary["aux"]["mean_retention"] == 0.0 and summary["aux"]["worst_family"] == "passkey"
+    front = result["frontier"]  # cheapest first, each keeping more than the ones before
+    assert front[0]["ttft_ratio_median"] == min(s["ttft_ratio_median"] for s in summary.values())
+    assert front[-1]["mean_retention"] == max(s["mean_retention"] for s in summary.values())
+    assert all(a["mean_retention"] < b["mean_retention"] for a, b in zip(front, front[1:]))
+    assert all(a["ttft_ratio_median"] <= b["ttft_ratio_median"] for a, b in zip(front, front[1:]))
 
 
 def test_kv_relative_errors_over_shared_positions_below_the_tail():

@@ -1,6 +1,6 @@
 import pytest
 
-from kvcli.eval.stats import method_label, summarize_methods, wilson
+from kvcli.eval.stats import frontier, method_label, summarize_methods, wilson
 
 
 @pytest.mark.parametrize(
@@ -52,3 +52,29 @@ def test_summary_takes_mean_and_worst_family_per_method_and_length():
     assert by["kvp tail 24 spans 2", 2048]["families"] == 1
     assert by["select", 2048]["mean_retention"] == 1.0  # capped: beating the base counts as 1
     assert method_label({"method": "aux"}) == "aux"
+
+
+def test_frontier_keeps_what_no_cheaper_method_beats_per_length():
+    def entry(method, retention, ratio, n_prompt=1024):
+        return dict(method=method, n_prompt=n_prompt, mean_retention=retention, ttft_ratio_median=ratio)
+
+    summary = [
+        entry("base", 1.0, 1.0),
+        entry("kvp tail 40 spans 2", 0.9, 0.38),
+        entry("kvp", 0.2, 0.30),
+        entry("kvp tail 16 spans 1", 0.6, 0.34),
+        entry("truncate", 0.5, 0.36),  # slower than spans 1 and keeps less: off the frontier
+        entry("select by keys", 0.6, 0.33),  # as good as spans 1 and faster: it takes that place
+        entry("aux", 0.0, 0.26),
+        entry("aux", 0.0, 0.25, n_prompt=2048),
+        entry("base", None, 1.0, n_prompt=2048),  # no family with an accuracy
+    ]
+    got = [(s["n_prompt"], s["method"]) for s in frontier(summary)]
+    assert got == [
+        (1024, "aux"),
+        (1024, "kvp"),
+        (1024, "select by keys"),
+        (1024, "kvp tail 40 spans 2"),
+        (1024, "base"),
+        (2048, "aux"),
+    ]

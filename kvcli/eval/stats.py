@@ -1,5 +1,6 @@
 """Statistics a reader can trust: Wilson score intervals for accuracies over n prompts, and a
-per-method summary over task families (mean retention, the worst family).
+per-method summary over task families (mean retention, the worst family), and the frontier:
+per TTFT budget, the method that keeps the most.
 
 Wilson rather than the normal approximation: at n = 10-20 and accuracies near 0 or 1 (most
 of kvcli's cells) the normal interval collapses to a point or leaves [0, 1]."""
@@ -7,6 +8,7 @@ of kvcli's cells) the normal interval collapses to a point or leaves [0, 1]."""
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
 
 Z95 = 1.959964  # the standard normal's 97.5% quantile
@@ -57,7 +59,23 @@ def summarize_methods(rows: list[dict]) -> list[dict]:
                 "worst_family": worst["task"] if worst else None,
                 "worst_retention": round(worst["retention"], 4) if worst else None,
                 "ttft_ratio_min": round(min(ratios), 4),
+                "ttft_ratio_median": round(statistics.median(ratios), 4),
                 "ttft_ratio_max": round(max(ratios), 4),
             }
         )
+    return out
+
+
+def frontier(summary: list[dict]) -> list[dict]:
+    """Per prompt length, the methods no other beats at once on mean retention and on median
+    TTFT / base (``summarize_methods``' entries), cheapest first: for a TTFT budget, the best
+    method is the last entry within it. A tie on retention goes to the faster method."""
+    out = []
+    for n_prompt in sorted({s["n_prompt"] for s in summary}):
+        scored = [s for s in summary if s["n_prompt"] == n_prompt and s["mean_retention"] is not None]
+        best = -1.0
+        for s in sorted(scored, key=lambda s: (s["ttft_ratio_median"], -s["mean_retention"])):
+            if s["mean_retention"] > best:
+                out.append(s)
+                best = s["mean_retention"]
     return out
