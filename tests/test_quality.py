@@ -1,6 +1,7 @@
 """kvcli eval on the embedded model: the pipeline and the scoring are right."""
 
 import json
+from itertools import pairwise
 
 import numpy as np
 from test_cli import kvcli
@@ -52,8 +53,8 @@ def test_quick_eval_scores_what_it_should(gemma_bundle, tmp_path):
     front = result["frontier"]  # cheapest first, each keeping more than the ones before
     assert front[0]["ttft_ratio_median"] == min(s["ttft_ratio_median"] for s in summary.values())
     assert front[-1]["mean_retention"] == max(s["mean_retention"] for s in summary.values())
-    assert all(a["mean_retention"] < b["mean_retention"] for a, b in zip(front, front[1:]))
-    assert all(a["ttft_ratio_median"] <= b["ttft_ratio_median"] for a, b in zip(front, front[1:]))
+    assert all(a["mean_retention"] < b["mean_retention"] for a, b in pairwise(front))
+    assert all(a["ttft_ratio_median"] <= b["ttft_ratio_median"] for a, b in pairwise(front))
 
 
 def test_kv_relative_errors_over_shared_positions_below_the_tail():
