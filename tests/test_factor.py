@@ -114,14 +114,18 @@ def test_factored_file_round_trip_and_damage(tmp_path):
 def test_basis_rows_reuse_the_product_that_covers_them():
     rng = np.random.default_rng(0)
     features, basis = rng.normal(size=(40, 8)), rng.normal(size=(8, 3))
-    cache = {}
-    whole = basis_rows(cache, 4, features, basis, first=10)  # positions 10..49
+    cache, built = {}, []
+
+    def rows(x):
+        return lambda: built.append(len(x)) or x
+
+    whole = basis_rows(cache, 4, rows(features), 40, basis, first=10)  # positions 10..49
     np.testing.assert_allclose(whole, features @ basis)
-    part = basis_rows(cache, 4, features[5:20], basis, first=15)  # 15..29: inside, a view
-    assert np.shares_memory(part, whole)
+    part = basis_rows(cache, 4, rows(features[5:20]), 15, basis, first=15)  # 15..29: inside
+    assert np.shares_memory(part, whole) and built == [40]  # a view; no features built
     np.testing.assert_allclose(part, (features @ basis)[5:20])
-    wider = basis_rows(cache, 4, rng.normal(size=(50, 8)), basis, first=0)  # 0..49: computed anew
-    assert not np.shares_memory(wider, whole) and cache[("basis", 4)][1] is wider
+    wider = basis_rows(cache, 4, rows(rng.normal(size=(50, 8))), 50, basis, first=0)  # 0..49: anew
+    assert not np.shares_memory(wider, whole) and cache[("basis", 4)][1] is wider and built == [40, 50]
 
 
 @pytest.fixture(scope="module")

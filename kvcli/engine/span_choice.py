@@ -6,8 +6,9 @@ first base layer after a prefix auxiliary. Its keys come from the predictor (0.2
 error on the default bundle); the queries are computed here in numpy from the tensors the
 auxiliary already captures (the residual entering its last layer and that layer's attention
 output: the rest of that layer, then the next layer's query projection), one per token of
-the question (the tail the base decodes itself). A position scores the largest, over those
-queries, of the mean weight the heads give it; the spans are the sentences around the peaks.
+the question (the tail the base decodes itself). A position scores, per head, the largest
+weight any of those queries gives it, averaged over the heads; the spans are the sentences
+around the peaks.
 
 Why the whole question and the mean over heads (a scratch run over the judge's prompts,
 1,024 tokens, seed 0, 10 each; docs/judge.md has the judge's runs): among five records of

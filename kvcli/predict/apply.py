@@ -11,6 +11,7 @@ features are unlike every other position's: see FirstCell).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -228,21 +229,27 @@ def _layer_jobs(
         rows = _positions_of(base, group_positions, il)
         out[il] = (aux_layers[il].k[rows], aux_layers[il].v[rows])
 
-    features = {}  # row i: position first + i
     h0 = first - hidden_start
-    for src in predictor.feature_layers:
+
+    def features_of(src: int) -> np.ndarray:  # row i: position first + i
         if predictor.raw_keys:
             kv = {src: (raw_kv[src][0][h0 : h0 + n_cells - first], raw_kv[src][1][h0 : h0 + n_cells - first])}
         else:
             cells = aux_layers[src]
             positions = cells.positions[first:n_cells]
             kv = {src: (unrotate(cells.k[first:n_cells], positions, aux.rope[src]), cells.v[first:n_cells])}
-        features[src] = build_features(kv, src, [h[h0 : h0 + n_cells - first] for h in hidden])
+        return build_features(kv, src, [h[h0 : h0 + n_cells - first] for h in hidden])
+
     layers = list(filter(wanted, predictor.predicted_layers))
+    # the features unfactored layers read, built here (not in the pool's jobs); a factored
+    # layer's source is built only where the basis product cached does not cover its rows
+    dense = {predictor.layer_map[il] for il in layers if il not in predictor.factored_layers}
+    features = {src: features_of(src) for src in dense}
     cache = {} if cache is None else cache
     reduced = {}
     for src in predictor.sources_with_basis(layers):
-        reduced[src] = basis_rows(cache, src, features[src], predictor.bases[src], first)
+        rows_of = partial(features.get, src) if src in features else partial(features_of, src)
+        reduced[src] = basis_rows(cache, src, rows_of, n_cells - first, predictor.bases[src], first)
 
     def predict_one(il: int) -> tuple[np.ndarray, np.ndarray]:
         rows = _positions_of(base, group_positions, il)
@@ -261,17 +268,20 @@ def _layer_jobs(
     return out, {il: partial(predict_one, il) for il in layers}
 
 
-def basis_rows(cache: dict, src: int, features: np.ndarray, basis: np.ndarray, first: int) -> np.ndarray:
-    """features @ basis for the positions first..first+len(features)-1, a view of the product
-    ``cache`` holds where that covers them. The span chooser predicts its layer at every
-    position, then the state is written in chunks of positions: without the view each chunk
-    multiplied its rows again (at 2048 tokens on Gemma 3 270M, 2008 x 2176 x 512 twice)."""
+def basis_rows(
+    cache: dict, src: int, features: Callable[[], np.ndarray], n_rows: int, basis: np.ndarray, first: int
+) -> np.ndarray:
+    """features() @ basis for the ``n_rows`` positions from ``first``, a view of the product
+    ``cache`` holds where that covers them (and then ``features`` is not called). The span
+    chooser predicts its layer at every position, then the state is written in chunks of
+    positions: without the view each chunk built its features and multiplied them again (at
+    2048 tokens on Gemma 3 270M, 2008 x 2176 x 512 twice)."""
     key = ("basis", src)
     if key in cache:
         lo, product = cache[key]
-        if lo <= first and first + len(features) <= lo + len(product):
-            return product[first - lo : first - lo + len(features)]
-    cache[key] = (first, _times_basis(features, basis))
+        if lo <= first and first + n_rows <= lo + len(product):
+            return product[first - lo : first - lo + n_rows]
+    cache[key] = (first, _times_basis(features(), basis))
     return cache[key][1]
 
 
