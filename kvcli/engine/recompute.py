@@ -42,9 +42,14 @@ DEFAULT_SPANS_TAIL = 40
 SINK_GAP = 16  # attention sinks less than this apart are recomputed as one range
 # The predicted sliding-window cells written: the last SPAN_CONTEXT before each span and the
 # last TAIL_CONTEXT before the base's own tail, not the whole window, which the predict step
-# would otherwise spend most of its time on. Measured (1024 tokens, 2 spans, tail 24,
-# n = 10): passkey/multikey/document 1.0/1.0/0.9 with the whole window, 0.9/1.0/0.9 with these.
-SPAN_CONTEXT = 64
+# would otherwise spend most of its time on. A span's recomputed cells are only as good as
+# the context its sliding-window layers see: on Gemma 3 270M at 2048 tokens (uuid, 25
+# prompts over 5 seeds, the base 25/25) 64 / 128 / 256 / 512 cells before each span gave
+# 17 / 19 / 21 / 22 answers, for about 11 ms more at 256 and 57 ms at 512 (predict + write +
+# recompute, medians of 12 prompts). Before the tail 128 stays: 32 / 64 / 128 / 256 gave
+# 10 / 16 / 21 / 22 (with 256 before each span; 256 within the noise, for more cells), and
+# 512 gave 12 (with 64 before each span).
+SPAN_CONTEXT = 256
 TAIL_CONTEXT = 128
 
 
