@@ -46,7 +46,7 @@ SINK_GAP = 16  # attention sinks less than this apart are recomputed as one rang
 # the context its sliding-window layers see: on Gemma 3 270M at 2048 tokens (uuid, 25
 # prompts over 5 seeds, the base 25/25) 64 / 128 / 256 / 512 cells before each span gave
 # 17 / 19 / 21 / 22 answers, for about 11 ms more at 256 and 57 ms at 512 (predict + write +
-# recompute, medians of 12 prompts). Before the tail 128 stays: 32 / 64 / 128 / 256 gave
+# recompute, medians of 6 prompts run twice). Before the tail 128 stays: 32 / 64 / 128 / 256 gave
 # 10 / 16 / 21 / 22 (with 256 before each span; 256 within the noise, for more cells), and
 # 512 gave 12 (with 64 before each span).
 SPAN_CONTEXT = 256
