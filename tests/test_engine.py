@@ -8,7 +8,7 @@ from conftest import random_prompt
 
 from kvcli.engine.engine import Engine
 from kvcli.engine.generation import generate
-from kvcli.engine.recompute import DEFAULT_SPANS, DEFAULT_SPANS_TAIL
+from kvcli.engine.recompute import DEFAULT_SPANS, DEFAULT_SPANS_TAIL, OPENING
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
 from kvcli.llama.library import llama_cpp_version, prefix_view_supported
 from kvcli.llama.runtime import Context, ContextSettings
@@ -238,6 +238,8 @@ def test_spans_find_the_asked_record_among_look_alikes(gemma_bundle):
             first, last = np.searchsorted(starts, [c, c + len(ex.answer) - 1], side="right") - 1
             eng.prefill(tokens, mode="kvp", **eng.kvp_settings())
             assert any(a <= first and last < b for a, b in eng.last_recomputed), (eng.last_recomputed, first)
+            opening = eng.last_recomputed[0]
+            assert opening[0] == 1 and opening[1] >= OPENING, eng.last_recomputed  # with its sinks
 
 
 def test_calibration_captures_the_auxiliary_hidden_tensors(tiny_gemma3, tiny_bundle):

@@ -109,11 +109,34 @@ def test_merge_ranges_joins_overlapping_and_touching():
     assert merge_ranges([(2, 3), (8, 9), (13, 14), (40, 41)], gap=16) == [(2, 14), (40, 41)]
 
 
+def test_sink_ranges_join_the_sinks_and_the_opening():
+    from types import SimpleNamespace
+
+    from kvcli.engine.recompute import SINK_GAP, sink_ranges
+    from kvcli.keys import FEATURE_AUX_RESIDUAL
+
+    rng = np.random.default_rng(1)
+    residual = rng.normal(size=(300, 64)).astype(np.float32)
+    residual[[3, 9, 32 + SINK_GAP - 1, 120]] *= 30
+    predictor = SimpleNamespace(hidden_kinds=[FEATURE_AUX_RESIDUAL])
+    assert sink_ranges(predictor, [residual], 300) == [(3, 10), (47, 48), (120, 121)]
+    # the opening joins the sinks within SINK_GAP of it
+    assert sink_ranges(predictor, [residual], 300, opening=32) == [(1, 48), (120, 121)]
+    assert sink_ranges(predictor, [residual], 20, opening=32) == [(1, 20)]  # predicted positions only
+    # a later chat turn (rows from position 200): its opening is the conversation's, already there
+    assert sink_ranges(predictor, [residual[:100]], 300, first=200, lo=200, opening=32) == [
+        (203, 210),
+        (247, 248),
+    ]
+
+
 def test_a_prefix_auxiliary_scores_the_tail_as_the_base_would(tiny_llama, tmp_path):
     """Tail-focus layers inside a prefix auxiliary: its own decode of the tail gives the
     spans the base's pass over the predicted cache gives (those layers' cells are the
     auxiliary's own), one decode of the base fewer."""
     from kvcli.engine.build import build_bundle
+    from kvcli.engine.recompute import OPENING
+    from kvcli.engine.span_choice import SPAN_MIN
 
     bundle = build_bundle(tiny_llama, tmp_path / "b", n_aux_layers=2, n_tokens=600)
     tokens = None
@@ -128,4 +151,5 @@ def test_a_prefix_auxiliary_scores_the_tail_as_the_base_would(tiny_llama, tmp_pa
             tokens = tokens or random_prompt(150, eng.model.n_vocab, eng.model.bos, low=3)
             eng.prefill(tokens, mode="kvp", tail=10, spans=2)
             chosen[via_aux] = eng.last_recomputed
-    assert chosen[True] == chosen[False] and len(chosen[True]) >= 2
+    recomputed = sum(b - a for a, b in chosen[True])  # the opening with two spans past it
+    assert chosen[True] == chosen[False] and recomputed >= OPENING - 1 + 2 * SPAN_MIN, chosen

@@ -16,6 +16,7 @@ import numpy as np
 
 from kvcli.engine.aux_load import take_captured
 from kvcli.engine.recompute import (
+    OPENING,
     SPAN_CONTEXT,
     TAIL_CONTEXT,
     checked_ranges,
@@ -93,6 +94,7 @@ def kvp_prefill(
             span_max,
             recompute,
             from_tail,
+            opening=OPENING if choose else 0,
         )
     if from_tail:
         candidates = merge_ranges(earlier, [(max(1, start), n_pred)] if n_pred > start else [])
@@ -123,10 +125,12 @@ def _predict_into_base(
     span_max: int,
     recompute: list[tuple[int, int]] | None,
     from_tail: bool = False,
+    opening: int = 0,
 ):
     """The auxiliary decodes tokens[aux_start:n_pred] (and the tail too where kvcli.engine.span_choice
     chooses ``spans`` from its last row), the base cells of positions start..n_pred-1 are
-    predicted and added to the base's. Returns the attention sinks and the chosen spans
+    predicted and added to the base's. Returns the attention sinks (with the positions before
+    ``opening``: recompute.sink_ranges) and the chosen spans
     among those positions (or the given ``recompute`` ranges), for the base to recompute,
     and with ``from_tail`` the tail-focus scores where the auxiliary can give them
     (``SpanRecompute.aux_tail_scores``), else None."""
@@ -144,7 +148,7 @@ def _predict_into_base(
     scores = engine.spans.aux_tail_scores(tokens, n_pred) if from_tail else None
     t.aux_prefill_ms += clock.lap()
     common = predictor_inputs(engine, tokens, hidden, raw_kv, t, clock, start, aux_start)
-    sinks = sink_ranges(engine.predictor, hidden, n_pred, first=aux_start, lo=max(1, start))
+    sinks = sink_ranges(engine.predictor, hidden, n_pred, first=aux_start, lo=max(1, start), opening=opening)
     chosen, known = checked_ranges(recompute or [], n_pred, lo=max(1, start)), {}
     if spans:
         chosen, known = engine.spans.choose(
