@@ -52,7 +52,7 @@ class Mode(Choice):
 
 MODES = Mode.values()
 # ranges kvp recomputes in one decode (each in a scratch sequence) and the cells they may
-# take beside the prompt's: 2 spans of up to 64 and a chat template's sinks fit in one batch
+# take beside the prompt's: 2 spans of up to 64, the opening and a chat template's sinks fit in one batch
 SCRATCH_SEQS = 8
 SCRATCH_CELLS = 256
 
