@@ -42,14 +42,14 @@ DEFAULT_SPANS_TAIL = 40
 SINK_GAP = 16  # attention sinks less than this apart are recomputed as one range
 # With chosen spans, the prompt's opening (positions 1..OPENING-1: a chat template's head, the
 # instruction a prompt usually starts with) is recomputed too: the question's attention
-# anchors there as on a sink. Gemma 3 270M, uuid at ~4,000 tokens (seeds 0-5, 30 prompts; on
-# seeds 0-2 the chooser found the UUID's sentence in all 15): the residual's sinks alone
-# (positions 1-11) 22 answered, the opening to 32 28 (24: 13/15 on seeds 3-5; 64: 13/15 on seeds 0-2; a third
-# span instead 12/15; the opening with one span 26/30; the base 30/30); at 2048 (seeds 16-20)
-# 23/25 -> 25/25 (the base 25/25); 8 other families at 2048 (48 prompts) 40 -> 39 (the base
-# 36). Its cost: the chooser's spans go elsewhere, 61 -> 100 recomputed tokens at 4,000
-# (recompute 210-243 -> 257-310 ms); at 2048 kvcli bench-ttft's spans took 148 ms, 75 ms
-# without the opening a day before.
+# anchors there as on a sink. Gemma 3 270M, uuid at ~4,000 tokens, 30 prompts over seeds 0-5
+# (on seeds 0-2 the chooser found the UUID's sentence in all 15; the base 30/30): with the
+# residual's sinks alone (positions 1-11) 22 answered; with the opening to 32, 28; with it and
+# one span, 26. Opening to 24: 13/15 (seeds 3-5, 32: 14); to 64: 13/15 (seeds 0-2, 32: 14;
+# a third span instead of the opening: 12). At 2048 (seeds 16-20) 23/25 -> 25/25 (the base
+# 25/25); 8 other families at 2048 (48 prompts) 40 -> 39 (the base 36). Its cost: the
+# chooser's spans go elsewhere, 61 -> 100 recomputed tokens at 4,000 (recompute 210-243 ->
+# 257-310 ms); at 2048 kvcli bench-ttft's spans took 148 ms, 75 ms without it a day before.
 OPENING = 32
 # The predicted sliding-window cells written: the last SPAN_CONTEXT before each span and the
 # last TAIL_CONTEXT before the base's own tail, not the whole window, which the predict step
