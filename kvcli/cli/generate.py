@@ -14,7 +14,7 @@ from kvcli.cli.common import open_engine
 from kvcli.cli.options import BundleOpt, CtxOpt, JsonOpt, ModelOpt, SeedOpt, ThreadsOpt
 from kvcli.engine.engine import Engine, Mode
 from kvcli.engine.generation import generate
-from kvcli.engine.recompute import DEFAULT_SPANS, DEFAULT_SPANS_TAIL
+from kvcli.engine.recompute import DEFAULT_SPANS, DEFAULT_SPANS_TAIL, OPENING
 from kvcli.engine.sampling import Sampler
 from kvcli.engine.span_choice import SPAN_MAX
 from kvcli.engine.timings import Generation
@@ -114,7 +114,8 @@ def command(
         typer.Option(
             "--spans",
             help="kvp: the base also recomputes the S sentences (at most "
-            f"{SPAN_MAX} tokens each) the question attends to most (default: {DEFAULT_SPANS}; "
+            f"{SPAN_MAX} tokens each) the question attends to most, and the prompt's first "
+            f"{OPENING - 1} tokens after BOS (default: {DEFAULT_SPANS}; "
             "0 where the bundle cannot choose them).",
         ),
     ] = None,
