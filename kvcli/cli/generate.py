@@ -114,8 +114,8 @@ def command(
         typer.Option(
             "--spans",
             help="kvp: the base also recomputes the S sentences (at most "
-            f"{SPAN_MAX} tokens each) the question attends to most, and the prompt's first "
-            f"{OPENING - 1} tokens after BOS (default: {DEFAULT_SPANS}; "
+            f"{SPAN_MAX} tokens each) the question attends to most, and the prompt's opening "
+            f"(positions 1-{OPENING - 1}) (default: {DEFAULT_SPANS}; "
             "0 where the bundle cannot choose them).",
         ),
     ] = None,
