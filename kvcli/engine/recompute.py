@@ -47,9 +47,10 @@ SINK_GAP = 16  # attention sinks less than this apart are recomputed as one rang
 # residual's sinks alone (positions 1-11) 22 answered; with the opening to 32, 28; with it and
 # one span, 26. Opening to 24: 13/15 (seeds 3-5, 32: 14); to 64: 13/15 (seeds 0-2, 32: 14;
 # a third span instead of the opening: 12). At 2048 (seeds 16-20) 23/25 -> 25/25 (the base
-# 25/25); 8 other families at 2048 (48 prompts) 40 -> 39 (the base 36). Its cost: the
-# chooser's spans go elsewhere, 61 -> 100 recomputed tokens at 4,000 (recompute 210-243 ->
-# 257-310 ms); at 2048 kvcli bench-ttft's spans took 148 ms, 75 ms without it a day before.
+# 25/25); 8 other families at 2048 (48 prompts) 40 -> 39 (the base 36). Its cost, 31-39
+# more tokens recomputed (the chooser's spans go elsewhere): at 2048 (uuid and
+# records_between, 4 prompts run twice, with and without it in one run) the recompute's
+# median 199 -> 248 ms; at ~4,000 (2 prompts run twice) 210-243 -> 257-310 ms.
 OPENING = 32
 # The predicted sliding-window cells written: the last SPAN_CONTEXT before each span and the
 # last TAIL_CONTEXT before the base's own tail, not the whole window, which the predict step
