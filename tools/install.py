@@ -5,6 +5,16 @@ install kvcli.
     python tools/install.py            # kvcli, ready for `kvcli bench-ttft`
     python tools/install.py --test     # kvcli and its test dependencies
 
+Run it inside a virtual environment (`python3 -m venv .venv && . .venv/bin/activate`): it
+installs into the running Python, and a Python that refuses installs outside one (PEP 668)
+is told so in one line.
+
+Versions: by default every package is held to the version CI last passed with
+(constraints.txt, written by `--write-constraints` from a tested environment, for the Python
+it names); `--versions newest` installs the newest the bounds in pyproject.toml allow and
+`--versions oldest` their lower bounds, so that the bounds are moved on purpose, after the
+tests have run on both (.ci/run does).
+
 The pinned llama-cpp-python sdist is downloaded from PyPI and checked against its sha256, each
 file in patches/ is applied to it in name order, and the result is built (a plain native
 source build, 4-5 minutes on 2 cores here) into a wheel cached under $XDG_CACHE_HOME/kvcli/wheels,
@@ -22,9 +32,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import tempfile
 import time
@@ -36,6 +48,9 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 
 ROOT = Path(__file__).resolve().parent.parent
 PATCHES = ROOT / "patches"
+CONSTRAINTS = ROOT / "constraints.txt"
+# never held by the constraints: kvcli itself, the patched build's local version, pip's own tools
+UNCONSTRAINED = {"kvcli", "llama-cpp-python", "pip", "setuptools", "wheel"}
 
 
 def say(message: str) -> None:
@@ -172,7 +187,81 @@ def build_wheel(version: str, wheels: Path) -> Path:
         return target
 
 
-def ensure_llama(force: bool) -> None:
+def refuse_externally_managed() -> None:
+    """PEP 668: a system Python (Debian's, Homebrew's) refuses installs outside a virtual
+    environment with a page of text; say it in one line, before any download."""
+    in_venv = sys.prefix != sys.base_prefix
+    marker = Path(sysconfig.get_path("stdlib")) / "EXTERNALLY-MANAGED"
+    if not in_venv and marker.exists():
+        fail(
+            "this Python only installs into a virtual environment (PEP 668): "
+            "run `python3 -m venv .venv && . .venv/bin/activate`, then this command again"
+        )
+
+
+def python_tag() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def declared_lower_bounds() -> list[str]:
+    """`name==X` for every `name>=X` in pyproject.toml's dependencies and test extra (a
+    regular expression, not tomllib: this runs on Python 3.10)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    sections = re.findall(r"^(?:dependencies|test) = \[(.*?)\]", text, flags=re.M | re.S)
+    pins = []
+    for section in sections:
+        for name, version in re.findall(r'"([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?>=([0-9][0-9.]*)', section):
+            pins.append(f"{name}=={version}")
+    return pins
+
+
+def constraint_args(versions: str, workdir: Path) -> list[str]:
+    """pip's `-c FILE` for the chosen versions (none for `newest`)."""
+    if versions == "newest":
+        return []
+    if versions == "oldest":
+        path = workdir / "oldest.txt"
+        path.write_text("\n".join(declared_lower_bounds()) + "\n")
+        return ["-c", str(path)]
+    if not CONSTRAINTS.exists():
+        fail(f"{CONSTRAINTS.name} is missing; use --versions newest")
+    tested = re.search(r"^# python (\d+\.\d+)", CONSTRAINTS.read_text(), flags=re.M)
+    if tested and tested.group(1) != python_tag():
+        say(
+            f"{CONSTRAINTS.name} was tested on Python {tested.group(1)}, this is {python_tag()}: "
+            "installing the newest versions pyproject.toml's bounds allow"
+        )
+        return []
+    return ["-c", str(CONSTRAINTS)]
+
+
+def write_constraints() -> None:
+    """Record this environment's versions (kvcli's closure, once its tests passed here)."""
+    from importlib import metadata
+
+    pins = sorted(
+        {
+            f"{normalized(dist.metadata['Name'])}=={dist.version}"
+            for dist in metadata.distributions()
+            if normalized(dist.metadata["Name"]) not in UNCONSTRAINED
+        }
+    )
+    header = [
+        "# The versions kvcli's tests last passed with; tools/install.py installs these.",
+        "# Remake with `python tools/install.py --write-constraints` in the tested environment.",
+        f"# python {python_tag()}",
+    ]
+    tmp = CONSTRAINTS.with_suffix(".partial")
+    tmp.write_text("\n".join(header + pins) + "\n")
+    os.replace(tmp, CONSTRAINTS)
+    say(f"wrote {CONSTRAINTS.name} ({len(pins)} packages, Python {python_tag()})")
+
+
+def ensure_llama(force: bool, constraints: list[str]) -> None:
     version = patched_version()
     if installed_version() == version and not force:
         say(f"llama-cpp-python {version} is installed")
@@ -184,22 +273,38 @@ def ensure_llama(force: bool) -> None:
     say(f"installing {wheel.name}")
     pip("install", "--force-reinstall", "--no-deps", str(wheel))
     # its runtime dependencies (numpy, typing-extensions, diskcache, jinja2)
-    pip("install", str(wheel))
+    pip("install", *constraints, str(wheel))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--versions",
+        choices=("tested", "newest", "oldest"),
+        default="tested",
+        help="the packages' versions: those CI passed with (constraints.txt), the newest or "
+        "the oldest pyproject.toml allows",
+    )
+    parser.add_argument(
+        "--write-constraints", action="store_true", help="record this environment's versions and exit"
+    )
     parser.add_argument("--test", action="store_true", help="also install the test dependencies")
     parser.add_argument("--force", action="store_true", help="rebuild llama-cpp-python even if cached")
     parser.add_argument("--llama-only", action="store_true", help="only build and install llama-cpp-python")
     parser.add_argument("--editable", action="store_true", help="install kvcli in editable mode")
     args = parser.parse_args()
-    ensure_llama(args.force)
-    if args.llama_only:
+    if args.write_constraints:
+        write_constraints()
         return
-    target = f"{ROOT}[test]" if args.test else str(ROOT)
-    say(f"installing kvcli{' with test dependencies' if args.test else ''}")
-    pip("install", *(["-e"] if args.editable else []), target)
+    refuse_externally_managed()
+    with tempfile.TemporaryDirectory(prefix="kvcli-install-") as tmp:
+        constraints = constraint_args(args.versions, Path(tmp))
+        ensure_llama(args.force, constraints)
+        if args.llama_only:
+            return
+        target = f"{ROOT}[test]" if args.test else str(ROOT)
+        say(f"installing kvcli{' with test dependencies' if args.test else ''} ({args.versions} versions)")
+        pip("install", *constraints, *(["-e"] if args.editable else []), target)
 
 
 if __name__ == "__main__":

@@ -24,14 +24,12 @@ def _interrupt(signum, frame) -> None:
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:
-    """Click's usage errors: typer >= 0.2x raises those of its own copy of click."""
-    import click
-
-    try:
-        from typer.exceptions import TyperException
-    except ImportError:
-        return (click.ClickException,)
-    return click.ClickException, TyperException
+    """The option parser's usage errors, whichever typer is installed: typer < 0.26 raises
+    click's, later ones those of their own copy of click (without depending on click). Both
+    export ``BadParameter``; its ``ClickException`` base is the class to catch."""
+    (base,) = [cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException"]
+    typer_exception = getattr(typer, "TyperException", None)  # typer >= 0.29's own errors
+    return (base, typer_exception) if typer_exception else (base,)
 
 
 def run(typer_app: typer.Typer) -> None:
