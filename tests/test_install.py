@@ -61,10 +61,11 @@ def test_a_python_that_refuses_installs_gets_one_line(tmp_path):
     stdlib = tmp_path / "stdlib"
     stdlib.mkdir()
     (stdlib / "EXTERNALLY-MANAGED").write_text("[externally-managed]\n")
+    script = str(ROOT / "tools" / "install.py")
     code = (
         "import sys, sysconfig, runpy; sys.base_prefix = sys.prefix; "
         f"sysconfig.get_path = lambda name, *a, **k: {str(stdlib)!r}; "
-        f"sys.argv = ['install.py']; runpy.run_path({str(ROOT / 'tools' / 'install.py')!r}, run_name='__main__')"
+        f"sys.argv = ['install.py']; runpy.run_path({script!r}, run_name='__main__')"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 1
