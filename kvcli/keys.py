@@ -55,8 +55,11 @@ FEATURE_AUX_V = "aux_v"
 FEATURE_AUX_RESIDUAL = "aux_residual_into_last_layer"  # l_out of the second-to-last layer
 FEATURE_AUX_ATTN = "aux_last_layer_attention"  # kqv_out of the last layer
 FEATURE_AUX_OUT = "aux_residual_out_of_last_layer"  # l_out of the last layer (needs the view)
+# the same residual, each row RMS-normalised: the first predicted layer's K and V are linear in it
+FEATURE_AUX_OUT_NORMED = "aux_residual_out_of_last_layer_normed"
 HIDDEN_FEATURES = (FEATURE_AUX_RESIDUAL, FEATURE_AUX_ATTN)  # the default
-HIDDEN_KINDS = (FEATURE_AUX_RESIDUAL, FEATURE_AUX_ATTN, FEATURE_AUX_OUT)
+HIDDEN_KINDS = (FEATURE_AUX_RESIDUAL, FEATURE_AUX_ATTN, FEATURE_AUX_OUT, FEATURE_AUX_OUT_NORMED)
+VIEW_ONLY_KINDS = (FEATURE_AUX_OUT, FEATURE_AUX_OUT_NORMED)  # every row only in a view of the base
 KEY_SPACE_PRE_ROPE = "post_norm_pre_rope"  # as llama.cpp caches them, less RoPE
 KEY_SPACE_PRE_NORM = "pre_norm_pre_rope"  # the base applies its key norm, then RoPE (corenet)
 KEY_SPACES = (KEY_SPACE_PRE_ROPE, KEY_SPACE_PRE_NORM)

@@ -255,6 +255,29 @@ def test_calibration_captures_the_auxiliary_hidden_tensors(tiny_gemma3, tiny_bun
     assert np.abs(pred.weights[2][kv_width:]).max() > 1e-3
 
 
+def test_the_first_predicted_layer_is_computed_from_the_normed_residual(tiny_gemma3, tiny_bundle):
+    """With the normed residual as a feature, base layer 2 (which reads the residual the
+    2-layer prefix leaves) gets the base's own projections of it, not a fit: off by the f16
+    cache's rounding only on held-out text, while the fitted layer 3 is off by far more."""
+    from kvcli import keys
+    from kvcli.models.gguf_header import read_tensors
+
+    aux = tiny_bundle[0]
+    hidden = (*keys.HIDDEN_FEATURES, keys.FEATURE_AUX_OUT_NORMED)
+    pred = calibrate(tiny_gemma3, aux, n_tokens=600, chunk_tokens=64, hidden=hidden)
+    k_err, v_err, *fitted = pred.heldout_rel_error
+    assert k_err < 0.02 and v_err < 0.02, pred.heldout_rel_error
+    assert min(fitted) > 5 * max(k_err, v_err), pred.heldout_rel_error
+    w = pred.weights[2]
+    normed = slice(w.shape[0] - 64, w.shape[0])
+    assert not w[: normed.start].any()  # nothing but the normed residual
+    t = read_tensors(tiny_gemma3, {"blk.2.attn_norm.weight", "blk.2.attn_v.weight"})
+    v_cols = slice(pred.k_widths[2], w.shape[1])
+    np.testing.assert_allclose(
+        w[normed, v_cols], t["blk.2.attn_norm.weight"][:, None] * t["blk.2.attn_v.weight"].T
+    )
+
+
 def test_a_context_smaller_than_n_batch_decodes_in_its_own_batches(tiny_llama):
     """llama.cpp rounds n_ctx up (160 -> 256) but clamps n_batch to the requested 160: a
     decode chunked by the requested n_batch (512) would abort the process."""

@@ -50,6 +50,9 @@ def test_quick_eval_scores_what_it_should(gemma_bundle, tmp_path):
     assert rows["aux"]["ci95"] == [0.0, 0.5615]  # 0 of 3 still admits 0.56
     summary = {s["method"]: s for s in result["summary"]}
     assert summary["aux"]["mean_retention"] == 0.0 and summary["aux"]["worst_family"] == "passkey"
+    # --quick runs kvp at tail 0 without spans: the default only where the bundle's is that
+    quick_is_default = result["settings"]["kvp_default"] == {"tail": 0, "spans": 0}
+    assert [m for m, s in summary.items() if s["default"]] == (["kvp"] if quick_is_default else [])
     front = result["frontier"]  # cheapest first, each keeping more than the ones before
     assert front[0]["ttft_ratio_median"] == min(s["ttft_ratio_median"] for s in summary.values())
     assert front[-1]["mean_retention"] == max(s["mean_retention"] for s in summary.values())

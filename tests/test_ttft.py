@@ -91,6 +91,10 @@ def test_json_rows_ratios_and_plot(tiny_bundle, tmp_path):
         if r["mode"] == "truncate":
             assert 16 <= r["keep"] < r["n_prompt"]
     assert base["first_token_agreement"] == 1.0 and base["kl_mean"] == 0.0
+    # the setting generate uses without options, once per N, on the main load
+    defaults = [r for r in rows if r["default"]]
+    assert [r["n_prompt"] for r in defaults] == [64, 96]
+    assert all(r["mode"] == "kvp" and r["aux_load"] == main for r in defaults)
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -121,7 +125,7 @@ def test_prefix_auxiliary_from_the_base_weights_saves_the_cut_files_memory(gemma
 
 
 def test_spans_rows_and_a_bundle_that_cannot_choose_them(tiny_bundle, gemma_bundle):
-    """The embedded bundle times kvp with a span beside the plain one by default; the tiny
+    """The embedded bundle times kvp with its default tail alone beside the default; the tiny
     bundle (its first layer after the prefix is a sliding-window one) has no spans row, and
     asking it for spans is a one-line error."""
     res = kvcli(
@@ -141,8 +145,12 @@ def test_spans_rows_and_a_bundle_that_cannot_choose_them(tiny_bundle, gemma_bund
     )
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)["rows"]
-    assert [(r["tail"], r["spans"]) for r in rows] == [(0, 0), (DEFAULT_SPANS_TAIL, DEFAULT_SPANS)]
-    assert rows[1]["breakdown_ms"]["recompute_ms"] > 0 == rows[0]["breakdown_ms"]["recompute_ms"]
+    # the predicted cache with the default tail alone, then the default (spans, the opening)
+    assert [(r["tail"], r["spans"], r["default"]) for r in rows] == [
+        (DEFAULT_SPANS_TAIL, 0, False),
+        (DEFAULT_SPANS_TAIL, DEFAULT_SPANS, True),
+    ]
+    assert rows[1]["breakdown_ms"]["recompute_ms"] > rows[0]["breakdown_ms"]["recompute_ms"]
     res = kvcli(
         "bench-ttft",
         "--bundle",

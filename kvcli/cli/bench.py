@@ -81,6 +81,7 @@ def _print_table(result: dict) -> None:
             + (f" tail {r['tail']}" if r["tail"] else "")
             + (f" spans {r['spans']}" if r.get("spans") else "")
             + (f" keep {r['keep']}" if r["keep"] else "")
+            + (" (default)" if r.get("default") else "")
         )
         rows.append(
             [
@@ -144,16 +145,19 @@ def command(
         ),
     ] = None,
     tails: Annotated[
-        str, typer.Option("--tails", help="kvp tails: prompt tokens the base recomputes itself.")
-    ] = "0",
+        Optional[str],
+        typer.Option(
+            "--tails",
+            help="kvp tails: prompt tokens the base recomputes itself (default: the bundle's default tail).",
+        ),
+    ] = None,
     spans: Annotated[
         Optional[str],
         typer.Option(
             "--spans",
-            help="Numbers of spans the base recomputes, each with each tail (default: "
-            "kvp at each tail without spans, then at the default settings, tail 24 and 1 span (2 "
-            "where spans are chosen from the tail), where "
-            "the bundle can choose spans).",
+            help="Numbers of spans the base recomputes, each with each tail (default: kvp at "
+            "each tail without spans, the predicted cache's own quality, then the bundle's "
+            "default setting, marked as such).",
         ),
     ] = None,
     aux_load: Annotated[
@@ -186,7 +190,7 @@ def command(
     from kvcli.llama.runtime import ContextSettings
 
     length_list = parse_list(lengths, "-p", int, minimum=16)
-    tail_list = parse_list(tails, "--tails", int, minimum=0)
+    tail_list = parse_list(tails, "--tails", int, minimum=0) if tails is not None else None
     span_list = parse_list(spans, "--spans", int, minimum=0) if spans is not None else None
     mode_list = parse_list(modes or DEFAULT_MODES, "--modes", choices=BENCH_MODES)
     loads = _aux_loads(aux_load)
@@ -209,10 +213,11 @@ def command(
                 if modes is not None:
                     raise
                 mode_list.remove("select")  # by default, only where this bundle can rank
+        default = engine.kvp_settings()
+        tail_list = [default["tail"]] if tail_list is None else tail_list
         if span_list is None:
             kvp = [(t, 0) for t in tail_list]
-            default = engine.kvp_settings()
-            if default["spans"] and (default["tail"], default["spans"]) not in kvp:
+            if (default["tail"], default["spans"]) not in kvp:
                 kvp.append((default["tail"], default["spans"]))
         else:
             kvp = [(t, s) for s in span_list for t in tail_list]
@@ -260,6 +265,12 @@ def command(
                     and (mode != "kvp" or (r["tail"], r["spans"]) == (t, sp))
                 ):
                     r.update(measured[r["n_prompt"]])
+    for r in rows:  # the setting generate and chat use without options
+        r["default"] = (
+            r["mode"] == "kvp"
+            and r["aux_load"] == engine.aux_load
+            and (r["tail"], r["spans"]) == (default["tail"], default["spans"])
+        )
     result = {"settings": {**_settings_info(settings, b), "repeats": repeats, "warmup": warmup}, "rows": rows}
     if plot is not None:
         from kvcli.cli.plot import bench_ttft

@@ -88,8 +88,9 @@ def calibrate_cmd(
             "--hidden",
             help="The auxiliary's captured hidden tensors to feed: 'default' (the "
             "residual into its last layer and that layer's attention output), 'none', or a comma "
-            "list of residual, attn, out ('out': the residual leaving its last layer; a prefix "
-            "auxiliary only).",
+            "list of residual, attn, out, normed ('out', 'normed': the residual leaving its last "
+            "layer, raw or RMS-normed; a prefix auxiliary only, run as a view; with 'normed' the "
+            "first predicted layer is computed from it with the base's own weights, not fitted).",
         ),
     ] = "default",
     predictor_type: PredictorType = StorageType.F32,
@@ -113,6 +114,7 @@ def calibrate_cmd(
         "residual": keys.FEATURE_AUX_RESIDUAL,
         "attn": keys.FEATURE_AUX_ATTN,
         "out": keys.FEATURE_AUX_OUT,
+        "normed": keys.FEATURE_AUX_OUT_NORMED,
     }
     if hidden in ("default", "none"):
         hidden_kinds = hidden == "default"

@@ -91,8 +91,9 @@ def command(
     settings = ContextSettings(n_ctx=max(length_list) + 64, n_threads=threads)
     rows = []
     with open_engine(bundle=bundle, model=None, mode="kvp", settings=settings) as engine:
+        default = {k: engine.kvp_settings()[k] for k in ("tail", "spans")}
         if span_list is None:  # none, and the bundle's default number of spans
-            span_list = [0, engine.kvp_settings()["spans"]] if engine.spans_supported else [0]
+            span_list = [0, default["spans"]] if engine.spans_supported else [0]
         with ui.progress_reporter() as report:
             total, done = len(length_list) * len(task_list) * n, [0]
             report("all", 0, total)  # the whole run's ETA above each family's
@@ -116,8 +117,10 @@ def command(
                         progress=lambda i, of, s=stage: tick(s, i, of),
                     )
     summary = summarize_methods(rows)
+    for entry in summary:  # the setting generate and chat use without options
+        entry["default"] = entry["method"] == method_label({"method": "kvp", **default})
     result = {
-        "settings": {**settings.__dict__, "n": n, "seed": seed},
+        "settings": {**settings.__dict__, "n": n, "seed": seed, "kvp_default": default},
         "rows": rows,
         "summary": summary,
         "frontier": frontier(summary),
@@ -175,7 +178,7 @@ def command(
                 ["method", "N", "mean retention", "worst task", "TTFT / base (median)"],
                 [
                     [
-                        s["method"],
+                        s["method"] + (" (default)" if s["default"] else ""),
                         str(s["n_prompt"]),
                         _fmt(s["mean_retention"]),
                         f"{s['worst_family']} {_fmt(s['worst_retention'])}",

@@ -18,7 +18,7 @@ import numpy as np
 
 from kvcli.choices import Choice
 from kvcli.errors import IncompatibleError, KvcliError
-from kvcli.llama.capture import TensorCapture, hidden_tensor_names
+from kvcli.llama.capture import TensorCapture, hidden_features, hidden_tensor_names
 from kvcli.llama.library import llama_cpp_version, prefix_view_supported
 from kvcli.llama.runtime import Context
 from kvcli.models.aux_cut import cut_auxiliary, prefix_layers
@@ -142,4 +142,4 @@ def take_captured(engine, n_rows: int) -> tuple[list[np.ndarray], dict[int, tupl
                 f"columns, not {q + kv + info.n_embd_v(src)}"
             )
         raw_kv[src] = (qkv[:, q : q + kv], qkv[:, q + kv :])
-    return rows[:n_hidden], raw_kv
+    return hidden_features(engine.predictor.hidden_kinds, rows[:n_hidden]), raw_kv

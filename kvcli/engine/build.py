@@ -95,7 +95,8 @@ def build_bundle(
         pred = fit_predictor(data)
         widest = max((pred.n_features(il) for il in pred.predicted_layers), default=0)
         if rank and widest > 2 * rank:
-            pred, _ = factor_calibrated(pred, data, rank)
+            # the computed layer keeps the base's own matrices: a basis would blur them
+            pred, _ = factor_calibrated(pred, data, rank, full_layers=list(data.computed.computed))
         predictor = save_predictor(pred, work / "predictor.gguf", storage_type)
         files = {"aux": Path(aux.name), "predictor": Path(predictor.name)}
         if not aux_file:
@@ -205,6 +206,7 @@ def factor_bundle(
         )
     if data.plan.copied_layers != pred.copied_layers or data.plan.feature_kinds != pred.feature_kinds:
         raise KvcliError("the calibration's layers or features differ from the predictor's")
+    full_layers = sorted({*full_layers, *data.computed.computed})  # the base's own matrices stay whole
     factored, errors = factor_calibrated(pred, data, rank, full_layers)
     bundle_with_predictor(bundle, factored, Path(output), storage)
     return FactorResult(

@@ -109,8 +109,8 @@ class Engine:
         self._models: list[Model] = []
         self._contexts: list[Context] = []
         prefix = self._prefix_of_base()
-        self.needs_view = needs_view = (
-            self.predictor is not None and keys.FEATURE_AUX_OUT in self.predictor.hidden_kinds
+        self.needs_view = needs_view = self.predictor is not None and any(
+            kind in keys.VIEW_ONLY_KINDS for kind in self.predictor.hidden_kinds
         )
         partial_ok = not (prefix and has_per_layer_arrays(self.base_info))
         self.aux_load = (

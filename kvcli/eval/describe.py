@@ -135,7 +135,7 @@ def describe_bundle(folder: Path, verify: bool = False) -> dict:
     from kvcli.engine.aux_load import choose_aux_load
     from kvcli.llama.library import llama_cpp_version
 
-    needs_view = keys.FEATURE_AUX_OUT in out["predictor"]["feature_kinds"]
+    needs_view = any(kind in keys.VIEW_ONLY_KINDS for kind in out["predictor"]["feature_kinds"])
     from kvcli.models.model_info import has_per_layer_arrays, read_model_info
 
     base_info = read_model_info(b.base)

@@ -48,8 +48,26 @@ def hidden_tensor_names(n_aux_layers: int, kinds=keys.HIDDEN_FEATURES) -> list[s
         keys.FEATURE_AUX_RESIDUAL: f"l_out-{k - 2}",
         keys.FEATURE_AUX_ATTN: f"kqv_out-{k - 1}",
         keys.FEATURE_AUX_OUT: f"l_out-{k - 1}",
+        keys.FEATURE_AUX_OUT_NORMED: f"l_out-{k - 1}",
     }
     return [names[kind] for kind in kinds]
+
+
+# the normed feature's epsilon; beside a residual's mean square any base's (1e-6 on Gemma 3 and
+# Qwen2) makes no difference
+RMS_EPS = 1e-6
+
+
+def rms_normed(rows: np.ndarray) -> np.ndarray:
+    """Each row over the root of its mean square (RMSNorm without a weight), float32."""
+    rows = np.asarray(rows, np.float32)
+    return rows / np.sqrt(np.mean(rows * rows, axis=1, keepdims=True) + RMS_EPS)
+
+
+def hidden_features(kinds, rows: list[np.ndarray]) -> list[np.ndarray]:
+    """The hidden features of ``kinds`` from their captured rows (``hidden_tensor_names``'s
+    order): the normed kind RMS-normalised, the others as captured."""
+    return [rms_normed(r) if kind == keys.FEATURE_AUX_OUT_NORMED else r for kind, r in zip(kinds, rows)]
 
 
 def hidden_feature_width(info, kinds=keys.HIDDEN_FEATURES) -> int:

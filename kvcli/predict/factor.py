@@ -135,6 +135,8 @@ def factor_calibrated(
     held-out relative errors per layer before and after, recorded in the predictor too."""
     factored = factor_predictor(pred, data.fit, rank, full_layers)
     before, after = heldout_errors(pred, data.heldout), heldout_errors(factored, data.heldout)
+    for il in data.computed.computed:  # their keys count after the run-time rescale, not in the stats
+        before[il] = after[il] = data.computed.relative(il)
     factored = dataclasses.replace(
         factored,
         heldout_rel_error=[e for il in factored.predicted_layers for e in after[il]],

@@ -21,6 +21,7 @@ import numpy as np
 
 from kvcli import keys
 from kvcli.errors import KvcliError
+from kvcli.llama.capture import RMS_EPS
 from kvcli.predict.predictor import Predictor
 
 CHECKPOINT_FORMAT = "kvcli-train-checkpoint-1"
@@ -164,8 +165,15 @@ class PredictorTrainer:
             keys.FEATURE_AUX_RESIDUAL: f"l_in-{k - 1}",
             keys.FEATURE_AUX_ATTN: f"kqv_out-{k - 1}",
             keys.FEATURE_AUX_OUT: f"l_in-{k}",
+            keys.FEATURE_AUX_OUT_NORMED: f"l_in-{k}",
         }
         hidden = [trace[hidden_names[kind]] for kind in self.pred.hidden_kinds]
+        hidden = [
+            h * self.torch.rsqrt(h.pow(2).mean(dim=1, keepdim=True) + RMS_EPS)
+            if kind == keys.FEATURE_AUX_OUT_NORMED
+            else h
+            for kind, h in zip(self.pred.hidden_kinds, hidden)
+        ]
         return {
             src: self.torch.cat([trace[f"k_pre_rope-{src}"], trace[f"v-{src}"], *hidden], dim=1)
             for src in self.pred.feature_layers
