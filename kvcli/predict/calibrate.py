@@ -27,10 +27,9 @@ from kvcli.errors import IncompatibleError, KvcliError
 from kvcli.llama.capture import TensorCapture, hidden_feature_width, hidden_features, hidden_tensor_names
 from kvcli.llama.chat_template import apply_chat_template, chat_template_for
 from kvcli.llama.runtime import Context, ContextSettings, Model
-from kvcli.models.model_info import ModelInfo, key_norm_weights, read_model_info
-from kvcli.predict.apply import rescale_to_key_norm
+from kvcli.models.model_info import ModelInfo, read_model_info
 from kvcli.predict.corpus import CalibrationText, named_chunks
-from kvcli.predict.exact_layer import computed_layer_weights, normed_feature_offset
+from kvcli.predict.exact_layer import ComputedError
 from kvcli.predict.predictor import Predictor, build_features
 from kvcli.predict.ridge import DEFAULT_ALPHAS, RidgeStats, fit_ridge
 from kvcli.state.codec import parse_seq_state
@@ -199,9 +198,7 @@ def collect(
         n_in = aux_info.n_embd_k(src) + aux_info.n_embd_v(src) + extra
         n_out = sum(base_info.n_embd_k(il) + base_info.n_embd_v(il) for il in plan.layers_of(src))
         fit[src], heldout[src] = RidgeStats(n_in, n_out), RidgeStats(n_in, n_out)
-    computed = ComputedError(
-        base_info, computed_layers(plan, base_info, aux_info, {src: st.n_features for src, st in fit.items()})
-    )
+    computed = ComputedError(plan, base_info, aux_info, {src: stats.n_features for src, stats in fit.items()})
 
     models, contexts = [], []
     try:
@@ -252,11 +249,8 @@ def collect(
             part = heldout if held else fit
             for src, (x, y) in rows.items():
                 part[src].add(x, y)
-                for il in computed.computed if held else ():
-                    if plan.layer_map[il] == src:
-                        at = _target_offset(base_info, plan, il)
-                        kw, vw = base_info.n_embd_k(il), base_info.n_embd_v(il)
-                        computed.add(il, x, y[:, at : at + kw], y[:, at + kw : at + kw + vw])
+                if held:
+                    computed.add(src, x, y)
             if progress:
                 progress(i + 1, len(chunks))
     finally:
@@ -265,16 +259,6 @@ def collect(
         for m in models:
             m.close()
     return CalibrationData(base_info, aux_info, plan, fit, heldout, source, computed)
-
-
-def _target_offset(base: ModelInfo, plan: CalibrationPlan, layer: int) -> int:
-    """Where base ``layer``'s K columns start in its source's targets."""
-    at = 0
-    for il in plan.layers_of(plan.layer_map[layer]):
-        if il == layer:
-            return at
-        at += base.n_embd_k(il) + base.n_embd_v(il)
-    raise ValueError(f"layer {layer} is not predicted")
 
 
 def fit_predictor(data: CalibrationData, alphas: tuple[float, ...] = DEFAULT_ALPHAS) -> Predictor:
@@ -317,52 +301,6 @@ def fit_predictor(data: CalibrationData, alphas: tuple[float, ...] = DEFAULT_ALP
         calibration_source=data.source,
         feature_kinds=data.plan.feature_kinds,
     )
-
-
-def computed_layers(
-    plan: CalibrationPlan, base: ModelInfo, aux: ModelInfo, n_features: dict[int, int]
-) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """The predicted layer that needs no fit: a view's first, from the normed residual out
-    of its last layer (predict/exact_layer.py), where the base's tensors allow it.
-    ``n_features``: per source layer, the width of its features."""
-    if not (plan.predicted_layers and plan.copied_layers and plan.is_prefix(aux)):
-        return {}
-    layer = plan.predicted_layers[0]
-    source = plan.layer_map[layer]
-    widths = [hidden_feature_width(base, (kind,)) for kind in plan.hidden]
-    offset = normed_feature_offset(base, source, plan.hidden, widths)
-    if offset is None:
-        return {}
-    computed = computed_layer_weights(base, layer, n_features[source], offset)
-    return {layer: computed} if computed is not None else {}
-
-
-class ComputedError:
-    """Held-out relative error of the computed layers' K (rescaled to the key norm, as at
-    run time) and V, summed over prompts."""
-
-    def __init__(self, base: ModelInfo, computed: dict[int, tuple[np.ndarray, np.ndarray]]):
-        self.base, self.computed = base, computed
-        self.key_norms = key_norm_weights(base) if computed else None
-        self.sums = {il: np.zeros(4) for il in computed}  # K err^2, K^2, V err^2, V^2
-
-    def add(self, layer: int, x: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
-        w, b = self.computed[layer]
-        y = x @ w + b
-        kw = self.base.n_embd_k(layer)
-        k_hat = np.ascontiguousarray(y[:, :kw])
-        if self.key_norms is not None:
-            k_hat = rescale_to_key_norm(k_hat, self.key_norms[layer], self.base.head_dim_k)
-        self.sums[layer] += [
-            np.sum((k_hat - k) ** 2),
-            np.sum(k * k),
-            np.sum((y[:, kw:] - v) ** 2),
-            np.sum(v * v),
-        ]
-
-    def relative(self, layer: int) -> list[float]:
-        s = self.sums[layer]
-        return [float(np.sqrt(s[0] / max(s[1], 1e-30))), float(np.sqrt(s[2] / max(s[3], 1e-30)))]
 
 
 def calibrate(

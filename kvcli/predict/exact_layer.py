@@ -16,11 +16,18 @@ attention output of the last 64 queries off by 0.03 against ridge's 0.23.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from kvcli import keys
+from kvcli.llama.capture import hidden_feature_width
 from kvcli.models.gguf_header import read_tensors
 from kvcli.models.model_info import ModelInfo, key_norm_weights
+from kvcli.predict.apply import rescale_to_key_norm
+
+if TYPE_CHECKING:
+    from kvcli.predict.calibrate import CalibrationPlan
 
 # the architectures whose attention reads RMSNorm(residual) * attn_norm through plain K and
 # V projections (with optional biases), the key norm (if any) after the projection
@@ -73,3 +80,55 @@ def computed_layer_weights(
     bias[:kw] = tensors.get(prefix + "attn_k.bias", np.zeros(kw, np.float32)) * k_scale
     bias[kw:] = tensors.get(prefix + "attn_v.bias", np.zeros(vw, np.float32))
     return weight, bias
+
+
+def computed_layers(
+    plan: CalibrationPlan, base: ModelInfo, aux: ModelInfo, n_features: dict[int, int]
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """A calibration's layer that needs no fit: a view's first predicted one, where its
+    features hold the normed residual and the base's tensors allow it. ``n_features``: per
+    source layer, the width of its features."""
+    if not (plan.predicted_layers and plan.copied_layers and plan.is_prefix(aux)):
+        return {}
+    layer = plan.predicted_layers[0]
+    source = plan.layer_map[layer]
+    widths = [hidden_feature_width(base, (kind,)) for kind in plan.hidden]
+    offset = normed_feature_offset(base, source, plan.hidden, widths)
+    if offset is None:
+        return {}
+    computed = computed_layer_weights(base, layer, n_features[source], offset)
+    return {layer: computed} if computed is not None else {}
+
+
+class ComputedError:
+    """Held-out relative error of the computed layers' K (rescaled to the key norm, as at
+    run time: the ridge statistics cannot see that rescale) and V, summed over prompts."""
+
+    def __init__(self, plan: CalibrationPlan, base: ModelInfo, aux: ModelInfo, n_features: dict[int, int]):
+        self.base, self.plan = base, plan
+        self.computed = computed_layers(plan, base, aux, n_features)
+        self.key_norms = key_norm_weights(base) if self.computed else None
+        self.sums = {il: np.zeros(4) for il in self.computed}  # K err^2, K^2, V err^2, V^2
+
+    def add(self, source: int, x: np.ndarray, y: np.ndarray) -> None:
+        """One prompt's rows of ``source``: features and targets (its layers' K, V in order)."""
+        at = 0
+        for il in self.plan.layers_of(source):
+            kw, vw = self.base.n_embd_k(il), self.base.n_embd_v(il)
+            if il in self.computed:
+                self._add(il, x, y[:, at : at + kw], y[:, at + kw : at + kw + vw])
+            at += kw + vw
+
+    def _add(self, layer: int, x: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        w, b = self.computed[layer]
+        y = x @ w + b
+        kw = self.base.n_embd_k(layer)
+        k_hat = np.ascontiguousarray(y[:, :kw])
+        if self.key_norms is not None:
+            k_hat = rescale_to_key_norm(k_hat, self.key_norms[layer], self.base.head_dim_k)
+        v_hat = y[:, kw:]
+        self.sums[layer] += [np.sum((k_hat - k) ** 2), np.sum(k * k), np.sum((v_hat - v) ** 2), np.sum(v * v)]
+
+    def relative(self, layer: int) -> list[float]:
+        s = self.sums[layer]
+        return [float(np.sqrt(s[0] / max(s[1], 1e-30))), float(np.sqrt(s[2] / max(s[3], 1e-30)))]
