@@ -101,7 +101,8 @@ def calibrate_cmd(
     from kvcli.cli import ui
     from kvcli.llama.runtime import ContextSettings
     from kvcli.models.model_info import read_model_info
-    from kvcli.predict.calibrate import DEFAULT_TOKENS, calibrate, parse_layer_map
+    from kvcli.predict.calibrate import DEFAULT_TOKENS, calibrate
+    from kvcli.predict.plan import parse_layer_map
     from kvcli.predict.predictor import save_predictor
 
     check_writable(output)

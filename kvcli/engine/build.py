@@ -112,7 +112,12 @@ def build_bundle(
 
 
 def bundle_with_predictor(
-    bundle: Bundle, pred, output: Path, storage: str | None = None, aux_weights: dict | None = None
+    bundle: Bundle,
+    pred,
+    output: Path,
+    storage: str | None = None,
+    aux_weights: dict | None = None,
+    extra: dict | None = None,
 ) -> None:
     """A bundle of ``bundle``'s base (named by absolute path) and auxiliary (the prefix, the
     same file, or, with ``aux_weights``, a copy of its file with those tensors trained) with
@@ -132,7 +137,7 @@ def bundle_with_predictor(
         write_manifest(
             work,
             {"base": bundle.base.resolve(), "aux": aux, "predictor": Path("predictor.gguf")},
-            {"spans": spans} if spans else None,
+            {**({"spans": spans} if spans else {}), **(extra or {})} or None,
         )
 
 
@@ -216,6 +221,26 @@ def factor_bundle(
         calibration_tokens=sum(s.n_rows for s in data.fit.values()),
         source=data.source,
     )
+
+
+def refine_bundle(bundle, output, *, progress=None, **options):
+    """Train ``bundle``'s predictor layer by layer against the base's attention output
+    (kvcli.predict.refine; ``options`` go to ``refine_predictor``) and write a bundle with
+    it to ``output``. The refinement is recorded in the manifest (``refined``)."""
+    import tempfile
+
+    from kvcli.predict.refine import refine_predictor
+
+    base_info, _, pred = check_compatible(bundle.base, bundle.aux_source, bundle.predictor)
+    with tempfile.TemporaryDirectory(prefix="kvcli-refine-") as tmp:
+        aux = bundle.aux_source
+        if isinstance(aux, int):  # calibration reads a prefix's metadata from a cut file
+            aux = cut_auxiliary(bundle.base, Path(tmp) / "aux.gguf", prefix_layers(aux))
+        result = refine_predictor(
+            base_info, read_model_info(aux, "auxiliary"), pred, progress=progress, **options
+        )
+    bundle_with_predictor(bundle, result.predictor, Path(output), extra={"refined": result.to_json()})
+    return result
 
 
 OUTTYPES = ("f32", "f16", "q8_0", "q4_k_m")

@@ -27,7 +27,7 @@ from kvcli.models.model_info import ModelInfo, key_norm_weights
 from kvcli.predict.apply import rescale_to_key_norm
 
 if TYPE_CHECKING:
-    from kvcli.predict.calibrate import CalibrationPlan
+    from kvcli.predict.plan import CalibrationPlan
 
 # the architectures whose attention reads RMSNorm(residual) * attn_norm through plain K and
 # V projections (with optional biases), the key norm (if any) after the projection
