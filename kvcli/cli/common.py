@@ -60,13 +60,40 @@ def notice_aux_load(engine: Engine) -> Engine:
 
 
 def resolve_bundle(bundle: Path | None) -> Bundle:
-    """The bundle at ``bundle``, or the embedded default's (built with a progress bar)."""
+    """The bundle at ``bundle``, or the embedded default's (built with a progress bar, and
+    where kvp pays on this machine measured once)."""
     if bundle is not None:
         return load_bundle(bundle)
     from kvcli.cli import ui
 
     with ui.progress_reporter() as report:
-        return default_bundle(progress=report)
+        b = default_bundle(progress=report)
+    if "break_even" not in b.manifest:
+        b = measure_break_even(b)
+    return b
+
+
+def measure_break_even(b: Bundle) -> Bundle:
+    """Where kvp starts to pay for this bundle on this machine (kvcli.eval.break_even), stored
+    in its manifest; one line on stderr."""
+    from kvcli.cli import ui
+    from kvcli.engine.bundle import record_in_manifest
+    from kvcli.eval import break_even
+
+    with ui.progress_reporter() as report, Engine.from_bundle(b) as engine:
+        entry = break_even.measure_break_even(engine, progress=lambda i, n: report("kvp's break-even", i, n))
+    ui.err.print(break_even_line(entry), highlight=False, soft_wrap=True)
+    return record_in_manifest(b, break_even=entry)
+
+
+def break_even_line(entry: dict) -> str:
+    ratios = ", ".join(f"{n}: {r:.2f}x" for n, r in entry["ttft_ratio"].items())
+    where = (
+        f"kvp pays (<= {entry['pays_ratio']}x the base's TTFT) from {entry['min_tokens']} prompt tokens"
+        if entry["min_tokens"] is not None
+        else f"kvp never reaches {entry['pays_ratio']}x the base's TTFT on the lengths measured"
+    )
+    return f"{where}; shorter prompts are prefilled by the base (kvp's TTFT / the base's: {ratios})"
 
 
 def measure_spans(b: Bundle) -> Bundle:
@@ -94,14 +121,18 @@ def measure_spans(b: Bundle) -> Bundle:
 
 
 def run_self_check(b: Bundle, n_tokens: int, *, echo: bool = True) -> dict:
-    """The bundle's check of itself (kvcli.eval.self_check), stored in its manifest; prints the
-    table on stderr and (``echo``) the verdict line on stdout; returns the check."""
+    """Where kvp pays (``measure_break_even``) and the bundle's check of itself at that length
+    or ``n_tokens`` (kvcli.eval.self_check), stored in its manifest; prints the table on
+    stderr and (``echo``) the verdict line on stdout; returns the check."""
     import typer
 
     from kvcli.cli import ui
     from kvcli.engine.bundle import record_in_manifest
     from kvcli.eval.self_check import check_engine, summary_line
 
+    b = measure_break_even(b)
+    # judged where kvp is used: at the break-even's length if that is longer
+    n_tokens = max(n_tokens, b.manifest["break_even"]["min_tokens"] or 0)
     with ui.progress_reporter() as report, Engine.from_bundle(b) as engine:
         result = check_engine(engine, n_tokens=n_tokens, progress=lambda i, n: report("check", i, n))
     record_in_manifest(b, check=result)

@@ -38,6 +38,7 @@ def result_json(gen: Generation, **extra) -> dict:
     return {
         **extra,
         "mode": gen.mode,
+        "prefilled_by": gen.prefilled_by,  # kvp's prompts under the bundle's break-even: base
         "tail": gen.tail,
         "spans": gen.spans,
         "recomputed": [list(r) for r in gen.recomputed],
@@ -199,9 +200,14 @@ def command(
             f" (aux prefill {t.aux_prefill_ms:.0f} + get {t.state_get_ms:.0f} + predict "
             f"{t.predict_ms:.0f} + spans {t.recompute_ms:.0f} + set {t.state_set_ms:.0f} + "
             f"base {t.base_decode_ms:.0f} ms; tail {opts['tail']}, spans {opts['spans']})"
-            if mode == "kvp"
+            if gen.prefilled_by == "kvp"
             else ""
         )
+        if mode == "kvp" and gen.prefilled_by == "base":
+            detail = (
+                f" (prefilled by the base: kvp pays from {engine.kvp_min_tokens} tokens on this "
+                "bundle, kvcli doctor shows its measurement)"
+            )
         ui.err.print(
             f"[dim]{mode}: {gen.n_prompt} prompt tokens, TTFT {gen.ttft_ms:.0f} ms{detail}, "
             f"{len(gen.tokens)} tokens generated[/dim]"

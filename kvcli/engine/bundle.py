@@ -129,7 +129,8 @@ def load_bundle(folder: str | Path) -> Bundle:
 
 def record_in_manifest(bundle: Bundle, **entries) -> Bundle:
     """Store measured entries in the bundle's manifest: ``check`` (kvcli.eval.self_check's figures
-    and verdict), ``spans`` (how kvp chooses spans, kvcli.engine.tail_choice)."""
+    and verdict), ``spans`` (how kvp chooses spans, kvcli.engine.tail_choice), ``break_even``
+    (where kvp pays, kvcli.eval.break_even), ``refined`` (kvcli.predict.refine's report)."""
     manifest = {**bundle.manifest, **entries}
     write_text_atomically(bundle.folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return load_bundle(bundle.folder)

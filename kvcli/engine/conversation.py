@@ -177,7 +177,8 @@ class Conversation:
         self.base_tokens = tokens[:p0]
         self.predicted_spans = [(a, min(b, p0)) for a, b in self.predicted_spans if a < p0]
         n_pred = len(tokens) - 1 - max(0, self.tail)
-        if self.mode != "kvp" or (n_pred <= p0 and not (self.spans and self.predicted_spans)):
+        short = not eng.kvp_pays(len(tokens) - p0)  # under the bundle's break-even
+        if self.mode != "kvp" or short or (n_pred <= p0 and not (self.spans and self.predicted_spans)):
             _, logits, _ = eng.prefill(tokens, mode="base", start=p0)
             self.base_tokens = list(tokens)
             return logits, len(tokens) - p0, 0

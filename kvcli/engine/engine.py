@@ -72,13 +72,15 @@ class Engine:
         aux_prefix: int = 0,
         tail_focus_layers: list[int] = (),
         attention_layers: list[int] = (),
+        kvp_min_tokens: int = 0,
     ):
         """``aux_load``: how a prefix auxiliary is loaded (AuxLoad; "auto": choose_aux_load).
         ``aux_prefix`` k instead of ``aux_path``: the auxiliary is the base's own layers
         0..k-1, with no file (one is cut into the cache only if a mode needs it).
         ``tail_focus_layers``: kvp's spans are chosen by these base layers' attention from the
         tail (kvcli.engine.tail_choice), not by kvcli.engine.span_choice. ``attention_layers``:
-        base layers whose attention weights the base context can capture (``base_attention``)."""
+        base layers whose attention weights the base context can capture (``base_attention``).
+        ``kvp_min_tokens``: prompts shorter than this are not worth kvp (``kvp_pays``)."""
         aux_load = AuxLoad.parse(aux_load, "auxiliary load")
         self.base_info = read_model_info(base_path, "base model")
         self.aux_path = Path(aux_path) if aux_path else None
@@ -100,6 +102,7 @@ class Engine:
                 self.predictor = load_predictor(predictor_path)
                 self.predictor.check_models(self.base_info, self.aux_info)
         self.settings = settings or ContextSettings()
+        self.kvp_min_tokens = max(0, int(kvp_min_tokens))
         self.key_norms = (
             key_norm_weights(self.base_info)
             if key_norm_rescale
@@ -197,6 +200,9 @@ class Engine:
             and "tail_focus_layers" not in kwargs
         ):
             kwargs["tail_focus_layers"] = [int(il) for il in spans["layers"]]
+        break_even = bundle.manifest.get("break_even") or {}
+        if with_predictor and isinstance(break_even.get("min_tokens"), int):
+            kwargs.setdefault("kvp_min_tokens", break_even["min_tokens"])
         return cls(
             bundle.base,
             aux_path=bundle.aux if with_aux else None,
@@ -372,6 +378,11 @@ class Engine:
     def spans_supported(self) -> bool:
         """Whether kvp can choose spans here (``prefill(spans=...)``)."""
         return self.spans.supported
+
+    def kvp_pays(self, n_new: int) -> bool:
+        """Whether kvp is worth it for ``n_new`` tokens to prefill: at or past the bundle's
+        measured break-even (kvcli.eval.break_even); always where none was measured."""
+        return n_new >= self.kvp_min_tokens
 
     def kvp_settings(self, tail: int | None = None, spans: int | None = None) -> dict[str, int]:
         """kvp's tail and spans, defaults filled in: DEFAULT_SPANS spans where they can be

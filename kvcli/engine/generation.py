@@ -23,12 +23,14 @@ def generate(
     sampler: Sampler | None = None,
     on_token=None,
 ) -> Generation:
-    """``engine`` prefills ``tokens`` by ``mode``, then its context generates up to
-    ``n_predict`` tokens (stops at end of generation or a full context)."""
+    """``engine`` prefills ``tokens`` by ``mode`` (kvp: by the base below the bundle's
+    break-even, ``Engine.kvp_pays``), then its context generates up to ``n_predict`` tokens
+    (stops at end of generation or a full context)."""
     sampler = sampler or Sampler()
+    by = "base" if mode == "kvp" and not engine.kvp_pays(len(tokens)) else mode
     start = time.perf_counter()
     ctx, logits, timings = engine.prefill(
-        tokens, mode=mode, tail=tail, keep=keep, spans=spans, select_by=select_by
+        tokens, mode=by, tail=tail, keep=keep, spans=spans, select_by=select_by
     )
     first_logits = logits
     token = sampler.sample(logits)
@@ -56,6 +58,7 @@ def generate(
         first_logits=first_logits,
         tail=tail,
         spans=spans,
-        recomputed=list(engine.last_recomputed) if mode == "kvp" else [],
+        recomputed=list(engine.last_recomputed) if by == "kvp" else [],
         selected=len(engine.last_selected) if mode == "select" else None,
+        prefilled_by=by,
     )

@@ -35,6 +35,7 @@ class Generation:
     spans: int = 0
     recomputed: list[tuple[int, int]] = field(default_factory=list)
     selected: int | None = None  # select: the positions the base prefilled
+    prefilled_by: str = ""  # the mode that prefilled: kvp's prompts under its break-even, the base
 
 
 class Clock:
