@@ -113,6 +113,16 @@ def masks(n: int, rows: np.ndarray, cuts: np.ndarray, window: int) -> tuple[np.n
     return hidden, predicted
 
 
+def _heads(rows: np.ndarray, n_kv: int) -> np.ndarray:
+    """(n, n_kv * d) -> (n_kv, n, d), contiguous."""
+    return np.ascontiguousarray(rows.reshape(len(rows), n_kv, -1).transpose(1, 0, 2))
+
+
+def _rows(heads: np.ndarray) -> np.ndarray:
+    """(n_kv, n, d) -> (n, n_kv * d)."""
+    return heads.transpose(1, 0, 2).reshape(heads.shape[1], -1)
+
+
 def _softmax(logits: np.ndarray, hidden: np.ndarray) -> np.ndarray:
     logits = np.where(hidden, -np.inf, logits)
     logits -= logits.max(-1, keepdims=True)
@@ -142,28 +152,41 @@ def attention_loss(
     else:
         k_normed, r = k_pred, None
     pos = np.arange(n)
-    kp = rotate(k_normed, pos, layer.rope).reshape(n, n_kv, hd)
-    ke = rotate(sample.k, pos, layer.rope).reshape(n, n_kv, hd)
-    q = rotate(sample.q[rows].reshape(len(rows), -1), rows, layer.rope).reshape(len(rows), n_kv, group, hd)
+    t = len(rows)
+    # heads first, a KV head's query heads stacked: each product below is one matmul per KV head
+    q = rotate(sample.q[rows].reshape(t, -1), rows, layer.rope).reshape(t, n_kv, group, hd)
+    q = np.ascontiguousarray(q.transpose(1, 2, 0, 3)).reshape(n_kv, group * t, hd)
+    kp = _heads(rotate(k_normed, pos, layer.rope), n_kv)
+    ke = _heads(rotate(sample.k, pos, layer.rope), n_kv)
+    vp, ve = _heads(v_pred, n_kv), _heads(np.asarray(sample.v, np.float32), n_kv)
     hidden, predicted = masks(n, rows, cuts, layer.window)
     s = layer.scale
-    logits_exact = _es("tkgd,skd->kgts", q, ke) * s
-    a = _softmax(np.where(predicted, _es("tkgd,skd->kgts", q, kp) * s, logits_exact), hidden)
+
+    def scores(k):  # (n_kv, group, t, n)
+        return (q @ k.transpose(0, 2, 1)).reshape(n_kv, group, t, n) * s
+
+    def stacked(m):  # (n_kv, group, t, n) -> (n_kv, group * t, n), a view
+        return m.reshape(n_kv, group * t, n)
+
+    logits_exact = scores(ke)
+    a = _softmax(np.where(predicted, scores(kp), logits_exact), hidden)
     a_pred = a * predicted
-    vp = v_pred.reshape(n, n_kv, -1)
-    ve = sample.v.reshape(n, n_kv, -1)
-    out = _es("kgts,skd->tkgd", a_pred, vp) + _es("kgts,skd->tkgd", a - a_pred, ve)
-    truth = _es("kgts,skd->tkgd", _softmax(logits_exact, hidden), ve)
+    out = stacked(a_pred) @ vp + stacked(a - a_pred) @ ve
+    truth = stacked(_softmax(logits_exact, hidden)) @ ve
     norm = max(float((truth * truth).sum()), 1e-30)
     diff = out - truth
     loss = float((diff * diff).sum()) / norm
     if not grad:
         return loss, None, None
     d_out = (2.0 / norm) * diff
-    d_v = _es("kgts,tkgd->skd", a_pred, d_out).reshape(n, -1)
-    d_a = np.where(predicted, _es("tkgd,skd->kgts", d_out, vp), _es("tkgd,skd->kgts", d_out, ve))
+    d_v = _rows(stacked(a_pred).transpose(0, 2, 1) @ d_out)
+    d_a = np.where(
+        predicted,
+        (d_out @ vp.transpose(0, 2, 1)).reshape(n_kv, group, t, n),
+        (d_out @ ve.transpose(0, 2, 1)).reshape(n_kv, group, t, n),
+    )
     d_logits = a * (d_a - (a * d_a).sum(-1, keepdims=True))
-    d_kp = _es("kgts,tkgd->skd", d_logits * predicted * s, q).reshape(n, -1)
+    d_kp = _rows(stacked(d_logits * predicted * s).transpose(0, 2, 1) @ q)
     d_k = unrotate(d_kp, pos, layer.rope)
     if r is not None:
         d_k = _rescale_back(d_k, k_normed, r, layer.key_norm_inv, hd)
@@ -217,9 +240,9 @@ def train_layer(
     scale = float(np.sqrt(np.mean(w * w))) or 1.0
     moments = [(np.zeros_like(p), np.zeros_like(p)) for p in (w, b)]
     for step in range(1, steps + 1):
+        picked = [train[i] for i in rng.choice(len(train), min(batch, len(train)), replace=False)]
         gw, gb = np.zeros_like(w), np.zeros_like(b)
-        for i in rng.choice(len(train), min(batch, len(train)), replace=False):
-            smp = train[i]
+        for smp in picked:
             rows = np.arange(segment, len(smp.features))
             _, dw, db = attention_loss(smp, w, b, layer, rows, segment_cuts(rows, segment))
             gw += dw
