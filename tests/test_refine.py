@@ -18,7 +18,7 @@ from kvcli.predict.attention_fit import Sample, attention_loss, layer_attention
 from kvcli.predict.calibration_run import CalibrationRun
 from kvcli.predict.plan import make_plan
 from kvcli.predict.predictor import load_predictor
-from kvcli.predict.refine import QUERY_TENSORS
+from kvcli.predict.refine import BaseQueries
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +28,18 @@ def tiny_bundle(tiny_gemma3, tmp_path_factory):
     return folder
 
 
-def test_captured_queries_give_llama_cpps_attention_output(tiny_gemma3, tmp_path):
-    """The loss's attention (queries before RoPE, rotated here; the cache's keys un-roped and
-    rotated back; 1/sqrt(head_dim)) is llama.cpp's: its kqv_out over the true cache."""
-    base = read_model_info(tiny_gemma3)
-    aux = read_model_info(cut_auxiliary(tiny_gemma3, tmp_path / "aux.gguf", prefix_layers(2)))
+@pytest.mark.parametrize("model", ["tiny_gemma3", "tiny_qwen2"])
+def test_captured_queries_give_llama_cpps_attention_output(model, request, tmp_path):
+    """The loss's attention (the base's queries before RoPE, rotated here; the cache's keys
+    un-roped and rotated back; 1/sqrt(head_dim)) is llama.cpp's: its kqv_out over the true
+    cache. Gemma 3's queries are captured; Qwen 2's computed from its attention norm."""
+    path = request.getfixturevalue(model)
+    base = read_model_info(path)
+    aux = read_model_info(cut_auxiliary(path, tmp_path / "aux.gguf", prefix_layers(2)))
     plan = make_plan(base, aux)
-    layers = plan.predicted_layers[:2]  # one sliding-window layer and, past it, a global one
-    names = [f"{QUERY_TENSORS['gemma3']}-{il}" for il in layers] + [f"kqv_out-{il}" for il in layers]
+    layers = plan.predicted_layers[:2]  # Gemma 3: one sliding-window layer and a global one
+    queries = BaseQueries(base, layers)
+    names = [*queries.names.values(), *(f"kqv_out-{il}" for il in layers)]
     run = CalibrationRun(base, aux, plan, n_tokens=200, chunk_tokens=100, base_tensors=tuple(names))
     prompt = next(iter(run.prompts()))
     n = len(prompt.tokens)
@@ -43,7 +47,7 @@ def test_captured_queries_give_llama_cpps_attention_output(tiny_gemma3, tmp_path
     for il in layers:
         attention = layer_attention(base, il, norms)
         k, v = prompt.base_kv[il]
-        q = prompt.base_rows[names[layers.index(il)]].reshape(n, base.n_head[il], base.head_dim_k)
+        q = queries.of(prompt.base_rows, il, n).astype(np.float32)
         # all cells "predicted" as exactly the true ones: the loss's attention on the true cache
         kw = attention.k_width
         features = np.concatenate([k, v], axis=1).astype(np.float32)
@@ -100,14 +104,16 @@ def test_refine_writes_a_bundle_that_runs(tiny_bundle, tmp_path):
         assert np.isfinite(logits).all()
 
 
-def test_refine_refuses_what_it_cannot_read(tiny_qwen2, tiny_bundle, tmp_path):
+def test_refine_runs_on_qwen2_and_refuses_zero_steps(tiny_qwen2, tiny_bundle, tmp_path):
     qwen = tmp_path / "qwen"
     ok(convert("bundle", "--base", tiny_qwen2, "-o", qwen, "--tokens", "600", "--no-check"))
-    res = convert("refine", "--bundle", qwen, "-o", tmp_path / "a", "--steps", "2", "--tokens", "600")
-    assert_one_line_error(res, "refining needs the base's queries before RoPE")
+    res = ok(
+        convert("refine", "--bundle", qwen, "-o", tmp_path / "a", "--steps", "2", "--tokens", "600", "--json")
+    )
+    assert json.loads(res.stdout)["layers"] and load_bundle(tmp_path / "a").manifest["refined"]["steps"] == 2
     res = convert("refine", "--bundle", tiny_bundle, "-o", tmp_path / "b", "--steps", "0")
     assert_one_line_error(res, "--steps must be at least 1")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not (tmp_path / "b").exists()
 
 
 def test_training_on_captured_rows_lowers_their_error(tiny_bundle, tmp_path):

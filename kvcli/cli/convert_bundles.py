@@ -109,8 +109,8 @@ def refine_cmd(
     step runs the whole base, so it takes minutes on a CPU, in numpy (no PyTorch). Starts
     from the closed-form fit; every fifth prompt is held out and a layer keeps the weights
     that did best there. Prints each layer's held-out attention error before and after;
-    writes a bundle with the base, the same auxiliary and the refined predictor. Gemma 3
-    bases only so far (where llama.cpp names the queries before RoPE)."""
+    writes a bundle with the base, the same auxiliary and the refined predictor (Gemma 3,
+    Qwen 2 and Llama bases). The new bundle's break-even is measured by kvcli doctor --bundle."""
     import json
 
     from kvcli.cli import ui

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 
 from kvcli.errors import KvcliError
+from kvcli.models.gguf_header import read_tensors
 from kvcli.models.model_info import ModelInfo, key_norm_weights
 from kvcli.predict.attention_fit import LayerAttention, Sample, layer_attention, train_layer
 from kvcli.predict.calibration_run import DEFAULT_TOKENS, CalibrationRun
@@ -27,10 +28,6 @@ from kvcli.predict.predictor import Predictor
 
 DEFAULT_STEPS = 150
 DEFAULT_LR = 3e-4
-
-# the graph tensor holding a layer's queries after their norm, before RoPE, per architecture
-# (llama.cpp's src/models/*.cpp; others name several tensors "Qcur" and are not read yet)
-QUERY_TENSORS = {"gemma3": "Qcur_normed"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,14 +54,40 @@ class RefineResult:
         }
 
 
-def query_tensor(base: ModelInfo) -> str:
-    name = QUERY_TENSORS.get(base.arch)
-    if name is None:
-        raise KvcliError(
-            f"refining needs the base's queries before RoPE, which kvcli reads from "
-            f"{', '.join(QUERY_TENSORS)} models only, not {base.arch}"
-        )
-    return name
+class BaseQueries:
+    """The base's queries of some layers, before RoPE, from tensors its graph names.
+
+    Gemma 3 names them after their norm (``Qcur_normed-L``). Llama and Qwen 2 name several
+    tensors ``Qcur-L`` (before and after the bias, after RoPE), so their queries are computed
+    from the attention norm's output (``attn_norm-L``) with the layer's own Q projection
+    (dequantized, bias added)."""
+
+    def __init__(self, base: ModelInfo, layers: list[int]):
+        self.base = base
+        self.projections: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if base.arch == "gemma3":
+            self.names = {il: f"Qcur_normed-{il}" for il in layers}
+        elif base.arch in ("qwen2", "llama"):
+            self.names = {il: f"attn_norm-{il}" for il in layers}
+            wanted = {f"blk.{il}.attn_q.{part}" for il in layers for part in ("weight", "bias")}
+            tensors = read_tensors(base.path, wanted)
+            for il in layers:
+                w = tensors[f"blk.{il}.attn_q.weight"]  # (n_head * head_dim, n_embd)
+                b = tensors.get(f"blk.{il}.attn_q.bias", np.zeros(len(w), np.float32))
+                self.projections[il] = (np.ascontiguousarray(w.T), b)
+        else:
+            raise KvcliError(
+                f"refining needs the base's queries before RoPE, which kvcli reads from gemma3, "
+                f"qwen2 and llama models, not {base.arch}"
+            )
+
+    def of(self, rows: dict[str, np.ndarray], layer: int, n: int) -> np.ndarray:
+        """(n, n_head, head_dim) float16 (the largest part of a sample: kept in half)."""
+        x = rows[self.names[layer]]
+        if layer in self.projections:
+            w, b = self.projections[layer]
+            x = x @ w + b
+        return x.reshape(n, self.base.n_head[layer], self.base.head_dim_k).astype(np.float16)
 
 
 def trainable_layers(pred: Predictor) -> list[int]:
@@ -80,8 +103,8 @@ def collect_samples(
     plan = make_plan(base, aux, layer_map=pred.layer_map, hidden=pred.hidden_kinds or False)
     if plan.copied_layers != pred.copied_layers or plan.feature_kinds != pred.feature_kinds:
         raise KvcliError("the calibration's layers or features differ from the predictor's")
-    query = query_tensor(base)
-    run = CalibrationRun(base, aux, plan, base_tensors=tuple(f"{query}-{il}" for il in layers), **run_options)
+    queries = BaseQueries(base, layers)
+    run = CalibrationRun(base, aux, plan, base_tensors=tuple(queries.names.values()), **run_options)
     train: dict[int, list[Sample]] = {il: [] for il in layers}
     held: dict[int, list[Sample]] = {il: [] for il in layers}
     n_tokens = 0
@@ -96,11 +119,8 @@ def collect_samples(
                 x = prompt.features[src]
                 inputs[key] = np.ascontiguousarray(x @ pred.bases[src] if key[1] else x, np.float32)
             k, v = prompt.base_kv[il]
-            q = prompt.base_rows[f"{query}-{il}"].reshape(n, base.n_head[il], base.head_dim_k)
-            # queries are the largest part (n_head x head_dim per position): kept as f16
-            sample = Sample(
-                inputs[key], np.asarray(k, np.float32), np.asarray(v, np.float32), q.astype(np.float16)
-            )
+            q = queries.of(prompt.base_rows, il, n)
+            sample = Sample(inputs[key], np.asarray(k, np.float32), np.asarray(v, np.float32), q)
             (held if prompt.heldout else train)[il].append(sample)
     return train, held, n_tokens, run.source
 
