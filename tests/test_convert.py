@@ -213,10 +213,15 @@ def test_bundle_from_a_base_alone_and_refusals(tmp_path, tiny_gemma3, tiny_llama
     )
     manifest = json.loads((bundle / "manifest.json").read_text())
     # the bundle checked itself: figures per kind of held-out text, a verdict, one line out
-    check = manifest["check"]
-    assert set(check["kinds"]) == {"prose", "code", "conversation"} and check["n_tokens"] == 200
+    check, break_even = manifest["check"], manifest["break_even"]
+    assert break_even["ttft_ratio"] and all(r > 0 for r in break_even["ttft_ratio"].values())
+    # judged at the break-even's length where that is longer than asked
+    assert check["n_tokens"] == max(200, break_even["min_tokens"] or 0)
+    assert set(check["kinds"]) == {"prose", "code", "conversation"}
     for row in check["kinds"].values():
-        assert {"kvp", "truncate", "aux"} <= set(row) and row["kvp"]["kl"] >= 0
+        assert (
+            {"kvp", "truncate", "aux"} <= set(row) and row["kvp"]["kl"] > 0 and 0 <= row["kvp"]["top1"] <= 1
+        )
     assert built.stdout.strip().splitlines()[-1].startswith("auxiliary alone: ")
     generated = ok(kvcli("generate", "the cat", "-n", "2", "--bundle", bundle))
     warned = "this bundle's own check" in generated.stderr
@@ -231,6 +236,7 @@ def test_bundle_from_a_base_alone_and_refusals(tmp_path, tiny_gemma3, tiny_llama
     assert info["check"].startswith("auxiliary alone: ") and info["check_figures"] == check
     doctor = json.loads(ok(kvcli("doctor", "--bundle", bundle, "--prompts", "2", "--json")).stdout)
     assert set(doctor["self_check"]["kinds"]) == {"prose", "code", "conversation"}
+    assert doctor["break_even"]["pays_ratio"] == 0.5
     load = "partial" if prefix_view_supported() else "view"
     assert doctor["ok"] and [c["name"] for c in doctor["checks"][-2:]] == [
         "bundle",

@@ -9,6 +9,7 @@ from conftest import random_prompt
 from kvcli.engine.engine import Engine
 from kvcli.engine.generation import generate
 from kvcli.engine.recompute import DEFAULT_SPANS, DEFAULT_SPANS_TAIL, OPENING
+from kvcli.engine.token_select import default_keep
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
 from kvcli.llama.library import llama_cpp_version, prefix_view_supported
 from kvcli.llama.runtime import Context, ContextSettings
@@ -163,9 +164,19 @@ def test_all_modes_generate_on_tiny_gemma3(tiny_gemma3, tiny_bundle):
     aux, pred_path, _ = tiny_bundle
     with Engine(tiny_gemma3, aux_path=aux, predictor_path=pred_path, settings=SETTINGS) as eng:
         tokens = random_prompt(80, eng.model.n_vocab, eng.model.bos, low=3)
+        first = {}
         for mode in ("base", "kvp", "truncate", "aux"):
             gen = generate(eng, tokens, mode=mode, n_predict=5, keep=20)
             assert gen.n_prompt == 80 and gen.ttft_ms > 0 and len(gen.tokens) <= 5
+            first[mode] = gen.first_logits.copy()
+        # truncation is the base over BOS and the last --keep tokens; without --keep, a quarter
+        # of the prompt (at least select's 41), never silently the whole prompt
+        for keep, kept in ((20, 20), (None, default_keep(80))):
+            gen = generate(eng, tokens, mode="truncate", n_predict=1, keep=keep)
+            _, want, _ = eng.prefill([tokens[0], *tokens[-kept:]], mode="base")
+            np.testing.assert_array_equal(gen.first_logits, want)
+        for mode in ("kvp", "truncate", "aux"):
+            assert np.isfinite(first[mode]).all() and not np.array_equal(first[mode], first["base"])
         with pytest.raises(ContextError, match="context holds 256"):
             generate(eng, tokens * 4, mode="kvp")
 

@@ -64,6 +64,8 @@ def command(
                     "ok": ok,
                     "checks": [r.as_dict() for r in results],
                     "self_check": self_check,
+                    # where kvp pays, measured with the self-check (kvcli.eval.break_even)
+                    "break_even": load_bundle(bundle).manifest.get("break_even") if self_check else None,
                 }
             )
         )

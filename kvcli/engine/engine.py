@@ -324,8 +324,11 @@ class Engine:
         if mode == "base":
             return self.base, self.plain_prefill(self.base, tokens, t), t
         if mode == "truncate":
+            from kvcli.engine.token_select import default_keep
+
             kept = list(tokens)
-            if keep is not None and 0 < keep < len(tokens):
+            keep = default_keep(len(tokens)) if keep is None else keep  # as select: a quarter
+            if 0 < keep < len(tokens):
                 kept = kept[-keep:]
                 if tokens[0] == self.model.bos:
                     kept.insert(0, tokens[0])  # the model expects its BOS at position 0
