@@ -118,6 +118,8 @@ def refine_cmd(
     from kvcli.engine.build import refine_bundle
     from kvcli.llama.runtime import ContextSettings
 
+    if steps < 1:
+        raise KvcliError(f"--steps must be at least 1, not {steps}")
     b = resolve_bundle(bundle)
     with ui.progress_reporter() as report:
         result = refine_bundle(

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kvcli.engine.engine import Engine
+from kvcli.errors import KvcliError
 from kvcli.eval.matched import timed_prefill
 from kvcli.eval.tasks import make_examples
 
@@ -40,6 +41,19 @@ def crossing(ratios: dict[int, float], limit: float = PAYS_RATIO) -> int | None:
     return round(lo + frac * (hi - lo))
 
 
+def prose_tokens(engine: Engine, n: int) -> list[int]:
+    """``n`` tokens of held-out prose: examples of the prose family joined until long enough
+    (one example can be shorter than asked), cut to ``n``."""
+    tokens: list[int] = []
+    for i in range(64):
+        (example,) = make_examples("prose", n=1, n_tokens=n, tokenize=engine.tokenize, seed=SEED + i)
+        more = engine.tokenize(example.prompt)
+        tokens += more[1:] if tokens and more[:1] == [engine.model.bos] else more
+        if len(tokens) >= n:
+            return tokens[:n]
+    raise KvcliError(f"held-out prose gave {len(tokens)} tokens, not {n}")
+
+
 def measure_break_even(
     engine: Engine, lengths: tuple[int, ...] = LENGTHS, progress: Callable[[int, int], None] | None = None
 ) -> dict:
@@ -47,13 +61,8 @@ def measure_break_even(
     the context (kvp with the bundle's default settings, the faster of two runs each, after a
     warm-up), and ``min_tokens`` (``crossing``)."""
     settings = engine.kvp_settings()
-    lengths = [n for n in lengths if n <= engine.settings.n_ctx]
-    prompts = {
-        n: engine.tokenize(
-            make_examples("prose", n=1, n_tokens=n, tokenize=engine.tokenize, seed=SEED)[0].prompt
-        )
-        for n in lengths
-    }
+    lengths = [n for n in lengths if n < engine.settings.n_ctx]
+    prompts = {n: prose_tokens(engine, n) for n in lengths}
     if lengths:
         timed_prefill(engine, prompts[lengths[0]], mode="kvp", **settings)  # warm-up
     ratios = {}
