@@ -4,7 +4,9 @@ KV-prediction checkpoint. Every bundle is built in a temporary folder and appear
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -172,8 +174,6 @@ def factor_bundle(
     """Factor ``bundle``'s predictor (``factor_predictor``) with feature statistics over
     calibration text, and write a bundle with it to ``output``. Returns held-out relative
     errors per layer before and after (the basis is fit on the other calibration prompts)."""
-    import tempfile
-
     check_compatible(bundle.base, bundle.aux_source, bundle.predictor)
     pred = load_predictor(bundle.predictor)
     if pred.factored_layers:
@@ -194,10 +194,7 @@ def factor_bundle(
             f"layer {unknown[0]} is not a predicted layer of this predictor "
             f"({pred.predicted_layers[0]}..{pred.predicted_layers[-1]})"
         )
-    with tempfile.TemporaryDirectory(prefix="kvcli-factor-") as tmp:
-        aux = bundle.aux_source
-        if isinstance(aux, int):  # calibration reads a prefix's metadata from a cut file
-            aux = cut_auxiliary(bundle.base, Path(tmp) / "aux.gguf", prefix_layers(aux))
+    with calibration_aux(bundle) as aux:
         data = collect(
             bundle.base,
             aux,
@@ -223,19 +220,26 @@ def factor_bundle(
     )
 
 
+@contextlib.contextmanager
+def calibration_aux(bundle):
+    """The path of ``bundle``'s auxiliary for a calibration run: its file, or for a prefix of
+    the base a cut file in a temporary folder (calibration reads the prefix's metadata)."""
+    aux = bundle.aux_source
+    if not isinstance(aux, int):
+        yield aux
+        return
+    with tempfile.TemporaryDirectory(prefix="kvcli-aux-") as tmp:
+        yield cut_auxiliary(bundle.base, Path(tmp) / "aux.gguf", prefix_layers(aux))
+
+
 def refine_bundle(bundle, output, *, progress=None, **options):
     """Train ``bundle``'s predictor layer by layer against the base's attention output
     (kvcli.predict.refine; ``options`` go to ``refine_predictor``) and write a bundle with
     it to ``output``. The refinement is recorded in the manifest (``refined``)."""
-    import tempfile
-
     from kvcli.predict.refine import refine_predictor
 
     base_info, _, pred = check_compatible(bundle.base, bundle.aux_source, bundle.predictor)
-    with tempfile.TemporaryDirectory(prefix="kvcli-refine-") as tmp:
-        aux = bundle.aux_source
-        if isinstance(aux, int):  # calibration reads a prefix's metadata from a cut file
-            aux = cut_auxiliary(bundle.base, Path(tmp) / "aux.gguf", prefix_layers(aux))
+    with calibration_aux(bundle) as aux:
         result = refine_predictor(
             base_info, read_model_info(aux, "auxiliary"), pred, progress=progress, **options
         )
