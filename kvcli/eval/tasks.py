@@ -15,6 +15,7 @@ from kvcli.errors import KvcliError
 from kvcli.eval.lookalike import LOOKALIKE_TASKS
 from kvcli.eval.prompts import FILLER, Example, Tokenize, fit_prompt, is_correct, normalize  # noqa: F401
 from kvcli.eval.ruler import RULER_TASKS
+from kvcli.eval.source import SOURCE_TASKS
 from kvcli.predict.corpus import corpus_texts, docstring_texts
 
 NAMES = [
@@ -186,6 +187,7 @@ TASKS: dict[str, Callable[[random.Random, int, Tokenize], Example]] = {
     "prose": prose,
     **RULER_TASKS,
     **LOOKALIKE_TASKS,
+    **SOURCE_TASKS,
 }
 
 

@@ -1,0 +1,155 @@
+"""Questions about real source code: a default value in a real third-party Python file.
+
+A user of a coder model pastes a file and asks about one definition in it, where the same
+parameter names recur in many functions. This family takes a window of a real module of a
+package kvcli installs with itself (never the standard library, which calibration reads),
+finds with the file's own syntax tree a parameter whose default differs from a look-alike
+(the same name with another default in another function of the window), and ends the prompt
+with that function's signature copied up to the default: the model must recall which of the
+look-alikes it was. Boolean and None defaults are left out, so a guess rarely scores.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import random
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from kvcli.errors import KvcliError
+from kvcli.eval.prompts import Example, Tokenize, fit_prompt
+
+# pure-Python packages installed with kvcli (its own dependencies and theirs), pinned by
+# constraints.txt, so that a seed gives the same prompts on every machine that installed it
+SOURCE_PACKAGES = ("rich", "click", "typer", "jinja2", "yaml")
+MIN_FILE_CHARS = 6000
+MAX_DEFAULT_CHARS = 24
+GUESSABLE = {"None", "True", "False"}
+TRIES = 200
+QUESTION_TOKENS = 96  # room kept for the question and the signature it quotes
+
+
+@dataclass(frozen=True)
+class Default:
+    """One parameter's default: where its function starts and where the default is written."""
+
+    qualname: str  # Class.method or function
+    param: str
+    value: str  # the default's source text, the answer
+    def_line: int  # 0-based first line of the def (decorators excluded)
+    def_offset: int  # character offset of that line in the file
+    value_offset: int  # character offset of the default in the file
+
+
+@cache
+def source_files() -> tuple[tuple[str, str], ...]:
+    """(package/relative path, text) of each module of SOURCE_PACKAGES large enough to ask about."""
+    files = []
+    for package in SOURCE_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            continue
+        root = Path(spec.origin).parent
+        for path in sorted(root.rglob("*.py")):
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            if len(text) >= MIN_FILE_CHARS:
+                files.append((f"{package}/{path.relative_to(root)}", text))
+    return tuple(files)
+
+
+def _line_offsets(text: str) -> list[int]:
+    offsets, total = [], 0
+    for line in text.splitlines(keepends=True):
+        offsets.append(total)
+        total += len(line)
+    return offsets
+
+
+@cache
+def defaults_of(text: str) -> tuple[Default, ...]:
+    """Every parameter default of every function in ``text``, by the file's syntax tree."""
+    tree = ast.parse(text)
+    offsets = _line_offsets(text)
+    found: list[Default] = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                visit(child, f"{prefix}{child.name}.")
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = child.args
+                positional = args.posonlyargs + args.args
+                pairs = list(zip(positional[len(positional) - len(args.defaults) :], args.defaults))
+                pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+                for arg, default in pairs:
+                    value = ast.get_source_segment(text, default)
+                    if value is None:
+                        continue
+                    found.append(
+                        Default(
+                            qualname=prefix + child.name,
+                            param=arg.arg,
+                            value=value,
+                            def_line=child.lineno - 1,
+                            def_offset=offsets[child.lineno - 1],
+                            value_offset=offsets[default.lineno - 1] + _char_col(text, offsets, default),
+                        )
+                    )
+                visit(child, f"{prefix}{child.name}.")
+
+    visit(tree, "")
+    return tuple(found)
+
+
+def _char_col(text: str, offsets: list[int], node: ast.expr) -> int:
+    # ast columns count UTF-8 bytes; the prompt is cut in characters
+    line = text[offsets[node.lineno - 1] :].split("\n", 1)[0]
+    return len(line.encode("utf-8")[: node.col_offset].decode("utf-8", errors="ignore"))
+
+
+def _askable(asked: Default, window: list[Default]) -> bool:
+    """A default worth asking: not a guess, one line, and a look-alike in the window."""
+    if asked.value in GUESSABLE or len(asked.value) > MAX_DEFAULT_CHARS or "\n" in asked.value:
+        return False
+    return any(d.param == asked.param and d.value != asked.value and d.qualname != asked.qualname for d in window)
+
+
+def source(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
+    files = source_files()
+    if not files:
+        raise KvcliError(f"the source task needs one of {', '.join(SOURCE_PACKAGES)} installed")
+    body_tokens = n_tokens - QUESTION_TOKENS
+    for _ in range(TRIES):
+        name, text = rng.choice(files)
+        lines = text.splitlines(keepends=True)
+        chars_per_line = len(text) / max(1, len(lines))
+        tokens_per_char = len(tokenize(text[:4000])) / len(text[:4000])
+        window_lines = int(body_tokens / tokens_per_char / chars_per_line)
+        if window_lines > len(lines):  # too short a file for this length
+            continue
+        start = rng.randrange(0, len(lines) - window_lines + 1)
+        try:
+            body = fit_prompt(lambda k: "".join(lines[start : start + k]), body_tokens, tokenize)
+        except KvcliError:
+            continue
+        if len(tokenize(body)) < 0.8 * body_tokens:  # the window reached the end of the file
+            continue
+        begin = sum(len(line) for line in lines[:start])
+        inside = [d for d in defaults_of(text) if begin <= d.def_offset and d.value_offset < begin + len(body)]
+        asked_ones = [d for d in inside if _askable(d, inside)]
+        rng.shuffle(asked_ones)
+        for asked in asked_ones:
+            signature = text[asked.def_offset : asked.value_offset]
+            question = f"\n\n# The default of `{asked.param}` in `{asked.qualname}`, as defined above:\n{signature}"
+            if len(tokenize(body + question)) <= n_tokens:
+                depth = (asked.def_offset - begin) / len(body)
+                return Example("source", body + question, asked.value, haystack=f"{name} at {depth:.2f} (installed)")
+    raise KvcliError(f"no source file of {', '.join(SOURCE_PACKAGES)} fills {n_tokens} tokens with a question")
+
+
+SOURCE_TASKS = {"source": source}
