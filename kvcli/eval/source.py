@@ -75,6 +75,17 @@ def defaults_of(text: str) -> tuple[Default, ...]:
     """Every parameter default of every function in ``text``, by the file's syntax tree."""
     tree = ast.parse(text)
     offsets = _line_offsets(text)
+    lines = [line.encode("utf-8") for line in text.splitlines(keepends=True)]
+
+    def segment(node: ast.expr) -> str:  # ast.get_source_segment, without splitting the file per call
+        if node.lineno == node.end_lineno:
+            return lines[node.lineno - 1][node.col_offset : node.end_col_offset].decode("utf-8")
+        first, last = (
+            lines[node.lineno - 1][node.col_offset :],
+            lines[node.end_lineno - 1][: node.end_col_offset],
+        )
+        return b"".join([first, *lines[node.lineno : node.end_lineno - 1], last]).decode("utf-8")
+
     found: list[Default] = []
 
     def visit(node: ast.AST, prefix: str) -> None:
@@ -87,9 +98,7 @@ def defaults_of(text: str) -> tuple[Default, ...]:
                 pairs = list(zip(positional[len(positional) - len(args.defaults) :], args.defaults))
                 pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
                 for arg, default in pairs:
-                    value = ast.get_source_segment(text, default)
-                    if value is None:
-                        continue
+                    value = segment(default)
                     found.append(
                         Default(
                             qualname=prefix + child.name,
@@ -97,7 +106,9 @@ def defaults_of(text: str) -> tuple[Default, ...]:
                             value=value,
                             def_line=child.lineno - 1,
                             def_offset=offsets[child.lineno - 1],
-                            value_offset=offsets[default.lineno - 1] + _char_col(text, offsets, default),
+                            # ast columns count UTF-8 bytes; the prompt is cut in characters
+                            value_offset=offsets[default.lineno - 1]
+                            + len(lines[default.lineno - 1][: default.col_offset].decode("utf-8")),
                         )
                     )
                 visit(child, f"{prefix}{child.name}.")
@@ -106,17 +117,13 @@ def defaults_of(text: str) -> tuple[Default, ...]:
     return tuple(found)
 
 
-def _char_col(text: str, offsets: list[int], node: ast.expr) -> int:
-    # ast columns count UTF-8 bytes; the prompt is cut in characters
-    line = text[offsets[node.lineno - 1] :].split("\n", 1)[0]
-    return len(line.encode("utf-8")[: node.col_offset].decode("utf-8", errors="ignore"))
+def _lookalike(asked: Default, other: Default) -> bool:
+    return other.param == asked.param and other.value != asked.value and other.qualname != asked.qualname
 
 
-def _askable(asked: Default, window: list[Default]) -> bool:
-    """A default worth asking: not a guess, one line, and a look-alike in the window."""
-    if asked.value in GUESSABLE or len(asked.value) > MAX_DEFAULT_CHARS or "\n" in asked.value:
-        return False
-    return any(d.param == asked.param and d.value != asked.value and d.qualname != asked.qualname for d in window)
+def _askable(asked: Default) -> bool:
+    """Not a guess, and short enough to be scored on its first tokens."""
+    return asked.value not in GUESSABLE and len(asked.value) <= MAX_DEFAULT_CHARS and "\n" not in asked.value
 
 
 def source(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
@@ -126,30 +133,47 @@ def source(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
     body_tokens = n_tokens - QUESTION_TOKENS
     for _ in range(TRIES):
         name, text = rng.choice(files)
-        lines = text.splitlines(keepends=True)
-        chars_per_line = len(text) / max(1, len(lines))
         tokens_per_char = len(tokenize(text[:4000])) / len(text[:4000])
-        window_lines = int(body_tokens / tokens_per_char / chars_per_line)
-        if window_lines > len(lines):  # too short a file for this length
+        window_chars = int(body_tokens / tokens_per_char)
+        if window_chars > len(text):  # too short a file for this length
             continue
-        start = rng.randrange(0, len(lines) - window_lines + 1)
+        # a default and a look-alike close enough to share a window, the window placed at
+        # random around both
+        defaults = defaults_of(text)
+        pairs = [
+            (a, b)
+            for a in defaults
+            if _askable(a)
+            for b in defaults
+            if _lookalike(a, b) and abs(a.value_offset - b.value_offset) < window_chars // 2
+        ]
+        if not pairs:
+            continue
+        asked, other = rng.choice(pairs)
+        first, last = min(asked.def_offset, other.def_offset), max(asked.value_offset, other.value_offset)
+        lines = text.splitlines(keepends=True)
+        offsets = _line_offsets(text)
+        earliest = max(0, last + window_chars // 8 - window_chars)
+        begin_at = rng.randrange(earliest, first + 1)
+        start = max(i for i, offset in enumerate(offsets) if offset <= begin_at)
         try:
-            body = fit_prompt(lambda k: "".join(lines[start : start + k]), body_tokens, tokenize)
+            body = fit_prompt(lambda k, s=start, ls=lines: "".join(ls[s : s + k]), body_tokens, tokenize)
         except KvcliError:
             continue
-        if len(tokenize(body)) < 0.8 * body_tokens:  # the window reached the end of the file
+        begin = offsets[start]
+        if last >= begin + len(body) or len(tokenize(body)) < 0.8 * body_tokens:
+            continue  # the window ended before the pair, or the file before the window filled
+        signature = text[asked.def_offset : asked.value_offset]
+        question = (
+            f"\n\n# The default of `{asked.param}` in `{asked.qualname}`, as defined above:\n{signature}"
+        )
+        if len(tokenize(body + question)) > n_tokens:
             continue
-        begin = sum(len(line) for line in lines[:start])
-        inside = [d for d in defaults_of(text) if begin <= d.def_offset and d.value_offset < begin + len(body)]
-        asked_ones = [d for d in inside if _askable(d, inside)]
-        rng.shuffle(asked_ones)
-        for asked in asked_ones:
-            signature = text[asked.def_offset : asked.value_offset]
-            question = f"\n\n# The default of `{asked.param}` in `{asked.qualname}`, as defined above:\n{signature}"
-            if len(tokenize(body + question)) <= n_tokens:
-                depth = (asked.def_offset - begin) / len(body)
-                return Example("source", body + question, asked.value, haystack=f"{name} at {depth:.2f} (installed)")
-    raise KvcliError(f"no source file of {', '.join(SOURCE_PACKAGES)} fills {n_tokens} tokens with a question")
+        depth = (asked.def_offset - begin) / len(body)
+        return Example("source", body + question, asked.value, haystack=f"{name} at {depth:.2f} (installed)")
+    raise KvcliError(
+        f"no source file of {', '.join(SOURCE_PACKAGES)} fills {n_tokens} tokens with a question"
+    )
 
 
 SOURCE_TASKS = {"source": source}
