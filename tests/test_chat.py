@@ -9,7 +9,7 @@ from kvcli.engine.engine import Engine
 from kvcli.engine.generation import generate
 from kvcli.errors import ContextError
 from kvcli.llama.runtime import ContextSettings
-from kvcli.predict.apply import needed_positions, predict_base_kv
+from kvcli.predict.apply import PredictorInputs, needed_positions, predict_base_kv
 from kvcli.state.codec import parse_seq_state, write_seq_state
 from kvcli.state.layout import layers_by_index
 
@@ -70,14 +70,16 @@ def test_three_incremental_turns_equal_prediction_from_scratch(tiny_bundle):
         aux_layers = layers_by_index(parse_seq_state(aux.get_state(-1)), eng.aux_state_info)
         positions = needed_positions(info, n_pred, first_query=n_pred)
         scratch = predict_base_kv(
-            aux_layers,
-            eng.aux_info,
-            info,
-            eng.predictor,
+            PredictorInputs(
+                aux_layers,
+                eng.aux_info,
+                info,
+                eng.predictor,
+                first_cell=eng.first_cell(tokens[0]),
+                key_norms=eng.key_norms,
+                hidden=hidden,
+            ),
             positions,
-            first_cell=eng.first_cell(tokens[0]),
-            key_norms=eng.key_norms,
-            hidden=hidden,
         )
         predicted = np.concatenate([np.arange(a, b) for a, b in conv.predicted_spans])
         group_of = {il: g for g, group in enumerate(info.cache_layer_groups) for il in group}

@@ -85,8 +85,8 @@ def test_recomputed_spans_over_the_true_cache_are_exact(fixture, request, tmp_pa
 
     spans = [(10, 30), (70, 90)]
 
-    def spoiled(group_positions, **kwargs):
-        out = predict_base_kv(group_positions=group_positions, **kwargs)
+    def spoiled(inputs, group_positions):
+        out = predict_base_kv(inputs, group_positions)
         groups = read_model_info(base).cache_layer_groups
         for g, positions in zip(groups, group_positions):
             inside = np.zeros(len(positions), bool)
@@ -98,8 +98,8 @@ def test_recomputed_spans_over_the_true_cache_are_exact(fixture, request, tmp_pa
                 out[il] = (k, v)
         return out
 
-    def spoiled_bytes(layout, known=None, **kwargs):
-        return state_bytes(layout, kwargs["group_positions"], spoiled(**kwargs))
+    def spoiled_bytes(layout, inputs, group_positions, known=None):
+        return state_bytes(layout, group_positions, spoiled(inputs, group_positions))
 
     monkeypatch.setattr(kvcli.engine.kvp_prefill, "predicted_state_bytes", spoiled_bytes)
     base = request.getfixturevalue(fixture)

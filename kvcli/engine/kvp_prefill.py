@@ -26,7 +26,12 @@ from kvcli.engine.recompute import (
 from kvcli.engine.span_choice import SPAN_MAX
 from kvcli.engine.timings import Clock, Timings
 from kvcli.errors import KvcliError
-from kvcli.predict.apply import needed_positions, predicted_state_bytes, span_group_positions
+from kvcli.predict.apply import (
+    PredictorInputs,
+    needed_positions,
+    predicted_state_bytes,
+    span_group_positions,
+)
 from kvcli.state.codec import parse_seq_state, write_seq_state
 from kvcli.state.layout import layers_by_index
 
@@ -147,13 +152,11 @@ def _predict_into_base(
     hidden, raw_kv = take_captured(engine, n_aux - aux_start)
     scores = engine.spans.aux_tail_scores(tokens, n_pred) if from_tail else None
     t.aux_prefill_ms += clock.lap()
-    common = predictor_inputs(engine, tokens, hidden, raw_kv, t, clock, start, aux_start)
+    inputs = predictor_inputs(engine, tokens, hidden, raw_kv, t, clock, start, aux_start)
     sinks = sink_ranges(engine.predictor, hidden, n_pred, first=aux_start, lo=max(1, start), opening=opening)
     chosen, known = checked_ranges(recompute or [], n_pred, lo=max(1, start)), {}
     if spans:
-        chosen, known = engine.spans.choose(
-            tokens, hidden, n_pred, spans, span_max, common, sinks, start=start, first_row=aux_start
-        )
+        chosen, known = engine.spans.choose(tokens, n_pred, spans, span_max, inputs, sinks, start=start)
     starts = [a for a, _ in merge_ranges(chosen, sinks)]
     positions = (
         span_group_positions(info, n_pred, starts, SPAN_CONTEXT, TAIL_CONTEXT)
@@ -171,7 +174,7 @@ def _predict_into_base(
         part_known = {
             il: (k[a - start : b - start], v[a - start : b - start]) for il, (k, v) in known.items()
         }  # layer k's rows: positions start..
-        data = predicted_state_bytes(engine.base_layout(), group_positions=part, known=part_known, **common)
+        data = predicted_state_bytes(engine.base_layout(), inputs, part, known=part_known)
         t.predict_ms += clock.lap()
         base.append_state(data, n_past=b)
         t.state_set_ms += clock.lap()
@@ -181,25 +184,23 @@ def _predict_into_base(
 
 def predictor_inputs(
     engine, tokens: list[int], hidden, raw_kv, t: Timings, clock: Clock, start: int = 0, aux_start: int = 0
-) -> dict:
-    """What the predictor reads (kvcli.predict.apply) once the auxiliary has decoded the prompt
-    and its captured rows are taken (``hidden``, ``raw_kv``): its state where the predictor
-    copies layers or reads keys from it (read here, timed as ``state_get_ms``)."""
-    aux, info = engine.aux, engine.base_info
+) -> PredictorInputs:
+    """What the predictor reads once the auxiliary has decoded the prompt and its captured
+    rows are taken (``hidden``, ``raw_kv``): its state where the predictor copies layers or
+    reads keys from it (read here, timed as ``state_get_ms``)."""
     needs_state = engine.predictor.copied_layers or not engine.predictor.raw_keys
-    raw = aux.get_state(-1) if needs_state else None
+    raw = engine.aux.get_state(-1) if needs_state else None
     t.state_get_ms = clock.lap()
-    return dict(
+    return PredictorInputs(
         aux_layers=layers_by_index(parse_seq_state(raw), engine.aux_state_info) if needs_state else {},
         aux=engine.aux_info,
-        base=info,
+        base=engine.base_info,
         predictor=engine.predictor,
         first_cell=engine.first_cell(tokens[0]) if start == 0 else None,
         key_norms=engine.key_norms,
         hidden=hidden,
         hidden_start=aux_start,
         raw_kv=raw_kv,
-        cache={},
     )
 
 

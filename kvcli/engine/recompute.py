@@ -23,7 +23,7 @@ from kvcli.engine.span_choice import (
     spans_supported,
 )
 from kvcli.errors import IncompatibleError, KvcliError
-from kvcli.predict.apply import predict_base_kv
+from kvcli.predict.apply import PredictorInputs, predict_base_kv
 
 # spans recomputed by default: two, as one chosen span missed what two held on kvcli eval
 # (a scratch run, 1,024 tokens, seed 1, n = 10, sentence spans, tail 40: passkey 5/10 with
@@ -191,21 +191,22 @@ class SpanRecompute:
             self._projector = QueryProjector.for_base(eng.base_info, eng.aux_info.n_layer)
 
     def layer_scores(
-        self, hidden, n_aux: int, n_pred: int, common: dict, start: int = 0, first_row: int = 0
+        self, n_aux: int, n_pred: int, inputs: PredictorInputs, start: int = 0
     ) -> tuple[np.ndarray, dict]:
         """Per position < n_pred, the attention the question (positions n_pred..n_aux-1, the
-        tail; ``hidden`` rows start at position ``first_row``) gives it in base layer k,
-        over that layer's predicted keys of positions start..n_pred-1 (0 before ``start``):
-        its queries computed from the captured rows, scored by span_choice.question_scores.
-        Also returns layer k's predicted rows (a full-attention layer: every one of those
-        positions), not to predict them twice."""
+        tail) gives it in base layer k, over that layer's predicted keys of positions
+        start..n_pred-1 (0 before ``start``): its queries computed from the captured rows
+        (``inputs.hidden``), scored by span_choice.question_scores. Also returns layer k's
+        predicted rows (a full-attention layer: every one of those positions), not to
+        predict them twice."""
         self.check()
         proj, kinds = self._projector, list(self.engine.predictor.hidden_kinds)
         layer = proj.layer
         full = [np.arange(start, n_pred, dtype=np.int32)] * len(self.engine.base_info.cache_layer_groups)
-        known = predict_base_kv(group_positions=full, only=[layer], **common)
+        known = predict_base_kv(inputs, full, only=[layer])
         positions = np.arange(min(n_pred, n_aux - 1), n_aux)  # at least the last token
-        rows = positions - first_row
+        rows = positions - inputs.hidden_start
+        hidden = inputs.hidden
         residual = proj.residual(
             hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)][rows],
             hidden[kinds.index(keys.FEATURE_AUX_ATTN)][rows],
@@ -218,19 +219,17 @@ class SpanRecompute:
     def choose(
         self,
         tokens: list[int],
-        hidden,
         n_pred: int,
         spans: int,
         span_max: int,
-        common: dict,
+        inputs: PredictorInputs,
         sinks: list[tuple[int, int]],
         start: int = 0,
-        first_row: int = 0,
     ) -> tuple[list[tuple[int, int]], dict]:
         """The ``spans`` sentences in max(1, start)..n_pred-1 where ``layer_scores`` of the
         question tokens[n_pred:] peak, away from the ``sinks`` (position 0, BOS, draws
         attention from every query and is never chosen), and layer k's predicted rows."""
-        scores, known = self.layer_scores(hidden, len(tokens), n_pred, common, start, first_row)
+        scores, known = self.layer_scores(len(tokens), n_pred, inputs, start)
         lo = max(1, start)
         return self.pick(scores, tokens, n_pred, spans, span_max, [(lo, n_pred)], sinks), known
 

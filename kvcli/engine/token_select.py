@@ -108,8 +108,8 @@ def position_scores(engine, tokens: list[int], n_pred: int, select_by: str, t: T
     aux.decode(tokens)
     t.aux_prefill_ms = clock.lap()
     hidden, raw_kv = take_captured(engine, len(tokens))
-    common = predictor_inputs(engine, tokens, hidden, raw_kv, t, clock)
-    scores, _ = engine.spans.layer_scores(hidden, len(tokens), n_pred, common)
+    inputs = predictor_inputs(engine, tokens, hidden, raw_kv, t, clock)
+    scores, _ = engine.spans.layer_scores(len(tokens), n_pred, inputs)
     t.predict_ms = clock.lap()
     return scores
 
