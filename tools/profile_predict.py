@@ -54,7 +54,7 @@ def profile(e: Engine, n: int, repeats: int) -> dict[str, float]:
         if e.aux.capture is not None:
             e.aux.capture.clear()
         e.aux.decode(tokens[:n_pred])
-        hidden, _ = take_captured(e, n_pred)
+        hidden, _ = take_captured(e.aux, pred, e.aux_info, n_pred)
         raw = timed("state get", e.aux.get_state, -1)
         state = timed("parse", parse_seq_state, raw)
         aux_layers = layers_by_index(state, e.aux_state_info)

@@ -30,6 +30,7 @@ from kvcli.engine.span_choice import SPAN_MAX
 from kvcli.engine.timings import Clock, Timings
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
 from kvcli.llama.capture import TensorCapture
+from kvcli.llama.handles import Handles
 from kvcli.llama.runtime import Context, ContextSettings, Model
 from kvcli.models.model_info import has_per_layer_arrays, key_norm_weights, prefix_view_info, read_model_info
 from kvcli.predict.apply import FirstCell
@@ -109,55 +110,34 @@ class Engine:
             or (self.predictor is not None and self.predictor.key_space == keys.KEY_SPACE_PRE_NORM)
             else None
         )
-        self._models: list[Model] = []
-        self._contexts: list[Context] = []
+        self.handles = Handles(self.settings)
         prefix = self._prefix_of_base()
-        self.needs_view = needs_view = self.predictor is not None and any(
+        self.needs_view = self.predictor is not None and any(
             kind in keys.VIEW_ONLY_KINDS for kind in self.predictor.hidden_kinds
         )
         partial_ok = not (prefix and has_per_layer_arrays(self.base_info))
         self.aux_load = (
             "none"
             if self.aux_info is None
-            else choose_aux_load(aux_load, prefix, needs_view=needs_view, partial_ok=partial_ok)
+            else choose_aux_load(aux_load, prefix, needs_view=self.needs_view, partial_ok=partial_ok)
         )
         self.view_layers = prefix if self.aux_load in ("view", "partial") else 0
         self.aux_state_info = self.base_info if self.aux_load == "view" else self.aux_info
         self._aux_alone: Context | None = None
         self.tail_focus_layers = list(tail_focus_layers)
+        # a prefix auxiliary computes the base's own layers 0..k-1: where the tail-focus
+        # layers are among them, its decode of the tail gives the same attention as the
+        # base's pass over the predicted cache would (those layers' cells are copied)
+        self.aux_focus_layers = (
+            self.tail_focus_layers
+            if prefix and self.tail_focus_layers and max(self.tail_focus_layers) < prefix
+            else []
+        )
         layers = sorted({*attention_layers, *tail_focus_layers})
         if layers and self.base_info.n_swa:
             raise IncompatibleError("spans chosen from the tail need a model without sliding-window layers")
         try:
-            from kvcli.engine.tail_choice import attention_name
-
-            base_capture = TensorCapture([attention_name(il) for il in layers]) if layers else None
-            if base_capture is not None:
-                base_capture.armed = False
-            # kvp works on the base's cache in place (kvcli.engine.kvp_prefill): scratch sequences
-            # and cells for the ranges it recomputes
-            scratch = (
-                dict(scratch_seqs=SCRATCH_SEQS, scratch_cells=SCRATCH_CELLS)
-                if self.aux_info is not None
-                else {}
-            )
-            self.base = self._open(self.base_info.path, "base model", base_capture, **scratch)
-            names = capture_names(self)
-            # a prefix auxiliary computes the base's own layers 0..k-1: where the tail-focus
-            # layers are among them, its decode of the tail gives the same attention as the
-            # base's pass over the predicted cache would (those layers' cells are copied)
-            self.aux_focus_layers = (
-                self.tail_focus_layers
-                if prefix and self.tail_focus_layers and max(self.tail_focus_layers) < prefix
-                else []
-            )
-            extra = [attention_name(il) for il in self.aux_focus_layers]
-            if needs_view and self.aux_load != "view":
-                raise IncompatibleError(
-                    "this predictor reads the auxiliary's last-layer output, "
-                    "which only a prefix auxiliary run as a view provides"
-                )
-            self.aux = open_aux_context(self, prefix, names, extra)
+            self._open_contexts(prefix, layers)
         except BaseException:
             self.close()
             raise
@@ -169,6 +149,38 @@ class Engine:
         if self.predictor is not None:
             self.base_layout()  # once, outside any timed prefill
             self.first_cell(self.model.bos)
+
+    def _open_contexts(self, prefix: int, attention_layers: list[int]) -> None:
+        """The base's context (capturing ``attention_layers``' attention) and the
+        auxiliary's (aux_load.open_aux_context; None without one), in ``self.handles``."""
+        from kvcli.engine.tail_choice import attention_name
+
+        base_capture = (
+            TensorCapture([attention_name(il) for il in attention_layers]) if attention_layers else None
+        )
+        if base_capture is not None:
+            base_capture.armed = False
+        # kvp works on the base's cache in place (kvcli.engine.kvp_prefill): scratch sequences
+        # and cells for the ranges it recomputes
+        scratch = (
+            dict(scratch_seqs=SCRATCH_SEQS, scratch_cells=SCRATCH_CELLS) if self.aux_info is not None else {}
+        )
+        self.base = self.handles.open(self.base_info.path, "base model", base_capture, **scratch)
+        if self.needs_view and self.aux_load != "view":
+            raise IncompatibleError(
+                "this predictor reads the auxiliary's last-layer output, "
+                "which only a prefix auxiliary run as a view provides"
+            )
+        self.aux = open_aux_context(
+            self.handles,
+            self.aux_load,
+            self.base,
+            self.base_info,
+            prefix=prefix,
+            names=capture_names(self.predictor, self.aux_info),
+            extra=[attention_name(il) for il in self.aux_focus_layers],
+            aux_path=self._aux_file() if self.aux_load == "file" else None,
+        )
 
     def _prefix_of_base(self) -> int:
         """k when the auxiliary is the base's layers 0..k-1 (a kvcli prefix cut) and a
@@ -184,8 +196,13 @@ class Engine:
         if self.aux_load != "view":
             return self.aux
         if self._aux_alone is None:
-            self._aux_alone = self._open(aux_file(self), "auxiliary")
+            self._aux_alone = self.handles.open(self._aux_file(), "auxiliary")
         return self._aux_alone
+
+    def _aux_file(self) -> Path:
+        """The auxiliary's file (aux_load.aux_file: a prefix's cut is made once), remembered."""
+        self.aux_path = aux_file(self.aux_path, self.base_info, self.aux_info)
+        return self.aux_path
 
     @classmethod
     def from_bundle(cls, bundle, *, with_aux: bool = True, with_predictor: bool = True, **kwargs) -> Engine:
@@ -225,23 +242,12 @@ class Engine:
             for il in layers
         }
 
-    def _open(self, path: Path, what: str, capture=None, prefix_layers: int = 0, **scratch) -> Context:
-        model = Model(path, what=what, prefix_layers=prefix_layers, arch=self.base_info.arch)
-        self._models.append(model)
-        ctx = Context(model, self.settings, capture=capture, **scratch)
-        self._contexts.append(ctx)
-        return ctx
-
     @property
     def model(self) -> Model:
         return self.base.model
 
     def close(self) -> None:
-        for ctx in self._contexts:
-            ctx.close()
-        for model in self._models:
-            model.close()
-        self._contexts, self._models = [], []
+        self.handles.close()
 
     def __enter__(self):
         return self

@@ -149,7 +149,7 @@ def _predict_into_base(
     n_aux = len(tokens) if spans else n_pred
     aux.decode(tokens[aux_start:n_aux], start=aux_start)
     t.aux_prefill_ms = clock.lap()
-    hidden, raw_kv = take_captured(engine, n_aux - aux_start)
+    hidden, raw_kv = take_captured(aux, engine.predictor, engine.aux_info, n_aux - aux_start)
     scores = engine.spans.aux_tail_scores(tokens, n_pred) if from_tail else None
     t.aux_prefill_ms += clock.lap()
     inputs = predictor_inputs(engine, tokens, hidden, raw_kv, t, clock, start, aux_start)

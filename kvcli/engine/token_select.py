@@ -107,7 +107,7 @@ def position_scores(engine, tokens: list[int], n_pred: int, select_by: str, t: T
         return scores
     aux.decode(tokens)
     t.aux_prefill_ms = clock.lap()
-    hidden, raw_kv = take_captured(engine, len(tokens))
+    hidden, raw_kv = take_captured(aux, engine.predictor, engine.aux_info, len(tokens))
     inputs = predictor_inputs(engine, tokens, hidden, raw_kv, t, clock)
     scores, _ = engine.spans.layer_scores(len(tokens), n_pred, inputs)
     t.predict_ms = clock.lap()
