@@ -176,17 +176,17 @@ def test_a_chat_turn_is_prefilled_as_generate_prefills_it(gemma_bundle):
 
     with Engine.from_bundle(gemma_bundle, settings=ContextSettings(n_ctx=2048)) as eng:
         settings = eng.kvp_settings()
-        assert settings["spans"] > 0
+        assert settings.spans > 0
         example = document(random.Random(3), 700, eng.tokenize)
         conv = Conversation(eng, n_predict=1)
         tokens = conv.tokens_for([{"role": "user", "content": example.prompt}])
-        gen = generate(eng, tokens, mode="kvp", n_predict=1, **settings)
+        gen = generate(eng, tokens, mode="kvp", n_predict=1, kvp=settings)
         assert gen.recomputed
         conv.send(example.prompt)
         assert eng.last_recomputed == gen.recomputed
-        assert conv.history[-1].n_predicted < len(tokens) - settings["tail"] - 1
+        assert conv.history[-1].n_predicted < len(tokens) - settings.tail - 1
         assert conv.messages[-1]["content"] == gen.text
-        assert conv.predicted_spans == _minus([(1, len(tokens) - 1 - settings["tail"])], gen.recomputed)
+        assert conv.predicted_spans == _minus([(1, len(tokens) - 1 - settings.tail)], gen.recomputed)
 
 
 def test_a_question_in_a_later_turn_recomputes_spans_of_an_earlier_one(tiny_llama, tmp_path):

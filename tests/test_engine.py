@@ -8,6 +8,7 @@ from conftest import random_prompt
 
 from kvcli.engine.engine import Engine
 from kvcli.engine.generation import generate
+from kvcli.engine.prefill_types import KvpSettings
 from kvcli.engine.recompute import DEFAULT_SPANS, DEFAULT_SPANS_TAIL, OPENING
 from kvcli.engine.token_select import default_keep
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
@@ -67,7 +68,7 @@ def test_kvp_fed_the_true_cache_is_exact(fixture, tail, chunk, request, tmp_path
     base = request.getfixturevalue(fixture)
     with true_cache_engine(base, tmp_path) as eng:
         tokens = random_prompt(100, eng.model.n_vocab, eng.model.bos, low=3)
-        _, logits, t = eng.prefill(tokens, mode="kvp", tail=tail)
+        _, logits, t = eng.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=tail))
         assert t.aux_prefill_ms > 0 and t.predict_ms > 0
         want = split_reference(eng.base, tokens, len(tokens) - 1 - tail)
         np.testing.assert_array_equal(logits, want)
@@ -108,13 +109,13 @@ def test_recomputed_spans_over_the_true_cache_are_exact(fixture, request, tmp_pa
         # spoiled ones (ranges decoded in one batch see each other's old cells)
         eng.base.scratch_seqs = 1
         tokens = random_prompt(120, eng.model.n_vocab, eng.model.bos, low=3)
-        _, logits, t = eng.prefill(tokens, mode="kvp", tail=5, recompute=spans)
+        _, logits, t = eng.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=5, recompute=spans))
         assert t.recompute_ms > 0
         want = split_reference(eng.base, tokens, len(tokens) - 6)
         np.testing.assert_allclose(logits, want, rtol=0, atol=1e-4)  # cells in another order: sums too
         assert np.abs(want).max() > 0.1
         with pytest.raises(KvcliError, match="ordered, disjoint"):
-            eng.prefill(tokens, mode="kvp", tail=5, recompute=[(70, 90), (10, 30)])
+            eng.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=5, recompute=[(70, 90), (10, 30)]))
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +215,7 @@ def test_spans_hold_the_stated_fact_and_bring_back_the_answer(gemma_bundle):
 
     with Engine.from_bundle(gemma_bundle, settings=ContextSettings(n_ctx=1100)) as eng:
         assert eng.spans_supported
-        assert eng.kvp_settings() == {"tail": DEFAULT_SPANS_TAIL, "spans": DEFAULT_SPANS}
+        assert eng.kvp_settings() == KvpSettings(tail=DEFAULT_SPANS_TAIL, spans=DEFAULT_SPANS)
         wins = {"plain": 0, "spans": 0}
         for ex in make_examples("multikey", n=3, n_tokens=1024, tokenize=eng.tokenize, seed=1):
             tokens = eng.tokenize(ex.prompt)
@@ -224,8 +225,8 @@ def test_spans_hold_the_stated_fact_and_bring_back_the_answer(gemma_bundle):
             statement = f"secret code of {who} is ".encode()
             c = text.index(statement + ex.answer.encode()) + len(statement)  # the code itself
             first, last = np.searchsorted(starts, [c, c + len(ex.answer) - 1], side="right") - 1
-            for name, kw in (("plain", {"tail": DEFAULT_SPANS_TAIL}), ("spans", eng.kvp_settings())):
-                ctx, logits, _ = eng.prefill(tokens, mode="kvp", **kw)
+            for name, kvp in (("plain", KvpSettings(tail=DEFAULT_SPANS_TAIL)), ("spans", eng.kvp_settings())):
+                ctx, logits, _ = eng.prefill(tokens, mode="kvp", kvp=kvp)
                 answer = [int(np.argmax(logits))]
                 for _ in range(7):
                     ctx.decode(answer[-1:], logits_last=True)
@@ -247,7 +248,7 @@ def test_spans_find_the_asked_record_among_look_alikes(gemma_bundle):
             starts = np.cumsum([0] + [len(eng.model.token_bytes(t)) for t in tokens])
             c = ex.prompt.encode().index(ex.answer.encode())
             first, last = np.searchsorted(starts, [c, c + len(ex.answer) - 1], side="right") - 1
-            eng.prefill(tokens, mode="kvp", **eng.kvp_settings())
+            eng.prefill(tokens, mode="kvp", kvp=eng.kvp_settings())
             assert any(a <= first and last < b for a, b in eng.last_recomputed), (eng.last_recomputed, first)
             opening = eng.last_recomputed[0]
             assert opening[0] == 1 and opening[1] >= OPENING, eng.last_recomputed  # with its sinks
@@ -324,8 +325,8 @@ def test_prefix_auxiliary_as_a_view_of_the_base_is_exact(fixture, load, request,
             assert view.aux.model.path == view.base.model.path
         tokens = random_prompt(120, view.model.n_vocab, view.model.bos, low=3)
         for tail in (0, 7):
-            lv = view.prefill(tokens, mode="kvp", tail=tail)[1]
-            lc = cut.prefill(tokens, mode="kvp", tail=tail)[1]
+            lv = view.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=tail))[1]
+            lc = cut.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=tail))[1]
             np.testing.assert_array_equal(lv, lc)
         # the auxiliary alone still runs (view: from the cut file, loaded on first use)
         gen = generate(view, tokens, mode="aux", n_predict=3)

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from kvcli.engine.build import build_bundle
 from kvcli.engine.bundle import load_bundle
 from kvcli.engine.engine import Engine
+from kvcli.engine.prefill_types import KvpSettings
 from kvcli.llama.runtime import ContextSettings
 from kvcli.predict.corpus import corpus_texts
 from kvcli.predict.predictor import load_predictor
@@ -33,7 +34,7 @@ def test_training_forward_gives_the_logits_kvp_gives(tiny_bundle):
     settings = ContextSettings(n_ctx=256, type_k="f32", type_v="f32")
     with Engine.from_bundle(tiny_bundle, settings=settings) as engine:
         tokens = random_prompt(100, engine.model.n_vocab, engine.model.bos, low=3)
-        kvp = engine.prefill(tokens, mode="kvp", tail=7)[1]
+        kvp = engine.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=7))[1]
         base = engine.prefill(tokens, mode="base")[1]
     trainer = PredictorTrainer(
         tiny_bundle.base,
@@ -172,7 +173,7 @@ def test_a_factored_predictor_trains_its_basis_on_kvps_path_and_resumes(tiny_bun
     settings = ContextSettings(n_ctx=256, type_k="f32", type_v="f32")
     with Engine.from_bundle(factored, settings=settings) as engine:
         tokens = random_prompt(100, engine.model.n_vocab, engine.model.bos, low=3)
-        kvp = engine.prefill(tokens, mode="kvp", tail=7)[1]
+        kvp = engine.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=7))[1]
     trainer = PredictorTrainer(factored.base, factored.aux_source, start, TrainSettings(tokens=100, tail=8))
     with torch.no_grad():
         ours = trainer.losses(tokens)["logits"][-1].numpy()

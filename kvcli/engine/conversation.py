@@ -17,12 +17,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from kvcli.choices import Choice
 from kvcli.engine.engine import Engine
+from kvcli.engine.prefill_types import KvpSettings
 from kvcli.engine.recompute import merge_ranges
 from kvcli.engine.sampling import Sampler
 from kvcli.errors import ContextError, KvcliError
@@ -79,12 +80,9 @@ class Conversation:
         self.engine = engine
         self.template = template or chat_template_for(engine.model, engine.base_info.arch)
         self.system = system
-        settings = (
-            engine.kvp_settings(tail, spans)
-            if engine.predictor is not None
-            else {"tail": tail or 0, "spans": 0}
+        self.kvp = (
+            engine.kvp_settings(tail, spans) if engine.predictor is not None else KvpSettings(tail=tail or 0)
         )
-        self.tail, self.spans = settings["tail"], settings["spans"]
         self.n_predict, self.drop_old = n_predict, drop_old
         self.sampler = sampler or Sampler()
         self.messages: list[dict] = []
@@ -176,10 +174,10 @@ class Conversation:
         p0 = min(common_prefix(self.base_tokens, tokens), len(tokens) - 1)
         self.base_tokens = tokens[:p0]
         self.predicted_spans = [(a, min(b, p0)) for a, b in self.predicted_spans if a < p0]
-        n_pred = len(tokens) - 1 - max(0, self.tail)
+        n_pred = len(tokens) - 1 - max(0, self.kvp.tail)
         short = not eng.kvp_pays(len(tokens) - p0)  # under the bundle's break-even
-        if self.mode != "kvp" or short or (n_pred <= p0 and not (self.spans and self.predicted_spans)):
-            _, logits, _ = eng.prefill(tokens, mode="base", start=p0)
+        if self.mode != "kvp" or short or (n_pred <= p0 and not (self.kvp.spans and self.predicted_spans)):
+            _, logits, _ = eng.prefill(tokens, mode="base", kvp=KvpSettings(start=p0))
             self.base_tokens = list(tokens)
             return logits, len(tokens) - p0, 0
         # the auxiliary decodes from no later than p0: an interrupted turn can leave it
@@ -187,15 +185,8 @@ class Conversation:
         a0 = min(common_prefix(self.aux_tokens, tokens[:n_pred]), p0)
         if n_pred > p0:
             self.aux_tokens = tokens[:a0]
-        _, logits, _ = eng.prefill(
-            tokens,
-            mode="kvp",
-            tail=self.tail,
-            spans=self.spans,
-            start=p0,
-            aux_start=a0,
-            earlier=self.predicted_spans,
-        )
+        turn = replace(self.kvp, start=p0, aux_start=a0, earlier=self.predicted_spans)
+        _, logits, _ = eng.prefill(tokens, mode="kvp", kvp=turn)
         if n_pred > p0:
             self.aux_tokens = tokens[: eng.aux.n_past]
         self.base_tokens = list(tokens)

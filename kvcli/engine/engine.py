@@ -25,8 +25,8 @@ from kvcli import keys
 from kvcli.choices import Choice
 from kvcli.engine.aux_load import AuxLoad, aux_file, capture_names, choose_aux_load, open_aux_context
 from kvcli.engine.kvp_prefill import kvp_prefill
+from kvcli.engine.prefill_types import KvpSettings
 from kvcli.engine.recompute import DEFAULT_SPANS, DEFAULT_SPANS_TAIL, SpanRecompute
-from kvcli.engine.span_choice import SPAN_MAX
 from kvcli.engine.timings import Clock, Timings
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
 from kvcli.llama.capture import TensorCapture
@@ -298,24 +298,16 @@ class Engine:
         tokens: list[int],
         *,
         mode: str = "kvp",
-        tail: int = 0,
+        kvp: KvpSettings | None = None,
         keep: int | None = None,
-        spans: int = 0,
-        span_max: int = SPAN_MAX,
-        recompute: list[tuple[int, int]] | None = None,
-        start: int = 0,
-        aux_start: int = 0,
-        earlier: list[tuple[int, int]] = (),
-        capture_tail: bool = False,
         select_by: str = "auto",
     ) -> tuple[Context, np.ndarray, Timings]:
         """Prefill by ``mode``; returns the context that continues, the last logits, timings.
 
-        kvp: ``spans`` sentences of at most ``span_max`` tokens chosen and recomputed by the base, or
-        the given ``recompute`` ranges [a, b) (1 <= a < b <= N - 1 - tail, in order).
-        base and kvp: ``start``: the base context already holds tokens[:start] and keeps them
-        (a conversation); kvp's ``aux_start`` and ``earlier``: kvcli.engine.kvp_prefill.
+        kvp: by ``kvp`` (KvpSettings(): tail 0, no spans); base too: from its ``start``.
         select: ``keep`` positions in all, ranked by ``select_by`` (kvcli.engine.token_select)."""
+        kvp = kvp or KvpSettings()
+        start = kvp.start
         mode = Mode.parse(mode, "mode")
         self._check_fits(len(tokens))
         t = Timings()
@@ -354,23 +346,7 @@ class Engine:
             aux.decode(tokens, logits_last=True)
             t.aux_prefill_ms = clock.lap()
             return aux, aux.last_logits(), t
-        return (
-            self.base,
-            kvp_prefill(
-                self,
-                tokens,
-                tail,
-                t,
-                spans,
-                span_max,
-                recompute,
-                start=start,
-                aux_start=aux_start,
-                earlier=earlier,
-                capture_tail=capture_tail,
-            ),
-            t,
-        )
+        return self.base, kvp_prefill(self, tokens, kvp, t), t
 
     def plain_prefill(self, ctx: Context, tokens: list[int], t: Timings) -> np.ndarray:
         """``ctx`` decodes ``tokens`` from position 0; returns the last logits."""
@@ -385,7 +361,7 @@ class Engine:
 
     @property
     def spans_supported(self) -> bool:
-        """Whether kvp can choose spans here (``prefill(spans=...)``)."""
+        """Whether kvp can choose spans here (``KvpSettings.spans``)."""
         return self.spans.supported
 
     def kvp_pays(self, n_new: int) -> bool:
@@ -393,11 +369,11 @@ class Engine:
         measured break-even (kvcli.eval.break_even); always where none was measured."""
         return n_new >= self.kvp_min_tokens
 
-    def kvp_settings(self, tail: int | None = None, spans: int | None = None) -> dict[str, int]:
-        """kvp's tail and spans, defaults filled in: DEFAULT_SPANS spans where they can be
-        chosen, else none; tail DEFAULT_SPANS_TAIL with spans, else 0."""
+    def kvp_settings(self, tail: int | None = None, spans: int | None = None) -> KvpSettings:
+        """kvp's settings, the tail and spans not given filled in: DEFAULT_SPANS spans where
+        they can be chosen, else none; tail DEFAULT_SPANS_TAIL with spans, else 0."""
         if spans is None:
             spans = DEFAULT_SPANS if self.predictor is not None and self.spans_supported else 0
         if tail is None:
             tail = DEFAULT_SPANS_TAIL if spans else 0
-        return {"tail": tail, "spans": spans}
+        return KvpSettings(tail=tail, spans=spans)

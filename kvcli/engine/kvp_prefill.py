@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvcli.engine.aux_load import take_captured
+from kvcli.engine.prefill_types import KvpSettings
 from kvcli.engine.recompute import (
     OPENING,
     SPAN_CONTEXT,
@@ -23,7 +24,6 @@ from kvcli.engine.recompute import (
     merge_ranges,
     sink_ranges,
 )
-from kvcli.engine.span_choice import SPAN_MAX
 from kvcli.engine.timings import Clock, Timings
 from kvcli.errors import KvcliError
 from kvcli.predict.apply import (
@@ -38,44 +38,31 @@ from kvcli.state.layout import layers_by_index
 APPEND_CHUNK = 1024  # predicted positions written into the base's context at a time
 
 
-def kvp_prefill(
-    engine,
-    tokens: list[int],
-    tail: int,
-    t: Timings,
-    spans: int = 0,
-    span_max: int = SPAN_MAX,
-    recompute: list[tuple[int, int]] | None = None,
-    *,
-    start: int = 0,
-    aux_start: int = 0,
-    earlier: list[tuple[int, int]] = (),
-    capture_tail: bool = False,
-) -> np.ndarray:
+def kvp_prefill(engine, tokens: list[int], kvp: KvpSettings, t: Timings) -> np.ndarray:
     """Prefill ``tokens`` into ``engine.base`` by kvp; returns the last logits and fills ``t``.
 
-    ``start``: the base context holds tokens[:start] already (its own or earlier predicted
-    cells) and keeps them; ``aux_start``: the auxiliary's context holds tokens[:aux_start]
-    (<= start). ``spans`` chosen (kvcli.engine.tail_choice where the engine has tail-focus layers,
-    else kvcli.engine.span_choice) among the new predicted positions and, from the tail, the ``earlier``
-    predicted ranges too; or the given ``recompute`` ranges. The last ``tail`` + 1 tokens are
-    the base's. ``capture_tail``: the base's capture is armed for the tail's decode."""
+    From ``kvp.start``, the base context holding tokens[:start] already (its own or earlier
+    predicted cells) and keeping them, the auxiliary's tokens[:aux_start]. ``kvp.spans``
+    chosen (``_chooser``) among the new predicted positions and, from the tail, the
+    ``earlier`` predicted ranges too; or the given ``recompute`` ranges. The last ``tail`` + 1
+    tokens are the base's."""
+    start, aux_start = kvp.start, kvp.aux_start
     if engine.predictor is None:
         raise KvcliError("mode kvp needs a predictor (use a bundle)")
     if not 0 <= aux_start <= start < len(tokens):
         raise KvcliError(f"kvp from position {start} (auxiliary {aux_start}) of {len(tokens)} tokens")
     base = engine.base
-    n_pred = max(start, len(tokens) - 1 - max(0, tail))
+    n_pred = max(start, len(tokens) - 1 - max(0, kvp.tail))
     engine.last_recomputed = []
-    choose = spans > 0 and recompute is None
-    from_tail = choose and bool(engine.tail_focus_layers)
-    earlier = [(a, min(b, start)) for a, b in earlier if a < start]
+    chooser = _chooser(engine, kvp)
+    from_tail = chooser == "tail"
+    earlier = [(a, min(b, start)) for a, b in kvp.earlier if a < start]
     if n_pred == start and not (from_tail and earlier):  # nothing to predict or choose
         if start == 0:
             return engine.plain_prefill(base, tokens, t)
         base.truncate(start)
-        return _decode_tail(base, tokens, start, t, Clock(), capture_tail)
-    if choose and not from_tail:
+        return _decode_tail(base, tokens, start, t, Clock(), kvp.capture_tail)
+    if chooser == "keys":
         engine.spans.check()
     clock = Clock()
     if start == 0:
@@ -87,58 +74,43 @@ def kvp_prefill(
             _put_cells_in_order(engine)
     sinks, chosen, scores = [], [], None
     if n_pred > start:
-        sinks, chosen, scores = _predict_into_base(
-            engine,
-            tokens,
-            n_pred,
-            t,
-            clock,
-            start,
-            aux_start,
-            spans if choose and not from_tail else 0,
-            span_max,
-            recompute,
-            from_tail,
-            opening=OPENING if choose else 0,
-        )
+        sinks, chosen, scores = _predict_into_base(engine, tokens, n_pred, kvp, t, clock)
     if from_tail:
         candidates = merge_ranges(earlier, [(max(1, start), n_pred)] if n_pred > start else [])
         if scores is not None:  # from the auxiliary's own pass: one batch recomputes all
-            chosen = engine.spans.pick(scores, tokens, n_pred, spans, span_max, candidates, sinks)
+            chosen = engine.spans.pick(scores, tokens, n_pred, kvp, candidates, sinks)
             base.recompute(tokens, merge_ranges(chosen, sinks))
         else:  # the base's pass over the predicted cache, its sinks recomputed first
             base.recompute(tokens, sinks)
-            chosen = engine.spans.from_tail(tokens, n_pred, spans, span_max, candidates, sinks)
+            chosen = engine.spans.from_tail(tokens, n_pred, kvp, candidates, sinks)
             base.recompute(tokens, chosen)
     else:
         base.recompute(tokens, merge_ranges(chosen, sinks))
     engine.last_recomputed = merge_ranges(chosen, sinks)
     if engine.last_recomputed or from_tail:
         t.recompute_ms = clock.lap()
-    return _decode_tail(base, tokens, n_pred, t, clock, capture_tail)
+    return _decode_tail(base, tokens, n_pred, t, clock, kvp.capture_tail)
 
 
-def _predict_into_base(
-    engine,
-    tokens: list[int],
-    n_pred: int,
-    t: Timings,
-    clock: Clock,
-    start: int,
-    aux_start: int,
-    spans: int,
-    span_max: int,
-    recompute: list[tuple[int, int]] | None,
-    from_tail: bool = False,
-    opening: int = 0,
-):
+def _chooser(engine, kvp: KvpSettings) -> str:
+    """Who chooses kvp's spans: "" (no spans, or the given ranges), "tail" (the engine's
+    tail-focus layers, kvcli.engine.tail_choice) or "keys" (base layer k over predicted keys,
+    kvcli.engine.span_choice)."""
+    if kvp.spans <= 0 or kvp.recompute is not None:
+        return ""
+    return "tail" if engine.tail_focus_layers else "keys"
+
+
+def _predict_into_base(engine, tokens: list[int], n_pred: int, kvp: KvpSettings, t: Timings, clock: Clock):
     """The auxiliary decodes tokens[aux_start:n_pred] (and the tail too where kvcli.engine.span_choice
-    chooses ``spans`` from its last row), the base cells of positions start..n_pred-1 are
+    chooses the spans from its last row), the base cells of positions start..n_pred-1 are
     predicted and added to the base's. Returns the attention sinks (with the positions before
-    ``opening``: recompute.sink_ranges) and the chosen spans
+    OPENING where spans are chosen: recompute.sink_ranges) and the chosen spans
     among those positions (or the given ``recompute`` ranges), for the base to recompute,
-    and with ``from_tail`` the tail-focus scores where the auxiliary can give them
+    and for spans chosen from the tail the tail-focus scores where the auxiliary can give them
     (``SpanRecompute.aux_tail_scores``), else None."""
+    start, aux_start = kvp.start, kvp.aux_start
+    chooser = _chooser(engine, kvp)
     aux, base, info = engine.aux, engine.base, engine.base_info
     if aux_start:
         aux.truncate(aux_start)
@@ -146,17 +118,18 @@ def _predict_into_base(
         aux.clear()
     if aux.capture is not None:
         aux.capture.clear()
-    n_aux = len(tokens) if spans else n_pred
+    n_aux = len(tokens) if chooser == "keys" else n_pred
     aux.decode(tokens[aux_start:n_aux], start=aux_start)
     t.aux_prefill_ms = clock.lap()
     hidden, raw_kv = take_captured(aux, engine.predictor, engine.aux_info, n_aux - aux_start)
-    scores = engine.spans.aux_tail_scores(tokens, n_pred) if from_tail else None
+    scores = engine.spans.aux_tail_scores(tokens, n_pred) if chooser == "tail" else None
     t.aux_prefill_ms += clock.lap()
     inputs = predictor_inputs(engine, tokens, hidden, raw_kv, t, clock, start, aux_start)
+    opening = OPENING if chooser else 0
     sinks = sink_ranges(engine.predictor, hidden, n_pred, first=aux_start, lo=max(1, start), opening=opening)
-    chosen, known = checked_ranges(recompute or [], n_pred, lo=max(1, start)), {}
-    if spans:
-        chosen, known = engine.spans.choose(tokens, n_pred, spans, span_max, inputs, sinks, start=start)
+    chosen, known = checked_ranges(kvp.recompute or [], n_pred, lo=max(1, start)), {}
+    if chooser == "keys":
+        chosen, known = engine.spans.choose(tokens, n_pred, kvp, inputs, sinks)
     starts = [a for a, _ in merge_ranges(chosen, sinks)]
     positions = (
         span_group_positions(info, n_pred, starts, SPAN_CONTEXT, TAIL_CONTEXT)
