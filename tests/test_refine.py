@@ -101,7 +101,7 @@ def test_refine_writes_a_bundle_that_runs(tiny_bundle, tmp_path):
     assert load_bundle(out).manifest["refined"]["steps"] == 6
     with Engine.from_bundle(load_bundle(out), settings=ContextSettings(n_ctx=256)) as eng:
         tokens = random_prompt(120, eng.model.n_vocab, eng.model.bos, low=3)
-        _, logits, _ = eng.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=4))
+        logits = eng.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=4)).logits
         assert np.isfinite(logits).all()
 
 

@@ -154,6 +154,5 @@ def test_a_prefix_auxiliary_scores_the_tail_as_the_base_would(tiny_llama, tmp_pa
             else:
                 eng.aux_focus_layers = []
             tokens = tokens or random_prompt(150, eng.model.n_vocab, eng.model.bos, low=3)
-            eng.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=10, spans=2))
-            chosen[via_aux] = eng.last_recomputed
+            chosen[via_aux] = eng.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=10, spans=2)).recomputed
     assert chosen[True] == chosen[False] and len(chosen[True]) >= 2, chosen

@@ -25,7 +25,7 @@ from kvcli import keys
 from kvcli.choices import Choice
 from kvcli.engine.aux_load import AuxLoad, aux_file, capture_names, choose_aux_load, open_aux_context
 from kvcli.engine.kvp_prefill import kvp_prefill
-from kvcli.engine.prefill_types import KvpSettings
+from kvcli.engine.prefill_types import KvpSettings, Prefill
 from kvcli.engine.recompute import DEFAULT_SPANS, DEFAULT_SPANS_TAIL, SpanRecompute
 from kvcli.engine.timings import Clock, Timings
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
@@ -144,8 +144,6 @@ class Engine:
         self._layout: CacheLayout | None = None
         self._first_cells: dict[int, FirstCell] = {}
         self.spans = SpanRecompute(self)
-        self.last_recomputed: list[tuple[int, int]] = []  # kvp's spans in the last prefill
-        self.last_selected = np.zeros(0, dtype=np.int64)  # select's positions in the last prefill
         if self.predictor is not None:
             self.base_layout()  # once, outside any timed prefill
             self.first_cell(self.model.bos)
@@ -301,8 +299,9 @@ class Engine:
         kvp: KvpSettings | None = None,
         keep: int | None = None,
         select_by: str = "auto",
-    ) -> tuple[Context, np.ndarray, Timings]:
-        """Prefill by ``mode``; returns the context that continues, the last logits, timings.
+    ) -> Prefill:
+        """Prefill by ``mode``: the context that continues, the last logits, the timings, and
+        what kvp predicted and recomputed or what select kept.
 
         kvp: by ``kvp`` (KvpSettings(): tail 0, no spans); base too: from its ``start``.
         select: ``keep`` positions in all, ranked by ``select_by`` (kvcli.engine.token_select)."""
@@ -318,9 +317,9 @@ class Engine:
             self.base.truncate(start)
             self.base.decode(tokens[start:], start=start, logits_last=True)
             t.base_decode_ms = clock.lap()
-            return self.base, self.base.last_logits(), t
+            return Prefill(self.base, self.base.last_logits(), t)
         if mode == "base":
-            return self.base, self.plain_prefill(self.base, tokens, t), t
+            return Prefill(self.base, self.plain_prefill(self.base, tokens, t), t)
         if mode == "truncate":
             from kvcli.engine.token_select import default_keep
 
@@ -330,13 +329,13 @@ class Engine:
                 kept = kept[-keep:]
                 if tokens[0] == self.model.bos:
                     kept.insert(0, tokens[0])  # the model expects its BOS at position 0
-            return self.base, self.plain_prefill(self.base, kept, t), t
+            return Prefill(self.base, self.plain_prefill(self.base, kept, t), t)
         if self.aux is None:
             raise KvcliError(f"mode {mode} needs an auxiliary model (use a bundle)")
         if mode == "select":
             from kvcli.engine.token_select import select_prefill
 
-            return self.base, select_prefill(self, tokens, keep, t, select_by), t
+            return select_prefill(self, tokens, keep, t, select_by)
         if mode == "aux":
             aux = self._aux_alone_context()
             clock = Clock()
@@ -345,8 +344,8 @@ class Engine:
                 aux.capture.clear()
             aux.decode(tokens, logits_last=True)
             t.aux_prefill_ms = clock.lap()
-            return aux, aux.last_logits(), t
-        return self.base, kvp_prefill(self, tokens, kvp, t), t
+            return Prefill(aux, aux.last_logits(), t)
+        return kvp_prefill(self, tokens, kvp, t)
 
     def plain_prefill(self, ctx: Context, tokens: list[int], t: Timings) -> np.ndarray:
         """``ctx`` decodes ``tokens`` from position 0; returns the last logits."""

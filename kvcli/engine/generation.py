@@ -30,9 +30,9 @@ def generate(
     kvp = kvp or KvpSettings()
     by = "base" if mode == "kvp" and not engine.kvp_pays(len(tokens)) else mode
     start = time.perf_counter()
-    ctx, logits, timings = engine.prefill(tokens, mode=by, kvp=kvp, keep=keep, select_by=select_by)
-    first_logits = logits
-    token = sampler.sample(logits)
+    prefill = engine.prefill(tokens, mode=by, kvp=kvp, keep=keep, select_by=select_by)
+    ctx = prefill.context
+    token = sampler.sample(prefill.logits)
     ttft_ms = (time.perf_counter() - start) * 1e3
     out: list[int] = []
     gen_start = time.perf_counter()
@@ -50,14 +50,14 @@ def generate(
         mode=mode,
         n_prompt=len(tokens),
         ttft_ms=ttft_ms,
-        timings=timings,
+        timings=prefill.timings,
         tokens=out,
         text=ctx.model.detokenize(out),
         gen_ms=(time.perf_counter() - gen_start) * 1e3,
-        first_logits=first_logits,
+        first_logits=prefill.logits,
         tail=kvp.tail,
         spans=kvp.spans,
-        recomputed=list(engine.last_recomputed) if by == "kvp" else [],
-        selected=len(engine.last_selected) if mode == "select" else None,
+        recomputed=list(prefill.recomputed),
+        selected=None if prefill.selected is None else len(prefill.selected),
         prefilled_by=by,
     )

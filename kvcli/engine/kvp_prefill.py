@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvcli.engine.aux_load import take_captured
-from kvcli.engine.prefill_types import KvpSettings
+from kvcli.engine.prefill_types import KvpSettings, Prefill
 from kvcli.engine.recompute import (
     OPENING,
     SPAN_CONTEXT,
@@ -38,8 +38,8 @@ from kvcli.state.layout import layers_by_index
 APPEND_CHUNK = 1024  # predicted positions written into the base's context at a time
 
 
-def kvp_prefill(engine, tokens: list[int], kvp: KvpSettings, t: Timings) -> np.ndarray:
-    """Prefill ``tokens`` into ``engine.base`` by kvp; returns the last logits and fills ``t``.
+def kvp_prefill(engine, tokens: list[int], kvp: KvpSettings, t: Timings) -> Prefill:
+    """Prefill ``tokens`` into ``engine.base`` by kvp (``t``: its timings, filled here).
 
     From ``kvp.start``, the base context holding tokens[:start] already (its own or earlier
     predicted cells) and keeping them, the auxiliary's tokens[:aux_start]. ``kvp.spans``
@@ -53,15 +53,14 @@ def kvp_prefill(engine, tokens: list[int], kvp: KvpSettings, t: Timings) -> np.n
         raise KvcliError(f"kvp from position {start} (auxiliary {aux_start}) of {len(tokens)} tokens")
     base = engine.base
     n_pred = max(start, len(tokens) - 1 - max(0, kvp.tail))
-    engine.last_recomputed = []
     chooser = _chooser(engine, kvp)
     from_tail = chooser == "tail"
     earlier = [(a, min(b, start)) for a, b in kvp.earlier if a < start]
     if n_pred == start and not (from_tail and earlier):  # nothing to predict or choose
         if start == 0:
-            return engine.plain_prefill(base, tokens, t)
+            return Prefill(base, engine.plain_prefill(base, tokens, t), t)
         base.truncate(start)
-        return _decode_tail(base, tokens, start, t, Clock(), kvp.capture_tail)
+        return Prefill(base, _decode_tail(base, tokens, start, t, Clock(), kvp.capture_tail), t)
     if chooser == "keys":
         engine.spans.check()
     clock = Clock()
@@ -86,10 +85,12 @@ def kvp_prefill(engine, tokens: list[int], kvp: KvpSettings, t: Timings) -> np.n
             base.recompute(tokens, chosen)
     else:
         base.recompute(tokens, merge_ranges(chosen, sinks))
-    engine.last_recomputed = merge_ranges(chosen, sinks)
-    if engine.last_recomputed or from_tail:
+    recomputed = merge_ranges(chosen, sinks)
+    if recomputed or from_tail:
         t.recompute_ms = clock.lap()
-    return _decode_tail(base, tokens, n_pred, t, clock, kvp.capture_tail)
+    logits = _decode_tail(base, tokens, n_pred, t, clock, kvp.capture_tail)
+    predicted = ((start, n_pred),) if n_pred > start else ()
+    return Prefill(base, logits, t, predicted=predicted, recomputed=tuple(recomputed))
 
 
 def _chooser(engine, kvp: KvpSettings) -> str:

@@ -1,11 +1,19 @@
-"""What a prefill takes: kvp's settings, made once (from the CLI's options or the bundle's
-defaults, ``Engine.kvp_settings``) and passed whole from the command down to the span chooser."""
+"""What a prefill takes and gives: kvp's settings, made once (from the CLI's options or the
+bundle's defaults, ``Engine.kvp_settings``) and passed whole from the command down to the
+span chooser; and the result, ``Prefill``, for the caller to read what was done."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from kvcli.engine.span_choice import SPAN_MAX
+from kvcli.engine.timings import Timings
+
+if TYPE_CHECKING:
+    from kvcli.llama.runtime import Context
 
 Ranges = tuple[tuple[int, int], ...]  # [a, b) position ranges, in order
 
@@ -45,3 +53,19 @@ class KvpSettings:
     def recorded(self) -> dict[str, int]:
         """The setting as manifests and JSON record it: its tail and spans."""
         return {"tail": self.tail, "spans": self.spans}
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """One prefill's result: the ``context`` that continues (the base's; the auxiliary's in
+    mode aux), the last ``logits`` and the ``timings``. kvp: the positions ``predicted``
+    (their base cells written from the prediction; position 0's is the base's own, see
+    predict.apply.FirstCell) and the ranges ``recomputed`` by the base over them (spans,
+    sinks, the opening). select: the positions ``selected`` for the base to prefill."""
+
+    context: Context
+    logits: np.ndarray
+    timings: Timings
+    predicted: Ranges = ()
+    recomputed: Ranges = ()
+    selected: np.ndarray | None = None

@@ -25,9 +25,9 @@ def timed_prefill(engine: Engine, tokens: list[int], **settings):
     """(context, logits, first token, ms) of one prefill (``settings``: Engine.prefill's); ms
     to the first token's choice."""
     start = time.perf_counter()
-    ctx, logits, _ = engine.prefill(tokens, **settings)
-    first = int(np.argmax(logits))
-    return ctx, logits, first, (time.perf_counter() - start) * 1e3
+    prefill = engine.prefill(tokens, **settings)
+    first = int(np.argmax(prefill.logits))
+    return prefill.context, prefill.logits, first, (time.perf_counter() - start) * 1e3
 
 
 def median_ttft(engine: Engine, tokens: list[int], repeats: int = REPEATS, **settings) -> float:

@@ -70,9 +70,9 @@ def bench_prompts(engine: Engine, n_tokens: int, count: int) -> list[list[int]]:
 def _prefill(engine: Engine, tokens: list[int], m: Method):
     start = time.perf_counter()
     kvp = KvpSettings(tail=m.tail, spans=m.spans)
-    ctx, logits, timings = engine.prefill(tokens, mode=m.mode, kvp=kvp, keep=m.keep)
-    first = int(np.argmax(logits))
-    return ctx, logits, first, timings, (time.perf_counter() - start) * 1e3
+    prefill = engine.prefill(tokens, mode=m.mode, kvp=kvp, keep=m.keep)
+    first = int(np.argmax(prefill.logits))
+    return prefill.context, prefill.logits, first, prefill.timings, (time.perf_counter() - start) * 1e3
 
 
 def bench_length(
