@@ -35,15 +35,15 @@ def test_under_the_break_even_the_base_prefills(gemma_bundle):
     settings = ContextSettings(n_ctx=512)
     with Engine.from_bundle(gemma_bundle, settings=settings, kvp_min_tokens=10_000) as eng:
         tokens = eng.tokenize("The quick brown fox jumps over the lazy dog. " * 8)
-        gen = generate(eng, tokens, mode="kvp", n_predict=2, **eng.kvp_settings())
+        gen = generate(eng, tokens, mode="kvp", n_predict=2, kvp=eng.kvp_settings())
         assert gen.prefilled_by == "base" and gen.mode == "kvp" and gen.timings.predict_ms == 0
-        _, base_logits, _ = eng.prefill(tokens, mode="base")
+        base_logits = eng.prefill(tokens, mode="base").logits
         np.testing.assert_array_equal(gen.first_logits, base_logits)
         conv = Conversation(eng, mode="kvp", n_predict=2)
         _, stats = conv.send("Say hello to the reader of this text. " * 16)
         assert stats.n_predicted == 0 and stats.n_new > 100
     with Engine.from_bundle(gemma_bundle, settings=settings, kvp_min_tokens=16) as eng:
-        gen = generate(eng, tokens, mode="kvp", n_predict=2, **eng.kvp_settings())
+        gen = generate(eng, tokens, mode="kvp", n_predict=2, kvp=eng.kvp_settings())
         assert gen.prefilled_by == "kvp" and gen.timings.predict_ms > 0
         conv = Conversation(eng, mode="kvp", n_predict=2)
         _, stats = conv.send("Say hello to the reader of this text. " * 16)

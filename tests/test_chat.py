@@ -9,7 +9,7 @@ from kvcli.engine.engine import Engine
 from kvcli.engine.generation import generate
 from kvcli.errors import ContextError
 from kvcli.llama.runtime import ContextSettings
-from kvcli.predict.apply import needed_positions, predict_base_kv
+from kvcli.predict.apply import PredictorInputs, needed_positions, predict_base_kv
 from kvcli.state.codec import parse_seq_state, write_seq_state
 from kvcli.state.layout import layers_by_index
 
@@ -46,7 +46,8 @@ def test_three_incremental_turns_equal_prediction_from_scratch(tiny_bundle):
             conv.send(text)
         before = cells(eng.base, info)
         tokens = conv._fit({"role": "user", "content": TURNS[2]})
-        logits, n_new, n_predicted = conv._prefill(tokens)
+        result, n_new, n_predicted = conv._prefill(tokens)
+        logits = result.logits
         assert n_predicted == n_new - 1 > 10 and len(conv.predicted_spans) == 3
         after = cells(eng.base, info)
         p0, n_pred = conv.predicted_spans[-1]
@@ -70,14 +71,16 @@ def test_three_incremental_turns_equal_prediction_from_scratch(tiny_bundle):
         aux_layers = layers_by_index(parse_seq_state(aux.get_state(-1)), eng.aux_state_info)
         positions = needed_positions(info, n_pred, first_query=n_pred)
         scratch = predict_base_kv(
-            aux_layers,
-            eng.aux_info,
-            info,
-            eng.predictor,
+            PredictorInputs(
+                aux_layers,
+                eng.aux_info,
+                info,
+                eng.predictor,
+                first_cell=eng.first_cell(tokens[0]),
+                key_norms=eng.key_norms,
+                hidden=hidden,
+            ),
             positions,
-            first_cell=eng.first_cell(tokens[0]),
-            key_norms=eng.key_norms,
-            hidden=hidden,
         )
         predicted = np.concatenate([np.arange(a, b) for a, b in conv.predicted_spans])
         group_of = {il: g for g, group in enumerate(info.cache_layer_groups) for il in group}
@@ -120,7 +123,8 @@ def test_base_mode_matches_a_plain_prefill_and_context_policy(tiny_bundle):
         conv = Conversation(eng, mode="base", n_predict=4)
         conv.send(TURNS[0])
         tokens = conv._fit({"role": "user", "content": TURNS[1]})
-        logits, n_new, n_predicted = conv._prefill(tokens)
+        result, n_new, n_predicted = conv._prefill(tokens)
+        logits = result.logits
         assert n_predicted == 0 and n_new < len(tokens)
         with Engine(tiny_bundle.base, settings=ContextSettings(n_ctx=256)) as plain:
             plain.base.decode(conv.base_tokens[: len(tokens)], logits_last=True)
@@ -174,17 +178,17 @@ def test_a_chat_turn_is_prefilled_as_generate_prefills_it(gemma_bundle):
 
     with Engine.from_bundle(gemma_bundle, settings=ContextSettings(n_ctx=2048)) as eng:
         settings = eng.kvp_settings()
-        assert settings["spans"] > 0
+        assert settings.spans > 0
         example = document(random.Random(3), 700, eng.tokenize)
         conv = Conversation(eng, n_predict=1)
         tokens = conv.tokens_for([{"role": "user", "content": example.prompt}])
-        gen = generate(eng, tokens, mode="kvp", n_predict=1, **settings)
+        gen = generate(eng, tokens, mode="kvp", n_predict=1, kvp=settings)
         assert gen.recomputed
         conv.send(example.prompt)
-        assert eng.last_recomputed == gen.recomputed
-        assert conv.history[-1].n_predicted < len(tokens) - settings["tail"] - 1
+        assert list(conv.history[-1].recomputed) == gen.recomputed
+        assert conv.history[-1].n_predicted < len(tokens) - settings.tail - 1
         assert conv.messages[-1]["content"] == gen.text
-        assert conv.predicted_spans == _minus([(1, len(tokens) - 1 - settings["tail"])], gen.recomputed)
+        assert conv.predicted_spans == _minus([(1, len(tokens) - 1 - settings.tail)], gen.recomputed)
 
 
 def test_a_question_in_a_later_turn_recomputes_spans_of_an_earlier_one(tiny_llama, tmp_path):
@@ -205,10 +209,11 @@ def test_a_question_in_a_later_turn_recomputes_spans_of_an_earlier_one(tiny_llam
         conv = Conversation(eng, tail=24, spans=2, n_predict=2)
         conv.send(" ".join(TURNS) * 4)
         first = list(conv.predicted_spans)
-        assert first and eng.last_recomputed
+        assert first and conv.history[-1].recomputed
         conv.send("cat?")
+        recomputed = conv.history[-1].recomputed
         assert conv.history[-1].n_predicted == 0
-        assert len(eng.last_recomputed) == 2
-        for a, b in eng.last_recomputed:
+        assert len(recomputed) == 2
+        for a, b in recomputed:
             assert any(x <= a and b <= y for x, y in first)
-        assert conv.predicted_spans == _minus(first, eng.last_recomputed)
+        assert conv.predicted_spans == _minus(first, recomputed)

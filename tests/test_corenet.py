@@ -95,10 +95,10 @@ def test_imported_bundle_matches_the_numpy_reference(corenet_files, tmp_path, ou
         assert engine.aux_load == "file" and engine.predictor.raw_keys
         for tokens in ([1, *rng.integers(3, 300, 40).tolist()], rng.integers(3, 300, 25).tolist()):
             ref_base = forward(base_w, cfg.base, tokens)[0][-1]
-            base = engine.prefill(tokens, mode="base")[1]
+            base = engine.prefill(tokens, mode="base").logits
             assert np.abs(base - ref_base).max() < tolerance
             ref_kvp = kvp_forward(base_w, cfg.base, aux_w, cfg.aux, matrices, cfg.layer_map, tokens)
-            kvp = engine.prefill(tokens, mode="kvp")[1]
+            kvp = engine.prefill(tokens, mode="kvp").logits
             assert np.abs(kvp - ref_kvp).max() < tolerance
             assert np.abs(ref_kvp - ref_base).max() > 1.0  # the prediction is what is compared
 

@@ -8,6 +8,7 @@ from conftest import random_prompt
 
 from kvcli.engine.engine import Engine
 from kvcli.engine.generation import generate
+from kvcli.engine.prefill_types import KvpSettings
 from kvcli.engine.recompute import DEFAULT_SPANS, DEFAULT_SPANS_TAIL, OPENING
 from kvcli.engine.token_select import default_keep
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
@@ -67,10 +68,10 @@ def test_kvp_fed_the_true_cache_is_exact(fixture, tail, chunk, request, tmp_path
     base = request.getfixturevalue(fixture)
     with true_cache_engine(base, tmp_path) as eng:
         tokens = random_prompt(100, eng.model.n_vocab, eng.model.bos, low=3)
-        _, logits, t = eng.prefill(tokens, mode="kvp", tail=tail)
-        assert t.aux_prefill_ms > 0 and t.predict_ms > 0
+        result = eng.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=tail))
+        assert result.timings.aux_prefill_ms > 0 and result.timings.predict_ms > 0
         want = split_reference(eng.base, tokens, len(tokens) - 1 - tail)
-        np.testing.assert_array_equal(logits, want)
+        np.testing.assert_array_equal(result.logits, want)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_gemma3", "tiny_llama"])
@@ -85,8 +86,8 @@ def test_recomputed_spans_over_the_true_cache_are_exact(fixture, request, tmp_pa
 
     spans = [(10, 30), (70, 90)]
 
-    def spoiled(group_positions, **kwargs):
-        out = predict_base_kv(group_positions=group_positions, **kwargs)
+    def spoiled(inputs, group_positions):
+        out = predict_base_kv(inputs, group_positions)
         groups = read_model_info(base).cache_layer_groups
         for g, positions in zip(groups, group_positions):
             inside = np.zeros(len(positions), bool)
@@ -98,8 +99,8 @@ def test_recomputed_spans_over_the_true_cache_are_exact(fixture, request, tmp_pa
                 out[il] = (k, v)
         return out
 
-    def spoiled_bytes(layout, known=None, **kwargs):
-        return state_bytes(layout, kwargs["group_positions"], spoiled(**kwargs))
+    def spoiled_bytes(layout, inputs, group_positions, known=None):
+        return state_bytes(layout, group_positions, spoiled(inputs, group_positions))
 
     monkeypatch.setattr(kvcli.engine.kvp_prefill, "predicted_state_bytes", spoiled_bytes)
     base = request.getfixturevalue(fixture)
@@ -108,13 +109,14 @@ def test_recomputed_spans_over_the_true_cache_are_exact(fixture, request, tmp_pa
         # spoiled ones (ranges decoded in one batch see each other's old cells)
         eng.base.scratch_seqs = 1
         tokens = random_prompt(120, eng.model.n_vocab, eng.model.bos, low=3)
-        _, logits, t = eng.prefill(tokens, mode="kvp", tail=5, recompute=spans)
-        assert t.recompute_ms > 0
+        result = eng.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=5, recompute=spans))
+        assert result.timings.recompute_ms > 0 and result.recomputed == tuple(spans)
+        assert result.predicted == ((0, len(tokens) - 6),)
         want = split_reference(eng.base, tokens, len(tokens) - 6)
-        np.testing.assert_allclose(logits, want, rtol=0, atol=1e-4)  # cells in another order: sums too
+        np.testing.assert_allclose(result.logits, want, rtol=0, atol=1e-4)  # cells in another order: sums too
         assert np.abs(want).max() > 0.1
         with pytest.raises(KvcliError, match="ordered, disjoint"):
-            eng.prefill(tokens, mode="kvp", tail=5, recompute=[(70, 90), (10, 30)])
+            eng.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=5, recompute=[(70, 90), (10, 30)]))
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +175,7 @@ def test_all_modes_generate_on_tiny_gemma3(tiny_gemma3, tiny_bundle):
         # of the prompt (at least select's 41), never silently the whole prompt
         for keep, kept in ((20, 20), (None, default_keep(80))):
             gen = generate(eng, tokens, mode="truncate", n_predict=1, keep=keep)
-            _, want, _ = eng.prefill([tokens[0], *tokens[-kept:]], mode="base")
+            want = eng.prefill([tokens[0], *tokens[-kept:]], mode="base").logits
             np.testing.assert_array_equal(gen.first_logits, want)
         for mode in ("kvp", "truncate", "aux"):
             assert np.isfinite(first[mode]).all() and not np.array_equal(first[mode], first["base"])
@@ -214,7 +216,7 @@ def test_spans_hold_the_stated_fact_and_bring_back_the_answer(gemma_bundle):
 
     with Engine.from_bundle(gemma_bundle, settings=ContextSettings(n_ctx=1100)) as eng:
         assert eng.spans_supported
-        assert eng.kvp_settings() == {"tail": DEFAULT_SPANS_TAIL, "spans": DEFAULT_SPANS}
+        assert eng.kvp_settings() == KvpSettings(tail=DEFAULT_SPANS_TAIL, spans=DEFAULT_SPANS)
         wins = {"plain": 0, "spans": 0}
         for ex in make_examples("multikey", n=3, n_tokens=1024, tokenize=eng.tokenize, seed=1):
             tokens = eng.tokenize(ex.prompt)
@@ -224,14 +226,14 @@ def test_spans_hold_the_stated_fact_and_bring_back_the_answer(gemma_bundle):
             statement = f"secret code of {who} is ".encode()
             c = text.index(statement + ex.answer.encode()) + len(statement)  # the code itself
             first, last = np.searchsorted(starts, [c, c + len(ex.answer) - 1], side="right") - 1
-            for name, kw in (("plain", {"tail": DEFAULT_SPANS_TAIL}), ("spans", eng.kvp_settings())):
-                ctx, logits, _ = eng.prefill(tokens, mode="kvp", **kw)
-                answer = [int(np.argmax(logits))]
+            for name, kvp in (("plain", KvpSettings(tail=DEFAULT_SPANS_TAIL)), ("spans", eng.kvp_settings())):
+                result = eng.prefill(tokens, mode="kvp", kvp=kvp)
+                ctx, answer = result.context, [int(np.argmax(result.logits))]
                 for _ in range(7):
                     ctx.decode(answer[-1:], logits_last=True)
                     answer.append(int(np.argmax(ctx.last_logits())))
                 wins[name] += is_correct(eng.model.detokenize(answer), ex.answer)
-            assert any(a <= last and first < b for a, b in eng.last_recomputed), (eng.last_recomputed, first)
+            assert any(a <= last and first < b for a, b in result.recomputed), (result.recomputed, first)
         assert wins["spans"] >= 2 and wins["plain"] < wins["spans"], wins
 
 
@@ -247,10 +249,10 @@ def test_spans_find_the_asked_record_among_look_alikes(gemma_bundle):
             starts = np.cumsum([0] + [len(eng.model.token_bytes(t)) for t in tokens])
             c = ex.prompt.encode().index(ex.answer.encode())
             first, last = np.searchsorted(starts, [c, c + len(ex.answer) - 1], side="right") - 1
-            eng.prefill(tokens, mode="kvp", **eng.kvp_settings())
-            assert any(a <= first and last < b for a, b in eng.last_recomputed), (eng.last_recomputed, first)
-            opening = eng.last_recomputed[0]
-            assert opening[0] == 1 and opening[1] >= OPENING, eng.last_recomputed  # with its sinks
+            recomputed = eng.prefill(tokens, mode="kvp", kvp=eng.kvp_settings()).recomputed
+            assert any(a <= first and last < b for a, b in recomputed), (recomputed, first)
+            opening = recomputed[0]
+            assert opening[0] == 1 and opening[1] >= OPENING, recomputed  # with its sinks
 
 
 def test_calibration_captures_the_auxiliary_hidden_tensors(tiny_gemma3, tiny_bundle):
@@ -324,8 +326,8 @@ def test_prefix_auxiliary_as_a_view_of_the_base_is_exact(fixture, load, request,
             assert view.aux.model.path == view.base.model.path
         tokens = random_prompt(120, view.model.n_vocab, view.model.bos, low=3)
         for tail in (0, 7):
-            lv = view.prefill(tokens, mode="kvp", tail=tail)[1]
-            lc = cut.prefill(tokens, mode="kvp", tail=tail)[1]
+            lv = view.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=tail)).logits
+            lc = cut.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=tail)).logits
             np.testing.assert_array_equal(lv, lc)
         # the auxiliary alone still runs (view: from the cut file, loaded on first use)
         gen = generate(view, tokens, mode="aux", n_predict=3)

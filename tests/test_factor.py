@@ -11,6 +11,7 @@ from test_cli import assert_one_line_error
 from test_convert import convert, ok
 
 from kvcli.engine.engine import Engine
+from kvcli.engine.prefill_types import KvpSettings
 from kvcli.errors import KvcliError, ModelFileError
 from kvcli.llama.runtime import ContextSettings
 from kvcli.predict.apply import basis_rows
@@ -163,15 +164,16 @@ def test_factor_command_writes_a_bundle_kvp_runs_as_its_dense_twin(tiny_prefix_b
     settings = ContextSettings(n_ctx=256)
     with Engine.from_bundle(bundle, settings=settings) as eng:
         tokens = random_prompt(120, eng.model.n_vocab, eng.model.bos, low=3)
-        _, factored_logits, t = eng.prefill(tokens, mode="kvp", tail=4)
-        assert t.predict_ms > 0
+        factored = eng.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=4))
+        factored_logits = factored.logits
+        assert factored.timings.predict_ms > 0
         eng.predictor = dense_twin(pred)
-        _, dense_logits, _ = eng.prefill(tokens, mode="kvp", tail=4)
+        dense_logits = eng.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=4)).logits
         np.testing.assert_allclose(
             factored_logits, dense_logits, rtol=0, atol=1e-3 * np.abs(dense_logits).max()
         )
         eng.predictor = load_predictor(load_bundle(tiny_prefix_bundle).predictor)
-        _, unfactored_logits, _ = eng.prefill(tokens, mode="kvp", tail=4)
+        unfactored_logits = eng.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=4)).logits
         assert np.abs(unfactored_logits - factored_logits).max() > 1e-4  # the rank did cut
 
 

@@ -7,6 +7,7 @@ from test_engine import true_cache_engine
 
 from kvcli.engine.build import build_bundle
 from kvcli.engine.engine import Engine
+from kvcli.engine.prefill_types import KvpSettings
 from kvcli.eval.quality import base_reference, forced_scores
 from kvcli.eval.tasks import make_examples
 from kvcli.llama.runtime import ContextSettings
@@ -29,7 +30,7 @@ def test_kvp_fed_the_true_cache_is_exact_on_qwen(qwen_base, tmp_path):
     with true_cache_engine(qwen_base, tmp_path) as eng:
         tokens = eng.tokenize("def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n" * 8)
         assert tokens[0] != eng.model.bos
-        _, logits, _ = eng.prefill(tokens, mode="kvp", tail=3)
+        logits = eng.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=3)).logits
         eng.base.clear()
         eng.base.decode(tokens[:-4])
         eng.base.decode(tokens[-4:], start=len(tokens) - 4, logits_last=True)
@@ -43,8 +44,8 @@ def test_qwen_prefix_bundle_continues_text_not_garbage(qwen_prefix_bundle):
         (ex,) = make_examples("prose", n=1, n_tokens=400, tokenize=eng.tokenize, seed=3)
         tokens = eng.tokenize(ex.prompt)
         ref, _, _ = base_reference(eng, tokens)
-        ctx, logits, _ = eng.prefill(tokens, mode="kvp", tail=0)
-        kl, top1 = forced_scores(ctx, logits, ref)
+        result = eng.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=0))
+        kl, top1 = forced_scores(result.context, result.logits, ref)
         assert kl < 3.0 and top1 > 0.3, (kl, top1)
 
 
@@ -56,7 +57,7 @@ def test_qwen_chat_template_sinks_are_recomputed(qwen_prefix_bundle):
     with Engine.from_bundle(qwen_prefix_bundle, settings=SETTINGS) as eng:
         tokens = check_prompts(eng, 400, 1)["conversation"][0]
         ref, _, _ = base_reference(eng, tokens)
-        ctx, logits, _ = eng.prefill(tokens, mode="kvp", tail=0)
-        assert eng.last_recomputed and eng.last_recomputed[0][0] < 16  # the template's sinks
-        kl, _ = forced_scores(ctx, logits, ref)
+        result = eng.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=0))
+        assert result.recomputed and result.recomputed[0][0] < 16  # the template's sinks
+        kl, _ = forced_scores(result.context, result.logits, ref)
         assert kl < 3.0, kl

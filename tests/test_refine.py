@@ -11,6 +11,7 @@ from test_convert import convert, ok
 
 from kvcli.engine.bundle import load_bundle
 from kvcli.engine.engine import Engine
+from kvcli.engine.prefill_types import KvpSettings
 from kvcli.llama.runtime import ContextSettings
 from kvcli.models.aux_cut import cut_auxiliary, prefix_layers
 from kvcli.models.model_info import key_norm_weights, read_model_info
@@ -100,7 +101,7 @@ def test_refine_writes_a_bundle_that_runs(tiny_bundle, tmp_path):
     assert load_bundle(out).manifest["refined"]["steps"] == 6
     with Engine.from_bundle(load_bundle(out), settings=ContextSettings(n_ctx=256)) as eng:
         tokens = random_prompt(120, eng.model.n_vocab, eng.model.bos, low=3)
-        _, logits, _ = eng.prefill(tokens, mode="kvp", tail=4)
+        logits = eng.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=4)).logits
         assert np.isfinite(logits).all()
 
 

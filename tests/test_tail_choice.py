@@ -7,6 +7,7 @@ from test_engine import SETTINGS, copy_everything_predictor, split_reference
 
 from kvcli.engine.engine import Engine
 from kvcli.engine.generation import generate
+from kvcli.engine.prefill_types import KvpSettings
 from kvcli.engine.recompute import DEFAULT_SPANS_TAIL
 from kvcli.engine.span_choice import SINK_POSITIONS, SPAN_MAX
 from kvcli.engine.tail_choice import (
@@ -66,9 +67,9 @@ def test_spans_from_the_tail_over_the_true_cache_are_exact(tiny_llama, tmp_path,
     with Engine(tiny_llama, aux_path=aux, settings=SETTINGS, tail_focus_layers=[n_layer - 1]) as eng:
         eng.predictor = copy_everything_predictor(tiny_llama, aux)
         eng.base_layout()
-        assert eng.spans_supported and eng.kvp_settings() == {"tail": DEFAULT_SPANS_TAIL, "spans": 2}
+        assert eng.spans_supported and eng.kvp_settings() == KvpSettings(tail=DEFAULT_SPANS_TAIL, spans=2)
         tokens = random_prompt(150, eng.model.n_vocab, eng.model.bos, low=3)
-        gen = generate(eng, tokens, mode="kvp", tail=10, spans=2, n_predict=1)
+        gen = generate(eng, tokens, mode="kvp", kvp=KvpSettings(tail=10, spans=2), n_predict=1)
         n_pred = len(tokens) - 11
         assert 1 <= len(gen.recomputed) <= 2 and gen.timings.recompute_ms > 0  # adjacent ones joined
         for a, b in gen.recomputed:  # sentences around peaks away from the sinks and the tail's end
@@ -153,6 +154,5 @@ def test_a_prefix_auxiliary_scores_the_tail_as_the_base_would(tiny_llama, tmp_pa
             else:
                 eng.aux_focus_layers = []
             tokens = tokens or random_prompt(150, eng.model.n_vocab, eng.model.bos, low=3)
-            eng.prefill(tokens, mode="kvp", tail=10, spans=2)
-            chosen[via_aux] = eng.last_recomputed
+            chosen[via_aux] = eng.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=10, spans=2)).recomputed
     assert chosen[True] == chosen[False] and len(chosen[True]) >= 2, chosen

@@ -69,21 +69,21 @@ def test_select_on_the_embedded_model(gemma_bundle):
         assert selection_rankings(eng) == ["keys"]  # Gemma's prefix is sliding-window only
         tokens = eng.tokenize("The pass key is 71432. " + "The grass is green. " * 120 + "The pass key is")
         keep = 1 + SELECT_TAIL + 4 * CHUNK
-        _, _, t = eng.prefill(tokens, mode="select", keep=keep)
-        kept = eng.last_selected
+        result = eng.prefill(tokens, mode="select", keep=keep)
+        kept = result.selected
         assert (
             len(kept) == keep
             and kept[0] == 0
             and list(kept[-SELECT_TAIL:]) == list(range(len(tokens) - SELECT_TAIL, len(tokens)))
         )
-        assert t.aux_prefill_ms > 0 and eng.base.n_past == len(tokens)
+        assert result.timings.aux_prefill_ms > 0 and eng.base.n_past == len(tokens)
         key = eng.tokenize("The pass key is 71432.")[1:]
         at = next(i for i in range(len(tokens)) if tokens[i : i + len(key)] == key)
         # the ranking found the key: by the question's 32 rows (mostly filler here) the key's
         # digits rank among the best positions, though its chunk of 8 no longer ranks whole
         assert set(range(at + 4, at + len(key) - 1)) & set(kept)
-        _, base_logits, _ = eng.prefill(tokens, mode="base")
-        _, all_kept, _ = eng.prefill(tokens, mode="select", keep=len(tokens))
+        base_logits = eng.prefill(tokens, mode="base").logits
+        all_kept = eng.prefill(tokens, mode="select", keep=len(tokens)).logits
         np.testing.assert_array_equal(all_kept, base_logits)  # keeping all is the base's prefill
         with pytest.raises(IncompatibleError, match="attention"):
             eng.prefill(tokens, mode="select", keep=keep, select_by="attention")

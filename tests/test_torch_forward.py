@@ -25,7 +25,7 @@ def test_forward_matches_llama_cpp(fixture, request):
     settings = ContextSettings(n_ctx=128, type_k="f32", type_v="f32")
     with Engine(path, settings=settings) as engine:
         tokens = random_prompt(70, engine.model.n_vocab, engine.model.bos, low=3)
-        logits = engine.prefill(tokens, mode="base")[1]
+        logits = engine.prefill(tokens, mode="base").logits
         cells = layers_by_index(parse_seq_state(engine.base.get_state(0)), engine.base_info)
     if fixture == "tiny_gemma3":
         assert model.info.n_swa and len(tokens) > 2 * model.info.n_swa

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from kvcli.engine.build import build_bundle
 from kvcli.engine.bundle import load_bundle
 from kvcli.engine.engine import Engine
+from kvcli.engine.prefill_types import KvpSettings
 from kvcli.llama.runtime import ContextSettings
 from kvcli.predict.corpus import corpus_texts
 from kvcli.predict.predictor import load_predictor
@@ -33,8 +34,8 @@ def test_training_forward_gives_the_logits_kvp_gives(tiny_bundle):
     settings = ContextSettings(n_ctx=256, type_k="f32", type_v="f32")
     with Engine.from_bundle(tiny_bundle, settings=settings) as engine:
         tokens = random_prompt(100, engine.model.n_vocab, engine.model.bos, low=3)
-        kvp = engine.prefill(tokens, mode="kvp", tail=7)[1]
-        base = engine.prefill(tokens, mode="base")[1]
+        kvp = engine.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=7)).logits
+        base = engine.prefill(tokens, mode="base").logits
     trainer = PredictorTrainer(
         tiny_bundle.base,
         tiny_bundle.aux_source,
@@ -114,7 +115,7 @@ def test_cli_trains_writes_a_bundle_and_refuses_to_overwrite_a_checkpoint(tiny_b
     assert load_bundle(tmp_path / "t").predictor.is_file()
     with Engine.from_bundle(load_bundle(tmp_path / "t")) as engine:
         tokens = random_prompt(40, engine.model.n_vocab, engine.model.bos, low=3)
-        assert np.isfinite(engine.prefill(tokens, mode="kvp")[1]).all()
+        assert np.isfinite(engine.prefill(tokens, mode="kvp").logits).all()
     again = runner.invoke(app, [*args, "--steps", "2"])
     assert again.exit_code != 0 and "--resume" in str(again.exception)
     resumed = runner.invoke(app, [*args, "--steps", "3", "--resume", "--json"])
@@ -149,12 +150,12 @@ def test_train_aux_writes_back_an_auxiliary_llama_cpp_runs(tiny_gemma3, tiny_bun
     settings_f32 = ContextSettings(n_ctx=128, type_k="f32", type_v="f32")
     with Engine(out.aux, settings=settings_f32) as engine:
         tokens = random_prompt(40, engine.model.n_vocab, engine.model.bos, low=3)
-        logits = engine.prefill(tokens, mode="base")[1]
+        logits = engine.prefill(tokens, mode="base").logits
     with torch.no_grad():
         ours = TorchModel(out.aux).forward(tokens)[0][0].numpy()
     assert np.abs(ours - logits).max() < 2e-3 * np.abs(logits).max()
     with Engine.from_bundle(out) as engine:
-        assert np.isfinite(engine.prefill(tokens, mode="kvp")[1]).all()
+        assert np.isfinite(engine.prefill(tokens, mode="kvp").logits).all()
 
     with pytest.raises(KvcliError, match="exact prefix"):
         train_bundle(tiny_bundle, tmp_path / "no", settings=settings, steps=1, train_aux=True, validate=0)
@@ -172,7 +173,7 @@ def test_a_factored_predictor_trains_its_basis_on_kvps_path_and_resumes(tiny_bun
     settings = ContextSettings(n_ctx=256, type_k="f32", type_v="f32")
     with Engine.from_bundle(factored, settings=settings) as engine:
         tokens = random_prompt(100, engine.model.n_vocab, engine.model.bos, low=3)
-        kvp = engine.prefill(tokens, mode="kvp", tail=7)[1]
+        kvp = engine.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=7)).logits
     trainer = PredictorTrainer(factored.base, factored.aux_source, start, TrainSettings(tokens=100, tail=8))
     with torch.no_grad():
         ours = trainer.losses(tokens)["logits"][-1].numpy()

@@ -59,8 +59,8 @@ def agreement(bundle, files, n_prompts: int, n_tokens: int, type_k: str) -> dict
             tokens = [1, *rng.integers(3, 300, n_tokens - 1).tolist()]
             ref_base = forward(base_w, cfg.base, tokens)[0][-1]
             ref_kvp = kvp_forward(base_w, cfg.base, aux_w, cfg.aux, matrices, cfg.layer_map, tokens)
-            base = engine.prefill(tokens, mode="base")[1]
-            kvp = engine.prefill(tokens, mode="kvp")[1]
+            base = engine.prefill(tokens, mode="base").logits
+            kvp = engine.prefill(tokens, mode="kvp").logits
             worst["base"] = max(worst["base"], float(np.abs(base - ref_base).max()))
             worst["kvp"] = max(worst["kvp"], float(np.abs(kvp - ref_kvp).max()))
             worst["logit_scale"] = max(worst["logit_scale"], float(np.abs(ref_kvp).max()))

@@ -16,6 +16,7 @@ import statistics
 from kvcli.engine.bundle import default_bundle, load_bundle
 from kvcli.engine.engine import Engine
 from kvcli.engine.generation import generate
+from kvcli.engine.prefill_types import KvpSettings
 from kvcli.llama.runtime import ContextSettings
 from kvcli.predict.corpus import token_chunks
 
@@ -35,7 +36,7 @@ def measure(engine: Engine, n_prompt: int, n: int, tail: int = 0) -> dict:
     base_ms, kvp_ms, agree, parts = [], [], 0, []
     for tokens in prompts:
         base = generate(engine, tokens, mode="base", n_predict=1)
-        kvp = generate(engine, tokens, mode="kvp", n_predict=1, tail=tail)
+        kvp = generate(engine, tokens, mode="kvp", n_predict=1, kvp=KvpSettings(tail=tail))
         base_ms.append(base.ttft_ms)
         kvp_ms.append(kvp.ttft_ms)
         agree += int(base.first_logits.argmax() == kvp.first_logits.argmax())

@@ -21,7 +21,12 @@ from kvcli.engine.bundle import default_bundle, load_bundle
 from kvcli.engine.engine import Engine
 from kvcli.eval.ttft import bench_prompts
 from kvcli.llama.runtime import ContextSettings
-from kvcli.predict.apply import needed_positions, predicted_state_bytes, rescale_to_key_norm
+from kvcli.predict.apply import (
+    PredictorInputs,
+    needed_positions,
+    predicted_state_bytes,
+    rescale_to_key_norm,
+)
 from kvcli.predict.predictor import build_features
 from kvcli.state.codec import parse_seq_state, write_seq_state
 from kvcli.state.layout import layers_by_index
@@ -49,7 +54,7 @@ def profile(e: Engine, n: int, repeats: int) -> dict[str, float]:
         if e.aux.capture is not None:
             e.aux.capture.clear()
         e.aux.decode(tokens[:n_pred])
-        hidden, _ = take_captured(e, n_pred)
+        hidden, _ = take_captured(e.aux, pred, e.aux_info, n_pred)
         raw = timed("state get", e.aux.get_state, -1)
         state = timed("parse", parse_seq_state, raw)
         aux_layers = layers_by_index(state, e.aux_state_info)
@@ -83,14 +88,16 @@ def profile(e: Engine, n: int, repeats: int) -> dict[str, float]:
             partial(
                 predicted_state_bytes,
                 layout,
-                aux_layers=aux_layers,
-                aux=e.aux_info,
-                base=e.base_info,
-                predictor=pred,
-                group_positions=positions,
-                first_cell=first_cell,
-                key_norms=e.key_norms,
-                hidden=hidden,
+                PredictorInputs(
+                    aux_layers,
+                    e.aux_info,
+                    e.base_info,
+                    pred,
+                    first_cell=first_cell,
+                    key_norms=e.key_norms,
+                    hidden=hidden,
+                ),
+                positions,
             ),
         )
     # per repeat: sum over layers

@@ -46,7 +46,7 @@ def main() -> None:
         for n in lengths:
             agree, kls, k_err, v_err, seconds = 0, [], [], [], []
             for tokens in bench_prompts(engine, n, args.n):
-                ref = engine.prefill(tokens, mode="base")[1].astype(np.float64)
+                ref = engine.prefill(tokens, mode="base").logits.astype(np.float64)
                 cells = layers_by_index(parse_seq_state(engine.base.get_state(0)), engine.base_info)
                 t0 = time.perf_counter()
                 with torch.no_grad():

@@ -214,11 +214,11 @@ def command(
                     raise
                 mode_list.remove("select")  # by default, only where this bundle can rank
         default = engine.kvp_settings()
-        tail_list = [default["tail"]] if tail_list is None else tail_list
+        tail_list = [default.tail] if tail_list is None else tail_list
         if span_list is None:
             kvp = [(t, 0) for t in tail_list]
-            if (default["tail"], default["spans"]) not in kvp:
-                kvp.append((default["tail"], default["spans"]))
+            if (default.tail, default.spans) not in kvp:
+                kvp.append((default.tail, default.spans))
         else:
             kvp = [(t, s) for s in span_list for t in tail_list]
         n_methods = len(mode_list) + (len(kvp) - 1 if "kvp" in mode_list else 0)
@@ -269,7 +269,7 @@ def command(
         r["default"] = (
             r["mode"] == "kvp"
             and r["aux_load"] == engine.aux_load
-            and (r["tail"], r["spans"]) == (default["tail"], default["spans"])
+            and (r["tail"], r["spans"]) == (default.tail, default.spans)
         )
     result = {"settings": {**_settings_info(settings, b), "repeats": repeats, "warmup": warmup}, "rows": rows}
     if plot is not None:

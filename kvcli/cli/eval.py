@@ -91,7 +91,7 @@ def command(
     settings = ContextSettings(n_ctx=max(length_list) + 64, n_threads=threads)
     rows = []
     with open_engine(bundle=bundle, model=None, mode="kvp", settings=settings) as engine:
-        default = {k: engine.kvp_settings()[k] for k in ("tail", "spans")}
+        default = engine.kvp_settings().recorded()
         if span_list is None:  # none, and the bundle's default number of spans
             span_list = [0, default["spans"]] if engine.spans_supported else [0]
         with ui.progress_reporter() as report:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,6 +15,7 @@ from kvcli.cli.common import open_engine
 from kvcli.cli.options import BundleOpt, CtxOpt, JsonOpt, ModelOpt, SeedOpt, ThreadsOpt
 from kvcli.engine.engine import Engine, Mode
 from kvcli.engine.generation import generate
+from kvcli.engine.prefill_types import KvpSettings
 from kvcli.engine.recompute import DEFAULT_SPANS, DEFAULT_SPANS_TAIL, OPENING
 from kvcli.engine.sampling import Sampler
 from kvcli.engine.span_choice import SPAN_MAX
@@ -77,15 +79,19 @@ def _run_batch(engine: Engine, batch: Path, defaults: dict) -> None:
             prompt = item["prompt"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise KvcliError(f"{batch}:{lineno}: expected a JSON object with a 'prompt'") from None
-        opts = {
-            **defaults,
-            **{k: item[k] for k in ("mode", "n_predict", "tail", "spans", "keep", "select_by") if k in item},
-        }
-        for key in ("n_predict", "tail", "spans", "keep"):
-            if opts.get(key) is not None and (not isinstance(opts[key], int) or opts[key] < 0):
+        opts = {**defaults, **{k: item[k] for k in ("mode", "n_predict", "keep", "select_by") if k in item}}
+        kvp = replace(opts["kvp"], **{k: item[k] for k in ("tail", "spans") if k in item})
+        for key, value in (
+            ("n_predict", opts["n_predict"]),
+            ("tail", kvp.tail),
+            ("spans", kvp.spans),
+            ("keep", opts["keep"]),
+        ):
+            if value is not None and (not isinstance(value, int) or value < 0):
                 raise KvcliError(f"{batch}:{lineno}: '{key}' must be a whole number >= 0")
         if opts["mode"] == "kvp":
-            opts.update(engine.kvp_settings(opts["tail"], opts["spans"]))
+            kvp = engine.kvp_settings(kvp.tail, kvp.spans)
+        opts["kvp"] = kvp
         sampler = Sampler(temperature=opts.pop("temp", 0.0))
         try:
             gen = generate(engine, engine.tokenize(prompt), sampler=sampler, **opts)
@@ -169,14 +175,11 @@ def command(
         raise KvcliError("--tail and --spans must be >= 0")
     if keep is not None and keep < 1:
         raise KvcliError("--keep must be >= 1")
-    opts = {"mode": mode, "n_predict": n_predict, "tail": tail, "spans": spans, "keep": keep}
+    opts = {"mode": mode, "n_predict": n_predict, "keep": keep}
     if mode == "select":
         opts["select_by"] = select_by
     with open_engine(bundle=bundle, model=model, mode=mode, settings=settings) as engine:
-        if mode == "kvp":
-            opts.update(engine.kvp_settings(tail, spans))
-        else:
-            opts.update(tail=0, spans=0)
+        opts["kvp"] = kvp = engine.kvp_settings(tail, spans) if mode == "kvp" else KvpSettings()
         if batch is not None:
             _run_batch(engine, batch, {**opts, "temp": temp})
             return
@@ -199,7 +202,7 @@ def command(
         detail = (
             f" (aux prefill {t.aux_prefill_ms:.0f} + get {t.state_get_ms:.0f} + predict "
             f"{t.predict_ms:.0f} + spans {t.recompute_ms:.0f} + set {t.state_set_ms:.0f} + "
-            f"base {t.base_decode_ms:.0f} ms; tail {opts['tail']}, spans {opts['spans']})"
+            f"base {t.base_decode_ms:.0f} ms; tail {kvp.tail}, spans {kvp.spans})"
             if gen.prefilled_by == "kvp"
             else ""
         )

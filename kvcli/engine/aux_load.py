@@ -19,10 +19,12 @@ import numpy as np
 from kvcli.choices import Choice
 from kvcli.errors import IncompatibleError, KvcliError
 from kvcli.llama.capture import TensorCapture, hidden_features, hidden_tensor_names
+from kvcli.llama.handles import Handles
 from kvcli.llama.library import llama_cpp_version, prefix_view_supported
 from kvcli.llama.runtime import Context
 from kvcli.models.aux_cut import cut_auxiliary, prefix_layers
-from kvcli.models.model_info import read_model_info
+from kvcli.models.model_info import ModelInfo, read_model_info
+from kvcli.predict.predictor import Predictor
 
 
 class AuxLoad(Choice):
@@ -64,82 +66,92 @@ def choose_aux_load(requested: str, prefix: int, *, needs_view: bool = False, pa
     return requested
 
 
-def open_aux_context(engine, prefix: int, names: list[str], extra: list[str]):
-    """The auxiliary's context for ``engine``'s load (``engine.aux_load``), capturing the
-    predictor's ``names`` and the tail-focus attention ``extra``; None without an auxiliary."""
-    if engine.aux_load == "partial":
+def open_aux_context(
+    handles: Handles,
+    load: str,
+    base: Context,
+    base_info: ModelInfo,
+    *,
+    prefix: int,
+    names: list[str],
+    extra: list[str],
+    aux_path: Path | None,
+) -> Context | None:
+    """The auxiliary's context, opened in ``handles``, for ``load`` (choose_aux_load: a
+    ``prefix`` of k base layers, or the file ``aux_path``) beside the ``base`` context,
+    capturing the predictor's ``names`` and the tail-focus attention ``extra``; None
+    without an auxiliary."""
+    if load == "partial":
         # the base's file loaded again as its first k layers: its pages are shared
-        return engine._open(
-            engine.base_info.path,
+        return handles.open(
+            base_info.path,
             "base model (as a prefix view)",
             TensorCapture(names, extra=extra) if names or extra else None,
             prefix_layers=prefix,
+            arch=base_info.arch,
         )
-    elif engine.aux_load == "view":
+    elif load == "view":
         # the base's own model, stopped after layer k-1: no second copy of the weights
-        stop = TensorCapture(names, stop_after=f"l_out-{engine.view_layers - 1}", extra=extra)
-        aux = Context(engine.base.model, engine.settings, capture=stop)
-        engine._contexts.append(aux)
-        return aux
-    elif engine.aux_load == "file":
-        return engine._open(
-            aux_file(engine),
-            "auxiliary",
-            TensorCapture(names, extra=extra) if names or extra else None,
+        return handles.context(
+            base.model, TensorCapture(names, stop_after=f"l_out-{prefix - 1}", extra=extra)
+        )
+    elif load == "file":
+        return handles.open(
+            aux_path, "auxiliary", TensorCapture(names, extra=extra) if names or extra else None
         )
     return None
 
 
-def aux_file(engine) -> Path:
-    """The auxiliary's file; for a prefix with none, its cut, made once into the cache."""
-    if engine.aux_path is not None:
-        return engine.aux_path
+def aux_file(aux_path: Path | None, base_info: ModelInfo, aux_info: ModelInfo) -> Path:
+    """The auxiliary's file: ``aux_path``, or for a prefix with none, its cut, made once
+    into the cache."""
+    if aux_path is not None:
+        return aux_path
     from kvcli.engine.bundle import cache_dir
 
-    k = engine.aux_info.n_layer
-    path = cache_dir() / "aux" / f"{engine.base_info.fingerprint}-prefix{k}.gguf"
+    k = aux_info.n_layer
+    path = cache_dir() / "aux" / f"{base_info.fingerprint}-prefix{k}.gguf"
     if not path.is_file():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            cut_auxiliary(engine.base_info.path, path, prefix_layers(k))
+            cut_auxiliary(base_info.path, path, prefix_layers(k))
         except OSError as exc:
             raise KvcliError(
                 f"cannot write the auxiliary's cut into {path.parent}: {exc.strerror or exc}"
             ) from None
-    if read_model_info(path, "auxiliary").fingerprint != engine.aux_info.fingerprint:
+    if read_model_info(path, "auxiliary").fingerprint != aux_info.fingerprint:
         raise IncompatibleError(
             f"the cut auxiliary {path} is not the base's first {k} layers; delete it and run again"
         )
-    engine.aux_path = path
     return path
 
 
-def capture_names(engine) -> list[str]:
+def capture_names(predictor: Predictor | None, aux_info: ModelInfo) -> list[str]:
     """The auxiliary's graph tensors the predictor reads: hidden tensors, then (for raw
     keys) each feature layer's fused QKV projection output (OpenELM's ``wqkv``: raw keys
     come only with an imported corenet predictor, whose auxiliary is an OpenELM)."""
-    pred = engine.predictor
-    if pred is None:
+    if predictor is None:
         return []
-    names = hidden_tensor_names(engine.aux_info.n_layer, pred.hidden_kinds) if pred.uses_hidden else []
-    return names + ([f"wqkv-{src}" for src in pred.feature_layers] if pred.raw_keys else [])
+    names = hidden_tensor_names(aux_info.n_layer, predictor.hidden_kinds) if predictor.uses_hidden else []
+    return names + ([f"wqkv-{src}" for src in predictor.feature_layers] if predictor.raw_keys else [])
 
 
-def take_captured(engine, n_rows: int) -> tuple[list[np.ndarray], dict[int, tuple[np.ndarray, np.ndarray]]]:
-    """The auxiliary's captured rows: (hidden tensors, raw K and V per feature layer)."""
-    if engine.aux.capture is None:
+def take_captured(
+    aux: Context, predictor: Predictor, aux_info: ModelInfo, n_rows: int
+) -> tuple[list[np.ndarray], dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """The rows the ``aux`` context captured for ``predictor``: (hidden tensors, raw K and V
+    per feature layer)."""
+    if aux.capture is None:
         return [], {}
-    rows = engine.aux.capture.take(n_rows)
-    n_hidden = len(engine.predictor.hidden_kinds)
-    raw_kv, info = {}, engine.aux_info
-    for src, qkv in zip(
-        engine.predictor.feature_layers if engine.predictor.raw_keys else [], rows[n_hidden:]
-    ):
-        q, kv = info.n_head[src] * info.head_dim_k, info.n_embd_k(src)
-        if qkv.shape[1] != q + kv + info.n_embd_v(src):
+    rows = aux.capture.take(n_rows)
+    n_hidden = len(predictor.hidden_kinds)
+    raw_kv = {}
+    for src, qkv in zip(predictor.feature_layers if predictor.raw_keys else [], rows[n_hidden:]):
+        q, kv = aux_info.n_head[src] * aux_info.head_dim_k, aux_info.n_embd_k(src)
+        if qkv.shape[1] != q + kv + aux_info.n_embd_v(src):
             raise IncompatibleError(
                 f"auxiliary layer {src}'s QKV projection has {qkv.shape[1]} "
-                f"columns, not {q + kv + info.n_embd_v(src)}"
+                f"columns, not {q + kv + aux_info.n_embd_v(src)}"
             )
         raw_kv[src] = (qkv[:, q : q + kv], qkv[:, q + kv :])
-    return hidden_features(engine.predictor.hidden_kinds, rows[:n_hidden]), raw_kv
+    return hidden_features(predictor.hidden_kinds, rows[:n_hidden]), raw_kv

@@ -17,12 +17,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from kvcli.choices import Choice
 from kvcli.engine.engine import Engine
+from kvcli.engine.prefill_types import KvpSettings, Prefill
 from kvcli.engine.recompute import merge_ranges
 from kvcli.engine.sampling import Sampler
 from kvcli.errors import ContextError, KvcliError
@@ -55,6 +56,7 @@ class TurnStats:
     n_gen: int
     gen_ms: float
     interrupted: bool = False
+    recomputed: tuple[tuple[int, int], ...] = ()  # kvp: the ranges the base recomputed this turn
 
     @property
     def tokens_per_s(self) -> float:
@@ -79,12 +81,9 @@ class Conversation:
         self.engine = engine
         self.template = template or chat_template_for(engine.model, engine.base_info.arch)
         self.system = system
-        settings = (
-            engine.kvp_settings(tail, spans)
-            if engine.predictor is not None
-            else {"tail": tail or 0, "spans": 0}
+        self.kvp = (
+            engine.kvp_settings(tail, spans) if engine.predictor is not None else KvpSettings(tail=tail or 0)
         )
-        self.tail, self.spans = settings["tail"], settings["spans"]
         self.n_predict, self.drop_old = n_predict, drop_old
         self.sampler = sampler or Sampler()
         self.messages: list[dict] = []
@@ -135,8 +134,8 @@ class Conversation:
         user = {"role": "user", "content": text}
         tokens = self._fit(user)
         start = time.perf_counter()
-        logits, n_new, n_predicted = self._prefill(tokens)
-        token = self.sampler.sample(logits)
+        prefill, n_new, n_predicted = self._prefill(tokens)
+        token = self.sampler.sample(prefill.logits)
         ttft = (time.perf_counter() - start) * 1e3
         self.messages.append(user)
         ctx, out, interrupted = self.engine.base, [], False
@@ -166,43 +165,38 @@ class Conversation:
             len(out),
             (time.perf_counter() - gen_start) * 1e3,
             interrupted,
+            prefill.recomputed,
         )
         self.history.append(stats)
         return reply, stats
 
-    def _prefill(self, tokens: list[int]) -> tuple[np.ndarray, int, int]:
-        """Returns the last logits, the prompt tokens processed, the positions predicted."""
+    def _prefill(self, tokens: list[int]) -> tuple[Prefill, int, int]:
+        """Returns the prefill, the prompt tokens processed, the positions predicted."""
         eng = self.engine
         p0 = min(common_prefix(self.base_tokens, tokens), len(tokens) - 1)
         self.base_tokens = tokens[:p0]
         self.predicted_spans = [(a, min(b, p0)) for a, b in self.predicted_spans if a < p0]
-        n_pred = len(tokens) - 1 - max(0, self.tail)
+        n_pred = len(tokens) - 1 - max(0, self.kvp.tail)
         short = not eng.kvp_pays(len(tokens) - p0)  # under the bundle's break-even
-        if self.mode != "kvp" or short or (n_pred <= p0 and not (self.spans and self.predicted_spans)):
-            _, logits, _ = eng.prefill(tokens, mode="base", start=p0)
+        if self.mode != "kvp" or short or (n_pred <= p0 and not (self.kvp.spans and self.predicted_spans)):
+            prefill = eng.prefill(tokens, mode="base", kvp=KvpSettings(start=p0))
             self.base_tokens = list(tokens)
-            return logits, len(tokens) - p0, 0
+            return prefill, len(tokens) - p0, 0
         # the auxiliary decodes from no later than p0: an interrupted turn can leave it
         # holding positions the base does not (the features must cover p0..n_pred-1)
         a0 = min(common_prefix(self.aux_tokens, tokens[:n_pred]), p0)
         if n_pred > p0:
             self.aux_tokens = tokens[:a0]
-        _, logits, _ = eng.prefill(
-            tokens,
-            mode="kvp",
-            tail=self.tail,
-            spans=self.spans,
-            start=p0,
-            aux_start=a0,
-            earlier=self.predicted_spans,
-        )
+        turn = replace(self.kvp, start=p0, aux_start=a0, earlier=self.predicted_spans)
+        prefill = eng.prefill(tokens, mode="kvp", kvp=turn)
         if n_pred > p0:
             self.aux_tokens = tokens[: eng.aux.n_past]
         self.base_tokens = list(tokens)
-        exact = eng.last_recomputed
-        predicted = merge_ranges(self.predicted_spans, [(max(1, p0), n_pred)] if n_pred > p0 else [])
+        exact = prefill.recomputed
+        # position 0's cell is the base's own (predict.apply.FirstCell), never predicted
+        predicted = merge_ranges(self.predicted_spans, [(max(1, a), b) for a, b in prefill.predicted])
         self.predicted_spans = _minus(predicted, exact)
-        return logits, len(tokens) - p0, sum(b - a for a, b in _minus([(p0, n_pred)], exact))
+        return prefill, len(tokens) - p0, sum(b - a for a, b in _minus(prefill.predicted, exact))
 
 
 def _minus(ranges: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -25,11 +25,12 @@ from kvcli import keys
 from kvcli.choices import Choice
 from kvcli.engine.aux_load import AuxLoad, aux_file, capture_names, choose_aux_load, open_aux_context
 from kvcli.engine.kvp_prefill import kvp_prefill
+from kvcli.engine.prefill_types import KvpSettings, Prefill
 from kvcli.engine.recompute import DEFAULT_SPANS, DEFAULT_SPANS_TAIL, SpanRecompute
-from kvcli.engine.span_choice import SPAN_MAX
 from kvcli.engine.timings import Clock, Timings
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
 from kvcli.llama.capture import TensorCapture
+from kvcli.llama.handles import Handles
 from kvcli.llama.runtime import Context, ContextSettings, Model
 from kvcli.models.model_info import has_per_layer_arrays, key_norm_weights, prefix_view_info, read_model_info
 from kvcli.predict.apply import FirstCell
@@ -109,66 +110,75 @@ class Engine:
             or (self.predictor is not None and self.predictor.key_space == keys.KEY_SPACE_PRE_NORM)
             else None
         )
-        self._models: list[Model] = []
-        self._contexts: list[Context] = []
+        self.handles = Handles(self.settings)
         prefix = self._prefix_of_base()
-        self.needs_view = needs_view = self.predictor is not None and any(
+        self.needs_view = self.predictor is not None and any(
             kind in keys.VIEW_ONLY_KINDS for kind in self.predictor.hidden_kinds
         )
         partial_ok = not (prefix and has_per_layer_arrays(self.base_info))
         self.aux_load = (
             "none"
             if self.aux_info is None
-            else choose_aux_load(aux_load, prefix, needs_view=needs_view, partial_ok=partial_ok)
+            else choose_aux_load(aux_load, prefix, needs_view=self.needs_view, partial_ok=partial_ok)
         )
         self.view_layers = prefix if self.aux_load in ("view", "partial") else 0
         self.aux_state_info = self.base_info if self.aux_load == "view" else self.aux_info
         self._aux_alone: Context | None = None
         self.tail_focus_layers = list(tail_focus_layers)
+        # a prefix auxiliary computes the base's own layers 0..k-1: where the tail-focus
+        # layers are among them, its decode of the tail gives the same attention as the
+        # base's pass over the predicted cache would (those layers' cells are copied)
+        self.aux_focus_layers = (
+            self.tail_focus_layers
+            if prefix and self.tail_focus_layers and max(self.tail_focus_layers) < prefix
+            else []
+        )
         layers = sorted({*attention_layers, *tail_focus_layers})
         if layers and self.base_info.n_swa:
             raise IncompatibleError("spans chosen from the tail need a model without sliding-window layers")
         try:
-            from kvcli.engine.tail_choice import attention_name
-
-            base_capture = TensorCapture([attention_name(il) for il in layers]) if layers else None
-            if base_capture is not None:
-                base_capture.armed = False
-            # kvp works on the base's cache in place (kvcli.engine.kvp_prefill): scratch sequences
-            # and cells for the ranges it recomputes
-            scratch = (
-                dict(scratch_seqs=SCRATCH_SEQS, scratch_cells=SCRATCH_CELLS)
-                if self.aux_info is not None
-                else {}
-            )
-            self.base = self._open(self.base_info.path, "base model", base_capture, **scratch)
-            names = capture_names(self)
-            # a prefix auxiliary computes the base's own layers 0..k-1: where the tail-focus
-            # layers are among them, its decode of the tail gives the same attention as the
-            # base's pass over the predicted cache would (those layers' cells are copied)
-            self.aux_focus_layers = (
-                self.tail_focus_layers
-                if prefix and self.tail_focus_layers and max(self.tail_focus_layers) < prefix
-                else []
-            )
-            extra = [attention_name(il) for il in self.aux_focus_layers]
-            if needs_view and self.aux_load != "view":
-                raise IncompatibleError(
-                    "this predictor reads the auxiliary's last-layer output, "
-                    "which only a prefix auxiliary run as a view provides"
-                )
-            self.aux = open_aux_context(self, prefix, names, extra)
+            self._open_contexts(prefix, layers)
         except BaseException:
             self.close()
             raise
         self._layout: CacheLayout | None = None
         self._first_cells: dict[int, FirstCell] = {}
         self.spans = SpanRecompute(self)
-        self.last_recomputed: list[tuple[int, int]] = []  # kvp's spans in the last prefill
-        self.last_selected = np.zeros(0, dtype=np.int64)  # select's positions in the last prefill
         if self.predictor is not None:
             self.base_layout()  # once, outside any timed prefill
             self.first_cell(self.model.bos)
+
+    def _open_contexts(self, prefix: int, attention_layers: list[int]) -> None:
+        """The base's context (capturing ``attention_layers``' attention) and the
+        auxiliary's (aux_load.open_aux_context; None without one), in ``self.handles``."""
+        from kvcli.engine.tail_choice import attention_name
+
+        base_capture = (
+            TensorCapture([attention_name(il) for il in attention_layers]) if attention_layers else None
+        )
+        if base_capture is not None:
+            base_capture.armed = False
+        # kvp works on the base's cache in place (kvcli.engine.kvp_prefill): scratch sequences
+        # and cells for the ranges it recomputes
+        scratch = (
+            dict(scratch_seqs=SCRATCH_SEQS, scratch_cells=SCRATCH_CELLS) if self.aux_info is not None else {}
+        )
+        self.base = self.handles.open(self.base_info.path, "base model", base_capture, **scratch)
+        if self.needs_view and self.aux_load != "view":
+            raise IncompatibleError(
+                "this predictor reads the auxiliary's last-layer output, "
+                "which only a prefix auxiliary run as a view provides"
+            )
+        self.aux = open_aux_context(
+            self.handles,
+            self.aux_load,
+            self.base,
+            self.base_info,
+            prefix=prefix,
+            names=capture_names(self.predictor, self.aux_info),
+            extra=[attention_name(il) for il in self.aux_focus_layers],
+            aux_path=self._aux_file() if self.aux_load == "file" else None,
+        )
 
     def _prefix_of_base(self) -> int:
         """k when the auxiliary is the base's layers 0..k-1 (a kvcli prefix cut) and a
@@ -184,8 +194,13 @@ class Engine:
         if self.aux_load != "view":
             return self.aux
         if self._aux_alone is None:
-            self._aux_alone = self._open(aux_file(self), "auxiliary")
+            self._aux_alone = self.handles.open(self._aux_file(), "auxiliary")
         return self._aux_alone
+
+    def _aux_file(self) -> Path:
+        """The auxiliary's file (aux_load.aux_file: a prefix's cut is made once), remembered."""
+        self.aux_path = aux_file(self.aux_path, self.base_info, self.aux_info)
+        return self.aux_path
 
     @classmethod
     def from_bundle(cls, bundle, *, with_aux: bool = True, with_predictor: bool = True, **kwargs) -> Engine:
@@ -225,23 +240,12 @@ class Engine:
             for il in layers
         }
 
-    def _open(self, path: Path, what: str, capture=None, prefix_layers: int = 0, **scratch) -> Context:
-        model = Model(path, what=what, prefix_layers=prefix_layers, arch=self.base_info.arch)
-        self._models.append(model)
-        ctx = Context(model, self.settings, capture=capture, **scratch)
-        self._contexts.append(ctx)
-        return ctx
-
     @property
     def model(self) -> Model:
         return self.base.model
 
     def close(self) -> None:
-        for ctx in self._contexts:
-            ctx.close()
-        for model in self._models:
-            model.close()
-        self._contexts, self._models = [], []
+        self.handles.close()
 
     def __enter__(self):
         return self
@@ -292,24 +296,17 @@ class Engine:
         tokens: list[int],
         *,
         mode: str = "kvp",
-        tail: int = 0,
+        kvp: KvpSettings | None = None,
         keep: int | None = None,
-        spans: int = 0,
-        span_max: int = SPAN_MAX,
-        recompute: list[tuple[int, int]] | None = None,
-        start: int = 0,
-        aux_start: int = 0,
-        earlier: list[tuple[int, int]] = (),
-        capture_tail: bool = False,
         select_by: str = "auto",
-    ) -> tuple[Context, np.ndarray, Timings]:
-        """Prefill by ``mode``; returns the context that continues, the last logits, timings.
+    ) -> Prefill:
+        """Prefill by ``mode``: the context that continues, the last logits, the timings, and
+        what kvp predicted and recomputed or what select kept.
 
-        kvp: ``spans`` sentences of at most ``span_max`` tokens chosen and recomputed by the base, or
-        the given ``recompute`` ranges [a, b) (1 <= a < b <= N - 1 - tail, in order).
-        base and kvp: ``start``: the base context already holds tokens[:start] and keeps them
-        (a conversation); kvp's ``aux_start`` and ``earlier``: kvcli.engine.kvp_prefill.
+        kvp: by ``kvp`` (KvpSettings(): tail 0, no spans); base too: from its ``start``.
         select: ``keep`` positions in all, ranked by ``select_by`` (kvcli.engine.token_select)."""
+        kvp = kvp or KvpSettings()
+        start = kvp.start
         mode = Mode.parse(mode, "mode")
         self._check_fits(len(tokens))
         t = Timings()
@@ -320,9 +317,9 @@ class Engine:
             self.base.truncate(start)
             self.base.decode(tokens[start:], start=start, logits_last=True)
             t.base_decode_ms = clock.lap()
-            return self.base, self.base.last_logits(), t
+            return Prefill(self.base, self.base.last_logits(), t)
         if mode == "base":
-            return self.base, self.plain_prefill(self.base, tokens, t), t
+            return Prefill(self.base, self.plain_prefill(self.base, tokens, t), t)
         if mode == "truncate":
             from kvcli.engine.token_select import default_keep
 
@@ -332,13 +329,13 @@ class Engine:
                 kept = kept[-keep:]
                 if tokens[0] == self.model.bos:
                     kept.insert(0, tokens[0])  # the model expects its BOS at position 0
-            return self.base, self.plain_prefill(self.base, kept, t), t
+            return Prefill(self.base, self.plain_prefill(self.base, kept, t), t)
         if self.aux is None:
             raise KvcliError(f"mode {mode} needs an auxiliary model (use a bundle)")
         if mode == "select":
             from kvcli.engine.token_select import select_prefill
 
-            return self.base, select_prefill(self, tokens, keep, t, select_by), t
+            return select_prefill(self, tokens, keep, t, select_by)
         if mode == "aux":
             aux = self._aux_alone_context()
             clock = Clock()
@@ -347,24 +344,8 @@ class Engine:
                 aux.capture.clear()
             aux.decode(tokens, logits_last=True)
             t.aux_prefill_ms = clock.lap()
-            return aux, aux.last_logits(), t
-        return (
-            self.base,
-            kvp_prefill(
-                self,
-                tokens,
-                tail,
-                t,
-                spans,
-                span_max,
-                recompute,
-                start=start,
-                aux_start=aux_start,
-                earlier=earlier,
-                capture_tail=capture_tail,
-            ),
-            t,
-        )
+            return Prefill(aux, aux.last_logits(), t)
+        return kvp_prefill(self, tokens, kvp, t)
 
     def plain_prefill(self, ctx: Context, tokens: list[int], t: Timings) -> np.ndarray:
         """``ctx`` decodes ``tokens`` from position 0; returns the last logits."""
@@ -379,7 +360,7 @@ class Engine:
 
     @property
     def spans_supported(self) -> bool:
-        """Whether kvp can choose spans here (``prefill(spans=...)``)."""
+        """Whether kvp can choose spans here (``KvpSettings.spans``)."""
         return self.spans.supported
 
     def kvp_pays(self, n_new: int) -> bool:
@@ -387,11 +368,11 @@ class Engine:
         measured break-even (kvcli.eval.break_even); always where none was measured."""
         return n_new >= self.kvp_min_tokens
 
-    def kvp_settings(self, tail: int | None = None, spans: int | None = None) -> dict[str, int]:
-        """kvp's tail and spans, defaults filled in: DEFAULT_SPANS spans where they can be
-        chosen, else none; tail DEFAULT_SPANS_TAIL with spans, else 0."""
+    def kvp_settings(self, tail: int | None = None, spans: int | None = None) -> KvpSettings:
+        """kvp's settings, the tail and spans not given filled in: DEFAULT_SPANS spans where
+        they can be chosen, else none; tail DEFAULT_SPANS_TAIL with spans, else 0."""
         if spans is None:
             spans = DEFAULT_SPANS if self.predictor is not None and self.spans_supported else 0
         if tail is None:
             tail = DEFAULT_SPANS_TAIL if spans else 0
-        return {"tail": tail, "spans": spans}
+        return KvpSettings(tail=tail, spans=spans)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from kvcli.engine.engine import Engine
+from kvcli.engine.prefill_types import KvpSettings
 from kvcli.engine.sampling import Sampler
 from kvcli.engine.timings import Generation
 
@@ -16,24 +17,22 @@ def generate(
     *,
     mode: str = "kvp",
     n_predict: int = 64,
-    tail: int = 0,
+    kvp: KvpSettings | None = None,
     keep: int | None = None,
-    spans: int = 0,
     select_by: str = "auto",
     sampler: Sampler | None = None,
     on_token=None,
 ) -> Generation:
-    """``engine`` prefills ``tokens`` by ``mode`` (kvp: by the base below the bundle's
-    break-even, ``Engine.kvp_pays``), then its context generates up to ``n_predict`` tokens
-    (stops at end of generation or a full context)."""
+    """``engine`` prefills ``tokens`` by ``mode`` (kvp: by ``kvp``, KvpSettings() if None; by
+    the base below the bundle's break-even, ``Engine.kvp_pays``), then its context generates
+    up to ``n_predict`` tokens (stops at end of generation or a full context)."""
     sampler = sampler or Sampler()
+    kvp = kvp or KvpSettings()
     by = "base" if mode == "kvp" and not engine.kvp_pays(len(tokens)) else mode
     start = time.perf_counter()
-    ctx, logits, timings = engine.prefill(
-        tokens, mode=by, tail=tail, keep=keep, spans=spans, select_by=select_by
-    )
-    first_logits = logits
-    token = sampler.sample(logits)
+    prefill = engine.prefill(tokens, mode=by, kvp=kvp, keep=keep, select_by=select_by)
+    ctx = prefill.context
+    token = sampler.sample(prefill.logits)
     ttft_ms = (time.perf_counter() - start) * 1e3
     out: list[int] = []
     gen_start = time.perf_counter()
@@ -51,14 +50,14 @@ def generate(
         mode=mode,
         n_prompt=len(tokens),
         ttft_ms=ttft_ms,
-        timings=timings,
+        timings=prefill.timings,
         tokens=out,
         text=ctx.model.detokenize(out),
         gen_ms=(time.perf_counter() - gen_start) * 1e3,
-        first_logits=first_logits,
-        tail=tail,
-        spans=spans,
-        recomputed=list(engine.last_recomputed) if by == "kvp" else [],
-        selected=len(engine.last_selected) if mode == "select" else None,
+        first_logits=prefill.logits,
+        tail=kvp.tail,
+        spans=kvp.spans,
+        recomputed=list(prefill.recomputed),
+        selected=None if prefill.selected is None else len(prefill.selected),
         prefilled_by=by,
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvcli.engine.aux_load import take_captured
+from kvcli.engine.prefill_types import KvpSettings, Prefill
 from kvcli.engine.recompute import (
     OPENING,
     SPAN_CONTEXT,
@@ -23,54 +24,44 @@ from kvcli.engine.recompute import (
     merge_ranges,
     sink_ranges,
 )
-from kvcli.engine.span_choice import SPAN_MAX
 from kvcli.engine.timings import Clock, Timings
 from kvcli.errors import KvcliError
-from kvcli.predict.apply import needed_positions, predicted_state_bytes, span_group_positions
+from kvcli.predict.apply import (
+    PredictorInputs,
+    needed_positions,
+    predicted_state_bytes,
+    span_group_positions,
+)
 from kvcli.state.codec import parse_seq_state, write_seq_state
 from kvcli.state.layout import layers_by_index
 
 APPEND_CHUNK = 1024  # predicted positions written into the base's context at a time
 
 
-def kvp_prefill(
-    engine,
-    tokens: list[int],
-    tail: int,
-    t: Timings,
-    spans: int = 0,
-    span_max: int = SPAN_MAX,
-    recompute: list[tuple[int, int]] | None = None,
-    *,
-    start: int = 0,
-    aux_start: int = 0,
-    earlier: list[tuple[int, int]] = (),
-    capture_tail: bool = False,
-) -> np.ndarray:
-    """Prefill ``tokens`` into ``engine.base`` by kvp; returns the last logits and fills ``t``.
+def kvp_prefill(engine, tokens: list[int], kvp: KvpSettings, t: Timings) -> Prefill:
+    """Prefill ``tokens`` into ``engine.base`` by kvp (``t``: its timings, filled here).
 
-    ``start``: the base context holds tokens[:start] already (its own or earlier predicted
-    cells) and keeps them; ``aux_start``: the auxiliary's context holds tokens[:aux_start]
-    (<= start). ``spans`` chosen (kvcli.engine.tail_choice where the engine has tail-focus layers,
-    else kvcli.engine.span_choice) among the new predicted positions and, from the tail, the ``earlier``
-    predicted ranges too; or the given ``recompute`` ranges. The last ``tail`` + 1 tokens are
-    the base's. ``capture_tail``: the base's capture is armed for the tail's decode."""
+    From ``kvp.start``, the base context holding tokens[:start] already (its own or earlier
+    predicted cells) and keeping them, the auxiliary's tokens[:aux_start]. ``kvp.spans``
+    chosen (``_chooser``) among the new predicted positions and, from the tail, the
+    ``earlier`` predicted ranges too; or the given ``recompute`` ranges. The last ``tail`` + 1
+    tokens are the base's."""
+    start, aux_start = kvp.start, kvp.aux_start
     if engine.predictor is None:
         raise KvcliError("mode kvp needs a predictor (use a bundle)")
     if not 0 <= aux_start <= start < len(tokens):
         raise KvcliError(f"kvp from position {start} (auxiliary {aux_start}) of {len(tokens)} tokens")
     base = engine.base
-    n_pred = max(start, len(tokens) - 1 - max(0, tail))
-    engine.last_recomputed = []
-    choose = spans > 0 and recompute is None
-    from_tail = choose and bool(engine.tail_focus_layers)
-    earlier = [(a, min(b, start)) for a, b in earlier if a < start]
+    n_pred = max(start, len(tokens) - 1 - max(0, kvp.tail))
+    chooser = _chooser(engine, kvp)
+    from_tail = chooser == "tail"
+    earlier = [(a, min(b, start)) for a, b in kvp.earlier if a < start]
     if n_pred == start and not (from_tail and earlier):  # nothing to predict or choose
         if start == 0:
-            return engine.plain_prefill(base, tokens, t)
+            return Prefill(base, engine.plain_prefill(base, tokens, t), t)
         base.truncate(start)
-        return _decode_tail(base, tokens, start, t, Clock(), capture_tail)
-    if choose and not from_tail:
+        return Prefill(base, _decode_tail(base, tokens, start, t, Clock(), kvp.capture_tail), t)
+    if chooser == "keys":
         engine.spans.check()
     clock = Clock()
     if start == 0:
@@ -82,58 +73,45 @@ def kvp_prefill(
             _put_cells_in_order(engine)
     sinks, chosen, scores = [], [], None
     if n_pred > start:
-        sinks, chosen, scores = _predict_into_base(
-            engine,
-            tokens,
-            n_pred,
-            t,
-            clock,
-            start,
-            aux_start,
-            spans if choose and not from_tail else 0,
-            span_max,
-            recompute,
-            from_tail,
-            opening=OPENING if choose else 0,
-        )
+        sinks, chosen, scores = _predict_into_base(engine, tokens, n_pred, kvp, t, clock)
     if from_tail:
         candidates = merge_ranges(earlier, [(max(1, start), n_pred)] if n_pred > start else [])
         if scores is not None:  # from the auxiliary's own pass: one batch recomputes all
-            chosen = engine.spans.pick(scores, tokens, n_pred, spans, span_max, candidates, sinks)
+            chosen = engine.spans.pick(scores, tokens, n_pred, kvp, candidates, sinks)
             base.recompute(tokens, merge_ranges(chosen, sinks))
         else:  # the base's pass over the predicted cache, its sinks recomputed first
             base.recompute(tokens, sinks)
-            chosen = engine.spans.from_tail(tokens, n_pred, spans, span_max, candidates, sinks)
+            chosen = engine.spans.from_tail(tokens, n_pred, kvp, candidates, sinks)
             base.recompute(tokens, chosen)
     else:
         base.recompute(tokens, merge_ranges(chosen, sinks))
-    engine.last_recomputed = merge_ranges(chosen, sinks)
-    if engine.last_recomputed or from_tail:
+    recomputed = merge_ranges(chosen, sinks)
+    if recomputed or from_tail:
         t.recompute_ms = clock.lap()
-    return _decode_tail(base, tokens, n_pred, t, clock, capture_tail)
+    logits = _decode_tail(base, tokens, n_pred, t, clock, kvp.capture_tail)
+    predicted = ((start, n_pred),) if n_pred > start else ()
+    return Prefill(base, logits, t, predicted=predicted, recomputed=tuple(recomputed))
 
 
-def _predict_into_base(
-    engine,
-    tokens: list[int],
-    n_pred: int,
-    t: Timings,
-    clock: Clock,
-    start: int,
-    aux_start: int,
-    spans: int,
-    span_max: int,
-    recompute: list[tuple[int, int]] | None,
-    from_tail: bool = False,
-    opening: int = 0,
-):
+def _chooser(engine, kvp: KvpSettings) -> str:
+    """Who chooses kvp's spans: "" (no spans, or the given ranges), "tail" (the engine's
+    tail-focus layers, kvcli.engine.tail_choice) or "keys" (base layer k over predicted keys,
+    kvcli.engine.span_choice)."""
+    if kvp.spans <= 0 or kvp.recompute is not None:
+        return ""
+    return "tail" if engine.tail_focus_layers else "keys"
+
+
+def _predict_into_base(engine, tokens: list[int], n_pred: int, kvp: KvpSettings, t: Timings, clock: Clock):
     """The auxiliary decodes tokens[aux_start:n_pred] (and the tail too where kvcli.engine.span_choice
-    chooses ``spans`` from its last row), the base cells of positions start..n_pred-1 are
+    chooses the spans from its last row), the base cells of positions start..n_pred-1 are
     predicted and added to the base's. Returns the attention sinks (with the positions before
-    ``opening``: recompute.sink_ranges) and the chosen spans
+    OPENING where spans are chosen: recompute.sink_ranges) and the chosen spans
     among those positions (or the given ``recompute`` ranges), for the base to recompute,
-    and with ``from_tail`` the tail-focus scores where the auxiliary can give them
+    and for spans chosen from the tail the tail-focus scores where the auxiliary can give them
     (``SpanRecompute.aux_tail_scores``), else None."""
+    start, aux_start = kvp.start, kvp.aux_start
+    chooser = _chooser(engine, kvp)
     aux, base, info = engine.aux, engine.base, engine.base_info
     if aux_start:
         aux.truncate(aux_start)
@@ -141,19 +119,18 @@ def _predict_into_base(
         aux.clear()
     if aux.capture is not None:
         aux.capture.clear()
-    n_aux = len(tokens) if spans else n_pred
+    n_aux = len(tokens) if chooser == "keys" else n_pred
     aux.decode(tokens[aux_start:n_aux], start=aux_start)
     t.aux_prefill_ms = clock.lap()
-    hidden, raw_kv = take_captured(engine, n_aux - aux_start)
-    scores = engine.spans.aux_tail_scores(tokens, n_pred) if from_tail else None
+    hidden, raw_kv = take_captured(aux, engine.predictor, engine.aux_info, n_aux - aux_start)
+    scores = engine.spans.aux_tail_scores(tokens, n_pred) if chooser == "tail" else None
     t.aux_prefill_ms += clock.lap()
-    common = predictor_inputs(engine, tokens, hidden, raw_kv, t, clock, start, aux_start)
+    inputs = predictor_inputs(engine, tokens, hidden, raw_kv, t, clock, start, aux_start)
+    opening = OPENING if chooser else 0
     sinks = sink_ranges(engine.predictor, hidden, n_pred, first=aux_start, lo=max(1, start), opening=opening)
-    chosen, known = checked_ranges(recompute or [], n_pred, lo=max(1, start)), {}
-    if spans:
-        chosen, known = engine.spans.choose(
-            tokens, hidden, n_pred, spans, span_max, common, sinks, start=start, first_row=aux_start
-        )
+    chosen, known = checked_ranges(kvp.recompute or [], n_pred, lo=max(1, start)), {}
+    if chooser == "keys":
+        chosen, known = engine.spans.choose(tokens, n_pred, kvp, inputs, sinks)
     starts = [a for a, _ in merge_ranges(chosen, sinks)]
     positions = (
         span_group_positions(info, n_pred, starts, SPAN_CONTEXT, TAIL_CONTEXT)
@@ -171,7 +148,7 @@ def _predict_into_base(
         part_known = {
             il: (k[a - start : b - start], v[a - start : b - start]) for il, (k, v) in known.items()
         }  # layer k's rows: positions start..
-        data = predicted_state_bytes(engine.base_layout(), group_positions=part, known=part_known, **common)
+        data = predicted_state_bytes(engine.base_layout(), inputs, part, known=part_known)
         t.predict_ms += clock.lap()
         base.append_state(data, n_past=b)
         t.state_set_ms += clock.lap()
@@ -181,25 +158,23 @@ def _predict_into_base(
 
 def predictor_inputs(
     engine, tokens: list[int], hidden, raw_kv, t: Timings, clock: Clock, start: int = 0, aux_start: int = 0
-) -> dict:
-    """What the predictor reads (kvcli.predict.apply) once the auxiliary has decoded the prompt
-    and its captured rows are taken (``hidden``, ``raw_kv``): its state where the predictor
-    copies layers or reads keys from it (read here, timed as ``state_get_ms``)."""
-    aux, info = engine.aux, engine.base_info
+) -> PredictorInputs:
+    """What the predictor reads once the auxiliary has decoded the prompt and its captured
+    rows are taken (``hidden``, ``raw_kv``): its state where the predictor copies layers or
+    reads keys from it (read here, timed as ``state_get_ms``)."""
     needs_state = engine.predictor.copied_layers or not engine.predictor.raw_keys
-    raw = aux.get_state(-1) if needs_state else None
+    raw = engine.aux.get_state(-1) if needs_state else None
     t.state_get_ms = clock.lap()
-    return dict(
+    return PredictorInputs(
         aux_layers=layers_by_index(parse_seq_state(raw), engine.aux_state_info) if needs_state else {},
         aux=engine.aux_info,
-        base=info,
+        base=engine.base_info,
         predictor=engine.predictor,
         first_cell=engine.first_cell(tokens[0]) if start == 0 else None,
         key_norms=engine.key_norms,
         hidden=hidden,
         hidden_start=aux_start,
         raw_kv=raw_kv,
-        cache={},
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvcli import keys
+from kvcli.engine.prefill_types import KvpSettings
 from kvcli.engine.span_choice import (
     SINK_POSITIONS,
     QueryProjector,
@@ -23,7 +24,7 @@ from kvcli.engine.span_choice import (
     spans_supported,
 )
 from kvcli.errors import IncompatibleError, KvcliError
-from kvcli.predict.apply import predict_base_kv
+from kvcli.predict.apply import PredictorInputs, predict_base_kv
 
 # spans recomputed by default: two, as one chosen span missed what two held on kvcli eval
 # (a scratch run, 1,024 tokens, seed 1, n = 10, sentence spans, tail 40: passkey 5/10 with
@@ -101,15 +102,14 @@ class SpanRecompute:
         self,
         tokens: list[int],
         n_pred: int,
-        spans: int,
-        span_max: int,
+        kvp: KvpSettings,
         candidates: list[tuple[int, int]],
         sinks: list[tuple[int, int]],
     ) -> list[tuple[int, int]]:
         """kvcli.engine.tail_choice: with every predicted cell in the base's context (the ``sinks``
         recomputed), the base decodes the tail once, its attention in the engine's tail-focus
-        layers captured, then forgets it; the spans where their combined scores peak among the
-        ``candidates`` ranges (predicted positions) are returned."""
+        layers captured, then forgets it; ``kvp``'s spans where their combined scores peak
+        among the ``candidates`` ranges (predicted positions) are returned."""
         from kvcli.engine.tail_choice import combined_scores
 
         eng = self.engine
@@ -124,7 +124,7 @@ class SpanRecompute:
         scores = combined_scores(eng.base_attention(eng.tail_focus_layers, len(tokens) - n_pred, n_pred))
         capture.clear()
         base.truncate(n_pred)
-        return self.pick(scores, tokens, n_pred, spans, span_max, candidates, sinks)
+        return self.pick(scores, tokens, n_pred, kvp, candidates, sinks)
 
     def aux_tail_scores(self, tokens: list[int], n_pred: int) -> np.ndarray | None:
         """kvcli.engine.tail_choice's scores from the auxiliary's own decode of the tail, where the
@@ -154,13 +154,12 @@ class SpanRecompute:
         scores: np.ndarray,
         tokens: list[int],
         n_pred: int,
-        spans: int,
-        span_max: int,
+        kvp: KvpSettings,
         candidates: list[tuple[int, int]],
         sinks: list[tuple[int, int]],
     ) -> list[tuple[int, int]]:
-        """The sentences (span_choice.sentence_spans, ``span_max`` tokens at most) where
-        ``scores`` peak among the ``candidates`` ranges, away from the ``sinks``."""
+        """``kvp.spans`` sentences (span_choice.sentence_spans, ``kvp.span_max`` tokens at
+        most) where ``scores`` peak among the ``candidates`` ranges, away from the ``sinks``."""
         allowed = np.zeros(n_pred, dtype=bool)
         for a, b in candidates:
             allowed[a:b] = True
@@ -168,11 +167,11 @@ class SpanRecompute:
             allowed[a:b] = False
         return sentence_spans(
             scores[:n_pred],
-            spans,
+            kvp.spans,
             self.sentence_ends(tokens[:n_pred]),
             lo=max(1, candidates[0][0]) if candidates else 1,
             hi=n_pred,
-            max_width=span_max,
+            max_width=kvp.span_max,
             allowed=allowed,
         )
 
@@ -191,21 +190,22 @@ class SpanRecompute:
             self._projector = QueryProjector.for_base(eng.base_info, eng.aux_info.n_layer)
 
     def layer_scores(
-        self, hidden, n_aux: int, n_pred: int, common: dict, start: int = 0, first_row: int = 0
+        self, n_aux: int, n_pred: int, inputs: PredictorInputs, start: int = 0
     ) -> tuple[np.ndarray, dict]:
         """Per position < n_pred, the attention the question (positions n_pred..n_aux-1, the
-        tail; ``hidden`` rows start at position ``first_row``) gives it in base layer k,
-        over that layer's predicted keys of positions start..n_pred-1 (0 before ``start``):
-        its queries computed from the captured rows, scored by span_choice.question_scores.
-        Also returns layer k's predicted rows (a full-attention layer: every one of those
-        positions), not to predict them twice."""
+        tail) gives it in base layer k, over that layer's predicted keys of positions
+        start..n_pred-1 (0 before ``start``): its queries computed from the captured rows
+        (``inputs.hidden``), scored by span_choice.question_scores. Also returns layer k's
+        predicted rows (a full-attention layer: every one of those positions), not to
+        predict them twice."""
         self.check()
         proj, kinds = self._projector, list(self.engine.predictor.hidden_kinds)
         layer = proj.layer
         full = [np.arange(start, n_pred, dtype=np.int32)] * len(self.engine.base_info.cache_layer_groups)
-        known = predict_base_kv(group_positions=full, only=[layer], **common)
+        known = predict_base_kv(inputs, full, only=[layer])
         positions = np.arange(min(n_pred, n_aux - 1), n_aux)  # at least the last token
-        rows = positions - first_row
+        rows = positions - inputs.hidden_start
+        hidden = inputs.hidden
         residual = proj.residual(
             hidden[kinds.index(keys.FEATURE_AUX_RESIDUAL)][rows],
             hidden[kinds.index(keys.FEATURE_AUX_ATTN)][rows],
@@ -218,21 +218,17 @@ class SpanRecompute:
     def choose(
         self,
         tokens: list[int],
-        hidden,
         n_pred: int,
-        spans: int,
-        span_max: int,
-        common: dict,
+        kvp: KvpSettings,
+        inputs: PredictorInputs,
         sinks: list[tuple[int, int]],
-        start: int = 0,
-        first_row: int = 0,
     ) -> tuple[list[tuple[int, int]], dict]:
-        """The ``spans`` sentences in max(1, start)..n_pred-1 where ``layer_scores`` of the
-        question tokens[n_pred:] peak, away from the ``sinks`` (position 0, BOS, draws
-        attention from every query and is never chosen), and layer k's predicted rows."""
-        scores, known = self.layer_scores(hidden, len(tokens), n_pred, common, start, first_row)
-        lo = max(1, start)
-        return self.pick(scores, tokens, n_pred, spans, span_max, [(lo, n_pred)], sinks), known
+        """``kvp``'s spans in max(1, start)..n_pred-1 where ``layer_scores`` of the question
+        tokens[n_pred:] peak, away from the ``sinks`` (position 0, BOS, draws attention from
+        every query and is never chosen), and layer k's predicted rows."""
+        scores, known = self.layer_scores(len(tokens), n_pred, inputs, kvp.start)
+        lo = max(1, kvp.start)
+        return self.pick(scores, tokens, n_pred, kvp, [(lo, n_pred)], sinks), known
 
 
 # A position whose residual (the auxiliary's captured ``l_out-(k-2)``) is this many times the

@@ -20,6 +20,7 @@ import numpy as np
 from kvcli.choices import Choice
 from kvcli.engine.aux_load import take_captured
 from kvcli.engine.kvp_prefill import predictor_inputs
+from kvcli.engine.prefill_types import Prefill
 from kvcli.engine.timings import Clock, Timings
 from kvcli.errors import IncompatibleError, KvcliError
 
@@ -107,18 +108,18 @@ def position_scores(engine, tokens: list[int], n_pred: int, select_by: str, t: T
         return scores
     aux.decode(tokens)
     t.aux_prefill_ms = clock.lap()
-    hidden, raw_kv = take_captured(engine, len(tokens))
-    common = predictor_inputs(engine, tokens, hidden, raw_kv, t, clock)
-    scores, _ = engine.spans.layer_scores(hidden, len(tokens), n_pred, common)
+    hidden, raw_kv = take_captured(aux, engine.predictor, engine.aux_info, len(tokens))
+    inputs = predictor_inputs(engine, tokens, hidden, raw_kv, t, clock)
+    scores, _ = engine.spans.layer_scores(len(tokens), n_pred, inputs)
     t.predict_ms = clock.lap()
     return scores
 
 
 def select_prefill(
     engine, tokens: list[int], keep: int | None, t: Timings, select_by: str = "auto"
-) -> np.ndarray:
+) -> Prefill:
     """Prefill ``tokens`` into ``engine.base`` by token selection, ``keep`` positions in all
-    (at least MIN_SELECT_KEEP; ``default_keep`` when None); returns the last logits and fills ``t``."""
+    (at least MIN_SELECT_KEEP; ``default_keep`` when None); ``t``: its timings, filled here."""
     select_by = resolve_select_by(engine, select_by)
     n = len(tokens)
     keep = default_keep(n) if keep is None else keep
@@ -128,13 +129,11 @@ def select_prefill(
         )
     base = engine.base
     if keep >= n:
-        engine.last_selected = np.arange(n)
-        return engine.plain_prefill(base, tokens, t)
+        return Prefill(base, engine.plain_prefill(base, tokens, t), t, selected=np.arange(n))
     clock = Clock()
     scores = position_scores(engine, tokens, n - SELECT_TAIL, select_by, t, clock)
     positions = kept_positions(scores, n, keep, SELECT_TAIL)
-    engine.last_selected = positions
     base.clear()
     base.decode_at([tokens[p] for p in positions], positions, logits_last=True)
     t.base_decode_ms = clock.lap()
-    return base.last_logits()
+    return Prefill(base, base.last_logits(), t, selected=positions)

@@ -60,22 +60,22 @@ def measure_break_even(
     """The manifest's ``break_even`` entry: kvp's TTFT over the base's at each length that fits
     the context (kvp with the bundle's default settings, the faster of two runs each, after a
     warm-up), and ``min_tokens`` (``crossing``)."""
-    settings = engine.kvp_settings()
+    kvp = engine.kvp_settings()
     lengths = [n for n in lengths if n < engine.settings.n_ctx]
     prompts = {n: prose_tokens(engine, n) for n in lengths}
     if lengths:
-        timed_prefill(engine, prompts[lengths[0]], mode="kvp", **settings)  # warm-up
+        timed_prefill(engine, prompts[lengths[0]], mode="kvp", kvp=kvp)  # warm-up
     ratios = {}
     for i, n in enumerate(lengths):
         tokens = prompts[n]
         base = min(timed_prefill(engine, tokens, mode="base")[3] for _ in range(2))
-        kvp = min(timed_prefill(engine, tokens, mode="kvp", **settings)[3] for _ in range(2))
-        ratios[len(tokens)] = kvp / base
+        predicted = min(timed_prefill(engine, tokens, mode="kvp", kvp=kvp)[3] for _ in range(2))
+        ratios[len(tokens)] = predicted / base
         if progress:
             progress(i + 1, len(lengths))
     return {
         "pays_ratio": PAYS_RATIO,
-        "kvp_settings": settings,
+        "kvp_settings": kvp.recorded(),
         "ttft_ratio": {str(n): round(r, 3) for n, r in ratios.items()},
         "min_tokens": crossing(ratios),
     }

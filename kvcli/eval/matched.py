@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from kvcli.engine.engine import Engine
+from kvcli.engine.prefill_types import KvpSettings
 
 MIN_KEEP = 16
 REPEATS = 2
@@ -21,11 +22,12 @@ FIT_REPEATS = 3
 
 
 def timed_prefill(engine: Engine, tokens: list[int], **settings):
-    """(context, logits, first token, ms) of one prefill; ms to the first token's choice."""
+    """(context, logits, first token, ms) of one prefill (``settings``: Engine.prefill's); ms
+    to the first token's choice."""
     start = time.perf_counter()
-    ctx, logits, _ = engine.prefill(tokens, **settings)
-    first = int(np.argmax(logits))
-    return ctx, logits, first, (time.perf_counter() - start) * 1e3
+    prefill = engine.prefill(tokens, **settings)
+    first = int(np.argmax(prefill.logits))
+    return prefill.context, prefill.logits, first, (time.perf_counter() - start) * 1e3
 
 
 def median_ttft(engine: Engine, tokens: list[int], repeats: int = REPEATS, **settings) -> float:
@@ -71,6 +73,6 @@ def matched_count(
     return keep
 
 
-def matched_keep(engine: Engine, tokens: list[int], **kvp) -> int:
-    """M for kvp's median TTFT with settings ``kvp`` (tail, spans), both measured on ``tokens``."""
-    return matched_count(engine, tokens, median_ttft(engine, tokens, mode="kvp", **kvp))
+def matched_keep(engine: Engine, tokens: list[int], kvp: KvpSettings) -> int:
+    """M for kvp's median TTFT with settings ``kvp``, both measured on ``tokens``."""
+    return matched_count(engine, tokens, median_ttft(engine, tokens, mode="kvp", kvp=kvp))

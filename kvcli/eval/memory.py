@@ -108,6 +108,7 @@ def measure_in_child(
 def _child() -> None:
     from kvcli.engine.bundle import load_bundle
     from kvcli.engine.engine import Engine
+    from kvcli.engine.prefill_types import KvpSettings
     from kvcli.llama.runtime import ContextSettings
 
     job = json.loads(sys.stdin.read())
@@ -128,9 +129,8 @@ def _child() -> None:
                 engine.prefill(
                     job["prompts"][str(n)],
                     mode=job["mode"],
-                    tail=job["tail"],
+                    kvp=KvpSettings(tail=job["tail"], spans=job["spans"]),
                     keep=job["keep"].get(str(n)),
-                    spans=job["spans"],
                 )
             out[n] = {
                 "peak_rss_mib": peak_rss_mib(),

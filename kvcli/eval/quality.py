@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvcli.engine.engine import Engine
+from kvcli.engine.prefill_types import KvpSettings
 from kvcli.eval.matched import matched_count, median_ttft, timed_prefill
 from kvcli.eval.prompts import ANSWER_TOKENS, Example
 from kvcli.eval.stats import wilson
@@ -164,7 +165,8 @@ def score_method(
 
 def _settings(stats: MethodStats) -> dict:
     """The prefill settings of one method."""
-    out = dict(mode=stats.method, tail=stats.tail or 0, spans=stats.spans or 0, keep=stats.keep)
+    kvp = KvpSettings(tail=stats.tail or 0, spans=stats.spans or 0)
+    out = dict(mode=stats.method, kvp=kvp, keep=stats.keep)
     return out | ({"select_by": stats.select_by} if stats.select_by else {})
 
 
@@ -185,7 +187,7 @@ def evaluate_task(
 
     examples = make_examples(task, n=n, n_tokens=n_tokens, tokenize=engine.tokenize, seed=seed)
     prompts = [engine.tokenize(ex.prompt) for ex in examples]
-    target = median_ttft(engine, prompts[0], mode="kvp", tail=max(tails), spans=max(spans))
+    target = median_ttft(engine, prompts[0], mode="kvp", kvp=KvpSettings(tail=max(tails), spans=max(spans)))
     base = MethodStats("base")
     methods = [MethodStats("kvp", tail=t, spans=s) for s in spans for t in tails]
     base_ms = median_ttft(engine, prompts[0], mode="base")

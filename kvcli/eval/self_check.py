@@ -80,13 +80,17 @@ def check_engine(
 ) -> dict:
     """The check's figures and verdict for ``engine`` (a bundle's base, auxiliary and
     predictor), as stored in the bundle's manifest under ``check``."""
-    settings = engine.kvp_settings()
+    kvp = engine.kvp_settings()
     prompts = check_prompts(engine, n_tokens, n)
-    keep = matched_keep(engine, prompts["prose"][0], **settings)
+    keep = matched_keep(engine, prompts["prose"][0], kvp)
     kinds, done, total = {}, 0, sum(len(p) for p in prompts.values())
     for kind, kind_prompts in prompts.items():
         base_ttft = []
-        methods = [MethodStats("kvp", **settings), MethodStats("truncate", keep=keep), MethodStats("aux")]
+        methods = [
+            MethodStats("kvp", tail=kvp.tail, spans=kvp.spans),
+            MethodStats("truncate", keep=keep),
+            MethodStats("aux"),
+        ]
         for tokens in kind_prompts:
             ref, ttft, _ = base_reference(engine, tokens)
             base_ttft.append(ttft)
@@ -97,7 +101,7 @@ def check_engine(
                 progress(done, total)
         median = statistics.median(base_ttft)
         kinds[kind] = {"base_ttft_ms": round(median, 1), **{m.method: _summary(m, median) for m in methods}}
-    return verdict({"n_tokens": n_tokens, "n": n, "kvp_settings": settings, "kinds": kinds})
+    return verdict({"n_tokens": n_tokens, "n": n, "kvp_settings": kvp.recorded(), "kinds": kinds})
 
 
 def verdict(check: dict) -> dict:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from kvcli.engine.prefill_types import KvpSettings
 from kvcli.engine.recompute import DEFAULT_SPANS_TAIL
 from kvcli.engine.span_choice import sentence_spans
 from kvcli.engine.tail_choice import N_LAYERS
@@ -93,7 +94,7 @@ def measure_layer(
             n_value = len(eng.model.tokenize(value, add_special=False))
             capture = eng.base.capture
             capture.clear()
-            eng.prefill(tokens, mode="kvp", tail=tail, capture_tail=True)
+            eng.prefill(tokens, mode="kvp", kvp=KvpSettings(tail=tail, capture_tail=True))
             scores = eng.base_attention(layers, tail + 1, n_pred)
             capture.clear()
             lo, hi = max(0, at - 2), min(n_pred, at + n_value + 2)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvcli.engine.engine import Engine
+from kvcli.engine.prefill_types import KvpSettings
 from kvcli.engine.timings import Timings
 from kvcli.engine.token_select import MIN_SELECT_KEEP
 from kvcli.errors import KvcliError
@@ -68,9 +69,10 @@ def bench_prompts(engine: Engine, n_tokens: int, count: int) -> list[list[int]]:
 
 def _prefill(engine: Engine, tokens: list[int], m: Method):
     start = time.perf_counter()
-    ctx, logits, timings = engine.prefill(tokens, mode=m.mode, tail=m.tail, keep=m.keep, spans=m.spans)
-    first = int(np.argmax(logits))
-    return ctx, logits, first, timings, (time.perf_counter() - start) * 1e3
+    kvp = KvpSettings(tail=m.tail, spans=m.spans)
+    prefill = engine.prefill(tokens, mode=m.mode, kvp=kvp, keep=m.keep)
+    first = int(np.argmax(prefill.logits))
+    return prefill.context, prefill.logits, first, prefill.timings, (time.perf_counter() - start) * 1e3
 
 
 def bench_length(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
@@ -110,63 +110,64 @@ def apply_key_norm(k: np.ndarray, weight: np.ndarray, head_dim: int, eps: float)
     return heads.reshape(len(k), -1)
 
 
-def predict_base_kv(
-    aux_layers: dict[int, LayerCells],
-    aux: ModelInfo,
-    base: ModelInfo,
-    predictor: Predictor,
-    group_positions: list[np.ndarray],
-    first_cell: FirstCell | None = None,
-    key_norms: dict[int, np.ndarray] | None = None,
-    hidden: list[np.ndarray] = (),
-    hidden_start: int = 0,
-    raw_kv: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
-    only: list[int] | None = None,
-    cache: dict | None = None,
-) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """K (post-RoPE) and V rows per base layer, for the positions of its cache group.
+@dataclass(frozen=True)
+class PredictorInputs:
+    """What the predictor reads once the auxiliary has prefilled a prompt.
 
-    The auxiliary's cells must hold positions 0..n-1; ``hidden`` rows start at position
-    ``hidden_start`` (a conversation's auxiliary decodes only its new tokens). ``raw_kv``:
-    per auxiliary layer, its keys and values straight out of the QKV projection (captured
-    like ``hidden``, from the same position), for a predictor that reads raw keys. ``only``:
-    just these layers. ``cache``: a dict kept across calls on the same prompt, where a
-    factored predictor's basis products are reused."""
-    out, jobs = _layer_jobs(
-        aux_layers,
-        aux,
-        base,
-        predictor,
-        group_positions,
-        first_cell,
-        key_norms,
-        hidden,
-        hidden_start,
-        raw_kv,
-        only,
-        cache,
-    )
+    ``aux_layers``: the auxiliary's parsed cells, holding positions 0..n-1 (empty where the
+    predictor neither copies layers nor reads keys from them). ``hidden``: the captured rows,
+    row 0 at position ``hidden_start`` (a conversation's auxiliary decodes only its new
+    tokens). ``raw_kv``: per auxiliary layer, its keys and values straight out of the QKV
+    projection (captured like ``hidden``, from the same position), for a predictor that reads
+    raw keys. ``first_cell``: the base's own cell at position 0 where the prompt starts
+    there. ``cache``: where a factored predictor's basis products are reused across the
+    calls on one prompt (``basis_rows``), hence mutable."""
+
+    aux_layers: dict[int, LayerCells]
+    aux: ModelInfo
+    base: ModelInfo
+    predictor: Predictor
+    first_cell: FirstCell | None = None
+    key_norms: dict[int, np.ndarray] | None = None
+    hidden: list[np.ndarray] = ()
+    hidden_start: int = 0
+    raw_kv: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
+    cache: dict = field(default_factory=dict)
+
+
+def predict_base_kv(
+    inputs: PredictorInputs, group_positions: list[np.ndarray], only: list[int] | None = None
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """K (post-RoPE) and V rows per base layer, for the positions of its cache group
+    (``only``: just these layers)."""
+    out, jobs = _layer_jobs(inputs, group_positions, only)
     # numpy releases the GIL in its kernels: layers run in parallel on single-threaded BLAS
     out.update(zip(jobs, _pool().map(lambda job: job(), jobs.values())))
     return out
 
 
-def predicted_state_bytes(layout: CacheLayout, known: dict | None = None, **kwargs) -> bytearray:
+def predicted_state_bytes(
+    layout: CacheLayout,
+    inputs: PredictorInputs,
+    group_positions: list[np.ndarray],
+    known: dict | None = None,
+) -> bytearray:
     """The state bytes (seq 0, ``layout``) of ``predict_base_kv``'s rows, each predicted layer
     computed on the pool and cast into the buffer at once: only a few layers' float32 rows
     are alive at any time. ``known``: layers' rows already predicted (at these positions)."""
     known = known or {}
-    out, jobs = _layer_jobs(**kwargs)
+    out, jobs = _layer_jobs(inputs, group_positions)
     out.update(known)
+    base = inputs.base
     for il, job in jobs.items():
         if il in known:
             continue
-        n = len(_positions_of(kwargs["base"], kwargs["group_positions"], il))
+        n = len(_positions_of(base, group_positions, il))
         out[il] = (
-            Pending((n, kwargs["base"].n_embd_k(il)), job, 0),
-            Pending((n, kwargs["base"].n_embd_v(il)), job, 1),
+            Pending((n, base.n_embd_k(il)), job, 0),
+            Pending((n, base.n_embd_v(il)), job, 1),
         )
-    return state_bytes(layout, kwargs["group_positions"], out)
+    return state_bytes(layout, group_positions, out)
 
 
 def _positions_of(base: ModelInfo, group_positions: list[np.ndarray], il: int) -> np.ndarray:
@@ -176,24 +177,10 @@ def _positions_of(base: ModelInfo, group_positions: list[np.ndarray], il: int) -
     raise IncompatibleError(f"base layer {il} is in no cache group")
 
 
-def _layer_jobs(
-    aux_layers: dict[int, LayerCells],
-    aux: ModelInfo,
-    base: ModelInfo,
-    predictor: Predictor,
-    group_positions: list[np.ndarray],
-    first_cell: FirstCell | None = None,
-    key_norms: dict[int, np.ndarray] | None = None,
-    hidden: list[np.ndarray] = (),
-    hidden_start: int = 0,
-    raw_kv: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
-    only: list[int] | None = None,
-    cache: dict | None = None,
-):
-    """The copied layers' rows, and per predicted layer a function that computes its rows
-    (``only``: just these layers; ``cache``: see ``predict_base_kv``)."""
-    n_cells = max((len(p) and int(p[-1]) + 1) for p in group_positions)
-    first = min((int(p[0]) for p in group_positions if len(p)), default=n_cells)
+def _check_covers(inputs: PredictorInputs, first: int, n_cells: int) -> None:
+    """That ``inputs`` hold what the predictor reads for positions first..n_cells-1."""
+    predictor, hidden, hidden_start = inputs.predictor, inputs.hidden, inputs.hidden_start
+    raw_kv = inputs.raw_kv
     if hidden and not (hidden_start <= first and hidden_start + len(hidden[0]) >= n_cells):
         raise IncompatibleError(
             f"captured hidden rows cover positions {hidden_start}.."
@@ -209,13 +196,13 @@ def _layer_jobs(
         raise IncompatibleError(
             f"this predictor reads the auxiliary's raw keys at positions {first}..{n_cells - 1}: capture them"
         )
-    if predictor.key_space == keys.KEY_SPACE_PRE_NORM and key_norms is None:
+    if predictor.key_space == keys.KEY_SPACE_PRE_NORM and inputs.key_norms is None:
         raise IncompatibleError(
             "this predictor's keys need the base's key norm, which the base "
             "model does not have as float32 weights"
         )
     for il in ([] if predictor.raw_keys else predictor.feature_layers) + predictor.copied_layers:
-        cells = aux_layers.get(il)
+        cells = inputs.aux_layers.get(il)
         if (
             cells is None
             or len(cells.positions) < n_cells
@@ -223,21 +210,31 @@ def _layer_jobs(
         ):
             raise IncompatibleError(f"auxiliary layer {il} does not hold positions 0..{n_cells - 1}")
 
+
+def _layer_jobs(inputs: PredictorInputs, group_positions: list[np.ndarray], only: list[int] | None = None):
+    """The copied layers' rows, and per predicted layer a function that computes its rows
+    (``only``: just these layers)."""
+    n_cells = max((len(p) and int(p[-1]) + 1) for p in group_positions)
+    first = min((int(p[0]) for p in group_positions if len(p)), default=n_cells)
+    _check_covers(inputs, first, n_cells)
+    aux_layers, base, predictor = inputs.aux_layers, inputs.base, inputs.predictor
+    raw_kv, hidden, key_norms = inputs.raw_kv, inputs.hidden, inputs.key_norms
+
     wanted = (lambda il: True) if only is None else (lambda il: il in only)
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for il in filter(wanted, predictor.copied_layers):
         rows = _positions_of(base, group_positions, il)
         out[il] = (aux_layers[il].k[rows], aux_layers[il].v[rows])
 
-    h0 = first - hidden_start
+    h0 = first - inputs.hidden_start
 
     def features_of(src: int) -> np.ndarray:  # row i: position first + i
         if predictor.raw_keys:
             kv = {src: (raw_kv[src][0][h0 : h0 + n_cells - first], raw_kv[src][1][h0 : h0 + n_cells - first])}
         else:
-            cells = aux_layers[src]
+            cells, rope = aux_layers[src], inputs.aux.rope[src]
             positions = cells.positions[first:n_cells]
-            kv = {src: (unrotate(cells.k[first:n_cells], positions, aux.rope[src]), cells.v[first:n_cells])}
+            kv = {src: (unrotate(cells.k[first:n_cells], positions, rope), cells.v[first:n_cells])}
         return build_features(kv, src, [h[h0 : h0 + n_cells - first] for h in hidden])
 
     layers = list(filter(wanted, predictor.predicted_layers))
@@ -245,11 +242,10 @@ def _layer_jobs(
     # layer's source is built only where the basis product cached does not cover its rows
     dense = {predictor.layer_map[il] for il in layers if il not in predictor.factored_layers}
     features = {src: features_of(src) for src in dense}
-    cache = {} if cache is None else cache
     reduced = {}
     for src in predictor.sources_with_basis(layers):
         rows_of = partial(features.get, src) if src in features else partial(features_of, src)
-        reduced[src] = basis_rows(cache, src, rows_of, n_cells - first, predictor.bases[src], first)
+        reduced[src] = basis_rows(inputs.cache, src, rows_of, n_cells - first, predictor.bases[src], first)
 
     def predict_one(il: int) -> tuple[np.ndarray, np.ndarray]:
         rows = _positions_of(base, group_positions, il)
@@ -261,6 +257,7 @@ def _layer_jobs(
         elif key_norms is not None:
             k = rescale_to_key_norm(np.ascontiguousarray(k), key_norms[il], base.head_dim_k)
         k = rotate(k, rows, base.rope[il])
+        first_cell = inputs.first_cell
         if first_cell is not None and predictor.exact_first_cell and len(rows) and rows[0] == 0:
             k[0], v[0] = first_cell.k[il], first_cell.v[il]
         return k, v
