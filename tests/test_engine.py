@@ -9,7 +9,7 @@ from conftest import random_prompt
 from kvcli.engine.engine import Engine
 from kvcli.engine.generation import generate
 from kvcli.engine.prefill_types import KvpSettings
-from kvcli.engine.recompute import DEFAULT_SPANS, DEFAULT_SPANS_TAIL, OPENING
+from kvcli.engine.recompute import DEFAULT_SPANS, DEFAULT_SPANS_TAIL, OPENING, SINK_GAP
 from kvcli.engine.token_select import default_keep
 from kvcli.errors import ContextError, IncompatibleError, KvcliError
 from kvcli.llama.library import llama_cpp_version, prefix_view_supported
@@ -226,6 +226,9 @@ def test_spans_hold_the_stated_fact_and_bring_back_the_answer(gemma_bundle):
             statement = f"secret code of {who} is ".encode()
             c = text.index(statement + ex.answer.encode()) + len(statement)  # the code itself
             first, last = np.searchsorted(starts, [c, c + len(ex.answer) - 1], side="right") - 1
+            # past the opening and the sinks it takes along: a range that holds the code was
+            # chosen for it, not recomputed as the opening
+            assert first >= OPENING + SINK_GAP, first
             for name, kvp in (("plain", KvpSettings(tail=DEFAULT_SPANS_TAIL)), ("spans", eng.kvp_settings())):
                 result = eng.prefill(tokens, mode="kvp", kvp=kvp)
                 ctx, answer = result.context, [int(np.argmax(result.logits))]
@@ -249,6 +252,7 @@ def test_spans_find_the_asked_record_among_look_alikes(gemma_bundle):
             starts = np.cumsum([0] + [len(eng.model.token_bytes(t)) for t in tokens])
             c = ex.prompt.encode().index(ex.answer.encode())
             first, last = np.searchsorted(starts, [c, c + len(ex.answer) - 1], side="right") - 1
+            assert first >= OPENING + SINK_GAP, first  # a hit is the chooser's, not the opening's
             recomputed = eng.prefill(tokens, mode="kvp", kvp=eng.kvp_settings()).recomputed
             assert any(a <= first and last < b for a, b in recomputed), (recomputed, first)
             opening = recomputed[0]
