@@ -50,14 +50,23 @@ def test_under_the_break_even_the_base_prefills(gemma_bundle):
         assert stats.n_predicted > 0
 
 
-@pytest.mark.parametrize("min_tokens,by", [(10_000, "base"), (8, "kvp")])
-def test_generate_json_says_who_prefilled(gemma_bundle, tmp_path, min_tokens, by):
+@pytest.mark.parametrize(
+    "min_tokens,ratios,by",
+    [
+        (10_000, {}, "base"),
+        (8, {}, "kvp"),
+        # kvp never paid on the lengths measured: the base prefills up to the longest of them
+        (None, {"64": 0.9, "256": 0.8}, "base"),
+        (None, {"16": 0.9, "32": 0.8}, "kvp"),
+    ],
+)
+def test_generate_json_says_who_prefilled(gemma_bundle, tmp_path, min_tokens, ratios, by):
     folder = tmp_path / "bundle"
     folder.mkdir()
     files = {"base": gemma_bundle.base.resolve(), "aux": gemma_bundle.aux_source}
     files["predictor"] = gemma_bundle.predictor.resolve()
     write_manifest(
-        folder, files, {"break_even": {"min_tokens": min_tokens, "pays_ratio": 0.5, "ttft_ratio": {}}}
+        folder, files, {"break_even": {"min_tokens": min_tokens, "pays_ratio": 0.5, "ttft_ratio": ratios}}
     )
     prompt = "The quick brown fox jumps over the lazy dog. " * 8  # longer than kvp's tail
     res = kvcli("generate", prompt, "-n", "2", "--json", "--bundle", folder)

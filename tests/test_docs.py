@@ -140,3 +140,15 @@ def test_the_readmes_command_lines_run_in_order(gemma_bundle, tiny_gemma3, tmp_p
         )
         assert res.returncode == 0, (line, res.stderr[-2000:])
         assert res.stdout.strip(), line
+
+
+def test_the_readmes_python_runs(gemma_bundle, tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert blocks
+    (tmp_path / "notes.txt").write_text(" ".join(prose_sentences("moby_dick")[:60]))
+    for code in blocks:
+        res = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path
+        )
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "TTFT" in res.stdout

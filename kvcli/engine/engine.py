@@ -216,8 +216,11 @@ class Engine:
         ):
             kwargs["tail_focus_layers"] = [int(il) for il in spans["layers"]]
         break_even = bundle.manifest.get("break_even") or {}
-        if with_predictor and isinstance(break_even.get("min_tokens"), int):
-            kwargs.setdefault("kvp_min_tokens", break_even["min_tokens"])
+        min_tokens = break_even.get("min_tokens")
+        if min_tokens is None and break_even.get("ttft_ratio"):  # never paid where measured
+            min_tokens = max(int(n) for n in break_even["ttft_ratio"]) + 1
+        if with_predictor and isinstance(min_tokens, int):
+            kwargs.setdefault("kvp_min_tokens", min_tokens)
         return cls(
             bundle.base,
             aux_path=bundle.aux if with_aux else None,
