@@ -30,7 +30,7 @@ def measure(engine: Engine, n_prompt: int, n: int, tail: int = 0) -> dict:
             lambda s: model.tokenize(s, add_special=False),
             chunk_tokens=n_prompt,
             n_chunks=n,
-            bos=model.bos,
+            bos=model.prompt_bos,
         )
     ]
     base_ms, kvp_ms, agree, parts = [], [], 0, []
