@@ -9,7 +9,7 @@ from test_cli import kvcli
 
 from kvcli.engine.bundle import write_manifest
 from kvcli.engine.conversation import Conversation
-from kvcli.engine.engine import Engine
+from kvcli.engine.engine import Engine, kvp_from_tokens
 from kvcli.engine.generation import generate
 from kvcli.eval.break_even import crossing, measure_break_even
 from kvcli.llama.runtime import ContextSettings
@@ -21,6 +21,12 @@ def test_crossing():
     assert crossing({256: 0.9, 512: 0.7}) is None  # none pays
     assert crossing({256: 0.4, 512: 0.6, 1024: 0.4}) == 768  # the last crossing counts
     assert crossing({}) is None
+
+
+def test_kvp_prefills_from_the_break_even_or_past_the_lengths_it_never_paid_on():
+    assert kvp_from_tokens({"min_tokens": 738, "ttft_ratio": {"256": 0.9, "1024": 0.45}}) == 738
+    assert kvp_from_tokens({"min_tokens": None, "ttft_ratio": {"256": 1.3, "2048": 0.6}}) == 2049
+    assert kvp_from_tokens(None) == 0 and kvp_from_tokens({"min_tokens": None, "ttft_ratio": {}}) == 0
 
 
 def test_measure_on_the_embedded_bundle(gemma_bundle):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvcli.engine.bundle import Bundle, default_bundle, load_bundle
-from kvcli.engine.engine import Engine
+from kvcli.engine.engine import Engine, kvp_from_tokens
 from kvcli.errors import KvcliError
 from kvcli.llama.runtime import ContextSettings
 
@@ -93,7 +93,10 @@ def break_even_line(entry: dict) -> str:
         if entry["min_tokens"] is not None
         else f"kvp never reaches {entry['pays_ratio']}x the base's TTFT on the lengths measured"
     )
-    return f"{where}; shorter prompts are prefilled by the base (kvp's TTFT / the base's: {ratios})"
+    below = kvp_from_tokens(entry)
+    return (
+        f"{where}; prompts under {below} tokens are prefilled by the base (kvp's TTFT / the base's: {ratios})"
+    )
 
 
 def measure_spans(b: Bundle) -> Bundle:
@@ -132,6 +135,7 @@ def run_self_check(b: Bundle, n_tokens: int, *, echo: bool = True) -> dict:
 
     b = measure_break_even(b)
     # judged where kvp is used: at the break-even's length if that is longer
+    # (where kvp never paid on the lengths measured, at n_tokens: past them is unmeasured)
     n_tokens = max(n_tokens, b.manifest["break_even"]["min_tokens"] or 0)
     with ui.progress_reporter() as report, Engine.from_bundle(b) as engine:
         result = check_engine(engine, n_tokens=n_tokens, progress=lambda i, n: report("check", i, n))

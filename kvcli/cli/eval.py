@@ -15,7 +15,7 @@ from kvcli.cli.options import BundleOpt, JsonOpt, ThreadsOpt
 from kvcli.engine.recompute import DEFAULT_SPANS_TAIL
 from kvcli.errors import KvcliError
 from kvcli.eval.stats import frontier, method_label, summarize_methods
-from kvcli.eval.tasks import TASKS
+from kvcli.eval.tasks import DEFAULT_TASKS, TASKS
 from kvcli.llama.runtime import ContextSettings
 
 HELP = """The judge of every quality claim: the quality each prefill method keeps, at its measured
@@ -43,7 +43,7 @@ def _fmt(value, digits=2) -> str:
 
 def command(
     tasks: Annotated[str, typer.Option("--tasks", help=f"Comma list of: {', '.join(TASKS)}.")] = ",".join(
-        TASKS
+        DEFAULT_TASKS
     ),
     lengths: Annotated[str, typer.Option("--lengths", help="Prompt lengths in tokens.")] = "1024",
     n: Annotated[

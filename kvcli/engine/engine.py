@@ -58,6 +58,18 @@ SCRATCH_SEQS = 8
 SCRATCH_CELLS = 256
 
 
+def kvp_from_tokens(break_even: dict | None) -> int:
+    """The prompt length from which kvp prefills, by a bundle's measured break-even
+    (kvcli.eval.break_even): its ``min_tokens``; past the longest length measured where kvp
+    never paid there; 0 (always kvp) where nothing was measured."""
+    if not break_even:
+        return 0
+    if isinstance(break_even.get("min_tokens"), int):
+        return break_even["min_tokens"]
+    measured = [int(n) for n in break_even.get("ttft_ratio") or {}]
+    return max(measured) + 1 if measured else 0
+
+
 class Engine:
     """Owns the base (and, for kvp/aux, the auxiliary) models and contexts."""
 
@@ -215,12 +227,8 @@ class Engine:
             and "tail_focus_layers" not in kwargs
         ):
             kwargs["tail_focus_layers"] = [int(il) for il in spans["layers"]]
-        break_even = bundle.manifest.get("break_even") or {}
-        min_tokens = break_even.get("min_tokens")
-        if min_tokens is None and break_even.get("ttft_ratio"):  # never paid where measured
-            min_tokens = max(int(n) for n in break_even["ttft_ratio"]) + 1
-        if with_predictor and isinstance(min_tokens, int):
-            kwargs.setdefault("kvp_min_tokens", min_tokens)
+        if with_predictor:
+            kwargs.setdefault("kvp_min_tokens", kvp_from_tokens(bundle.manifest.get("break_even")))
         return cls(
             bundle.base,
             aux_path=bundle.aux if with_aux else None,

@@ -12,6 +12,7 @@ look-alikes it was. Boolean and None defaults are left out, so a guess rarely sc
 from __future__ import annotations
 
 import ast
+import bisect
 import importlib.util
 import random
 from dataclasses import dataclass
@@ -38,8 +39,7 @@ class Default:
     qualname: str  # Class.method or function
     param: str
     value: str  # the default's source text, the answer
-    def_line: int  # 0-based first line of the def (decorators excluded)
-    def_offset: int  # character offset of that line in the file
+    def_offset: int  # character offset of the def's first line (decorators excluded)
     value_offset: int  # character offset of the default in the file
 
 
@@ -104,7 +104,6 @@ def defaults_of(text: str) -> tuple[Default, ...]:
                             qualname=prefix + child.name,
                             param=arg.arg,
                             value=value,
-                            def_line=child.lineno - 1,
                             def_offset=offsets[child.lineno - 1],
                             # ast columns count UTF-8 bytes; the prompt is cut in characters
                             value_offset=offsets[default.lineno - 1]
@@ -155,7 +154,7 @@ def source(rng: random.Random, n_tokens: int, tokenize: Tokenize) -> Example:
         offsets = _line_offsets(text)
         earliest = max(0, last + window_chars // 8 - window_chars)
         begin_at = rng.randrange(earliest, first + 1)
-        start = max(i for i, offset in enumerate(offsets) if offset <= begin_at)
+        start = bisect.bisect_right(offsets, begin_at) - 1  # the line begin_at falls in
         try:
             body = fit_prompt(lambda k, s=start, ls=lines: "".join(ls[s : s + k]), body_tokens, tokenize)
         except KvcliError:
