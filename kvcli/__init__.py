@@ -10,3 +10,11 @@ for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 __version__ = "0.1.0"
+
+
+def load(*args, **kwargs):
+    """A bundle ready to ``generate`` and ``chat``: kvcli.api.load (imported on first call, so
+    that ``import kvcli`` stays cheap)."""
+    from kvcli.api import load as load_model
+
+    return load_model(*args, **kwargs)

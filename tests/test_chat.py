@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from kvcli.engine.build import build_bundle
-from kvcli.engine.conversation import Conversation, _minus, common_prefix
+from kvcli.engine.conversation import Conversation
 from kvcli.engine.engine import Engine
 from kvcli.engine.generation import generate
+from kvcli.engine.prompt_cache import common_prefix, minus
 from kvcli.errors import ContextError
 from kvcli.llama.runtime import ContextSettings
 from kvcli.predict.apply import PredictorInputs, needed_positions, predict_base_kv
@@ -46,8 +47,8 @@ def test_three_incremental_turns_equal_prediction_from_scratch(tiny_bundle):
             conv.send(text)
         before = cells(eng.base, info)
         tokens = conv._fit({"role": "user", "content": TURNS[2]})
-        result, n_new, n_predicted = conv._prefill(tokens)
-        logits = result.logits
+        cached = conv._prefill(tokens)
+        logits, n_new, n_predicted = cached.prefill.logits, cached.n_new, cached.n_predicted
         assert n_predicted == n_new - 1 > 10 and len(conv.predicted_spans) == 3
         after = cells(eng.base, info)
         p0, n_pred = conv.predicted_spans[-1]
@@ -123,8 +124,8 @@ def test_base_mode_matches_a_plain_prefill_and_context_policy(tiny_bundle):
         conv = Conversation(eng, mode="base", n_predict=4)
         conv.send(TURNS[0])
         tokens = conv._fit({"role": "user", "content": TURNS[1]})
-        result, n_new, n_predicted = conv._prefill(tokens)
-        logits = result.logits
+        cached = conv._prefill(tokens)
+        logits, n_new, n_predicted = cached.prefill.logits, cached.n_new, cached.n_predicted
         assert n_predicted == 0 and n_new < len(tokens)
         with Engine(tiny_bundle.base, settings=ContextSettings(n_ctx=256)) as plain:
             plain.base.decode(conv.base_tokens[: len(tokens)], logits_last=True)
@@ -188,7 +189,7 @@ def test_a_chat_turn_is_prefilled_as_generate_prefills_it(gemma_bundle):
         assert list(conv.history[-1].recomputed) == gen.recomputed
         assert conv.history[-1].n_predicted < len(tokens) - settings.tail - 1
         assert conv.messages[-1]["content"] == gen.text
-        assert conv.predicted_spans == _minus([(1, len(tokens) - 1 - settings.tail)], gen.recomputed)
+        assert conv.predicted_spans == minus([(1, len(tokens) - 1 - settings.tail)], gen.recomputed)
 
 
 def test_a_question_in_a_later_turn_recomputes_spans_of_an_earlier_one(tiny_llama, tmp_path):
@@ -216,4 +217,4 @@ def test_a_question_in_a_later_turn_recomputes_spans_of_an_earlier_one(tiny_llam
         assert len(recomputed) == 2
         for a, b in recomputed:
             assert any(x <= a and b <= y for x, y in first)
-        assert conv.predicted_spans == _minus(first, recomputed)
+        assert conv.predicted_spans == minus(first, recomputed)

@@ -17,7 +17,8 @@ STAGES = {
     "engine": 5,
     "eval": 6,
     "train": 6,
-    "cli": 7,
+    "api": 7,
+    "cli": 8,
 }
 
 
@@ -53,6 +54,8 @@ def test_stages_import_only_earlier_stages():
         rel = path.relative_to(PACKAGE).parts
         own = rel[0] if len(rel) == 2 else ""
         for line, module in imported_modules(ast.parse(path.read_text())):
+            if rel == ("__init__.py",) and module == "kvcli.api":
+                continue  # the package's face: kvcli.load, imported when called
             other = stage_of(module)
             if other != own and STAGES[other] >= STAGES[own]:
                 wrong.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {module}")

@@ -1,13 +1,9 @@
 """A conversation with predicted prefill, incremental across turns.
 
 The base context keeps its cache from turn to turn. Each turn the conversation is rendered
-with the chat template and tokenized; the tokens the base already holds (the longest common
-prefix) stay, the rest are new and go through the engine's prefill from there, as
-``generate``'s prompt does (kvcli.engine.kvp_prefill): with kvp the auxiliary, whose own context is
-kept in step with the conversation, decodes the new tokens but the tail; their base cells
-are predicted and added to the base's, the spans the question looks for (among every
-position still predicted, this turn's or earlier) and the attention sinks are recomputed,
-and the base decodes the tail and the reply itself.
+with the chat template and tokenized; the tokens the base already holds stay and the rest is
+prefilled (kvcli.engine.prompt_cache, the one path for prefix reuse); the base generates the
+reply (kvcli.engine.generation.Reply).
 """
 
 from __future__ import annotations
@@ -17,14 +13,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-
-import numpy as np
+from dataclasses import dataclass
 
 from kvcli.choices import Choice
 from kvcli.engine.engine import Engine
-from kvcli.engine.prefill_types import KvpSettings, Prefill
-from kvcli.engine.recompute import merge_ranges
+from kvcli.engine.generation import Reply
+from kvcli.engine.prefill_types import KvpSettings
+from kvcli.engine.prompt_cache import CachedPrefill, PromptCache
 from kvcli.engine.sampling import Sampler
 from kvcli.errors import ContextError, KvcliError
 from kvcli.llama.chat_template import apply_chat_template, chat_template_for
@@ -38,13 +33,6 @@ class ChatMode(Choice):
 
 
 CHAT_MODES = ChatMode.values()
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    x, y = np.asarray(a[:n]), np.asarray(b[:n])
-    diff = np.flatnonzero(x != y)
-    return int(diff[0]) if len(diff) else n
 
 
 @dataclass
@@ -81,16 +69,14 @@ class Conversation:
         self.engine = engine
         self.template = template or chat_template_for(engine.model, engine.base_info.arch)
         self.system = system
-        self.kvp = (
-            engine.kvp_settings(tail, spans) if engine.predictor is not None else KvpSettings(tail=tail or 0)
+        self.cache = PromptCache(
+            engine,
+            engine.kvp_settings(tail, spans) if engine.predictor is not None else KvpSettings(tail=tail or 0),
         )
         self.n_predict, self.drop_old = n_predict, drop_old
         self.sampler = sampler or Sampler()
         self.messages: list[dict] = []
-        self.base_tokens: list[int] = []  # what the base context holds, by position
-        self.aux_tokens: list[int] = []  # what the auxiliary context holds
         self.history: list[TurnStats] = []
-        self.predicted_spans: list[tuple[int, int]] = []  # [a, b) whose base cells are predicted
         self.mode = "base"
         self.set_mode(mode)
         self.render([{"role": "user", "content": "hi"}])  # fail early on an unknown template
@@ -101,12 +87,23 @@ class Conversation:
             raise KvcliError("mode kvp needs a bundle with an auxiliary and a predictor")
         self.mode = mode
 
+    @property
+    def kvp(self) -> KvpSettings:
+        return self.cache.kvp
+
+    @property
+    def base_tokens(self) -> list[int]:
+        """What the base context holds, by position."""
+        return self.cache.base_tokens
+
+    @property
+    def predicted_spans(self) -> list[tuple[int, int]]:
+        """[a, b) whose base cells are predicted."""
+        return self.cache.predicted_spans
+
     def reset(self) -> None:
         self.messages.clear()
-        self.base_tokens, self.aux_tokens, self.predicted_spans = [], [], []
-        self.engine.base.clear()
-        if self.engine.aux is not None:
-            self.engine.aux.clear()
+        self.cache.reset()
 
     def render(self, messages: list[dict]) -> str:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -134,83 +131,36 @@ class Conversation:
         user = {"role": "user", "content": text}
         tokens = self._fit(user)
         start = time.perf_counter()
-        prefill, n_new, n_predicted = self._prefill(tokens)
-        token = self.sampler.sample(prefill.logits)
+        cached = self._prefill(tokens)
+        token = self.sampler.sample(cached.prefill.logits)
         ttft = (time.perf_counter() - start) * 1e3
         self.messages.append(user)
-        ctx, out, interrupted = self.engine.base, [], False
-        gen_start = time.perf_counter()
+        reply = Reply(self.engine.base, token, self.sampler, max_tokens=self.n_predict, on_token=on_token)
         try:
             with _ctrl_c_as_flag() as stop:
-                while not ctx.model.is_eog(token) and len(out) < self.n_predict:
-                    out.append(token)
-                    if on_token is not None:
-                        on_token(token)
-                    if ctx.n_past + 1 >= ctx.n_ctx or stop.is_set():
-                        break
-                    ctx.decode([token], logits_last=True)
-                    token = self.sampler.sample(ctx.last_logits())
-                interrupted = stop.is_set()
+                reply.stop_event = stop
+                reply.run()
         except KeyboardInterrupt:
-            interrupted = True
+            reply.finish_reason = "interrupted"
         finally:
-            self.base_tokens = (tokens + out)[: ctx.n_past]
-        reply = ctx.model.detokenize(out)
-        self.messages.append({"role": "assistant", "content": reply})
+            self.cache.held(tokens + reply.tokens)
+        text = self.engine.model.detokenize(reply.tokens)
+        self.messages.append({"role": "assistant", "content": text})
         stats = TurnStats(
             self.mode,
-            n_new,
-            n_predicted,
+            cached.n_new,
+            cached.n_predicted,
             ttft,
-            len(out),
-            (time.perf_counter() - gen_start) * 1e3,
-            interrupted,
-            prefill.recomputed,
+            len(reply.tokens),
+            reply.gen_ms,
+            reply.finish_reason == "interrupted",
+            cached.prefill.recomputed,
         )
         self.history.append(stats)
-        return reply, stats
+        return text, stats
 
-    def _prefill(self, tokens: list[int]) -> tuple[Prefill, int, int]:
-        """Returns the prefill, the prompt tokens processed, the positions predicted."""
-        eng = self.engine
-        p0 = min(common_prefix(self.base_tokens, tokens), len(tokens) - 1)
-        self.base_tokens = tokens[:p0]
-        self.predicted_spans = [(a, min(b, p0)) for a, b in self.predicted_spans if a < p0]
-        n_pred = len(tokens) - 1 - max(0, self.kvp.tail)
-        short = not eng.kvp_pays(len(tokens) - p0)  # under the bundle's break-even
-        if self.mode != "kvp" or short or (n_pred <= p0 and not (self.kvp.spans and self.predicted_spans)):
-            prefill = eng.prefill(tokens, mode="base", kvp=KvpSettings(start=p0))
-            self.base_tokens = list(tokens)
-            return prefill, len(tokens) - p0, 0
-        # the auxiliary decodes from no later than p0: an interrupted turn can leave it
-        # holding positions the base does not (the features must cover p0..n_pred-1)
-        a0 = min(common_prefix(self.aux_tokens, tokens[:n_pred]), p0)
-        if n_pred > p0:
-            self.aux_tokens = tokens[:a0]
-        turn = replace(self.kvp, start=p0, aux_start=a0, earlier=self.predicted_spans)
-        prefill = eng.prefill(tokens, mode="kvp", kvp=turn)
-        if n_pred > p0:
-            self.aux_tokens = tokens[: eng.aux.n_past]
-        self.base_tokens = list(tokens)
-        exact = prefill.recomputed
-        # position 0's cell is the base's own (predict.apply.FirstCell), never predicted
-        predicted = merge_ranges(self.predicted_spans, [(max(1, a), b) for a, b in prefill.predicted])
-        self.predicted_spans = _minus(predicted, exact)
-        return prefill, len(tokens) - p0, sum(b - a for a, b in _minus(prefill.predicted, exact))
-
-
-def _minus(ranges: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The positions of ``ranges`` outside ``holes``, as ordered ranges."""
-    out = []
-    for a, b in ranges:
-        for h0, h1 in holes:
-            if h0 < b and a < h1:
-                if a < h0:
-                    out.append((a, h0))
-                a = max(a, h1)
-        if a < b:
-            out.append((a, b))
-    return out
+    def _prefill(self, tokens: list[int]) -> CachedPrefill:
+        return self.cache.prefill(tokens, self.mode)
 
 
 @contextmanager

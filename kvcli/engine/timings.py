@@ -36,6 +36,7 @@ class Generation:
     recomputed: list[tuple[int, int]] = field(default_factory=list)
     selected: int | None = None  # select: the positions the base prefilled
     prefilled_by: str = ""  # the mode that prefilled: kvp's prompts under its break-even, the base
+    finish_reason: str = ""  # generation.Reply's
 
 
 class Clock:
