@@ -3,7 +3,7 @@
 install kvcli.
 
     python tools/install.py            # kvcli, ready for `kvcli bench-ttft`
-    python tools/install.py --test     # kvcli and its test dependencies
+    python tools/install.py --test     # kvcli, its server and its test dependencies
 
 Run it inside a virtual environment (`python3 -m venv .venv && . .venv/bin/activate`): it
 installs into the running Python, and a Python that refuses installs outside one (PEP 668)
@@ -208,10 +208,10 @@ def normalized(name: str) -> str:
 
 
 def declared_lower_bounds() -> list[str]:
-    """`name==X` for every `name>=X` in pyproject.toml's dependencies and test extra (a
+    """`name==X` for every `name>=X` in pyproject.toml's dependencies, test and serve extras (a
     regular expression, not tomllib: this runs on Python 3.10)."""
     text = (ROOT / "pyproject.toml").read_text()
-    sections = re.findall(r"^(?:dependencies|test) = \[(.*?)\]", text, flags=re.M | re.S)
+    sections = re.findall(r"^(?:dependencies|test|serve) = \[(.*?)\]", text, flags=re.M | re.S)
     pins = []
     for section in sections:
         for name, version in re.findall(r'"([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?>=([0-9][0-9.]*)', section):
@@ -302,7 +302,7 @@ def main() -> None:
         ensure_llama(args.force, constraints)
         if args.llama_only:
             return
-        target = f"{ROOT}[test]" if args.test else str(ROOT)
+        target = f"{ROOT}[test,serve]" if args.test else str(ROOT)
         say(f"installing kvcli{' with test dependencies' if args.test else ''} ({args.versions} versions)")
         pip("install", *constraints, *(["-e"] if args.editable else []), target)
 

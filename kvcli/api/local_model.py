@@ -90,8 +90,12 @@ class CompletionStream:
         self._model, self._prompt, self._cached, self._ttft_ms = model, prompt, cached, ttft_ms
         self._reply = reply
         self.completion: Completion | None = None
+        self._pieces = self._stream()
 
     def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def _stream(self) -> Iterator[str]:
         try:
             yield from self._reply
         finally:
@@ -121,8 +125,8 @@ class CompletionStream:
 
     def close(self) -> None:
         """Stop the reply here (the context keeps what was generated)."""
-        self._reply.finish_reason = self._reply.finish_reason or "interrupted"
-        self._finish()
+        self._pieces.close()
+        self._finish()  # where it was never iterated
 
 
 class LocalModel:

@@ -39,12 +39,13 @@ def _root(
 
 
 def _register() -> None:
-    from kvcli.cli import bench, chat, doctor, eval, generate, inspect, train
+    from kvcli.cli import bench, chat, doctor, eval, generate, inspect, serve, train
     from kvcli.cli.convert import converter
 
     for name, module in (
         ("generate", generate),
         ("chat", chat),
+        ("serve", serve),
         ("bench-ttft", bench),
         ("eval", eval),
         ("train", train),
