@@ -191,9 +191,7 @@ TASKS: dict[str, Callable[[random.Random, int, Tokenize], Example]] = {
 }
 
 
-# kvcli eval's families without --tasks: all but source, whose base answers too few of its
-# questions yet to judge a method by (docs/judge.md)
-DEFAULT_TASKS = [task for task in TASKS if task != "source"]
+DEFAULT_TASKS = list(TASKS)  # kvcli eval's families without --tasks
 
 
 def make_examples(task: str, *, n: int, n_tokens: int, tokenize: Tokenize, seed: int = 0) -> list[Example]:
