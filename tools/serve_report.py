@@ -3,8 +3,9 @@
 For each mode a real server starts on a free loopback port; a client streams three chat
 requests over HTTP: a first question after a document of ~N tokens of held-out prose, a
 follow-up on the same document (the conversation so far reused), and a question after a new
-document, after a short warm-up request. Per request: the TTFT the client sees (request sent to first content chunk), the
-server's own (its ``timings``), their difference (the server's overhead), and how the
+document, after a short warm-up request. Per request: the TTFT the client sees (request
+sent to first content chunk), the server's own (its ``timings``), their difference (the
+server's overhead: HTTP, JSON, the chat template and tokenizing the prompt), and how the
 prompt was covered. Then the new document's prompt once through ``kvcli generate``'s path
 (kvcli.engine.generation.generate, in this process, the server stopped) for comparison.
 
