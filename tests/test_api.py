@@ -56,6 +56,10 @@ def test_stop_strings_end_the_reply_before_them(base_model):
     stopped = base_model.generate("1, 2, 3, 4, 5, 6,", max_tokens=24, stop=[" 8", "never"])
     assert stopped.finish_reason == "stop" and " 8" not in stopped.text
     assert out.text.startswith(stopped.text) and len(stopped.text) < len(out.text)
+    # a stop string that spans several tokens is held back until it cannot match, never sent
+    stream = base_model.generate("1, 2, 3, 4, 5, 6,", max_tokens=24, stop=["7, 8"], stream=True)
+    pieces = list(stream)
+    assert "".join(pieces) == stream.completion.text == out.text[: out.text.index("7, 8")]
 
 
 def test_streamed_pieces_make_the_reply(base_model):
