@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from kvcli.choices import parse_list
-from kvcli.cli.convert import Corpus, PredictorType, Text, Tokens, command
+from kvcli.cli.convert_app import Corpus, PredictorType, Text, Tokens, command
 from kvcli.cli.options import BundleOpt, JsonOpt, ThreadsOpt
 from kvcli.errors import KvcliError
 from kvcli.predict.corpus import CalibrationText
