@@ -63,3 +63,32 @@ VIEW_ONLY_KINDS = (FEATURE_AUX_OUT, FEATURE_AUX_OUT_NORMED)  # every row only in
 KEY_SPACE_PRE_ROPE = "post_norm_pre_rope"  # as llama.cpp caches them, less RoPE
 KEY_SPACE_PRE_NORM = "pre_norm_pre_rope"  # the base applies its key norm, then RoPE (corenet)
 KEY_SPACES = (KEY_SPACE_PRE_ROPE, KEY_SPACE_PRE_NORM)
+
+# a bundle's manifest (manifest.json; kvcli.engine.bundle reads it, kvcli.bundles writes it)
+MANIFEST_FORMAT = "format"  # always BUNDLE_FORMAT
+MANIFEST_VERSION = "version"
+MANIFEST_KVCLI = "kvcli"  # the kvcli version that wrote it
+FILE_PATH = "path"  # per role (base, aux, predictor): where the file is, its size and sha256
+FILE_SIZE = "size"
+FILE_SHA256 = "sha256"
+FILE_FINGERPRINT = "fingerprint"
+FILE_ARCH = "arch"
+FILE_STORAGE_TYPE = "type"  # the predictor's
+FILE_BASE_FINGERPRINT = "base_fingerprint"  # the predictor's: the models it was fit for
+FILE_AUX_FINGERPRINT = "aux_fingerprint"
+PREFIX_OF_BASE = "prefix_of_base"  # aux: k for the base's own layers 0..k-1, no file
+# the entries a bundle measures of itself or records (kvcli.bundles.make, .build)
+MANIFEST_SPANS = "spans"  # how kvp chooses spans (kvcli.eval.span_layers)
+MANIFEST_BREAK_EVEN = "break_even"  # where kvp pays (kvcli.eval.break_even)
+MANIFEST_CHECK = "check"  # the self-check's figures and verdict (kvcli.eval.self_check)
+MANIFEST_REFINED = "refined"  # kvcli.predict.refine's report
+MANIFEST_ORIGIN = "origin"  # an imported bundle's source (kvcli.bundles.corenet_import)
+SPANS_CHOOSER = "chooser"  # CHOOSER_TAIL: base layers' attention from the tail; CHOOSER_NONE
+SPANS_LAYERS = "layers"
+CHOOSER_TAIL = "tail"
+CHOOSER_NONE = "none"
+BREAK_EVEN_MIN_TOKENS = "min_tokens"  # None: kvp never paid on the lengths measured
+CHECK_WARNING = "warning"
+
+# a model GGUF kvcli wrote from another format names its source
+MODEL_ORIGIN = "kvcli.origin"

@@ -313,7 +313,7 @@ def test_prefix_auxiliary_as_a_view_of_the_base_is_exact(fixture, load, request,
     """The base's own weights run as the auxiliary (view: the base stopped after layer k-1 by
     the eval callback; partial: the base's file loaded as its first k layers, patches/) give
     the cut auxiliary's K, V and hidden tensors: kvp's logits are identical to the bit."""
-    from kvcli.engine.build import build_bundle
+    from kvcli.bundles.build import build_bundle
 
     if load == "partial" and not prefix_view_supported():
         pytest.skip(
@@ -342,8 +342,8 @@ def test_prefix_auxiliary_as_a_view_of_the_base_is_exact(fixture, load, request,
 
 
 def test_partial_load_refused_clearly_on_a_stock_build(tiny_llama, tmp_path, monkeypatch):
+    from kvcli.bundles.build import build_bundle
     from kvcli.engine import aux_load
-    from kvcli.engine.build import build_bundle
 
     b = build_bundle(tiny_llama, tmp_path / "b", n_aux_layers=2, n_tokens=600)
     monkeypatch.setattr(aux_load, "prefix_view_supported", lambda: False)
