@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvcli import keys
-from kvcli.bundles.build import DEFAULT_RANK, build_bundle
+from kvcli.bundles.build import build_bundle
 from kvcli.bundles.pack import pack_bundle, record_in_manifest
 from kvcli.engine.bundle import Bundle, Progress
 from kvcli.engine.engine import Engine
@@ -18,7 +18,6 @@ from kvcli.eval import break_even
 from kvcli.eval.self_check import check_engine
 from kvcli.eval.span_layers import measure_layer
 from kvcli.models.model_info import read_model_info
-from kvcli.predict.corpus import CalibrationText
 
 CHECK_TOKENS = 512  # the self-check's prompt length, unless kvp pays only on longer prompts
 
@@ -77,40 +76,26 @@ def make_bundle(
     *,
     aux: Path | None = None,
     predictor: Path | None = None,
-    n_aux_layers: int | None = None,
-    n_tokens: int | None = None,
-    corpus: Path | None = None,
-    text: CalibrationText = CalibrationText.MIXED,
-    storage_type: str = "f32",
     reference_base: bool = False,
-    aux_file: bool = False,
-    rank: int = DEFAULT_RANK,
     check: bool = True,
     check_tokens: int = CHECK_TOKENS,
     progress: Progress | None = None,
+    **calibration,
 ) -> MadeBundle:
     """A bundle in ``folder``: ``base`` with ``aux`` and ``predictor`` packed, or without them
-    a prefix auxiliary and a predictor calibrated for it and factored to ``rank``
-    (``build_bundle``); then its span chooser measured, and with ``check`` its break-even and
-    its check of itself. ``progress(stage, done, total)`` follows every step."""
+    a prefix auxiliary and a predictor calibrated for it and factored (``build_bundle``, which
+    ``calibration`` goes to: n_aux_layers, n_tokens, corpus, text, storage_type, aux_file,
+    rank); then its span chooser measured, and with ``check`` its break-even and its check of
+    itself. ``reference_base``: name the base by its path instead of placing it inside.
+    ``progress(stage, done, total)`` follows every step."""
     if (aux is None) != (predictor is None):
         raise ValueError("give both aux and predictor, or neither (to build them)")
     if aux is not None:
+        if calibration:
+            raise ValueError(f"{', '.join(calibration)}: for a built bundle, not a packed one")
         b = pack_bundle(folder, base=Path(base), aux=aux, predictor=predictor, reference_base=reference_base)
     else:
-        b = build_bundle(
-            base,
-            folder,
-            n_aux_layers=n_aux_layers,
-            n_tokens=n_tokens,
-            corpus=corpus,
-            text=text,
-            storage_type=storage_type,
-            reference_base=reference_base,
-            aux_file=aux_file,
-            rank=rank,
-            progress=progress,
-        )
+        b = build_bundle(base, folder, reference_base=reference_base, progress=progress, **calibration)
     spans = measure_spans(b, progress)
     if not check:
         return spans

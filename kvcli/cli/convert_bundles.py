@@ -220,23 +220,26 @@ def bundle_cmd(
         )
     if rank is not None and rank < 0:
         raise KvcliError("--rank must be >= 0")
+    calibration = dict(
+        n_aux_layers=aux_layers,
+        n_tokens=tokens,
+        corpus=corpus,
+        text=text,
+        storage_type=predictor_type,
+        aux_file=aux_file,
+        rank=DEFAULT_RANK if rank is None else rank,
+    )
     with ui.progress_reporter() as report:
         made = make_bundle(
             base,
             output,
             aux=aux,
             predictor=predictor,
-            n_aux_layers=aux_layers,
-            n_tokens=tokens,
-            corpus=corpus,
-            text=text,
-            storage_type=predictor_type,
             reference_base=reference_base,
-            aux_file=aux_file,
-            rank=DEFAULT_RANK if rank is None else rank,
             check=check,
             check_tokens=check_tokens,
             progress=report,
+            **(calibration if aux is None else {}),
         )
     b = made.bundle
     aux_text = b.aux.name if b.aux else f"the base's layers 0-{b.aux_prefix - 1}, no file"
