@@ -1,6 +1,7 @@
-"""Every GGUF metadata key kvcli writes, in one place, namespaced under ``kvcli.``.
+"""Every key kvcli writes, in one place: GGUF metadata namespaced under ``kvcli.`` (predictor
+files, cut auxiliaries, converted models) and the entries of a bundle's manifest.
 
-Standard keys come from ``gguf.Keys``; these are kvcli's own (predictor files).
+Standard GGUF keys come from ``gguf.Keys``; these are kvcli's own.
 """
 
 PREDICTOR_TYPE = "kvcli-predictor"  # general.type of a kvcli predictor file
@@ -13,13 +14,11 @@ AUX_FINGERPRINT = f"{PREFIX}.aux.fingerprint"
 BASE_N_LAYER = f"{PREFIX}.base.block_count"
 AUX_N_LAYER = f"{PREFIX}.aux.block_count"
 COPIED_LAYERS = f"{PREFIX}.copied_layers"  # base layer i <- aux layer i, exactly
-PREDICTED_LAYERS = f"{PREFIX}.predicted_layers"  # base layers the matrices predict
 LAYER_MAP = f"{PREFIX}.layer_map"  # per base layer: the aux layer whose K, V feed it
 FEATURE_KINDS = f"{PREFIX}.feature_kinds"
 KEY_SPACE = f"{PREFIX}.key_space"
 ORIGIN = f"{PREFIX}.origin"  # e.g. "corenet:<checkpoint file name>"; empty for kvcli's own fit
 K_WIDTHS = f"{PREFIX}.k_widths"  # per predicted layer
-V_WIDTHS = f"{PREFIX}.v_widths"
 ALPHAS = f"{PREFIX}.ridge.alphas"  # chosen penalty per predicted layer: K then V
 HELDOUT_REL_ERROR = f"{PREFIX}.ridge.heldout_rel_error"
 CALIBRATION_TOKENS = f"{PREFIX}.calibration.tokens"
@@ -88,6 +87,8 @@ SPANS_LAYERS = "layers"
 CHOOSER_TAIL = "tail"
 CHOOSER_NONE = "none"
 BREAK_EVEN_MIN_TOKENS = "min_tokens"  # None: kvp never paid on the lengths measured
+BREAK_EVEN_TTFT_RATIO = "ttft_ratio"  # per prompt length measured: kvp's TTFT / the base's
+BREAK_EVEN_PAYS_RATIO = "pays_ratio"  # the ratio under which kvp counts as paying
 CHECK_WARNING = "warning"
 
 # a model GGUF kvcli wrote from another format names its source

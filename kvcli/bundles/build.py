@@ -10,6 +10,7 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
+from kvcli import keys
 from kvcli.atomic import building_folder
 from kvcli.bundles.pack import place_file, write_manifest
 from kvcli.engine.bundle import Bundle, Progress, check_compatible, default_aux_layers, load_bundle
@@ -115,11 +116,11 @@ def bundle_with_predictor(
             pred = dataclasses.replace(pred, aux_fingerprint=read_model_info(aux).fingerprint)
             aux = Path(aux.name)
         save_predictor(pred, work / "predictor.gguf", storage)
-        spans = bundle.manifest.get("spans")
+        spans = bundle.manifest.get(keys.MANIFEST_SPANS)
         write_manifest(
             work,
             {"base": bundle.base.resolve(), "aux": aux, "predictor": Path("predictor.gguf")},
-            {**({"spans": spans} if spans else {}), **(extra or {})} or None,
+            {**({keys.MANIFEST_SPANS: spans} if spans else {}), **(extra or {})} or None,
         )
 
 
@@ -223,5 +224,7 @@ def refine_bundle(bundle, output, *, progress=None, **options):
         result = refine_predictor(
             base_info, read_model_info(aux, "auxiliary"), pred, progress=progress, **options
         )
-    bundle_with_predictor(bundle, result.predictor, Path(output), extra={"refined": result.to_json()})
+    bundle_with_predictor(
+        bundle, result.predictor, Path(output), extra={keys.MANIFEST_REFINED: result.to_json()}
+    )
     return result

@@ -75,7 +75,7 @@ def import_checkpoint(
                 vocab,
                 name=f"{name} ({origin})",
                 outtype=write_type,
-                extra={"kvcli.origin": origin},
+                extra={keys.MODEL_ORIGIN: origin},
             )
             if write_type != outtype:
                 from kvcli.llama.quantize import quantize_model
@@ -93,7 +93,7 @@ def import_checkpoint(
             work,
             files,
             {
-                "origin": {
+                keys.MANIFEST_ORIGIN: {
                     "kind": "corenet",
                     "checkpoint": checkpoint.name,
                     "checkpoint_sha256": sha256_file(checkpoint),

@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from kvcli import __version__
+from kvcli import __version__, keys
 from kvcli.atomic import building_folder, write_text_atomically
 from kvcli.engine.bundle import (
     BUNDLE_FORMAT,
@@ -26,25 +26,31 @@ def _manifest(folder: Path, files: dict[str, Path | int]) -> dict:
     """``files[role]``: a path (relative to ``folder`` or absolute); for aux, k for a prefix."""
     full = {role: f if isinstance(f, int) or f.is_absolute() else folder / f for role, f in files.items()}
     base_info, aux_info, pred = check_compatible(full["base"], full["aux"], full["predictor"])
-    manifest = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "kvcli": __version__}
+    manifest = {
+        keys.MANIFEST_FORMAT: BUNDLE_FORMAT,
+        keys.MANIFEST_VERSION: BUNDLE_VERSION,
+        keys.MANIFEST_KVCLI: __version__,
+    }
     for role in ROLES:
         if isinstance(files[role], int):
-            entry = {"prefix_of_base": files[role]}
+            entry = {keys.PREFIX_OF_BASE: files[role]}
         else:
             entry = {
-                "path": str(files[role]),
-                "size": full[role].stat().st_size,
-                "sha256": sha256_file(full[role]),
+                keys.FILE_PATH: str(files[role]),
+                keys.FILE_SIZE: full[role].stat().st_size,
+                keys.FILE_SHA256: sha256_file(full[role]),
             }
         if role == "base":
-            entry.update(fingerprint=base_info.fingerprint, arch=base_info.arch)
+            entry.update({keys.FILE_FINGERPRINT: base_info.fingerprint, keys.FILE_ARCH: base_info.arch})
         elif role == "aux":
-            entry.update(fingerprint=aux_info.fingerprint, arch=aux_info.arch)
+            entry.update({keys.FILE_FINGERPRINT: aux_info.fingerprint, keys.FILE_ARCH: aux_info.arch})
         else:
             entry.update(
-                type=pred.storage_type,
-                base_fingerprint=pred.base_fingerprint,
-                aux_fingerprint=pred.aux_fingerprint,
+                {
+                    keys.FILE_STORAGE_TYPE: pred.storage_type,
+                    keys.FILE_BASE_FINGERPRINT: pred.base_fingerprint,
+                    keys.FILE_AUX_FINGERPRINT: pred.aux_fingerprint,
+                }
             )
         manifest[role] = entry
     return manifest

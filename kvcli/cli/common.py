@@ -84,12 +84,12 @@ def resolve_bundle(bundle: Path | None) -> Bundle:
 
 
 def break_even_line(entry: dict) -> str:
-    ratios = ", ".join(f"{n}: {r:.2f}x" for n, r in entry["ttft_ratio"].items())
+    ratios = ", ".join(f"{n}: {r:.2f}x" for n, r in entry[keys.BREAK_EVEN_TTFT_RATIO].items())
+    pays, min_tokens = entry[keys.BREAK_EVEN_PAYS_RATIO], entry[keys.BREAK_EVEN_MIN_TOKENS]
     where = (
-        f"kvp pays (<= {entry['pays_ratio']}x the base's TTFT) from {entry[keys.BREAK_EVEN_MIN_TOKENS]} "
-        "prompt tokens"
-        if entry[keys.BREAK_EVEN_MIN_TOKENS] is not None
-        else f"kvp never reaches {entry['pays_ratio']}x the base's TTFT on the lengths measured"
+        f"kvp pays (<= {pays}x the base's TTFT) from {min_tokens} prompt tokens"
+        if min_tokens is not None
+        else f"kvp never reaches {pays}x the base's TTFT on the lengths measured"
     )
     below = kvp_from_tokens(entry)
     return (

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvcli import keys
 from kvcli.errors import IncompatibleError, KvcliError, ModelFileError
 from kvcli.models.model_info import prefix_view_info, read_model_info
 
@@ -92,20 +93,22 @@ def load_bundle(folder: str | Path) -> Bundle:
         raise ModelFileError(f"not a kvcli bundle (no {MANIFEST}): {folder}")
     try:
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != BUNDLE_FORMAT:
-            raise ValueError(f"format is {manifest.get('format')!r}")
-        if manifest.get("version") not in READABLE_VERSIONS:
-            raise ValueError(f"version {manifest.get('version')} is not {BUNDLE_VERSION}; rebuild it")
+        if manifest.get(keys.MANIFEST_FORMAT) != BUNDLE_FORMAT:
+            raise ValueError(f"format is {manifest.get(keys.MANIFEST_FORMAT)!r}")
+        if manifest.get(keys.MANIFEST_VERSION) not in READABLE_VERSIONS:
+            raise ValueError(
+                f"version {manifest.get(keys.MANIFEST_VERSION)} is not {BUNDLE_VERSION}; rebuild it"
+            )
         paths, sizes, aux_prefix = {"aux": None}, {}, 0
         for role in ROLES:
-            if role == "aux" and "prefix_of_base" in manifest[role]:
-                aux_prefix = int(manifest[role]["prefix_of_base"])
+            if role == "aux" and keys.PREFIX_OF_BASE in manifest[role]:
+                aux_prefix = int(manifest[role][keys.PREFIX_OF_BASE])
                 if aux_prefix < 1:
                     raise ValueError(f"prefix_of_base is {aux_prefix}")
                 continue
-            p = Path(manifest[role]["path"])
+            p = Path(manifest[role][keys.FILE_PATH])
             paths[role] = p if p.is_absolute() else folder / p
-            sizes[role] = int(manifest[role]["size"])
+            sizes[role] = int(manifest[role][keys.FILE_SIZE])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelFileError(f"bundle manifest is unreadable ({exc}): {manifest_path}") from None
     for role, p in paths.items():
@@ -123,14 +126,15 @@ def load_bundle(folder: str | Path) -> Bundle:
 
 def check_warning(bundle: Bundle) -> str | None:
     """The warning line of the bundle's recorded self-check, if it has one."""
-    check = bundle.manifest.get("check")
-    return check.get("warning") if isinstance(check, dict) else None
+    check = bundle.manifest.get(keys.MANIFEST_CHECK)
+    return check.get(keys.CHECK_WARNING) if isinstance(check, dict) else None
 
 
 def verify_bundle(bundle: Bundle) -> dict[str, bool]:
     """Per role: whether the file's sha256 is the manifest's."""
     return {
-        role: sha256_file(bundle.path(role)) == bundle.manifest[role]["sha256"] for role in bundle.file_roles
+        role: sha256_file(bundle.path(role)) == bundle.manifest[role][keys.FILE_SHA256]
+        for role in bundle.file_roles
     }
 
 
