@@ -127,6 +127,35 @@ def tiny_bundle(tiny_gemma3, tmp_path_factory):
     return aux, save_predictor(pred, folder / "predictor.gguf"), pred
 
 
+def test_a_failed_start_frees_the_models_and_contexts_it_opened(tiny_gemma3, tiny_bundle, monkeypatch):
+    """The base's first cell is probed after the models are loaded: where that fails, the
+    engine is never returned to be closed, so it frees its native handles itself."""
+    import kvcli.engine.engine as engine_mod
+    from kvcli.llama.handles import Handles
+
+    opened = []
+
+    class RecordingHandles(Handles):
+        def model(self, *args, **kwargs):
+            opened.append(super().model(*args, **kwargs))
+            return opened[-1]
+
+        def context(self, *args, **kwargs):
+            opened.append(super().context(*args, **kwargs))
+            return opened[-1]
+
+    def failing_probe(self, token):
+        raise KvcliError("the probe failed")
+
+    monkeypatch.setattr(engine_mod, "Handles", RecordingHandles)
+    monkeypatch.setattr(Engine, "first_cell", failing_probe)
+    aux, pred_path, _ = tiny_bundle
+    with pytest.raises(KvcliError, match="the probe failed"):
+        Engine(tiny_gemma3, aux_path=aux, predictor_path=pred_path, settings=SETTINGS)
+    assert len(opened) >= 3  # the base's model and context, the auxiliary's
+    assert all(h.handle is None for h in opened), [type(h).__name__ for h in opened if h.handle]
+
+
 def test_calibrated_predictor_shapes_and_heldout_error(tiny_gemma3, tiny_bundle):
     _, _, pred = tiny_bundle
     assert pred.copied_layers == [0, 1] and pred.predicted_layers == [2, 3]
