@@ -1,6 +1,7 @@
-"""Every GGUF metadata key kvcli writes, in one place, namespaced under ``kvcli.``.
+"""Every key kvcli writes, in one place: GGUF metadata namespaced under ``kvcli.`` (predictor
+files, cut auxiliaries, converted models) and the entries of a bundle's manifest.
 
-Standard keys come from ``gguf.Keys``; these are kvcli's own (predictor files).
+Standard GGUF keys come from ``gguf.Keys``; these are kvcli's own.
 """
 
 PREDICTOR_TYPE = "kvcli-predictor"  # general.type of a kvcli predictor file
@@ -13,13 +14,11 @@ AUX_FINGERPRINT = f"{PREFIX}.aux.fingerprint"
 BASE_N_LAYER = f"{PREFIX}.base.block_count"
 AUX_N_LAYER = f"{PREFIX}.aux.block_count"
 COPIED_LAYERS = f"{PREFIX}.copied_layers"  # base layer i <- aux layer i, exactly
-PREDICTED_LAYERS = f"{PREFIX}.predicted_layers"  # base layers the matrices predict
 LAYER_MAP = f"{PREFIX}.layer_map"  # per base layer: the aux layer whose K, V feed it
 FEATURE_KINDS = f"{PREFIX}.feature_kinds"
 KEY_SPACE = f"{PREFIX}.key_space"
 ORIGIN = f"{PREFIX}.origin"  # e.g. "corenet:<checkpoint file name>"; empty for kvcli's own fit
 K_WIDTHS = f"{PREFIX}.k_widths"  # per predicted layer
-V_WIDTHS = f"{PREFIX}.v_widths"
 ALPHAS = f"{PREFIX}.ridge.alphas"  # chosen penalty per predicted layer: K then V
 HELDOUT_REL_ERROR = f"{PREFIX}.ridge.heldout_rel_error"
 CALIBRATION_TOKENS = f"{PREFIX}.calibration.tokens"
@@ -63,3 +62,34 @@ VIEW_ONLY_KINDS = (FEATURE_AUX_OUT, FEATURE_AUX_OUT_NORMED)  # every row only in
 KEY_SPACE_PRE_ROPE = "post_norm_pre_rope"  # as llama.cpp caches them, less RoPE
 KEY_SPACE_PRE_NORM = "pre_norm_pre_rope"  # the base applies its key norm, then RoPE (corenet)
 KEY_SPACES = (KEY_SPACE_PRE_ROPE, KEY_SPACE_PRE_NORM)
+
+# a bundle's manifest (manifest.json; kvcli.engine.bundle reads it, kvcli.bundles writes it)
+MANIFEST_FORMAT = "format"  # always BUNDLE_FORMAT
+MANIFEST_VERSION = "version"
+MANIFEST_KVCLI = "kvcli"  # the kvcli version that wrote it
+FILE_PATH = "path"  # per role (base, aux, predictor): where the file is, its size and sha256
+FILE_SIZE = "size"
+FILE_SHA256 = "sha256"
+FILE_FINGERPRINT = "fingerprint"
+FILE_ARCH = "arch"
+FILE_STORAGE_TYPE = "type"  # the predictor's
+FILE_BASE_FINGERPRINT = "base_fingerprint"  # the predictor's: the models it was fit for
+FILE_AUX_FINGERPRINT = "aux_fingerprint"
+PREFIX_OF_BASE = "prefix_of_base"  # aux: k for the base's own layers 0..k-1, no file
+# the entries a bundle measures of itself or records (kvcli.bundles.make, .build)
+MANIFEST_SPANS = "spans"  # how kvp chooses spans (kvcli.eval.span_layers)
+MANIFEST_BREAK_EVEN = "break_even"  # where kvp pays (kvcli.eval.break_even)
+MANIFEST_CHECK = "check"  # the self-check's figures and verdict (kvcli.eval.self_check)
+MANIFEST_REFINED = "refined"  # kvcli.predict.refine's report
+MANIFEST_ORIGIN = "origin"  # an imported bundle's source (kvcli.bundles.corenet_import)
+SPANS_CHOOSER = "chooser"  # CHOOSER_TAIL: base layers' attention from the tail; CHOOSER_NONE
+SPANS_LAYERS = "layers"
+CHOOSER_TAIL = "tail"
+CHOOSER_NONE = "none"
+BREAK_EVEN_MIN_TOKENS = "min_tokens"  # None: kvp never paid on the lengths measured
+BREAK_EVEN_TTFT_RATIO = "ttft_ratio"  # per prompt length measured: kvp's TTFT / the base's
+BREAK_EVEN_PAYS_RATIO = "pays_ratio"  # the ratio under which kvp counts as paying
+CHECK_WARNING = "warning"
+
+# a model GGUF kvcli wrote from another format names its source
+MODEL_ORIGIN = "kvcli.origin"

@@ -38,7 +38,7 @@ def gemma_path() -> Path:
 @pytest.fixture(scope="session")
 def gemma_bundle(tmp_path_factory, gemma_path):
     """A bundle of the embedded model with a quick calibration (same code as the default)."""
-    from kvcli.engine.build import build_bundle
+    from kvcli.bundles.build import build_bundle
 
     return build_bundle(gemma_path, tmp_path_factory.mktemp("bundles") / "gemma", n_tokens=2048)
 

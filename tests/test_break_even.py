@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from test_cli import kvcli
 
-from kvcli.engine.bundle import write_manifest
+from kvcli.bundles.pack import write_manifest
 from kvcli.engine.conversation import Conversation
 from kvcli.engine.engine import Engine, kvp_from_tokens
 from kvcli.engine.generation import generate

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kvcli.engine.build import build_bundle
+from kvcli.bundles.build import build_bundle
 from kvcli.engine.conversation import Conversation
 from kvcli.engine.engine import Engine
 from kvcli.engine.generation import generate

@@ -135,7 +135,7 @@ def test_doctor_json_on_a_tiny_model(tiny_gemma3):
 def test_stock_build_notice(tiny_llama, tmp_path):
     """On a llama-cpp-python without kvcli's patch, kvp says in one line that the prefix
     auxiliary runs as the eval-callback view (simulated: the patch check says no)."""
-    from kvcli.engine.build import build_bundle
+    from kvcli.bundles.build import build_bundle
 
     b = build_bundle(tiny_llama, tmp_path / "b", n_aux_layers=2, n_tokens=600)
     code = (

@@ -399,7 +399,7 @@ def test_hidden_out_feature_needs_the_view(tmp_path, tiny_gemma3, tiny_llama, sm
 
 def test_bundle_factors_a_wide_predictor(tmp_path, tiny_llama):
     """--rank R factors the predictor through a shared basis where its features are wider
-    than 2R (the default for real-size models: kvcli.engine.build.DEFAULT_RANK); 0 never does; a
+    than 2R (the default for real-size models: kvcli.bundles.build.DEFAULT_RANK); 0 never does; a
     rank the storage type cannot block is a one-line error."""
     from kvcli.predict.predictor import load_predictor
 

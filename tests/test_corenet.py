@@ -11,7 +11,7 @@ from test_cli import assert_one_line_error, kvcli
 from test_convert import convert, ok
 from torch_zip import save_torch_zip
 
-from kvcli.engine.build import import_checkpoint
+from kvcli.bundles.corenet_import import import_checkpoint
 from kvcli.engine.bundle import load_bundle
 from kvcli.engine.engine import Engine
 from kvcli.errors import IncompatibleError

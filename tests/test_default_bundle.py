@@ -1,7 +1,8 @@
 """The default bundle: the predictor the package ships for the embedded model, else a fit."""
 
-from kvcli.engine import bundle as bundle_mod
-from kvcli.engine.bundle import DEFAULT_AUX_LAYERS, default_bundle, shipped_predictor, shipped_predictor_fits
+from kvcli.bundles import default as default_mod
+from kvcli.bundles.default import default_bundle, shipped_predictor, shipped_predictor_fits
+from kvcli.engine.bundle import DEFAULT_AUX_LAYERS
 
 
 def test_the_shipped_predictor_is_for_the_embedded_model(gemma_path):
@@ -14,14 +15,12 @@ def test_the_shipped_predictor_is_for_the_embedded_model(gemma_path):
 
 def test_default_bundle_uses_the_shipped_predictor_without_calibrating(gemma_bundle, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(bundle_mod, "shipped_predictor", lambda: gemma_bundle.predictor)
+    monkeypatch.setattr(default_mod, "shipped_predictor", lambda: gemma_bundle.predictor)
 
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibrated although a fitting predictor ships")
 
-    import kvcli.engine.build
-
-    monkeypatch.setattr(kvcli.engine.build, "build_bundle", no_calibration)
+    monkeypatch.setattr(default_mod, "make_bundle", no_calibration)
     b = default_bundle()
     assert b.predictor.resolve() == gemma_bundle.predictor.resolve()
     assert b.aux_prefix == DEFAULT_AUX_LAYERS and str(b.folder).startswith(str(tmp_path))
@@ -29,10 +28,31 @@ def test_default_bundle_uses_the_shipped_predictor_without_calibrating(gemma_bun
 
 
 def test_a_predictor_for_other_models_is_not_used(gemma_path, tiny_gemma3, tmp_path):
-    from kvcli.engine.build import build_bundle
+    from kvcli.bundles.build import build_bundle
 
     other = build_bundle(tiny_gemma3, tmp_path / "b", n_aux_layers=2, n_tokens=600)
     assert not shipped_predictor_fits(gemma_path, other.predictor)
     assert not shipped_predictor_fits(gemma_path, None)
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf")
     assert not shipped_predictor_fits(gemma_path, tmp_path / "junk.gguf")
+
+
+def test_without_a_fitting_predictor_the_default_is_made_and_checked(gemma_path, monkeypatch, tmp_path):
+    """The fallback goes through make_bundle, as kvcli convert bundle does: a bundle that
+    measured and checked itself, not a bare calibration."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(default_mod, "shipped_predictor", lambda: None)
+    calls = []
+
+    class Made:
+        bundle = "made"
+
+    def recording_make_bundle(base, folder, **options):
+        calls.append((base, folder, options))
+        return Made()
+
+    monkeypatch.setattr(default_mod, "make_bundle", recording_make_bundle)
+    assert default_bundle() == "made"
+    ((base, folder, options),) = calls
+    assert base == gemma_path and str(folder).startswith(str(tmp_path))
+    assert options["n_aux_layers"] == DEFAULT_AUX_LAYERS and options.get("check", True)

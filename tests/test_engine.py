@@ -127,6 +127,35 @@ def tiny_bundle(tiny_gemma3, tmp_path_factory):
     return aux, save_predictor(pred, folder / "predictor.gguf"), pred
 
 
+def test_a_failed_start_frees_the_models_and_contexts_it_opened(tiny_gemma3, tiny_bundle, monkeypatch):
+    """The base's first cell is probed after the models are loaded: where that fails, the
+    engine is never returned to be closed, so it frees its native handles itself."""
+    import kvcli.engine.engine as engine_mod
+    from kvcli.llama.handles import Handles
+
+    opened = []
+
+    class RecordingHandles(Handles):
+        def model(self, *args, **kwargs):
+            opened.append(super().model(*args, **kwargs))
+            return opened[-1]
+
+        def context(self, *args, **kwargs):
+            opened.append(super().context(*args, **kwargs))
+            return opened[-1]
+
+    def failing_probe(self, token):
+        raise KvcliError("the probe failed")
+
+    monkeypatch.setattr(engine_mod, "Handles", RecordingHandles)
+    monkeypatch.setattr(Engine, "first_cell", failing_probe)
+    aux, pred_path, _ = tiny_bundle
+    with pytest.raises(KvcliError, match="the probe failed"):
+        Engine(tiny_gemma3, aux_path=aux, predictor_path=pred_path, settings=SETTINGS)
+    assert len(opened) >= 3  # the base's model and context, the auxiliary's
+    assert all(h.handle is None for h in opened), [type(h).__name__ for h in opened if h.handle]
+
+
 def test_calibrated_predictor_shapes_and_heldout_error(tiny_gemma3, tiny_bundle):
     _, _, pred = tiny_bundle
     assert pred.copied_layers == [0, 1] and pred.predicted_layers == [2, 3]
@@ -313,7 +342,7 @@ def test_prefix_auxiliary_as_a_view_of_the_base_is_exact(fixture, load, request,
     """The base's own weights run as the auxiliary (view: the base stopped after layer k-1 by
     the eval callback; partial: the base's file loaded as its first k layers, patches/) give
     the cut auxiliary's K, V and hidden tensors: kvp's logits are identical to the bit."""
-    from kvcli.engine.build import build_bundle
+    from kvcli.bundles.build import build_bundle
 
     if load == "partial" and not prefix_view_supported():
         pytest.skip(
@@ -342,8 +371,8 @@ def test_prefix_auxiliary_as_a_view_of_the_base_is_exact(fixture, load, request,
 
 
 def test_partial_load_refused_clearly_on_a_stock_build(tiny_llama, tmp_path, monkeypatch):
+    from kvcli.bundles.build import build_bundle
     from kvcli.engine import aux_load
-    from kvcli.engine.build import build_bundle
 
     b = build_bundle(tiny_llama, tmp_path / "b", n_aux_layers=2, n_tokens=600)
     monkeypatch.setattr(aux_load, "prefix_view_supported", lambda: False)

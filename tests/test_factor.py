@@ -212,7 +212,7 @@ def test_factor_command_refusals(tiny_prefix_bundle, tmp_path):
 
 
 def test_an_already_factored_bundle_is_refused(tmp_path):
-    from kvcli.engine.bundle import default_bundle
+    from kvcli.bundles.default import default_bundle
 
     assert load_predictor(default_bundle().predictor).factored_layers  # the shipped one
     res = convert("factor", "-o", tmp_path / "again", "--rank", "256")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from test_engine import true_cache_engine
 
-from kvcli.engine.build import build_bundle
+from kvcli.bundles.build import build_bundle
 from kvcli.engine.engine import Engine
 from kvcli.engine.prefill_types import KvpSettings
 from kvcli.eval.quality import base_reference, forced_scores

@@ -139,7 +139,7 @@ def test_a_prefix_auxiliary_scores_the_tail_as_the_base_would(tiny_llama, tmp_pa
     """Tail-focus layers inside a prefix auxiliary: its own decode of the tail gives the
     spans the base's pass over the predicted cache gives (those layers' cells are the
     auxiliary's own), one decode of the base fewer."""
-    from kvcli.engine.build import build_bundle
+    from kvcli.bundles.build import build_bundle
 
     # the spans alone (the opening would join the first of them on this short prompt)
     monkeypatch.setattr("kvcli.engine.kvp_prefill.OPENING", 0)

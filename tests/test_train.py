@@ -7,7 +7,7 @@ import pytest
 from conftest import random_prompt
 from typer.testing import CliRunner
 
-from kvcli.engine.build import build_bundle
+from kvcli.bundles.build import build_bundle
 from kvcli.engine.bundle import load_bundle
 from kvcli.engine.engine import Engine
 from kvcli.engine.prefill_types import KvpSettings
@@ -128,7 +128,7 @@ def test_train_aux_writes_back_an_auxiliary_llama_cpp_runs(tiny_gemma3, tiny_bun
     copies of the base's learn, layer 0 (a copy) stays bit for bit, the written GGUF runs in
     llama.cpp as PyTorch runs the trained weights, and kvp runs with the new bundle. A prefix
     auxiliary is refused: training it would change the base."""
-    from kvcli.engine.bundle import pack_bundle
+    from kvcli.bundles.pack import pack_bundle
     from kvcli.errors import KvcliError
     from kvcli.models.aux_cut import cut_auxiliary, stride_layers
     from kvcli.models.gguf_header import read_tensors
@@ -164,7 +164,7 @@ def test_train_aux_writes_back_an_auxiliary_llama_cpp_runs(tiny_gemma3, tiny_bun
 def test_a_factored_predictor_trains_its_basis_on_kvps_path_and_resumes(tiny_bundle, tmp_path):
     """The factored forward (features, shared basis, per-layer matrices) gives kvcli's
     llama.cpp kvp logits; training moves the basis too, and a resumed run restores it."""
-    from kvcli.engine.build import factor_bundle
+    from kvcli.bundles.build import factor_bundle
 
     factor_bundle(tiny_bundle, tmp_path / "f", rank=16, n_tokens=600)
     factored = load_bundle(tmp_path / "f")

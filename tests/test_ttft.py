@@ -5,7 +5,7 @@ import json
 import pytest
 from test_cli import assert_one_line_error, kvcli
 
-from kvcli.engine.build import build_bundle
+from kvcli.bundles.build import build_bundle
 from kvcli.engine.recompute import DEFAULT_SPANS, DEFAULT_SPANS_TAIL
 from kvcli.llama.library import prefix_view_supported
 

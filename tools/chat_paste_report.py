@@ -14,7 +14,8 @@ import argparse
 import json
 import statistics
 
-from kvcli.engine.bundle import default_bundle, load_bundle
+from kvcli.bundles.default import default_bundle
+from kvcli.engine.bundle import load_bundle
 from kvcli.engine.conversation import Conversation
 from kvcli.engine.engine import Engine
 from kvcli.llama.runtime import ContextSettings

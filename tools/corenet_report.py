@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from corenet_fixture import AUX, BASE, LAYER_MAP, write_corenet_kvp
 
-from kvcli.engine.build import import_checkpoint
+from kvcli.bundles.corenet_import import import_checkpoint
 from kvcli.engine.engine import Engine
 from kvcli.llama.runtime import ContextSettings
 from kvcli.models.corenet import predictor_matrices, read_config, split_checkpoint

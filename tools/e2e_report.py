@@ -13,7 +13,8 @@ import argparse
 import json
 import statistics
 
-from kvcli.engine.bundle import default_bundle, load_bundle
+from kvcli.bundles.default import default_bundle
+from kvcli.engine.bundle import load_bundle
 from kvcli.engine.engine import Engine
 from kvcli.engine.generation import generate
 from kvcli.engine.prefill_types import KvpSettings

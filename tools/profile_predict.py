@@ -16,8 +16,9 @@ from functools import partial
 
 import numpy as np
 
+from kvcli.bundles.default import default_bundle
 from kvcli.engine.aux_load import take_captured
-from kvcli.engine.bundle import default_bundle, load_bundle
+from kvcli.engine.bundle import load_bundle
 from kvcli.engine.engine import Engine
 from kvcli.eval.ttft import bench_prompts
 from kvcli.llama.runtime import ContextSettings

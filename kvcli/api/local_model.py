@@ -20,7 +20,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvcli.choices import Choice
+from kvcli import keys
+from kvcli.bundles.default import default_bundle
+from kvcli.bundles.make import MadeBundle, measure_break_even
+from kvcli.engine.bundle import Bundle, Progress, load_bundle
+from kvcli.engine.conversation import ChatMode
 from kvcli.engine.engine import Engine
 from kvcli.engine.generation import Reply
 from kvcli.engine.prompt_cache import CachedPrefill, PromptCache
@@ -30,13 +34,6 @@ from kvcli.llama.chat_template import apply_chat_template, chat_template_for
 from kvcli.llama.runtime import ContextSettings
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
-
-
-class PrefillMode(Choice):
-    """kvp (predicted prefill where it pays) or base (the base alone)."""
-
-    KVP = "kvp"
-    BASE = "base"
 
 
 @dataclass(frozen=True)
@@ -136,7 +133,7 @@ class LocalModel:
     def __init__(
         self, engine: Engine, *, mode: str = "kvp", tail: int | None = None, spans: int | None = None
     ):
-        mode = PrefillMode.parse(mode, "mode")
+        mode = ChatMode.parse(mode, "mode")
         if mode == "kvp" and engine.predictor is None:
             raise KvcliError("mode kvp needs a bundle with an auxiliary and a predictor")
         self.engine, self.mode = engine, mode
@@ -239,7 +236,7 @@ def load(
     """A bundle folder (None: the embedded default, made and measured on first use), or a
     plain GGUF ``model`` (the base alone), ready to ``generate`` and ``chat``. ``mode``: kvp
     (a bundle's default) or base (a model's only one)."""
-    mode = PrefillMode.parse(mode or ("base" if model is not None else "kvp"), "mode")
+    mode = ChatMode.parse(mode or ("base" if model is not None else "kvp"), "mode")
     engine = engine_for(bundle, model, mode, ContextSettings(n_ctx=ctx, n_threads=threads))
     try:
         return LocalModel(engine, mode=mode, tail=tail, spans=spans)
@@ -248,28 +245,33 @@ def load(
         raise
 
 
-def engine_for(
-    bundle: str | Path | None, model: str | Path | None, mode: str, settings: ContextSettings, progress=None
-) -> Engine:
-    """The engine ``load`` (and the CLI) open: a plain ``model`` serves mode base; otherwise
-    the bundle, the embedded default's made on first use (``progress``) and where kvp pays on
-    this machine measured once (kvcli.eval.break_even)."""
-    from kvcli.engine.bundle import default_bundle, load_bundle, record_in_manifest
-    from kvcli.eval.break_even import measure_break_even
+def resolve_bundle(
+    bundle: str | Path | None, progress: Progress | None = None
+) -> tuple[Bundle, MadeBundle | None]:
+    """The bundle at ``bundle``, or the embedded default's: made on first use, and where kvp
+    pays on this machine measured once (that measurement returned too, for a caller to show)."""
+    if bundle is not None:
+        return load_bundle(bundle), None
+    b = default_bundle(progress=progress)
+    if keys.MANIFEST_BREAK_EVEN in b.manifest:
+        return b, None
+    measured = measure_break_even(b, progress)
+    return measured.bundle, measured
 
+
+def engine_for(
+    bundle: str | Path | None,
+    model: str | Path | None,
+    mode: str,
+    settings: ContextSettings,
+    progress: Progress | None = None,
+) -> Engine:
+    """The engine ``load`` and ``kvcli serve`` open: a plain ``model`` serves mode base;
+    otherwise the bundle (``resolve_bundle``)."""
     if model is not None:
         if bundle is not None:
             raise KvcliError("give either a bundle or a model, not both")
         if mode != "base":
             raise KvcliError(f"mode {mode} needs an auxiliary and a predictor: give a bundle")
         return Engine(model, settings=settings)
-    if bundle is not None:
-        return Engine.from_bundle(load_bundle(bundle), settings=settings)
-    b = default_bundle(progress=progress)
-    if "break_even" not in b.manifest:
-        with Engine.from_bundle(b) as engine:
-            entry = measure_break_even(
-                engine, progress=(lambda i, n: progress("kvp's break-even", i, n)) if progress else None
-            )
-        b = record_in_manifest(b, break_even=entry)
-    return Engine.from_bundle(b, settings=settings)
+    return Engine.from_bundle(resolve_bundle(bundle, progress)[0], settings=settings)

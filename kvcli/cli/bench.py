@@ -11,7 +11,7 @@ import typer
 from kvcli.atomic import check_writable
 from kvcli.choices import parse_list
 from kvcli.cli.options import BundleOpt, JsonOpt, ThreadsOpt
-from kvcli.errors import IncompatibleError, KvcliError
+from kvcli.errors import KvcliError
 
 HELP = """Measure time to first token (TTFT) of the base alone, of predicted prefill (kvp), of
 truncation and of token selection, on prompts of exactly N tokens of held-out text, the
@@ -27,54 +27,12 @@ Truncation keeps the last M tokens, token selection the M the auxiliary ranks hi
 BOS and the last 32); each M matched to kvp's TTFT from timings taken after the warm-up."""
 
 
-DEFAULT_MODES = "base,kvp,truncate,select"
-
-
-def _settings_info(settings, bundle) -> dict:
-    from kvcli.llama.library import llama_cpp_version, system_info
-    from kvcli.predict.predictor import load_predictor
-
-    return {
-        "n_threads": settings.resolved_threads(),
-        "n_batch": settings.n_batch,
-        "n_ubatch": settings.n_ubatch,
-        "type_k": settings.type_k,
-        "type_v": settings.type_v,
-        "flash_attn": settings.flash_attn,
-        "n_ctx": settings.n_ctx,
-        "llama_cpp_python": llama_cpp_version(),
-        "build_info": system_info(),
-        "base": bundle.base.name,
-        "aux": bundle.aux.name if bundle.aux else f"base layers 0-{bundle.aux_prefix - 1}",
-        "predictor_type": load_predictor(bundle.predictor).storage_type,
-    }
-
-
-def _fmt(v, spec=".2f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def _print_table(result: dict) -> None:
     from kvcli.cli import ui
 
     rows = []
     for r in result["rows"]:
-        b = r.get("breakdown_ms")
-        breakdown = (
-            "/".join(
-                f"{b[k]:.0f}"
-                for k in (
-                    "aux_prefill_ms",
-                    "state_get_ms",
-                    "predict_ms",
-                    "state_set_ms",
-                    "recompute_ms",
-                    "base_decode_ms",
-                )
-            )
-            if b
-            else "-"
-        )
+        breakdown = ui.breakdown_text(r["breakdown_ms"]) if r.get("breakdown_ms") else "-"
         mode = (
             r["mode"]
             + (f" ({r['aux_load']})" if r.get("aux_load") else "")
@@ -89,14 +47,14 @@ def _print_table(result: dict) -> None:
                 mode,
                 f"{r['ttft_ms_mean']:.1f} ± {r['ttft_ms_std']:.1f}",
                 f"{r['ttft_ms_median']:.1f}",
-                _fmt(r["ttft_ratio"], ".3f"),
+                ui.fmt(r["ttft_ratio"], 3),
                 breakdown,
-                _fmt(r.get("floor_ms"), ".1f"),
-                _fmt(r.get("floor_ratio"), ".3f"),
-                _fmt(r["first_token_agreement"]),
-                _fmt(r["kl_mean"], ".3f"),
-                _fmt(r["peak_rss_mib"], ".0f"),
-                _fmt(r.get("peak_pss_mib"), ".0f"),
+                ui.fmt(r.get("floor_ms"), 1),
+                ui.fmt(r.get("floor_ratio"), 3),
+                ui.fmt(r["first_token_agreement"]),
+                ui.fmt(r["kl_mean"], 3),
+                ui.fmt(r["peak_rss_mib"], 0),
+                ui.fmt(r.get("peak_pss_mib"), 0),
             ]
         )
     s = result["settings"]
@@ -184,98 +142,36 @@ def command(
     bundle: BundleOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
+    from kvcli.cli import ui
     from kvcli.cli.common import notice_aux_load, resolve_bundle
-    from kvcli.engine.engine import Engine
+    from kvcli.eval.bench import BenchRequest, bench_ttft
     from kvcli.eval.ttft import BENCH_MODES
     from kvcli.llama.runtime import ContextSettings
 
     length_list = parse_list(lengths, "-p", int, minimum=16)
-    tail_list = parse_list(tails, "--tails", int, minimum=0) if tails is not None else None
-    span_list = parse_list(spans, "--spans", int, minimum=0) if spans is not None else None
-    mode_list = parse_list(modes or DEFAULT_MODES, "--modes", choices=BENCH_MODES)
-    loads = _aux_loads(aux_load)
+    request = BenchRequest(
+        lengths=tuple(length_list),
+        modes=tuple(parse_list(modes, "--modes", choices=BENCH_MODES)) if modes is not None else None,
+        tails=tuple(parse_list(tails, "--tails", int, minimum=0)) if tails is not None else None,
+        spans=tuple(parse_list(spans, "--spans", int, minimum=0)) if spans is not None else None,
+        aux_loads=tuple(_aux_loads(aux_load)),
+        usable_loads_only=aux_load == "all",
+        repeats=repeats,
+        warmup=warmup,
+        memory=memory,
+    )
     if repeats < 1 or warmup < 0:
         raise KvcliError("need -r >= 1 and --warmup >= 0")
     if plot is not None:
         check_writable(plot)
     b = resolve_bundle(bundle)
     settings = ContextSettings(n_ctx=max(length_list) + 64, n_threads=threads)
-    engines = []
-    try:
-        engine = notice_aux_load(Engine.from_bundle(b, settings=settings, aux_load=loads[0]))
-        engines.append(engine)
-        if "select" in mode_list:
-            from kvcli.engine.token_select import resolve_select_by
-
-            try:
-                resolve_select_by(engine, "auto")
-            except IncompatibleError:
-                if modes is not None:
-                    raise
-                mode_list.remove("select")  # by default, only where this bundle can rank
-        default = engine.kvp_settings()
-        tail_list = [default.tail] if tail_list is None else tail_list
-        if span_list is None:
-            kvp = [(t, 0) for t in tail_list]
-            if (default.tail, default.spans) not in kvp:
-                kvp.append((default.tail, default.spans))
-        else:
-            kvp = [(t, s) for s in span_list for t in tail_list]
-        n_methods = len(mode_list) + (len(kvp) - 1 if "kvp" in mode_list else 0)
-        extra = {}
-        for load in loads[1:]:
-            if load == engine.aux_load:
-                continue
-            try:
-                extra[load] = Engine.from_bundle(b, settings=settings, aux_load=load)
-            except IncompatibleError:
-                if aux_load != "all":
-                    raise
-                continue  # "all": only the loads this bundle and build can use
-            engines.append(extra[load])
-        n_methods += len(extra)
-        rows, prompts, keeps = _run(engine, extra, length_list, mode_list, kvp, repeats, warmup, n_methods)
-    finally:
-        for e in engines:
-            e.close()
-    if memory:
-        from kvcli.eval.memory import measure_in_child
-
-        # (mode, aux_load, tail, spans): every kvp setting on the main engine's load, tail 0
-        # on the others, as timed
-        targets = [(m, engine.aux_load, 0, 0) for m in mode_list if m != "kvp"]
-        targets += [("kvp", engine.aux_load, t, sp) for t, sp in kvp] if "kvp" in mode_list else []
-        targets += [("kvp", load, 0, 0) for load in extra]
-        for mode, load, t, sp in targets:
-            measured = measure_in_child(
-                mode,
-                b.folder,
-                length_list,
-                prompts,
-                settings.__dict__,
-                keep=keeps.get(mode),
-                aux_load=load,
-                tail=t,
-                spans=sp,
-            )
-            for r in rows:
-                if (
-                    r["mode"] == mode
-                    and r.get("aux_load") in (None, load)
-                    and (mode != "kvp" or (r["tail"], r["spans"]) == (t, sp))
-                ):
-                    r.update(measured[r["n_prompt"]])
-    for r in rows:  # the setting generate and chat use without options
-        r["default"] = (
-            r["mode"] == "kvp"
-            and r["aux_load"] == engine.aux_load
-            and (r["tail"], r["spans"]) == (default.tail, default.spans)
-        )
-    result = {"settings": {**_settings_info(settings, b), "repeats": repeats, "warmup": warmup}, "rows": rows}
+    with ui.progress_reporter() as report:
+        result = bench_ttft(b, settings, request, progress=report, opened=notice_aux_load)
     if plot is not None:
-        from kvcli.cli.plot import bench_ttft
+        from kvcli.cli.plot import bench_ttft as plot_bench_ttft
 
-        bench_ttft(rows, plot)
+        plot_bench_ttft(result["rows"], plot)
     if json_out:
         typer.echo(json.dumps(result))
     else:
@@ -290,37 +186,3 @@ def _aux_loads(text: str) -> list[str]:
     if text == "all":  # the main engine picks its own; the others are tried beside it
         return ["auto", *(["partial"] if prefix_view_supported() else []), "view", "file"]
     return parse_list(text, "--aux-load", choices=AUX_LOADS, distinct=True)
-
-
-def _run(engine, extra, length_list, mode_list, kvp, repeats, warmup, n_methods):
-    from kvcli.cli import ui
-    from kvcli.eval.ttft import bench_length, summarize
-
-    rows, prompts, keeps = [], {}, {}
-    with ui.progress_reporter() as report:
-        for n in length_list:
-            stage, done = f"pp{n}", [0]
-
-            def tick(stage=stage, done=done) -> None:
-                done[0] += 1
-                report(stage, done[0], repeats * n_methods)
-
-            runs, ps = bench_length(
-                engine,
-                n,
-                modes=mode_list,
-                kvp=kvp,
-                repeats=repeats,
-                warmup=warmup,
-                progress=tick,
-                extra_engines=extra,
-            )
-            prompts[n] = ps[0]
-            for m in runs:
-                if m.mode in ("truncate", "select"):
-                    keeps.setdefault(m.mode, {})[n] = m.keep
-            for r in summarize(n, runs):
-                if r["mode"] == "kvp" and r["aux_load"] is None:
-                    r["aux_load"] = engine.aux_load
-                rows.append(r)
-    return rows, prompts, keeps

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kvcli.engine.bundle import Bundle, default_bundle, load_bundle
+from kvcli import keys
+from kvcli.engine.bundle import Bundle
 from kvcli.engine.engine import Engine, kvp_from_tokens
 from kvcli.errors import KvcliError
 from kvcli.llama.runtime import ContextSettings
+
+if TYPE_CHECKING:  # the bundles stage loads eval: only for commands that make bundles
+    from kvcli.bundles.make import MadeBundle
 
 
 def open_engine(*, bundle: Path | None, model: Path | None, mode: str, settings: ContextSettings) -> Engine:
@@ -60,38 +65,25 @@ def notice_aux_load(engine: Engine) -> Engine:
 
 
 def resolve_bundle(bundle: Path | None) -> Bundle:
-    """The bundle at ``bundle``, or the embedded default's (built with a progress bar, and
-    where kvp pays on this machine measured once)."""
-    if bundle is not None:
-        return load_bundle(bundle)
+    """The bundle at ``bundle``, or the embedded default's (made with a progress bar, and
+    where kvp pays on this machine measured once, one line on stderr)."""
+    from kvcli.api.local_model import resolve_bundle as resolve
     from kvcli.cli import ui
 
     with ui.progress_reporter() as report:
-        b = default_bundle(progress=report)
-    if "break_even" not in b.manifest:
-        b = measure_break_even(b)
+        b, measured = resolve(bundle, report)
+    if measured is not None:
+        show_measured(measured)
     return b
 
 
-def measure_break_even(b: Bundle) -> Bundle:
-    """Where kvp starts to pay for this bundle on this machine (kvcli.eval.break_even), stored
-    in its manifest; one line on stderr."""
-    from kvcli.cli import ui
-    from kvcli.engine.bundle import record_in_manifest
-    from kvcli.eval import break_even
-
-    with ui.progress_reporter() as report, Engine.from_bundle(b) as engine:
-        entry = break_even.measure_break_even(engine, progress=lambda i, n: report("kvp's break-even", i, n))
-    ui.err.print(break_even_line(entry), highlight=False, soft_wrap=True)
-    return record_in_manifest(b, break_even=entry)
-
-
 def break_even_line(entry: dict) -> str:
-    ratios = ", ".join(f"{n}: {r:.2f}x" for n, r in entry["ttft_ratio"].items())
+    ratios = ", ".join(f"{n}: {r:.2f}x" for n, r in entry[keys.BREAK_EVEN_TTFT_RATIO].items())
+    pays, min_tokens = entry[keys.BREAK_EVEN_PAYS_RATIO], entry[keys.BREAK_EVEN_MIN_TOKENS]
     where = (
-        f"kvp pays (<= {entry['pays_ratio']}x the base's TTFT) from {entry['min_tokens']} prompt tokens"
-        if entry["min_tokens"] is not None
-        else f"kvp never reaches {entry['pays_ratio']}x the base's TTFT on the lengths measured"
+        f"kvp pays (<= {pays}x the base's TTFT) from {min_tokens} prompt tokens"
+        if min_tokens is not None
+        else f"kvp never reaches {pays}x the base's TTFT on the lengths measured"
     )
     below = kvp_from_tokens(entry)
     return (
@@ -99,59 +91,41 @@ def break_even_line(entry: dict) -> str:
     )
 
 
-def measure_spans(b: Bundle) -> Bundle:
-    """For a base without sliding-window layers: which of its layers chooses kvp's spans
-    from the tail (kvcli.engine.tail_choice), stored in the manifest; one line on stderr."""
-    from kvcli.cli import ui
-    from kvcli.engine.bundle import record_in_manifest
-    from kvcli.eval.span_layers import measure_layer
-    from kvcli.models.model_info import read_model_info
-
-    if read_model_info(b.base, "base model").n_swa:
-        return b
-    with ui.progress_reporter() as report:
-        entry = measure_layer(b, progress=lambda i, n: report("spans", i, n))
-    if entry["chooser"] == "tail":
-        ui.err.print(
-            f"spans: chosen by base layers {entry['layers']}' attention from the tail "
+def spans_line(entry: dict) -> str:
+    if entry[keys.SPANS_CHOOSER] == keys.CHOOSER_TAIL:
+        return (
+            f"spans: chosen by base layers {entry[keys.SPANS_LAYERS]}' attention from the tail "
             f"(each found the asked value in {entry['found']} of {entry['prompts']} held-out "
-            "prompts)",
-            highlight=False,
+            "prompts)"
         )
-    else:
-        ui.err.print(f"spans: none ({entry['reason']})", highlight=False)
-    return record_in_manifest(b, spans=entry)
+    return f"spans: none ({entry['reason']})"
 
 
-def run_self_check(b: Bundle, n_tokens: int, *, echo: bool = True) -> dict:
-    """Where kvp pays (``measure_break_even``) and the bundle's check of itself at that length
-    or ``n_tokens`` (kvcli.eval.self_check), stored in its manifest; prints the table on
-    stderr and (``echo``) the verdict line on stdout; returns the check."""
+def show_measured(made: MadeBundle, *, echo: bool = True) -> None:
+    """What ``kvcli.bundles.make`` measured, on stderr: the span chooser, the break-even and
+    the self-check's table; with ``echo`` the check's verdict line on stdout."""
     import typer
 
     from kvcli.cli import ui
-    from kvcli.engine.bundle import record_in_manifest
-    from kvcli.eval.self_check import check_engine, summary_line
+    from kvcli.eval.self_check import summary_line
 
-    b = measure_break_even(b)
-    # judged where kvp is used: at the break-even's length if that is longer
-    # (where kvp never paid on the lengths measured, at n_tokens: past them is unmeasured)
-    n_tokens = max(n_tokens, b.manifest["break_even"]["min_tokens"] or 0)
-    with ui.progress_reporter() as report, Engine.from_bundle(b) as engine:
-        result = check_engine(engine, n_tokens=n_tokens, progress=lambda i, n: report("check", i, n))
-    record_in_manifest(b, check=result)
+    if made.spans is not None:
+        ui.err.print(spans_line(made.spans), highlight=False)
+    if made.break_even is not None:
+        ui.err.print(break_even_line(made.break_even), highlight=False, soft_wrap=True)
+    if made.check is None:
+        return
     rows = [
         [kind, method, f"{r[method]['kl']:.3f}", f"{r[method]['top1']:.2f}", f"{r[method]['ttft_ratio']:.2f}"]
-        for kind, r in result["kinds"].items()
+        for kind, r in made.check["kinds"].items()
         for method in ("kvp", "truncate", "aux")
     ]
     ui.err.print(
         ui.table(
-            f"self-check at {n_tokens} tokens (n = {result['n']} per kind)",
+            f"self-check at {made.check_tokens} tokens (n = {made.check['n']} per kind)",
             ["text", "method", "KL", "top-1", "TTFT / base"],
             rows,
         )
     )
     if echo:
-        typer.echo(summary_line(result))
-    return result
+        typer.echo(summary_line(made.check))

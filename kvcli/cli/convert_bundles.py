@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from kvcli.choices import parse_list
-from kvcli.cli.convert import Corpus, PredictorType, Text, Tokens, command
+from kvcli.cli.convert_app import Corpus, PredictorType, Text, Tokens, command
 from kvcli.cli.options import BundleOpt, JsonOpt, ThreadsOpt
 from kvcli.errors import KvcliError
 from kvcli.predict.corpus import CalibrationText
@@ -48,9 +48,9 @@ def factor_cmd(
     bundle with the base, the same auxiliary and the factored predictor."""
     import json
 
+    from kvcli.bundles.build import factor_bundle
     from kvcli.cli import ui
     from kvcli.cli.common import resolve_bundle
-    from kvcli.engine.build import factor_bundle
     from kvcli.llama.runtime import ContextSettings
 
     full = parse_list(keep_full, "--keep-full", int, distinct=True) if keep_full else []
@@ -113,9 +113,9 @@ def refine_cmd(
     Qwen 2 and Llama bases). The new bundle's break-even is measured by kvcli doctor --bundle."""
     import json
 
+    from kvcli.bundles.build import refine_bundle
     from kvcli.cli import ui
     from kvcli.cli.common import resolve_bundle
-    from kvcli.engine.build import refine_bundle
     from kvcli.llama.runtime import ContextSettings
 
     if steps < 1:
@@ -206,43 +206,45 @@ def bundle_cmd(
     """Pack a base, an auxiliary and a predictor into one folder with a manifest (sizes,
     sha256, fingerprints). With --base alone: a prefix auxiliary (no file of its own unless
     --aux-file), a predictor calibrated for it, packed. Then the bundle checks itself."""
+    from kvcli.bundles.build import DEFAULT_RANK
+    from kvcli.bundles.make import make_bundle
     from kvcli.cli import ui
-    from kvcli.engine.build import DEFAULT_RANK, build_bundle
-    from kvcli.engine.bundle import pack_bundle
+    from kvcli.cli.common import show_measured
 
     if (aux is None) != (predictor is None):
         raise KvcliError("give both --aux and --predictor, or neither (to build them)")
-    if aux is not None:
-        if aux_layers or corpus or tokens or aux_file or rank is not None:
-            raise KvcliError(
-                "--aux-layers, --corpus, --tokens, --aux-file and --rank build an "
-                "auxiliary and a predictor; they do not apply with --aux and --predictor"
-            )
-        b = pack_bundle(output, base=base, aux=aux, predictor=predictor, reference_base=reference_base)
-    else:
-        if rank is not None and rank < 0:
-            raise KvcliError("--rank must be >= 0")
-        with ui.progress_reporter() as report:
-            b = build_bundle(
-                base,
-                output,
-                n_aux_layers=aux_layers,
-                n_tokens=tokens,
-                corpus=corpus,
-                text=text,
-                storage_type=predictor_type,
-                reference_base=reference_base,
-                aux_file=aux_file,
-                rank=DEFAULT_RANK if rank is None else rank,
-                progress=report,
-            )
+    if aux is not None and (aux_layers or corpus or tokens or aux_file or rank is not None):
+        raise KvcliError(
+            "--aux-layers, --corpus, --tokens, --aux-file and --rank build an "
+            "auxiliary and a predictor; they do not apply with --aux and --predictor"
+        )
+    if rank is not None and rank < 0:
+        raise KvcliError("--rank must be >= 0")
+    calibration = dict(
+        n_aux_layers=aux_layers,
+        n_tokens=tokens,
+        corpus=corpus,
+        text=text,
+        storage_type=predictor_type,
+        aux_file=aux_file,
+        rank=DEFAULT_RANK if rank is None else rank,
+    )
+    with ui.progress_reporter() as report:
+        made = make_bundle(
+            base,
+            output,
+            aux=aux,
+            predictor=predictor,
+            reference_base=reference_base,
+            check=check,
+            check_tokens=check_tokens,
+            progress=report,
+            **(calibration if aux is None else {}),
+        )
+    b = made.bundle
     aux_text = b.aux.name if b.aux else f"the base's layers 0-{b.aux_prefix - 1}, no file"
     typer.echo(f"wrote bundle {b.folder} (base {b.base.name}, aux {aux_text}, predictor {b.predictor.name})")
-    from kvcli.cli.common import measure_spans, run_self_check
-
-    b = measure_spans(b)
-    if check:
-        run_self_check(b, check_tokens)
+    show_measured(made)
 
 
 @command("import-corenet")
@@ -274,8 +276,8 @@ def import_corenet_cmd(
     torch: its pickle may only rebuild tensors; anything else is refused."""
     import time
 
+    from kvcli.bundles.corenet_import import import_checkpoint
     from kvcli.cli import ui
-    from kvcli.engine.build import import_checkpoint
 
     start = time.perf_counter()
     with ui.progress_reporter() as report:

@@ -9,7 +9,7 @@ import typer
 
 from kvcli.atomic import check_writable
 from kvcli.choices import parse_list
-from kvcli.cli.convert import Corpus, OutFile, PredictorType, Text, Tokens, command
+from kvcli.cli.convert_app import Corpus, OutFile, PredictorType, Text, Tokens, command
 from kvcli.cli.options import ThreadsOpt
 from kvcli.errors import KvcliError
 from kvcli.predict.corpus import CalibrationText

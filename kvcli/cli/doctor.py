@@ -52,9 +52,14 @@ def command(
     ok = all(r.ok for r in results)
     self_check = None
     if bundle is not None and quality and ok:
-        from kvcli.cli.common import run_self_check
+        from kvcli.bundles.make import check_bundle_itself
+        from kvcli.cli import ui
+        from kvcli.cli.common import show_measured
 
-        self_check = run_self_check(load_bundle(bundle), 512, echo=False)
+        with ui.progress_reporter() as report:
+            made = check_bundle_itself(load_bundle(bundle), progress=report)
+        show_measured(made, echo=False)
+        self_check = made.check
     if json_out:
         typer.echo(
             json.dumps(
@@ -65,7 +70,7 @@ def command(
                     "checks": [r.as_dict() for r in results],
                     "self_check": self_check,
                     # where kvp pays, measured with the self-check (kvcli.eval.break_even)
-                    "break_even": load_bundle(bundle).manifest.get("break_even") if self_check else None,
+                    "break_even": made.break_even if self_check else None,
                 }
             )
         )

@@ -14,7 +14,7 @@ from kvcli.cli.common import open_engine
 from kvcli.cli.options import BundleOpt, JsonOpt, ThreadsOpt
 from kvcli.engine.recompute import DEFAULT_SPANS_TAIL
 from kvcli.errors import KvcliError
-from kvcli.eval.stats import frontier, method_label, summarize_methods
+from kvcli.eval.stats import method_label
 from kvcli.eval.tasks import DEFAULT_TASKS, TASKS
 from kvcli.llama.runtime import ContextSettings
 
@@ -35,10 +35,6 @@ included, its tail not), mean over the predicted layers; the JSON has it per lay
 
 --quick: passkey retrieval at 512 tokens on 3 prompts, kvp without spans: a check of the
 pipeline."""
-
-
-def _fmt(value, digits=2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def command(
@@ -75,7 +71,7 @@ def command(
     json_out: JsonOpt = False,
 ) -> None:
     from kvcli.cli import ui
-    from kvcli.eval.quality import evaluate_task
+    from kvcli.eval.judge import judge
 
     if quick:
         tasks, lengths, n, tails = "passkey", "512", 3, "0"
@@ -89,68 +85,50 @@ def command(
     if plot is not None:
         check_writable(plot)
     settings = ContextSettings(n_ctx=max(length_list) + 64, n_threads=threads)
-    rows = []
     with open_engine(bundle=bundle, model=None, mode="kvp", settings=settings) as engine:
-        default = engine.kvp_settings().recorded()
-        if span_list is None:  # none, and the bundle's default number of spans
-            span_list = [0, default["spans"]] if engine.spans_supported else [0]
         with ui.progress_reporter() as report:
-            total, done = len(length_list) * len(task_list) * n, [0]
-            report("all", 0, total)  # the whole run's ETA above each family's
-
-            def tick(stage: str, i: int, of: int) -> None:
-                report(stage, i, of)
-                done[0] += 1
-                report("all", done[0], total)
-
-            for length in length_list:
-                for task in task_list:
-                    stage = f"{task} @ {length}"
-                    rows += evaluate_task(
-                        engine,
-                        task,
-                        length,
-                        n=n,
-                        tails=tail_list,
-                        spans=span_list,
-                        seed=seed,
-                        progress=lambda i, of, s=stage: tick(s, i, of),
-                    )
-    summary = summarize_methods(rows)
-    for entry in summary:  # the setting generate and chat use without options
-        entry["default"] = entry["method"] == method_label({"method": "kvp", **default})
-    result = {
-        "settings": {**settings.__dict__, "n": n, "seed": seed, "kvp_default": default},
-        "rows": rows,
-        "summary": summary,
-        "frontier": frontier(summary),
-    }
+            result = judge(
+                engine,
+                task_list,
+                length_list,
+                n=n,
+                tails=tail_list,
+                spans=span_list,
+                seed=seed,
+                progress=report,
+            )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     if plot is not None:
         from kvcli.cli.plot import eval_pareto
 
-        eval_pareto(rows, plot)
+        eval_pareto(result["rows"], plot)
     if json_out:
         typer.echo(json.dumps(result))
         return
+    _print_tables(result)
+
+
+def _print_tables(result: dict) -> None:
+    from kvcli.cli import ui
+
     table_rows = [
         [
             r["task"],
             str(r["n_prompt"]),
             method_label(r) + (f" keep {r['keep']}" if r["keep"] else ""),
-            _fmt(r["accuracy"]) + (f" [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" if r.get("ci95") else ""),
-            _fmt(r["retention"]),
-            _fmt(r["first_token_agreement"]),
-            _fmt(r["kl_mean"], 3),
-            _fmt(r["top1_agreement"]),
+            ui.fmt(r["accuracy"]) + (f" [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" if r.get("ci95") else ""),
+            ui.fmt(r["retention"]),
+            ui.fmt(r["first_token_agreement"]),
+            ui.fmt(r["kl_mean"], 3),
+            ui.fmt(r["top1_agreement"]),
             "/".join(f"{e:.2f}" for e in r["kv_rel_err_predicted_layers"])
             if r.get("kv_rel_err_predicted_layers")
             else "-",
-            _fmt(r["ttft_ratio"]),
+            ui.fmt(r["ttft_ratio"]),
         ]
-        for r in rows
+        for r in result["rows"]
     ]
     ui.out.print(
         ui.table(
@@ -170,7 +148,7 @@ def command(
             table_rows,
         )
     )
-    scored = [s for s in summary if s["families"]]
+    scored = [s for s in result["summary"] if s["families"]]
     if scored:
         ui.out.print(
             ui.table(
@@ -180,8 +158,8 @@ def command(
                     [
                         s["method"] + (" (default)" if s["default"] else ""),
                         str(s["n_prompt"]),
-                        _fmt(s["mean_retention"]),
-                        f"{s['worst_family']} {_fmt(s['worst_retention'])}",
+                        ui.fmt(s["mean_retention"]),
+                        f"{s['worst_family']} {ui.fmt(s['worst_retention'])}",
                         f"{s['ttft_ratio_min']:.2f}-{s['ttft_ratio_max']:.2f} ({s['ttft_ratio_median']:.2f})",
                     ]
                     for s in scored
@@ -193,7 +171,12 @@ def command(
                 "the frontier: for a TTFT budget, the best method is the last row within it",
                 ["N", "TTFT / base (median)", "method", "mean retention"],
                 [
-                    [str(f["n_prompt"]), _fmt(f["ttft_ratio_median"]), f["method"], _fmt(f["mean_retention"])]
+                    [
+                        str(f["n_prompt"]),
+                        ui.fmt(f["ttft_ratio_median"]),
+                        f["method"],
+                        ui.fmt(f["mean_retention"]),
+                    ]
                     for f in result["frontier"]
                 ],
             )

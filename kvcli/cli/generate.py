@@ -198,14 +198,8 @@ def command(
         sys.stdout.write("\n")
         from kvcli.cli import ui
 
-        t = gen.timings
-        detail = (
-            f" (aux prefill {t.aux_prefill_ms:.0f} + get {t.state_get_ms:.0f} + predict "
-            f"{t.predict_ms:.0f} + spans {t.recompute_ms:.0f} + set {t.state_set_ms:.0f} + "
-            f"base {t.base_decode_ms:.0f} ms; tail {kvp.tail}, spans {kvp.spans})"
-            if gen.prefilled_by == "kvp"
-            else ""
-        )
+        breakdown = ui.breakdown_text(vars(gen.timings), labelled=True)
+        detail = f" ({breakdown}; tail {kvp.tail}, spans {kvp.spans})" if gen.prefilled_by == "kvp" else ""
         if mode == "kvp" and gen.prefilled_by == "base":
             detail = (
                 f" (prefilled by the base: kvp pays from {engine.kvp_min_tokens} tokens on this "

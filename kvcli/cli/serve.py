@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from kvcli.api.local_model import PrefillMode
 from kvcli.cli.options import BundleOpt, CtxOpt, ModelOpt, ThreadsOpt
+from kvcli.engine.conversation import ChatMode
 from kvcli.errors import KvcliError
 
 HELP = """Serve the OpenAI API on this machine: POST /v1/chat/completions (the model's own
@@ -27,7 +27,7 @@ def command(
         str, typer.Option("--host", help="Address to listen on (127.0.0.1: this machine only).")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8080,
-    mode: Annotated[PrefillMode, typer.Option("--mode", help="How prompts are prefilled.")] = PrefillMode.KVP,
+    mode: Annotated[ChatMode, typer.Option("--mode", help="How prompts are prefilled.")] = ChatMode.KVP,
     tail: Annotated[
         Optional[int], typer.Option("--tail", help="kvp: the base recomputes the last W prompt tokens.")
     ] = None,
@@ -60,7 +60,7 @@ def command(
     from kvcli.llama.runtime import ContextSettings
 
     if model is not None and mode == "kvp":
-        mode = PrefillMode.BASE  # a plain model has no other mode
+        mode = ChatMode.BASE  # a plain model has no other mode
     with ui.progress_reporter() as report:
         engine = engine_for(
             bundle, model, mode, ContextSettings(n_ctx=ctx, n_threads=threads), progress=report

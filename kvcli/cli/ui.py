@@ -86,3 +86,27 @@ def table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
     for r in rows:
         t.add_row(*r)
     return t
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    """A table's number: ``digits`` decimals, "-" where there is none."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+# TTFT's breakdown (kvcli.engine.timings.Timings), in the order kvp runs its steps
+BREAKDOWN = {
+    "aux_prefill_ms": "aux prefill",
+    "state_get_ms": "get",
+    "predict_ms": "predict",
+    "state_set_ms": "set",
+    "recompute_ms": "spans",
+    "base_decode_ms": "base",
+}
+
+
+def breakdown_text(parts: dict[str, float], *, labelled: bool = False) -> str:
+    """kvp's breakdown in ms: "12/3/8/2/5/40" for a table's column (headed
+    "aux/get/pred/set/spans/dec ms"), or labelled "aux prefill 12 + get 3 + ... ms"."""
+    if labelled:
+        return " + ".join(f"{label} {parts[k]:.0f}" for k, label in BREAKDOWN.items()) + " ms"
+    return "/".join(f"{parts[k]:.0f}" for k in BREAKDOWN)

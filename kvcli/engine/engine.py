@@ -64,9 +64,9 @@ def kvp_from_tokens(break_even: dict | None) -> int:
     never paid there; 0 (always kvp) where nothing was measured."""
     if not break_even:
         return 0
-    if isinstance(break_even.get("min_tokens"), int):
-        return break_even["min_tokens"]
-    measured = [int(n) for n in break_even.get("ttft_ratio") or {}]
+    if isinstance(break_even.get(keys.BREAK_EVEN_MIN_TOKENS), int):
+        return break_even[keys.BREAK_EVEN_MIN_TOKENS]
+    measured = [int(n) for n in break_even.get(keys.BREAK_EVEN_TTFT_RATIO) or {}]
     return max(measured) + 1 if measured else 0
 
 
@@ -148,17 +148,18 @@ class Engine:
         layers = sorted({*attention_layers, *tail_focus_layers})
         if layers and self.base_info.n_swa:
             raise IncompatibleError("spans chosen from the tail need a model without sliding-window layers")
-        try:
-            self._open_contexts(prefix, layers)
-        except BaseException:
-            self.close()
-            raise
         self._layout: CacheLayout | None = None
         self._first_cells: dict[int, FirstCell] = {}
-        self.spans = SpanRecompute(self)
-        if self.predictor is not None:
-            self.base_layout()  # once, outside any timed prefill
-            self.first_cell(self.model.bos)
+        try:
+            self._open_contexts(prefix, layers)
+            self.spans = SpanRecompute(self)
+            if self.predictor is not None:
+                self.base_layout()  # once, outside any timed prefill
+                self.first_cell(self.model.bos)
+        except BaseException:
+            # no caller gets an engine to close: free the models and contexts opened so far
+            self.close()
+            raise
 
     def _open_contexts(self, prefix: int, attention_layers: list[int]) -> None:
         """The base's context (capturing ``attention_layers``' attention) and the
@@ -219,16 +220,18 @@ class Engine:
         """An engine over a bundle.Bundle (``with_aux`` False: the base alone); spans are
         chosen as the bundle's manifest records (``spans``: ``tail_focus_layers``)."""
         with_aux = with_aux or with_predictor
-        spans = bundle.manifest.get("spans") or {}
+        spans = bundle.manifest.get(keys.MANIFEST_SPANS) or {}
         if (
             with_predictor
-            and spans.get("chooser") == "tail"
-            and isinstance(spans.get("layers"), list)
+            and spans.get(keys.SPANS_CHOOSER) == keys.CHOOSER_TAIL
+            and isinstance(spans.get(keys.SPANS_LAYERS), list)
             and "tail_focus_layers" not in kwargs
         ):
-            kwargs["tail_focus_layers"] = [int(il) for il in spans["layers"]]
+            kwargs["tail_focus_layers"] = [int(il) for il in spans[keys.SPANS_LAYERS]]
         if with_predictor:
-            kwargs.setdefault("kvp_min_tokens", kvp_from_tokens(bundle.manifest.get("break_even")))
+            kwargs.setdefault(
+                "kvp_min_tokens", kvp_from_tokens(bundle.manifest.get(keys.MANIFEST_BREAK_EVEN))
+            )
         return cls(
             bundle.base,
             aux_path=bundle.aux if with_aux else None,

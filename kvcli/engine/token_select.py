@@ -94,7 +94,7 @@ def resolve_select_by(engine, select_by: str) -> str:
     return select_by
 
 
-def position_scores(engine, tokens: list[int], n_pred: int, select_by: str, t: Timings, clock: Clock):
+def selection_scores(engine, tokens: list[int], n_pred: int, select_by: str, t: Timings, clock: Clock):
     """The auxiliary prefills ``tokens``; per position < n_pred, how much the prompt's last
     tokens attend to it (``attention``: the last n - n_pred rows; ``keys``: the last one)."""
     aux = engine.aux
@@ -131,7 +131,7 @@ def select_prefill(
     if keep >= n:
         return Prefill(base, engine.plain_prefill(base, tokens, t), t, selected=np.arange(n))
     clock = Clock()
-    scores = position_scores(engine, tokens, n - SELECT_TAIL, select_by, t, clock)
+    scores = selection_scores(engine, tokens, n - SELECT_TAIL, select_by, t, clock)
     positions = kept_positions(scores, n, keep, SELECT_TAIL)
     base.clear()
     base.decode_at([tokens[p] for p in positions], positions, logits_last=True)

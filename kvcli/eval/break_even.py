@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from kvcli import keys
 from kvcli.engine.engine import Engine
 from kvcli.errors import KvcliError
 from kvcli.eval.matched import timed_prefill
@@ -68,14 +69,14 @@ def measure_break_even(
     ratios = {}
     for i, n in enumerate(lengths):
         tokens = prompts[n]
-        base = min(timed_prefill(engine, tokens, mode="base")[3] for _ in range(2))
-        predicted = min(timed_prefill(engine, tokens, mode="kvp", kvp=kvp)[3] for _ in range(2))
+        base = min(timed_prefill(engine, tokens, mode="base").ms for _ in range(2))
+        predicted = min(timed_prefill(engine, tokens, mode="kvp", kvp=kvp).ms for _ in range(2))
         ratios[len(tokens)] = predicted / base
         if progress:
             progress(i + 1, len(lengths))
     return {
-        "pays_ratio": PAYS_RATIO,
+        keys.BREAK_EVEN_PAYS_RATIO: PAYS_RATIO,
         "kvp_settings": kvp.recorded(),
-        "ttft_ratio": {str(n): round(r, 3) for n, r in ratios.items()},
-        "min_tokens": crossing(ratios),
+        keys.BREAK_EVEN_TTFT_RATIO: {str(n): round(r, 3) for n, r in ratios.items()},
+        keys.BREAK_EVEN_MIN_TOKENS: crossing(ratios),
     }

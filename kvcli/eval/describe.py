@@ -120,11 +120,11 @@ def describe_bundle(folder: Path, verify: bool = False) -> dict:
     out = {
         "kind": "bundle",
         "path": str(Path(folder).resolve()),
-        "kvcli": b.manifest.get("kvcli"),
+        "kvcli": b.manifest.get(keys.MANIFEST_KVCLI),
         "base": describe_model(b.base),
         "aux": describe_model(b.aux) if b.aux else describe_prefix(b.base, b.aux_prefix),
         "predictor": describe_predictor(b.predictor),
-        "origin": b.manifest.get("origin"),
+        "origin": b.manifest.get(keys.MANIFEST_ORIGIN),
     }
     base, aux = out["base"], out["aux"]
     prefix = aux.get("cut_from", {})
@@ -149,10 +149,10 @@ def describe_bundle(folder: Path, verify: bool = False) -> dict:
         base_info,
         aux["n_layer"] if is_view else 0,
         out["predictor"]["feature_kinds"],
-        b.manifest.get("spans"),
+        b.manifest.get(keys.MANIFEST_SPANS),
     )
     out["llama_cpp_python"] = llama_cpp_version()
-    check = b.manifest.get("check")
+    check = b.manifest.get(keys.MANIFEST_CHECK)
     if isinstance(check, dict) and "aux_ttft_ratio" in check:
         from kvcli.eval.self_check import summary_line
 
@@ -174,9 +174,9 @@ def _spans_note(base, prefix: int, feature_kinds, measured: dict | None = None) 
     """Whether kvp can choose spans with this bundle (kvcli.engine.recompute), and why not."""
     from kvcli.engine.span_choice import spans_supported
 
-    if measured and measured.get("chooser") == "tail":
+    if measured and measured.get(keys.SPANS_CHOOSER) == keys.CHOOSER_TAIL:
         return (
-            f"yes: from the tail, in base layers {measured['layers']} (each found the asked "
+            f"yes: from the tail, in base layers {measured[keys.SPANS_LAYERS]} (each found the asked "
             f"value in {measured['found']} of {measured['prompts']} prompts)"
         )
     if not prefix:

@@ -10,29 +10,41 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import NamedTuple
 
 import numpy as np
 
 from kvcli.engine.engine import Engine
 from kvcli.engine.prefill_types import KvpSettings
+from kvcli.engine.timings import Timings
+from kvcli.llama.runtime import Context
 
 MIN_KEEP = 16
 REPEATS = 2
 FIT_REPEATS = 3
 
 
-def timed_prefill(engine: Engine, tokens: list[int], **settings):
-    """(context, logits, first token, ms) of one prefill (``settings``: Engine.prefill's); ms
-    to the first token's choice."""
+class TimedPrefill(NamedTuple):
+    context: Context
+    logits: np.ndarray
+    first: int  # the first token, greedy
+    ms: float  # to the first token's choice
+    timings: Timings  # the prefill's own breakdown
+
+
+def timed_prefill(engine: Engine, tokens: list[int], **settings) -> TimedPrefill:
+    """One prefill (``settings``: Engine.prefill's), timed to the first token's choice: the
+    one way bench-ttft, eval, the self-check and the break-even time a prefill."""
     start = time.perf_counter()
     prefill = engine.prefill(tokens, **settings)
     first = int(np.argmax(prefill.logits))
-    return prefill.context, prefill.logits, first, (time.perf_counter() - start) * 1e3
+    ms = (time.perf_counter() - start) * 1e3
+    return TimedPrefill(prefill.context, prefill.logits, first, ms, prefill.timings)
 
 
 def median_ttft(engine: Engine, tokens: list[int], repeats: int = REPEATS, **settings) -> float:
     timed_prefill(engine, tokens, **settings)  # warm-up
-    return statistics.median(timed_prefill(engine, tokens, **settings)[3] for _ in range(repeats))
+    return statistics.median(timed_prefill(engine, tokens, **settings).ms for _ in range(repeats))
 
 
 def matched_count(

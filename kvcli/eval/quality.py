@@ -96,7 +96,7 @@ def base_reference(
     engine: Engine, tokens: list[int], n_greedy: int = FORCED
 ) -> tuple[BaseReference, float, dict[int, LayerCells]]:
     """The base's reference, its TTFT and its cache right after the prefill."""
-    ctx, logits, _, ttft = timed_prefill(engine, tokens, mode="base")
+    ctx, logits, _, ttft, _ = timed_prefill(engine, tokens, mode="base")
     cache = cache_layers(engine)
     return reference_after_prefill(ctx, logits, n_greedy), ttft, cache
 
@@ -141,7 +141,7 @@ def score_method(
     with ``true_cache`` (the base's own after its prefill), per-layer K, V errors over the
     positions kvp did not decode with the base itself at the end (spans included)."""
     mode = stats.method
-    ctx, logits, first, ttft = timed_prefill(engine, tokens, **_settings(stats))
+    ctx, logits, first, ttft, _ = timed_prefill(engine, tokens, **_settings(stats))
     n_past = ctx.n_past
     if mode == "kvp" and true_cache is not None:
         k_err, v_err = kv_relative_errors(

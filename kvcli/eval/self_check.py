@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from kvcli import keys
 from kvcli.engine.engine import Engine
 from kvcli.eval.matched import matched_keep
 from kvcli.eval.quality import MethodStats, base_reference, score_method
@@ -137,7 +138,7 @@ def verdict(check: dict) -> dict:
         "losing_kinds": losing,
         "aux_ttft_ratio": round(aux_ratio, 3),
         "kvp_ttft_ratio": round(kvp_ratio, 3),
-        "warning": warning,
+        keys.CHECK_WARNING: warning,
     }
 
 
@@ -148,7 +149,7 @@ def summary_line(check: dict) -> str:
         f"{check['kvp_ttft_ratio']:.2f}x"
     )
     return (
-        f"{head}. Warning: {check['warning']}"
-        if check.get("warning")
+        f"{head}. Warning: {check[keys.CHECK_WARNING]}"
+        if check.get(keys.CHECK_WARNING)
         else (f"{head}; kvp is ahead of truncation at the same TTFT on {', '.join(check['kinds'])}")
     )

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from kvcli import keys
 from kvcli.engine.prefill_types import KvpSettings
 from kvcli.engine.recompute import DEFAULT_SPANS_TAIL
 from kvcli.engine.span_choice import sentence_spans
@@ -111,14 +112,14 @@ def measure_layer(
     per_layer = [int(h) for h in hits.sum(axis=0)]
     if not chosen:
         return {
-            "chooser": "none",
+            keys.SPANS_CHOOSER: keys.CHOOSER_NONE,
             "hits_per_layer": per_layer,
             "prompts": len(prompts),
             "reason": "no layer's attention from the tail found the asked value",
         }
     return {
-        "chooser": "tail",
-        "layers": chosen,
+        keys.SPANS_CHOOSER: keys.CHOOSER_TAIL,
+        keys.SPANS_LAYERS: chosen,
         "found": [per_layer[il] for il in chosen],
         "prompts": len(prompts),
         "hits_per_layer": per_layer,

@@ -13,7 +13,6 @@ setting's TTFT on the first prompt (kvcli.eval.matched).
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,7 +23,7 @@ from kvcli.engine.prefill_types import KvpSettings
 from kvcli.engine.timings import Timings
 from kvcli.engine.token_select import MIN_SELECT_KEEP
 from kvcli.errors import KvcliError
-from kvcli.eval.matched import matched_count
+from kvcli.eval.matched import TimedPrefill, matched_count, timed_prefill
 from kvcli.eval.quality import forced_scores, reference_after_prefill
 from kvcli.predict.corpus import token_chunks
 
@@ -67,12 +66,10 @@ def bench_prompts(engine: Engine, n_tokens: int, count: int) -> list[list[int]]:
     return prompts
 
 
-def _prefill(engine: Engine, tokens: list[int], m: Method):
-    start = time.perf_counter()
-    kvp = KvpSettings(tail=m.tail, spans=m.spans)
-    prefill = engine.prefill(tokens, mode=m.mode, kvp=kvp, keep=m.keep)
-    first = int(np.argmax(prefill.logits))
-    return prefill.context, prefill.logits, first, prefill.timings, (time.perf_counter() - start) * 1e3
+def _prefill(engine: Engine, tokens: list[int], m: Method) -> TimedPrefill:
+    return timed_prefill(
+        engine, tokens, mode=m.mode, kvp=KvpSettings(tail=m.tail, spans=m.spans), keep=m.keep
+    )
 
 
 def bench_length(
@@ -136,7 +133,7 @@ def _matched(engine: Engine, tokens: list[int], mode: str, runs: dict, kvp) -> i
 
 def _record(engine: Engine, tokens: list[int], m: Method, r: Runs, ref):
     """One timed prefill; the base's returns the reference, the others are scored on it."""
-    ctx, logits, first, timings, ttft = _prefill(engine, tokens, m)
+    ctx, logits, first, ttft, timings = _prefill(engine, tokens, m)
     r.ttft_ms.append(ttft)
     r.timings.append(timings)
     if m.mode == "base":

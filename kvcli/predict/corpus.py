@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kvcli.choices import Choice
 
-HELDOUT_EVERY = 5  # one file in five is held out
+HELDOUT_FILE_EVERY = 5  # one file in five is held out
 # a pasted text this short leaves room in a calibration prompt for the template's turn
 # boundaries and the reply
 PASTED_CHARS = 1000
@@ -45,7 +45,7 @@ def corpus_files(part: str, root: Path | None = None) -> list[Path]:
         rel = path.relative_to(root)
         if SKIP_DIRS.intersection(rel.parts[:-1]):
             continue
-        heldout = zlib.crc32(str(rel).encode()) % HELDOUT_EVERY == 0
+        heldout = zlib.crc32(str(rel).encode()) % HELDOUT_FILE_EVERY == 0
         if heldout == (part == "heldout"):
             files.append(path)
     return files

@@ -105,7 +105,7 @@ def train_bundle(
     saved every ``save_every`` steps and on Ctrl-C. ``report(row)`` after every step;
     ``notice(text)`` for what the user should know. ``validate`` held-out sequences are
     scored at the start, every ``validate_every`` steps and at the end."""
-    from kvcli.engine.build import bundle_with_predictor
+    from kvcli.bundles.build import bundle_with_predictor
     from kvcli.engine.bundle import check_compatible, sha256_file
     from kvcli.predict.predictor import load_predictor
 
