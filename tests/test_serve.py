@@ -209,7 +209,7 @@ def test_a_request_that_waits_too_long_gets_503_and_sigterm_stops_cleanly(gemma_
 
 
 def test_kvp_serves_a_long_document_by_prediction(gemma_bundle):
-    s = Server("--bundle", str(gemma_bundle), "--ctx", "1024")
+    s = Server("--bundle", str(gemma_bundle.folder), "--ctx", "1024")
     try:
         messages = [{"role": "user", "content": DOC + "\nWhich parcel came on day 3?"}]
         r = s.client.chat.completions.create(model="x", messages=messages, max_tokens=4, temperature=0)
