@@ -27,7 +27,8 @@ import json
 import numpy as np
 
 import kvcli.llama.handles as handles
-from kvcli.engine.bundle import default_bundle, load_bundle
+from kvcli.bundles.default import default_bundle
+from kvcli.engine.bundle import load_bundle
 from kvcli.engine.engine import Engine
 from kvcli.engine.prefill_types import KvpSettings
 from kvcli.eval.break_even import prose_tokens

@@ -23,7 +23,8 @@ import sys
 import time
 import urllib.request
 
-from kvcli.engine.bundle import default_bundle, load_bundle
+from kvcli.bundles.default import default_bundle
+from kvcli.engine.bundle import load_bundle
 from kvcli.engine.engine import Engine
 from kvcli.engine.generation import generate
 from kvcli.eval.haystack import prose_sentences
