@@ -47,7 +47,7 @@ class Usage:
 
 
 @dataclass(frozen=True)
-class Timings:
+class CompletionTimings:
     """What one call cost and how its prompt was covered (llama-server reports ``timings``
     alike): ``prompt_reused`` cells kept from the previous call, ``prompt_new`` prefilled now,
     ``prompt_predicted`` of those predicted, ``prompt_recomputed`` positions the base
@@ -68,7 +68,7 @@ class Completion:
     tokens: list[int]
     finish_reason: str  # "stop" (end of generation or a stop string), "length", "interrupted"
     usage: Usage
-    timings: Timings
+    timings: CompletionTimings
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -109,7 +109,7 @@ class CompletionStream:
             tokens=list(reply.tokens),
             finish_reason=reply.finish_reason or "interrupted",
             usage=Usage(len(self._prompt), len(reply.tokens)),
-            timings=Timings(
+            timings=CompletionTimings(
                 prefilled_by=cached.prefilled_by,
                 prompt_reused=cached.n_reused,
                 prompt_new=cached.n_new,
